@@ -1,0 +1,1 @@
+"""Quiver's stages, each a plain function or callable class over Arrow data. No Ray here."""

@@ -1,0 +1,133 @@
+"""Token-aware chunking: windows of token ids with overlap, and the text each one covers.
+
+The chunker tokenizes once and hands the token ids on, so the embed actor never sees a
+string. A window holds at most `max_tokens` ids including the model's special tokens and
+the document prefix; the first window of a document is exactly what sentence-transformers
+would embed after truncation, so short documents get identical vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators.model import load_tokenizer
+from schemas.records import CONTENT_HASH_BYTES, chunk_schema
+
+
+def window_starts(n_tokens: int, *, window: int, overlap: int) -> list[int]:
+    """Start offsets of windows covering `n_tokens` tokens.
+
+    >>> window_starts(10, window=4, overlap=1)
+    [0, 3, 6]
+    >>> window_starts(3, window=4, overlap=1)
+    [0]
+    """
+    if window <= overlap:
+        raise ValueError(f"window ({window}) must be larger than overlap ({overlap})")
+    if n_tokens <= window:
+        return [0]
+    stride = window - overlap
+    starts = list(range(0, n_tokens - window, stride))
+    starts.append(n_tokens - window if starts[-1] + window < n_tokens else starts[-1])
+    return sorted(set(starts))
+
+
+def content_hash(text: str, *, config_fingerprint: str) -> bytes:
+    """Changes when a chunk's text or anything that shapes its vector changes."""
+    h = hashlib.blake2b(digest_size=CONTENT_HASH_BYTES)
+    h.update(config_fingerprint.encode())
+    h.update(b"\0")
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a single sequence ([CLS] … [SEP], … </s>).
+
+    Found by encoding a probe with and without specials, which works for any fast
+    tokenizer without relying on per-class helpers.
+    """
+    probe = "quiver"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare) :])
+    raise ValueError("cannot locate the text inside the tokenizer's special-token template")
+
+
+class Chunker:
+    """Split documents into token windows and attach the model's input ids.
+
+    Args:
+        model_path: Local model folder whose tokenizer defines the tokens.
+        max_tokens: Window size including special tokens and the document prefix.
+        overlap: Tokens shared by neighbouring windows.
+        document_prefix: Text the model expects before each document (may be empty).
+        metadata: Schema of the pass-through columns.
+        config_fingerprint: Embedding configuration folded into each content hash.
+    """
+
+    def __init__(self, model_path: str, *, max_tokens: int, overlap: int,
+                 document_prefix: str, metadata: pa.Schema, config_fingerprint: str,
+                 trust_remote_code: bool = False) -> None:
+        self._tok = load_tokenizer(model_path, trust_remote_code)
+        prefix_ids = (
+            self._tok(document_prefix, add_special_tokens=False)["input_ids"]
+            if document_prefix else []
+        )
+        self._prefix_ids: list[int] = list(prefix_ids)
+        self._head, self._tail = special_tokens(self._tok)
+        n_special = len(self._head) + len(self._tail)
+        self._window = max_tokens - n_special - len(self._prefix_ids)
+        if self._window <= overlap:
+            raise ValueError(
+                f"chunk window of {max_tokens} tokens leaves {self._window} for text after "
+                f"{n_special} special and {len(self._prefix_ids)} prefix tokens; "
+                f"that must exceed the overlap ({overlap})"
+            )
+        self._overlap = overlap
+        self._schema = chunk_schema(metadata)
+        self._metadata_names = metadata.names
+        self._fingerprint = config_fingerprint
+
+    def _with_specials(self, ids: list[int]) -> list[int]:
+        return [*self._head, *self._prefix_ids, *ids, *self._tail]
+
+    def __call__(self, docs: pa.Table) -> pa.Table:
+        texts = docs.column("text").to_pylist()
+        encoded = self._tok(
+            texts, add_special_tokens=False, return_offsets_mapping=True,
+            return_attention_mask=False, return_token_type_ids=False, verbose=False,
+        )
+        out: dict[str, list] = {n: [] for n in ("id", "doc_id", "chunk", "text",
+                                                 "content_hash", "input_ids")}
+        take: list[int] = []
+        doc_ids = docs.column("doc_id").to_pylist()
+        for row, (doc_id, text, ids, offsets) in enumerate(
+            zip(doc_ids, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        ):
+            if not ids:  # only characters the tokenizer drops: keep the text, embed specials
+                starts, ids, offsets = [0], [], []
+            else:
+                starts = window_starts(len(ids), window=self._window, overlap=self._overlap)
+            for n, start in enumerate(starts):
+                window = ids[start : start + self._window]
+                spans = offsets[start : start + self._window]
+                chunk_text = text[spans[0][0] : spans[-1][1]] if spans else text
+                out["id"].append(f"{doc_id}#{n}")
+                out["doc_id"].append(doc_id)
+                out["chunk"].append(n)
+                out["text"].append(chunk_text)
+                out["content_hash"].append(
+                    content_hash(chunk_text, config_fingerprint=self._fingerprint)
+                )
+                out["input_ids"].append(self._with_specials(window))
+                take.append(row)
+        indices = pa.array(take, type=pa.int64())
+        for name in self._metadata_names:
+            out[name] = pc.take(docs.column(name), indices)
+        return pa.table({f.name: out[f.name] for f in self._schema}, schema=self._schema)

