@@ -9,30 +9,37 @@ would embed after truncation, so short documents get identical vectors.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.model import load_tokenizer
 from schemas.records import CONTENT_HASH_BYTES, chunk_schema
+from schemas.spec import ChunkMode
 
 
-def window_starts(n_tokens: int, *, window: int, overlap: int) -> list[int]:
-    """Start offsets of windows covering `n_tokens` tokens.
+def window_spans(n_tokens: int, *, window: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, stop) token spans covering `n_tokens` in the fewest windows, evenly sized.
 
-    >>> window_starts(10, window=4, overlap=1)
-    [0, 3, 6]
-    >>> window_starts(3, window=4, overlap=1)
-    [0]
+    Balanced windows keep the overlap at `overlap` tokens instead of end-aligning a last,
+    mostly repeated window, and avoid a tiny tail chunk that would embed poorly.
+
+    >>> window_spans(10, window=4, overlap=1)
+    [(0, 4), (3, 7), (6, 10)]
+    >>> window_spans(300, window=254, overlap=32)
+    [(0, 166), (134, 300)]
+    >>> window_spans(3, window=4, overlap=1)
+    [(0, 3)]
     """
     if window <= overlap:
         raise ValueError(f"window ({window}) must be larger than overlap ({overlap})")
     if n_tokens <= window:
-        return [0]
-    stride = window - overlap
-    starts = list(range(0, n_tokens - window, stride))
-    starts.append(n_tokens - window if starts[-1] + window < n_tokens else starts[-1])
-    return sorted(set(starts))
+        return [(0, n_tokens)]
+    count = math.ceil((n_tokens - overlap) / (window - overlap))
+    size = math.ceil((n_tokens + (count - 1) * overlap) / count)  # <= window
+    stride = size - overlap
+    return [(i * stride, min(i * stride + size, n_tokens)) for i in range(count)]
 
 
 def content_hash(text: str, *, config_fingerprint: str) -> bytes:
@@ -69,11 +76,12 @@ class Chunker:
         document_prefix: Text the model expects before each document (may be empty).
         metadata: Schema of the pass-through columns.
         config_fingerprint: Embedding configuration folded into each content hash.
+        mode: 'windows' covers the whole text; 'truncate' keeps the first window only.
     """
 
     def __init__(self, model_path: str, *, max_tokens: int, overlap: int,
                  document_prefix: str, metadata: pa.Schema, config_fingerprint: str,
-                 trust_remote_code: bool = False) -> None:
+                 mode: ChunkMode = "windows", trust_remote_code: bool = False) -> None:
         self._tok = load_tokenizer(model_path, trust_remote_code)
         prefix_ids = (
             self._tok(document_prefix, add_special_tokens=False)["input_ids"]
@@ -90,6 +98,7 @@ class Chunker:
                 f"that must exceed the overlap ({overlap})"
             )
         self._overlap = overlap
+        self._truncate = mode == "truncate"
         self._schema = chunk_schema(metadata)
         self._metadata_names = metadata.names
         self._fingerprint = config_fingerprint
@@ -111,13 +120,15 @@ class Chunker:
             zip(doc_ids, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True)
         ):
             if not ids:  # only characters the tokenizer drops: keep the text, embed specials
-                starts, ids, offsets = [0], [], []
+                spans = [(0, 0)]
+            elif self._truncate:
+                spans = [(0, min(len(ids), self._window))]
             else:
-                starts = window_starts(len(ids), window=self._window, overlap=self._overlap)
-            for n, start in enumerate(starts):
-                window = ids[start : start + self._window]
-                spans = offsets[start : start + self._window]
-                chunk_text = text[spans[0][0] : spans[-1][1]] if spans else text
+                spans = window_spans(len(ids), window=self._window, overlap=self._overlap)
+            for n, (start, stop) in enumerate(spans):
+                window = ids[start:stop]
+                covered = offsets[start:stop]
+                chunk_text = text[covered[0][0] : covered[-1][1]] if covered else text
                 out["id"].append(f"{doc_id}#{n}")
                 out["doc_id"].append(doc_id)
                 out["chunk"].append(n)

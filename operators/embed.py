@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
 from schemas.records import VECTOR_COLUMN, vector_type
@@ -146,14 +147,20 @@ class Embedder:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Replace `input_ids` by a `vector` column (a FixedSizeList Lance can index)."""
+        """Replace `input_ids` by a `vector` column (a FixedSizeList Lance can index).
+
+        A `_tokens` column keeps each row's token count for throughput accounting; the
+        writer drops it.
+        """
         ids = batch.column("input_ids").to_pylist()
-        vectors = self.embed_ids(ids)
+        vectors = self.embed_ids(ids)  # (rows, dim) float32
         flat = pa.array(vectors.reshape(-1), type=pa.float32())
         column = pa.FixedSizeListArray.from_arrays(flat, self.info.dim)
-        assert column.type == vector_type(self.info.dim)
+        tokens = pa.compute.list_value_length(batch.column("input_ids")).cast(pa.int32())
         keep = batch.drop_columns(["input_ids"])
-        return keep.append_column(pa.field(VECTOR_COLUMN, column.type, nullable=False), column)
+        keep = keep.append_column(pa.field(VECTOR_COLUMN, vector_type(self.info.dim),
+                                           nullable=False), column)
+        return keep.append_column("_tokens", tokens)
 
 
 QueryKind = Literal["query", "document"]

@@ -27,7 +27,9 @@ def _s3_options(options: Mapping[str, str]) -> dict[str, object]:
     return out
 
 
-def resolve(uri: str, storage_options: Mapping[str, str] | None = None) -> tuple[pafs.FileSystem, str]:
+def resolve(
+    uri: str, storage_options: Mapping[str, str] | None = None
+) -> tuple[pafs.FileSystem, str]:
     """Return the file system and the path inside it for a local path or a URI.
 
     Local paths are made absolute so that Ray workers in another directory find them.

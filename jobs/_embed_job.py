@@ -1,0 +1,272 @@
+"""The embed job: plan on the driver, embed on a Ray actor pool, commit per checkpoint.
+
+    plan (driver)  → rejects written, shards listed, table checked
+    per checkpoint: read shards (tasks) → chunk + tokenize (tasks)
+                    → embed (actor pool, token-budget batches) → write fragments (tasks)
+                    → commit (driver, one Lance transaction naming the shards it covers)
+    index (driver) → BTREE on id, ANN on vector when the table is large
+
+A rerun of the same job (same source files, same embedding configuration) reads the
+shards already committed from the table's transaction log and does only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+
+import lance
+import pyarrow as pa
+
+from jobs._lance_io import LanceCommitSink, ShardDatasource
+from jobs._ray import cluster_resources, ensure_ray
+from operators.chunk import Chunker
+from operators.embed import Embedder
+from operators.index import build_indices
+from operators.model import ModelInfo, describe_model
+from operators.read import ReadPlan, plan_source
+from operators.write import committed_shards
+from schemas.errors import TableError
+from schemas.manifest import (
+    ChunkingManifest,
+    ModelManifest,
+    SourceManifest,
+    TableManifest,
+)
+from schemas.records import REJECTS_SCHEMA, table_schema
+from schemas.spec import JobSpec
+
+log = logging.getLogger("quiver")
+
+
+@dataclass
+class JobSummary:
+    """What a job did, for people (printed) and programs (`--json`)."""
+
+    table: str
+    version: int
+    documents: int
+    chunks: int
+    rejects: int
+    reject_reasons: dict[str, int]
+    shards: int
+    shards_skipped: int
+    tokens: int
+    tokens_per_s: float
+    documents_per_s: float
+    embed_seconds: float
+    index: str
+    index_seconds: float
+    table_bytes: int
+    seconds: float
+    rejects_table: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _progress(message: str) -> None:
+    print(f"[quiver] {message}", file=sys.stderr, flush=True)
+
+
+def rejects_uri(table_uri: str) -> str:
+    """The rejects dataset sits next to its table: `x.lance` → `x.rejects.lance`."""
+    base = table_uri[: -len(".lance")] if table_uri.endswith(".lance") else table_uri
+    return f"{base}.rejects.lance"
+
+
+def build_manifest(spec: JobSpec, info: ModelInfo) -> TableManifest:
+    """The manifest a table written by this spec carries."""
+    chunk_tokens = min(spec.chunking.max_tokens or info.max_tokens, info.max_tokens)
+    return TableManifest(
+        quiver_version=version("quiver"),
+        lance_version=lance.__version__,
+        model=ModelManifest(
+            name=spec.model.name, weights_sha256=info.weights_sha256, pooling=info.pooling,
+            normalize=info.normalize, max_tokens=info.max_tokens, dim=info.dim,
+            query_prefix=info.query_prefix, document_prefix=info.document_prefix,
+            precision=spec.model.precision,
+        ),
+        chunking=ChunkingManifest(max_tokens=chunk_tokens, overlap=spec.chunking.overlap,
+                                  mode=spec.chunking.mode),
+        source=SourceManifest(uri=spec.source.uri, id_field=spec.source.id_field,
+                              text_fields=spec.source.text_fields),
+        metric="dot" if info.normalize else "cosine",
+    )
+
+
+def _job_fingerprint(plan: ReadPlan, manifest: TableManifest, spec: JobSpec) -> str:
+    parts = [plan.fingerprint, manifest.embedding_fingerprint(),
+             str(spec.source.records_per_shard), ",".join(s.shard_id for s in plan.shards)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _open_existing(uri: str, storage_options: dict[str, str]) -> lance.LanceDataset | None:
+    try:
+        return lance.dataset(uri, storage_options=storage_options or None)
+    except (ValueError, OSError, FileNotFoundError):
+        return None
+
+
+def _table_bytes(uri: str) -> int:
+    from operators.filesystems import resolve
+
+    fs, path = resolve(uri)
+    from pyarrow.fs import FileSelector, FileType
+
+    infos = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
+    return sum(i.size or 0 for i in infos if i.type == FileType.File)
+
+
+def _actor_layout(spec: JobSpec) -> tuple[int, float, float, int]:
+    """(actors, CPUs per actor, GPUs per actor, torch threads per actor).
+
+    One actor per GPU when GPUs exist. On CPU one actor holds one logical CPU, which
+    leaves the rest for read, chunk and write tasks (two actors holding every CPU of a
+    two-core machine starve the read tasks and the job hangs); its torch threads take
+    the cores divided among actors, since inference is where the time goes.
+    """
+    import os
+
+    cpus, gpus = cluster_resources()
+    if gpus >= 1 and spec.model.device != "cpu":
+        actors = spec.compute.actors or int(gpus)
+        return actors, 1.0, 1.0, spec.compute.torch_threads or 1
+    actors = spec.compute.actors or 1
+    per_actor_cpu = min(1.0, max(0.25, (cpus - 1) / actors)) if cpus > 1 else 0.5
+    threads = spec.compute.torch_threads or max(1, (os.cpu_count() or 1) // actors)
+    return actors, per_actor_cpu, 0.0, threads
+
+
+def run_embed(spec: JobSpec) -> JobSummary:
+    """Run an embed job to completion (or resume one) and index the table.
+
+    Raises:
+        SpecError, SourceError, ModelError: before any work starts.
+        TableError: when the table exists and was made by another job.
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    started = time.perf_counter()
+    info = describe_model(spec.model)
+    manifest = build_manifest(spec, info)
+    _progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
+              f"normalize={info.normalize}, max {info.max_tokens} tokens")
+    plan = plan_source(spec.source)
+    _progress(f"source {spec.source.uri}: {plan.records} records, {plan.documents} valid, "
+              f"{plan.rejects.num_rows} rejected, {len(plan.shards)} shards ({plan.kind})")
+    schema = table_schema(plan.metadata, dim=info.dim).with_metadata(manifest.to_metadata())
+    job = _job_fingerprint(plan, manifest, spec)
+    uri = spec.table
+    opts = spec.write.storage_options
+
+    existing = _open_existing(uri, opts)
+    done: set[str] = set()
+    if existing is not None and spec.write.mode == "create":
+        try:
+            TableManifest.from_schema(existing.schema, where=uri).check_same_embedding(
+                manifest, where=uri)
+        except TableError:
+            raise
+        done = committed_shards(existing, job=job)
+        if not done:
+            raise TableError(
+                f"{uri} already exists and was not written by this job (different source "
+                "files or settings); set write.mode: overwrite to replace it, or pick "
+                "another table"
+            )
+        _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed")
+
+    rejects_path = rejects_uri(uri)
+    if plan.rejects.num_rows or _open_existing(rejects_path, opts) is not None:
+        lance.write_dataset(plan.rejects.cast(REJECTS_SCHEMA), rejects_path, mode="overwrite",
+                            storage_options=opts or None)
+
+    pending = [s for s in plan.shards if s.shard_id not in done]
+    groups = [pending[i : i + spec.write.shards_per_commit]
+              for i in range(0, len(pending), spec.write.shards_per_commit)]
+    if not plan.shards and existing is None:
+        groups = [[]]  # an empty source still makes an (empty) table
+    ensure_ray()
+    actors, actor_cpus, actor_gpus, threads = _actor_layout(spec)
+    chunk_tokens = manifest.chunking.max_tokens
+    chunker_kwargs = dict(
+        max_tokens=chunk_tokens, overlap=spec.chunking.overlap, mode=spec.chunking.mode,
+        document_prefix=info.document_prefix, metadata=plan.metadata,
+        config_fingerprint=manifest.embedding_fingerprint(),
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    model_path = info.path
+
+    def chunk(docs: pa.Table) -> pa.Table:
+        return Chunker(model_path, **chunker_kwargs)(docs)
+
+    version_now = existing.version if existing is not None and spec.write.mode == "create" else None
+    mode = "append" if version_now is not None else "create"
+    rows = tokens = 0
+    embed_started = time.perf_counter()
+    for n, group in enumerate(groups, 1):
+        ds = ray.data.read_datasource(
+            ShardDatasource(group, source=spec.source, metadata=plan.metadata, chunker=chunk),
+            override_num_blocks=max(1, len(group)),
+        )
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_args=(info,),
+            fn_constructor_kwargs=dict(
+                precision=spec.model.precision, device=spec.model.device,
+                batch_tokens=spec.compute.batch_tokens, torch_threads=threads,
+                trust_remote_code=spec.model.trust_remote_code,
+            ),
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus,
+            num_gpus=actor_gpus,
+            batch_size=spec.compute.rows_per_batch,
+            batch_format="pyarrow",
+        )
+        sink = LanceCommitSink(
+            uri, schema=schema, mode=mode, read_version=version_now, job=job,
+            shards=[s.shard_id for s in group], max_rows_per_file=spec.write.max_rows_per_file,
+            storage_options=opts,
+        )
+        ds.write_datasink(sink)
+        rows += sink.rows
+        tokens += sink.tokens
+        version_now, mode = sink.version, "append"
+        _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
+                  f"{rows} chunks so far")
+    embed_seconds = time.perf_counter() - embed_started
+
+    final = lance.dataset(uri, storage_options=opts or None)
+    index_started = time.perf_counter()
+    _progress(f"indexing {final.count_rows()} rows")
+    report = build_indices(final, spec.index, metric=manifest.metric)
+    index_seconds = time.perf_counter() - index_started
+    final = lance.dataset(uri, storage_options=opts or None)
+    embedded_docs = sum(s.records - len(s.skip) for s in pending)
+    summary = JobSummary(
+        table=uri,
+        version=final.version,
+        documents=plan.documents,
+        chunks=final.count_rows(),
+        rejects=plan.rejects.num_rows,
+        reject_reasons=dict(plan.reject_reasons),
+        shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(pending),
+        tokens=tokens,
+        tokens_per_s=round(tokens / embed_seconds, 1) if embed_seconds else math.nan,
+        documents_per_s=round(embedded_docs / embed_seconds, 2) if embed_seconds else math.nan,
+        embed_seconds=round(embed_seconds, 2),
+        index=report.vector + ("; " + ", ".join(report.scalar) if report.scalar else ""),
+        index_seconds=round(index_seconds, 2),
+        table_bytes=_table_bytes(uri) if "://" not in uri else -1,
+        seconds=round(time.perf_counter() - started, 2),
+        rejects_table=rejects_path if plan.rejects.num_rows else None,
+    )
+    return summary

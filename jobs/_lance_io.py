@@ -1,0 +1,99 @@
+"""Ray Data adapters: read source shards as a Datasource, write a Lance table as a Datasink."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasink, Datasource, ReadTask
+
+from operators.read import read_shard
+from operators.write import commit, write_fragments
+from schemas.source import Shard
+from schemas.spec import SourceSpec
+
+
+class ShardDatasource(Datasource):
+    """One read task per planned shard: read, validate, chunk and tokenize it.
+
+    Chunking runs inside the read task (a CPU task) so token ids, not strings, travel to
+    the embed actors, and the actors spend their cores on inference only.
+    """
+
+    def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
+                 chunker: Callable[[pa.Table], pa.Table]) -> None:
+        super().__init__()
+        self._shards = shards
+        self._source = source
+        self._metadata = metadata
+        self._chunker = chunker
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        source, metadata, chunker = self._source, self._metadata, self._chunker
+
+        def make(shard: Shard) -> ReadTask:
+            def read() -> Iterable[pa.Table]:
+                yield chunker(read_shard(shard, source=source, metadata=metadata))
+
+            meta = BlockMetadata(num_rows=shard.records - len(shard.skip), size_bytes=None,
+                                 exec_stats=None, input_files=(shard.path,))
+            return ReadTask(read, meta, per_task_row_limit=per_task_row_limit)
+
+        return [make(s) for s in self._shards]
+
+    def get_name(self) -> str:
+        return "QuiverShards"
+
+
+class LanceCommitSink(Datasink[dict]):
+    """Workers write Lance fragments; the driver commits them all in one transaction.
+
+    The commit records the job fingerprint and the shard ids of this checkpoint, so a
+    rerun knows exactly which shards are already in the table.
+    """
+
+    def __init__(self, uri: str, *, schema: pa.Schema, mode: str, read_version: int | None,
+                 job: str, shards: list[str], max_rows_per_file: int,
+                 storage_options: dict[str, str]) -> None:
+        self.uri = uri
+        self.schema = schema
+        self.mode = mode
+        self.read_version = read_version
+        self.job = job
+        self.shards = shards
+        self.max_rows_per_file = max_rows_per_file
+        self.storage_options = storage_options
+        self.version: int | None = None
+        self.rows = 0
+        self.tokens = 0
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
+        fragments = []
+        rows = tokens = 0
+        for block in blocks:
+            if block.num_rows == 0:
+                continue
+            rows += block.num_rows
+            tokens += int(pa.compute.sum(block.column("_tokens")).as_py() or 0)
+            fragments.extend(write_fragments(
+                block, self.uri, schema=self.schema, max_rows_per_file=self.max_rows_per_file,
+                storage_options=self.storage_options,
+            ))
+        return {"fragments": fragments, "rows": rows, "tokens": tokens}
+
+    def on_write_complete(self, write_result) -> None:
+        fragments = [f for r in write_result.write_returns for f in r["fragments"]]
+        self.rows = sum(r["rows"] for r in write_result.write_returns)
+        self.tokens = sum(r["tokens"] for r in write_result.write_returns)
+        ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
+                    read_version=self.read_version, job=self.job, shards=self.shards,
+                    storage_options=self.storage_options)
+        self.version = ds.version
+
+    def get_name(self) -> str:
+        return "QuiverLance"

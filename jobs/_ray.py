@@ -1,0 +1,36 @@
+"""Start or join Ray, sized for the machine it runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local Ray in-process.
+
+    Locally the dashboard stays off and everything binds to 127.0.0.1.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    ray.init(
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) the joined cluster offers."""
+    import ray
+
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))

@@ -1,0 +1,169 @@
+"""Quiver's Python API: run jobs, open tables, search them, evaluate them.
+
+>>> from jobs import api                                   # doctest: +SKIP
+>>> summary = api.run("spec.yaml")                          # doctest: +SKIP
+>>> table = api.open_table("warehouse/scifact.lance")       # doctest: +SKIP
+>>> table.search("aspirin and heart attacks", k=5)         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lance
+import numpy as np
+
+from jobs._embed_job import JobSummary, rejects_uri, run_embed
+from operators.embed import Embedder, TextEncoder
+from operators.evaluate import load_beir, score_runs
+from operators.model import describe_model
+from operators.search import DEFAULT_COLUMNS, fold_to_documents, search
+from schemas.errors import ManifestMismatchError, TableError
+from schemas.manifest import TableManifest
+from schemas.spec import JobSpec, ModelSpec, load_spec
+
+__all__ = ["Hit", "JobSummary", "Table", "evaluate", "info", "open_table", "run"]
+
+
+def run(spec: JobSpec | str | Path) -> JobSummary:
+    """Run a job spec (a `JobSpec` or a YAML path) locally on Ray and return its summary."""
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec)
+    return run_embed(spec)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: a chunk and its similarity to the query."""
+
+    id: str
+    doc_id: str
+    chunk: int
+    score: float
+    text: str
+
+
+class Table:
+    """A Quiver table opened for search, with its own model loaded once.
+
+    Args:
+        uri: The Lance dataset.
+        model: A local model folder to use instead of the manifest's name (for a table
+            copied to another machine); its weights must hash to the manifest's.
+        version: A table version to read (time travel); None is the latest.
+    """
+
+    def __init__(self, uri: str | Path, *, model: str | None = None,
+                 version: int | None = None) -> None:
+        self.uri = str(uri)
+        try:
+            self.ds = lance.dataset(self.uri, version=version)
+        except (ValueError, OSError) as err:
+            raise TableError(f"{self.uri}: cannot open as a Lance table: {err}") from None
+        self.manifest = TableManifest.from_schema(self.ds.schema, where=self.uri)
+        m = self.manifest.model
+        model_info = describe_model(ModelSpec(
+            name=model or m.name, pooling=m.pooling, normalize=m.normalize,
+            max_tokens=m.max_tokens, query_prefix=m.query_prefix,
+            document_prefix=m.document_prefix,
+        ))
+        if model_info.weights_sha256 != m.weights_sha256:
+            raise ManifestMismatchError(
+                f"{self.uri} was embedded with {m.name} (weights sha256 "
+                f"{m.weights_sha256[:12]}…) but {model or m.name} has weights "
+                f"{model_info.weights_sha256[:12]}…; query it with the same model"
+            )
+        if model_info.dim != m.dim:
+            raise ManifestMismatchError(
+                f"{self.uri} holds {m.dim}-d vectors but the model gives {model_info.dim}-d"
+            )
+        self._encoder = TextEncoder(Embedder(model_info, precision="fp32"))
+
+    def embed_queries(self, texts: list[str]) -> np.ndarray:
+        """Query vectors built exactly as the table's documents were (prefix, pooling)."""
+        return self._encoder.encode(texts, kind="query")
+
+    def search_vector(self, vector: np.ndarray, *, k: int = 10) -> list[Hit]:
+        """Top-k chunks for a query vector."""
+        hits = search(self.ds, vector, k=k, metric=self.manifest.metric,
+                      columns=DEFAULT_COLUMNS).to_pylist()
+        return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"])
+                for h in hits]
+
+    def search(self, text: str, *, k: int = 10) -> list[Hit]:
+        """Top-k chunks for a query text."""
+        return self.search_vector(self.embed_queries([text])[0], k=k)
+
+    def search_documents(self, vectors: np.ndarray, *, k: int = 100,
+                         chunks_per_query: int | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k documents per query vector: chunk hits folded to their document (max)."""
+        chunks_per_query = chunks_per_query or max(k * 3, 100)
+        out = []
+        for v in vectors:
+            hits = search(self.ds, v, k=chunks_per_query, metric=self.manifest.metric,
+                          columns=("doc_id",))
+            folded = fold_to_documents(hits.column("doc_id").to_pylist(),
+                                       hits.column("score").to_pylist())
+            out.append(folded[:k])
+        return out
+
+
+def open_table(uri: str | Path, *, model: str | None = None,
+               version: int | None = None) -> Table:
+    """Open a Quiver table for search (see `Table`)."""
+    return Table(uri, model=model, version=version)
+
+
+def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None) -> dict:
+    """nDCG@10, recall@10, recall@100 and MRR@10 of a table on a BEIR folder's test queries.
+
+    Queries are embedded with the table's own model; chunk hits are folded to documents.
+    """
+    table = open_table(uri, model=model)
+    queries = load_beir(beir)
+    started = time.perf_counter()
+    vectors = table.embed_queries(queries.texts)
+    embedded = time.perf_counter()
+    ranked = table.search_documents(vectors, k=100)
+    searched = time.perf_counter()
+    runs = {q: [d for d, _ in docs] for q, docs in zip(queries.ids, ranked, strict=True)}
+    metrics = score_runs(runs, queries.qrels)
+    return {
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "queries": len(queries.ids),
+        "table": str(uri),
+        "embed_seconds": round(embedded - started, 2),
+        "search_ms_per_query": round(1000 * (searched - embedded) / max(1, len(queries.ids)), 2),
+    }
+
+
+def info(uri: str | Path) -> dict:
+    """Manifest, row count, versions and indices of a table."""
+    try:
+        ds = lance.dataset(str(uri))
+    except (ValueError, OSError) as err:
+        raise TableError(f"{uri}: cannot open as a Lance table: {err}") from None
+    manifest = TableManifest.from_schema(ds.schema, where=str(uri))
+    rejects = rejects_uri(str(uri))
+    try:
+        n_rejects = lance.dataset(rejects).count_rows()
+    except (ValueError, OSError):
+        n_rejects = 0
+    return {
+        "table": str(uri),
+        "rows": ds.count_rows(),
+        "version": ds.version,
+        "versions": [
+            {"version": v["version"], "timestamp": str(v["timestamp"])} for v in ds.versions()
+        ],
+        "indices": [
+            {"name": i["name"], "type": i["type"], "fields": list(i["fields"])}
+            for i in ds.list_indices()
+        ],
+        "columns": [f"{f.name}: {f.type}" for f in ds.schema],
+        "fragments": len(ds.get_fragments()),
+        "rejects": n_rejects,
+        "manifest": manifest.model_dump(),
+    }

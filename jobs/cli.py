@@ -1,0 +1,154 @@
+"""The `quiver` command line: parse, call `jobs.api`, render.
+
+stdout carries results (exactly one JSON document with `--json`); progress, logs and
+hints go to stderr. Exit codes: 0 success, 1 runtime failure, 2 usage or spec error.
+Heavy imports (Ray, torch) happen inside commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from schemas.errors import QuiverError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Quiver: embed text corpora into retrieval-ready Lance tables, on Ray.",
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+TableArg = Annotated[str, typer.Argument(help="Path or URI of a Quiver Lance table.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Local model folder to use instead of the manifest's name."),
+]
+
+
+def _emit(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a job spec on a local Ray (started in-process)."""
+    from jobs import api
+
+    summary = api.run(spec).to_dict()
+    if as_json:
+        _emit(summary)
+        return
+    mb = summary["table_bytes"] / 1e6
+    print(f"table      {summary['table']} (version {summary['version']}, {mb:.1f} MB)")
+    print(f"documents  {summary['documents']} valid, {summary['rejects']} rejected"
+          + (f" -> {summary['rejects_table']}" if summary["rejects_table"] else ""))
+    for reason, count in summary["reject_reasons"].items():
+        print(f"             {count:6d}  {reason}")
+    print(f"chunks     {summary['chunks']}")
+    print(f"shards     {summary['shards']} ({summary['shards_skipped']} already committed)")
+    print(f"embedding  {summary['tokens']} tokens in {summary['embed_seconds']} s: "
+          f"{summary['tokens_per_s']} tokens/s, {summary['documents_per_s']} documents/s")
+    print(f"index      {summary['index']} ({summary['index_seconds']} s)")
+    print(f"time       {summary['seconds']} s")
+
+
+@app.command()
+def query(
+    table: TableArg,
+    text: Annotated[str, typer.Argument(help="The query text.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=10_000, help="Hits to return.")] = 10,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search a table with a text query; prints id, score and a snippet per hit."""
+    from jobs import api
+
+    hits = api.open_table(table, model=model).search(text, k=k)
+    if as_json:
+        _emit({"table": table, "query": text, "k": k,
+               "hits": [h.__dict__ for h in hits]})
+        return
+    for rank, h in enumerate(hits, 1):
+        snippet = " ".join(h.text.split())[:100]
+        print(f"{rank:3d}  {h.score:.4f}  {h.id:<24}  {snippet}")
+
+
+@app.command(name="eval")
+def eval_(
+    table: TableArg,
+    beir: Annotated[Path, typer.Option("--beir", help="BEIR folder (queries, qrels/test.tsv).")],
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a table on a BEIR folder: nDCG@10, recall@10, recall@100, MRR@10."""
+    from jobs import api
+
+    result = api.evaluate(table, beir, model=model)
+    if as_json:
+        _emit(result)
+        return
+    for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
+        print(f"{key:<11}{result[key]:.4f}")
+    print(f"queries    {result['queries']} ({result['search_ms_per_query']} ms search each)")
+
+
+@app.command()
+def info(table: TableArg, as_json: JsonOpt = False) -> None:
+    """Show a table's manifest, rows, versions and indices."""
+    from jobs import api
+
+    data = api.info(table)
+    if as_json:
+        _emit(data)
+        return
+    m = data["manifest"]
+    print(f"table      {data['table']}")
+    print(f"rows       {data['rows']} in {data['fragments']} fragments; "
+          f"{data['rejects']} rejects")
+    print(f"version    {data['version']} ({len(data['versions'])} versions)")
+    print(f"model      {m['model']['name']} (sha256 {m['model']['weights_sha256'][:12]}…), "
+          f"{m['model']['pooling']} pooling, normalize={m['model']['normalize']}, "
+          f"dim {m['model']['dim']}, max {m['model']['max_tokens']} tokens")
+    print(f"chunking   {m['chunking']['max_tokens']} tokens, overlap {m['chunking']['overlap']}")
+    print(f"metric     {m['metric']}")
+    print(f"source     {m['source']['uri']}")
+    print("indices    " + (", ".join(f"{i['name']} ({i['type']} on {','.join(i['fields'])})"
+                                     for i in data["indices"]) or "none"))
+    print("columns    " + "; ".join(data["columns"]))
+
+
+def main() -> None:
+    """Entry point: map Quiver's own errors to one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except QuiverError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        if os.environ.get("QUIVER_DEBUG") != "1":
+            print("(set QUIVER_DEBUG=1 for a traceback)", file=sys.stderr)
+        else:
+            raise
+        sys.exit(err.exit_code)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The table manifest: everything needed to rebuild a query vector, kept in the table.
+
+It lives in the Lance schema metadata under `quiver.manifest`, so a table is
+self-describing: `query`, `eval` and later appends read it and refuse a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.errors import ManifestMismatchError, TableError
+from schemas.spec import ChunkMode, Pooling, Precision
+
+MANIFEST_KEY = b"quiver.manifest"
+SCHEMA_VERSION = 1
+Metric = Literal["dot", "cosine"]
+
+
+class ModelManifest(BaseModel):
+    """The model exactly as it was used to embed the table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The spec's model name (package or folder).")
+    weights_sha256: str = Field(description="Hash of the weight files.")
+    pooling: Pooling
+    normalize: bool
+    max_tokens: int = Field(ge=1)
+    dim: int = Field(ge=1)
+    query_prefix: str = ""
+    document_prefix: str = ""
+    precision: Precision = "fp32"
+
+
+class ChunkingManifest(BaseModel):
+    """How documents were cut into chunks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(ge=1)
+    overlap: int = Field(ge=0)
+    mode: ChunkMode = "windows"
+
+
+class SourceManifest(BaseModel):
+    """Which fields of which source made the table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str
+    id_field: str | None
+    text_fields: list[str]
+
+
+class TableManifest(BaseModel):
+    """A Quiver table's self-description."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    quiver_version: str
+    lance_version: str
+    model: ModelManifest
+    chunking: ChunkingManifest
+    source: SourceManifest
+    metric: Metric = Field(description="'dot' for normalised vectors, else 'cosine'.")
+
+    def embedding_fingerprint(self) -> str:
+        """Hash of everything that shapes a chunk's vector; part of every content hash."""
+        shaping = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump()}
+        blob = json.dumps(shaping, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {MANIFEST_KEY: self.model_dump_json().encode()}
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema, *, where: str = "table") -> TableManifest:
+        """Read the manifest from a table's schema metadata.
+
+        Raises:
+            TableError: when the table carries none (it was not written by Quiver).
+        """
+        raw = (schema.metadata or {}).get(MANIFEST_KEY)
+        if raw is None:
+            raise TableError(f"{where}: not a Quiver table (no {MANIFEST_KEY.decode()} metadata)")
+        return cls.model_validate_json(raw)
+
+    def check_same_embedding(self, other: TableManifest, *, where: str) -> None:
+        """Refuse to mix vectors from two embedding configurations.
+
+        Raises:
+            ManifestMismatchError: listing every field that differs, old and new.
+        """
+        mine = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump()}
+        theirs = {"model": other.model.model_dump(), "chunking": other.chunking.model_dump()}
+        diffs = [
+            f"{section}.{key}: table has {mine[section][key]!r}, got {theirs[section][key]!r}"
+            for section in mine
+            for key in mine[section]
+            if mine[section][key] != theirs[section][key]
+        ]
+        if diffs:
+            raise ManifestMismatchError(
+                f"{where} was embedded with a different configuration:\n  " + "\n  ".join(diffs)
+            )
