@@ -47,6 +47,10 @@ def run(
     if as_json:
         _emit(summary)
         return
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
     mb = summary["table_bytes"] / 1e6
     print(f"table      {summary['table']} (version {summary['version']}, {mb:.1f} MB)")
     print(f"documents  {summary['documents']} valid, {summary['rejects']} rejected"
@@ -59,6 +63,30 @@ def run(
           f"{summary['tokens_per_s']} tokens/s, {summary['documents_per_s']} documents/s")
     print(f"index      {summary['index']} ({summary['index_seconds']} s)")
     print(f"time       {summary['seconds']} s")
+
+
+@app.command()
+def demo(
+    warehouse: Annotated[Path, typer.Option(help="Folder for the corpus and the table.")] = Path(
+        "warehouse"
+    ),
+) -> None:
+    """Embed the Python standard library's docstrings into a local table and query it."""
+    from jobs import api
+    from jobs._demo import DEMO_QUERIES, build_stdlib_corpus, demo_spec
+    from schemas.spec import parse_spec
+
+    corpus = warehouse / "demo" / "stdlib-docs.jsonl"
+    n = build_stdlib_corpus(corpus)
+    print(f"[quiver] demo corpus: {n} module docstrings of Python {sys.version.split()[0]} "
+          f"-> {corpus}", file=sys.stderr)
+    spec = parse_spec(demo_spec(corpus, warehouse / "stdlib.lance"), origin="demo")
+    summary = api.run(spec)
+    _print_summary(summary.to_dict())
+    table = api.open_table(summary.table)
+    for text in DEMO_QUERIES:
+        print(f"\nquery: {text}")
+        _print_hits(table.search(text, k=3))
 
 
 @app.command()
@@ -77,9 +105,13 @@ def query(
         _emit({"table": table, "query": text, "k": k,
                "hits": [h.__dict__ for h in hits]})
         return
+    _print_hits(hits)
+
+
+def _print_hits(hits: list) -> None:
     for rank, h in enumerate(hits, 1):
-        snippet = " ".join(h.text.split())[:100]
-        print(f"{rank:3d}  {h.score:.4f}  {h.id:<24}  {snippet}")
+        snippet = " ".join(h.text.split())[:90]
+        print(f"{rank:3d}  {h.score:.4f}  {h.id:<28}  {snippet}")
 
 
 @app.command(name="eval")

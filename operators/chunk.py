@@ -37,9 +37,13 @@ def window_spans(n_tokens: int, *, window: int, overlap: int) -> list[tuple[int,
     if n_tokens <= window:
         return [(0, n_tokens)]
     count = math.ceil((n_tokens - overlap) / (window - overlap))
-    size = math.ceil((n_tokens + (count - 1) * overlap) / count)  # <= window
-    stride = size - overlap
-    return [(i * stride, min(i * stride + size, n_tokens)) for i in range(count)]
+    total = n_tokens + (count - 1) * overlap  # tokens embedded, overlaps counted twice
+    spans, start = [], 0
+    for i in range(count):
+        size = total // count + (1 if i < total % count else 0)  # <= window
+        spans.append((start, start + size))
+        start += size - overlap
+    return spans
 
 
 def content_hash(text: str, *, config_fingerprint: str) -> bytes:
@@ -107,6 +111,8 @@ class Chunker:
         return [*self._head, *self._prefix_ids, *ids, *self._tail]
 
     def __call__(self, docs: pa.Table) -> pa.Table:
+        if docs.num_rows == 0:
+            return self._schema.empty_table()
         texts = docs.column("text").to_pylist()
         encoded = self._tok(
             texts, add_special_tokens=False, return_offsets_mapping=True,

