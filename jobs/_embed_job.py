@@ -232,13 +232,14 @@ def run_embed(spec: JobSpec) -> JobSummary:
         )
         sink = LanceCommitSink(
             uri, schema=schema, mode=mode, read_version=version_now, job=job,
-            shards=[s.shard_id for s in group], max_rows_per_file=spec.write.max_rows_per_file,
+            shards=sorted(done | {s.shard_id for s in group}), max_rows_per_file=spec.write.max_rows_per_file,
             storage_options=opts,
         )
         ds.write_datasink(sink)
         rows += sink.rows
         tokens += sink.tokens
         version_now, mode = sink.version, "append"
+        done |= {s.shard_id for s in group}
         _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
                   f"{rows} chunks so far")
     embed_seconds = time.perf_counter() - embed_started

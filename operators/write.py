@@ -51,7 +51,8 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
         schema: The table schema, manifest included.
         read_version: The version the append was planned against (conflict detection).
         job: Fingerprint of the job (source plan and embedding configuration).
-        shards: Ids of the source shards whose rows are all in `fragments`.
+        shards: Every shard this job has committed once this commit lands (cumulative,
+            so the newest commit alone tells a rerun what is done).
         storage_options: Object-store options.
     """
     fragments = list(fragments)
@@ -71,23 +72,26 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
 
 
 def committed_shards(ds: lance.LanceDataset, *, job: str) -> set[str]:
-    """Shards already committed by this job, read back from the transaction log.
+    """Shards this job has committed so far, read back from the transaction log.
 
-    Walks back from the latest version, skipping commits that carry no job (index builds,
-    compaction), and stops at another job's commit or at the create that began this job.
+    Every commit records the job's cumulative shard set, so only the newest commit that
+    carries a job matters. Walking back from the latest version skips commits without a
+    job (index builds, compaction) and follows a restore to the version it restored.
+    Another job's commit, or an overwrite without a job, means nothing of ours is there.
     """
-    done: set[str] = set()
-    for v in sorted((x["version"] for x in ds.versions()), reverse=True):
-        txn = ds.read_transaction(v)
-        props = (txn.transaction_properties or {}) if txn else {}
-        is_overwrite = txn is not None and isinstance(txn.operation, lance.LanceOperation.Overwrite)
-        if JOB_KEY not in props:
-            if is_overwrite:
-                break
+    versions = sorted((x["version"] for x in ds.versions()), reverse=True)
+    ceiling = versions[0] if versions else 0
+    for v in versions:
+        if v > ceiling:
             continue
-        if props[JOB_KEY] != job:
-            break
-        done.update(json.loads(props.get(SHARDS_KEY, "[]")))
-        if is_overwrite:
-            break
-    return done
+        txn = ds.read_transaction(v)
+        if txn is None:
+            return set()
+        props = txn.transaction_properties or {}
+        if JOB_KEY in props:
+            return set(json.loads(props[SHARDS_KEY])) if props[JOB_KEY] == job else set()
+        if isinstance(txn.operation, lance.LanceOperation.Restore):
+            ceiling = txn.operation.version
+        elif isinstance(txn.operation, lance.LanceOperation.Overwrite):
+            return set()
+    return set()

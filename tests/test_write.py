@@ -38,11 +38,14 @@ def test_committed_shards_follow_the_job_through_index_commits(tmp_path: Path) -
     ds = commit(uri, write_fragments(_rows(["a"]), uri, schema=SCHEMA), mode="create",
                 schema=SCHEMA, job="J", shards=["s1", "s2"])
     ds = commit(uri, [], mode="append", schema=SCHEMA, read_version=ds.version, job="J",
-                shards=["s3"])
+                shards=["s1", "s2", "s3"])
     ds.create_scalar_index("id", "BTREE")
     ds = lance.dataset(uri)
     assert committed_shards(ds, job="J") == {"s1", "s2", "s3"}
     assert committed_shards(ds, job="other") == set()
+    # Restoring the first version brings back its shard set, not the later one.
+    lance.dataset(uri, version=1).restore()
+    assert committed_shards(lance.dataset(uri), job="J") == {"s1", "s2"}
     # An overwrite by another job hides everything before it.
     commit(uri, write_fragments(_rows(["z"]), uri, schema=SCHEMA), mode="create",
            schema=SCHEMA, job="K", shards=["k1"])
