@@ -169,11 +169,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
     existing = _open_existing(uri, opts)
     done: set[str] = set()
     if existing is not None and spec.write.mode == "create":
-        try:
-            TableManifest.from_schema(existing.schema, where=uri).check_same_embedding(
-                manifest, where=uri)
-        except TableError:
-            raise
+        TableManifest.from_schema(existing.schema, where=uri).check_same_embedding(
+            manifest, where=uri)
         done = committed_shards(existing, job=job)
         if not done:
             raise TableError(
@@ -232,8 +229,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
         )
         sink = LanceCommitSink(
             uri, schema=schema, mode=mode, read_version=version_now, job=job,
-            shards=sorted(done | {s.shard_id for s in group}), max_rows_per_file=spec.write.max_rows_per_file,
-            storage_options=opts,
+            shards=sorted(done | {s.shard_id for s in group}),
+            max_rows_per_file=spec.write.max_rows_per_file, storage_options=opts,
         )
         ds.write_datasink(sink)
         rows += sink.rows

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+
+# Ray starts its workers as fresh processes, so Lance's fork warning is noise here.
+warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
 
 def ensure_ray(address: str | None = None) -> None:
