@@ -57,6 +57,7 @@ class JobSummary:
     shards: int
     shards_skipped: int
     tokens: int
+    truncated_tokens: int
     tokens_per_s: float
     documents_per_s: float
     embed_seconds: float
@@ -206,7 +207,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
 
     version_now = existing.version if existing is not None and spec.write.mode == "create" else None
     mode = "append" if version_now is not None else "create"
-    rows = tokens = 0
+    rows = tokens = truncated = 0
     embed_started = time.perf_counter()
     for n, group in enumerate(groups, 1):
         ds = ray.data.read_datasource(
@@ -235,6 +236,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
         ds.write_datasink(sink)
         rows += sink.rows
         tokens += sink.tokens
+        truncated += sink.truncated_tokens
         version_now, mode = sink.version, "append"
         done |= {s.shard_id for s in group}
         _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
@@ -258,6 +260,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
         shards=len(plan.shards),
         shards_skipped=len(plan.shards) - len(pending),
         tokens=tokens,
+        truncated_tokens=truncated,
         tokens_per_s=round(tokens / embed_seconds, 1) if embed_seconds else math.nan,
         documents_per_s=round(embedded_docs / embed_seconds, 2) if embed_seconds else math.nan,
         embed_seconds=round(embed_seconds, 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
@@ -71,25 +72,29 @@ class LanceCommitSink(Datasink[dict]):
         self.version: int | None = None
         self.rows = 0
         self.tokens = 0
+        self.truncated_tokens = 0
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
         fragments = []
-        rows = tokens = 0
+        rows = tokens = truncated = 0
         for block in blocks:
             if block.num_rows == 0:
                 continue
             rows += block.num_rows
-            tokens += int(pa.compute.sum(block.column("_tokens")).as_py() or 0)
+            tokens += int(pc.sum(block.column("_tokens")).as_py() or 0)
+            truncated += int(pc.sum(block.column("_truncated_tokens")).as_py() or 0)
             fragments.extend(write_fragments(
                 block, self.uri, schema=self.schema, max_rows_per_file=self.max_rows_per_file,
                 storage_options=self.storage_options,
             ))
-        return {"fragments": fragments, "rows": rows, "tokens": tokens}
+        return {"fragments": fragments, "rows": rows, "tokens": tokens,
+                "truncated_tokens": truncated}
 
     def on_write_complete(self, write_result) -> None:
         fragments = [f for r in write_result.write_returns for f in r["fragments"]]
         self.rows = sum(r["rows"] for r in write_result.write_returns)
         self.tokens = sum(r["tokens"] for r in write_result.write_returns)
+        self.truncated_tokens = sum(r["truncated_tokens"] for r in write_result.write_returns)
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=self.shards,
                     storage_options=self.storage_options)

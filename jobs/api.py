@@ -53,13 +53,16 @@ class Table:
         model: A local model folder to use instead of the manifest's name (for a table
             copied to another machine); its weights must hash to the manifest's.
         version: A table version to read (time travel); None is the latest.
+        storage_options: Object-store options (endpoint, credentials) for `uri`.
     """
 
     def __init__(self, uri: str | Path, *, model: str | None = None,
-                 version: int | None = None) -> None:
+                 version: int | None = None,
+                 storage_options: dict[str, str] | None = None) -> None:
         self.uri = str(uri)
         try:
-            self.ds = lance.dataset(self.uri, version=version)
+            self.ds = lance.dataset(self.uri, version=version,
+                                    storage_options=storage_options or None)
         except (ValueError, OSError) as err:
             raise TableError(f"{self.uri}: cannot open as a Lance table: {err}") from None
         self.manifest = TableManifest.from_schema(self.ds.schema, where=self.uri)
@@ -110,10 +113,10 @@ class Table:
         return out
 
 
-def open_table(uri: str | Path, *, model: str | None = None,
-               version: int | None = None) -> Table:
+def open_table(uri: str | Path, *, model: str | None = None, version: int | None = None,
+               storage_options: dict[str, str] | None = None) -> Table:
     """Open a Quiver table for search (see `Table`)."""
-    return Table(uri, model=model, version=version)
+    return Table(uri, model=model, version=version, storage_options=storage_options)
 
 
 def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None) -> dict:
@@ -139,16 +142,17 @@ def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None) -> 
     }
 
 
-def info(uri: str | Path) -> dict:
+def info(uri: str | Path, *, storage_options: dict[str, str] | None = None) -> dict:
     """Manifest, row count, versions and indices of a table."""
+    opts = storage_options or None
     try:
-        ds = lance.dataset(str(uri))
+        ds = lance.dataset(str(uri), storage_options=opts)
     except (ValueError, OSError) as err:
         raise TableError(f"{uri}: cannot open as a Lance table: {err}") from None
     manifest = TableManifest.from_schema(ds.schema, where=str(uri))
     rejects = rejects_uri(str(uri))
     try:
-        n_rejects = lance.dataset(rejects).count_rows()
+        n_rejects = lance.dataset(rejects, storage_options=opts).count_rows()
     except (ValueError, OSError):
         n_rejects = 0
     return {

@@ -61,6 +61,9 @@ def _print_summary(summary: dict) -> None:
     print(f"shards     {summary['shards']} ({summary['shards_skipped']} already committed)")
     print(f"embedding  {summary['tokens']} tokens in {summary['embed_seconds']} s: "
           f"{summary['tokens_per_s']} tokens/s, {summary['documents_per_s']} documents/s")
+    if summary["truncated_tokens"]:
+        print(f"truncated  {summary['truncated_tokens']} document tokens not embedded "
+              "(chunking.mode: truncate)")
     print(f"index      {summary['index']} ({summary['index_seconds']} s)")
     print(f"time       {summary['seconds']} s")
 

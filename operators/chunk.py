@@ -119,7 +119,8 @@ class Chunker:
             return_attention_mask=False, return_token_type_ids=False, verbose=False,
         )
         out: dict[str, list] = {n: [] for n in ("id", "doc_id", "chunk", "text",
-                                                 "content_hash", "input_ids")}
+                                                 "content_hash", "input_ids",
+                                                 "_truncated_tokens")}
         take: list[int] = []
         doc_ids = docs.column("doc_id").to_pylist()
         for row, (doc_id, text, ids, offsets) in enumerate(
@@ -143,6 +144,8 @@ class Chunker:
                     content_hash(chunk_text, config_fingerprint=self._fingerprint)
                 )
                 out["input_ids"].append(self._with_specials(window))
+                out["_truncated_tokens"].append(
+                    len(ids) - stop if self._truncate and n == 0 else 0)
                 take.append(row)
         indices = pa.array(take, type=pa.int64())
         for name in self._metadata_names:

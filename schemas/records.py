@@ -11,6 +11,8 @@ import pyarrow as pa
 CONTENT_HASH_BYTES = 16
 RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", "vector")
 VECTOR_COLUMN = "vector"
+WORK_COLUMNS = ("input_ids", "_truncated_tokens")
+"""Columns that travel between stages but are never stored."""
 
 
 def vector_type(dim: int) -> pa.DataType:
@@ -19,7 +21,11 @@ def vector_type(dim: int) -> pa.DataType:
 
 
 def chunk_schema(metadata: pa.Schema) -> pa.Schema:
-    """Rows leaving the chunker: text, token ids and pass-through metadata, no vector yet."""
+    """Rows leaving the chunker: text, token ids and pass-through metadata, no vector yet.
+
+    `_truncated_tokens` counts the document tokens `truncate` mode left out (on the
+    document's first chunk), so the job summary can say how much text was not embedded.
+    """
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
@@ -29,13 +35,14 @@ def chunk_schema(metadata: pa.Schema) -> pa.Schema:
             pa.field("content_hash", pa.binary(CONTENT_HASH_BYTES), nullable=False),
             *metadata,
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("_truncated_tokens", pa.int32(), nullable=False),
         ]
     )
 
 
 def table_schema(metadata: pa.Schema, *, dim: int) -> pa.Schema:
     """The stored table: one row per chunk, the vector last."""
-    fields = [f for f in chunk_schema(metadata) if f.name != "input_ids"]
+    fields = [f for f in chunk_schema(metadata) if f.name not in WORK_COLUMNS]
     return pa.schema([*fields, pa.field(VECTOR_COLUMN, vector_type(dim), nullable=False)])
 
 

@@ -109,7 +109,8 @@ class ChunkingSpec(BaseModel):
         "windows",
         description="'windows' covers all text in evenly sized overlapping windows; "
         "'truncate' keeps only the first window of each document, as sentence-transformers "
-        "does (faster, loses the tail of long documents; the summary counts those tokens).",
+        "does (faster; the tail of long documents is not embedded, and the summary counts "
+        "those tokens).",
     )
 
     @model_validator(mode="after")

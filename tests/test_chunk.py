@@ -65,6 +65,10 @@ def test_short_text_ids_equal_tokenizer_truncation(model_info, stdlib_docs) -> N
     assert out.num_rows == len(texts)
     expected = tok(texts, truncation=True, max_length=model_info.max_tokens)["input_ids"]
     assert out.column("input_ids").to_pylist() == expected
+    full = tok(texts)["input_ids"]
+    assert out.column("_truncated_tokens").to_pylist() == [
+        len(f) - len(e) for f, e in zip(full, expected, strict=True)]
+    assert sum(out.column("_truncated_tokens").to_pylist()) > 0
 
 
 def test_document_prefix_goes_after_the_leading_special(model_info) -> None:

@@ -2,9 +2,11 @@
 published nDCG@10 of all-MiniLM-L6-v2 (sentence-transformers, 256 tokens, exact cosine).
 
 That agreement is what proves tokenization, pooling, normalisation and chunk folding are
-right. SciFact runs in `truncate` mode because its reference embeds only the first 256
-tokens of each abstract; the default `windows` mode also indexes the tails of long
-abstracts and scores higher there (0.656 measured), which is reported, not asserted.
+right. The references embed only the first 256 tokens of each document, which is what
+`chunking.mode: truncate` does, so those runs must match within 0.01. The default
+`windows` mode also indexes the tails of long documents: it must not score below the
+reference (measured: scifact 0.656, cranfield 0.390), and folding chunk hits to their
+document (max score) is what it exercises.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 CASES = [
     # (collection, chunking mode, published nDCG@10)
-    ("limit-small", "windows", 0.314),
+    ("limit-small", "windows", 0.314),  # every document fits one window: both modes agree
+    ("cranfield", "truncate", 0.368),
     ("cranfield", "windows", 0.368),
     ("scifact", "truncate", 0.645),
 ]
@@ -54,4 +57,8 @@ def test_ndcg_matches_the_published_figure(name: str, mode: str, reference: floa
     result = _quiver("eval", str(tmp_path / "table.lance"), "--beir", str(beir))
     assert set(result) >= {"ndcg@10", "recall@10", "recall@100", "mrr@10"}
     print(f"{name} ({mode}): nDCG@10 {result['ndcg@10']:.4f} vs {reference}")
-    assert abs(result["ndcg@10"] - reference) <= 0.01
+    if mode == "truncate" or summary["chunks"] == summary["documents"]:
+        assert abs(result["ndcg@10"] - reference) <= 0.01
+    else:
+        assert summary["chunks"] > summary["documents"]  # long documents really were split
+        assert result["ndcg@10"] >= reference - 0.005
