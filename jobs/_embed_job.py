@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -124,24 +125,42 @@ def _table_bytes(uri: str) -> int:
     return sum(i.size or 0 for i in infos if i.type == FileType.File)
 
 
-def _actor_layout(spec: JobSpec) -> tuple[int, float, float, int]:
-    """(actors, CPUs per actor, GPUs per actor, torch threads per actor).
+@dataclass(frozen=True)
+class ActorLayout:
+    """How the embed stage is placed on the cluster."""
 
-    One actor per GPU when GPUs exist. On CPU one actor holds one logical CPU, which
-    leaves the rest for read, chunk and write tasks (two actors holding every CPU of a
-    two-core machine starve the read tasks and the job hangs); its torch threads take
-    the cores divided among actors, since inference is where the time goes.
+    actors: int
+    cpus: float
+    """Logical CPUs each actor holds."""
+    gpus: float
+    threads: int
+    """torch threads inside each actor."""
+
+
+def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int) -> ActorLayout:
+    """Place the embed actors.
+
+    One actor per GPU when the cluster has GPUs (unless the spec pins the CPU). On CPU,
+    each actor holds at most one logical CPU and together they leave at least one free for
+    the read/chunk and write tasks: two actors holding every CPU of a two-core machine
+    starve the read tasks and the job hangs. torch threads divide the physical cores
+    among actors, since inference is where the time goes.
+
+    >>> from schemas.spec import parse_spec
+    >>> s = parse_spec({"kind": "embed", "table": "t.lance",
+    ...                 "source": {"uri": "c.jsonl", "id_field": "_id"}})
+    >>> actor_layout(s, cpus=16, gpus=4, cores=16)
+    ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1)
+    >>> actor_layout(s, cpus=2, gpus=0, cores=2)
+    ActorLayout(actors=1, cpus=1.0, gpus=0.0, threads=2)
     """
-    import os
-
-    cpus, gpus = cluster_resources()
     if gpus >= 1 and spec.model.device != "cpu":
         actors = spec.compute.actors or int(gpus)
-        return actors, 1.0, 1.0, spec.compute.torch_threads or 1
+        return ActorLayout(actors, 1.0, 1.0, spec.compute.torch_threads or 1)
     actors = spec.compute.actors or 1
-    per_actor_cpu = min(1.0, max(0.25, (cpus - 1) / actors)) if cpus > 1 else 0.5
-    threads = spec.compute.torch_threads or max(1, (os.cpu_count() or 1) // actors)
-    return actors, per_actor_cpu, 0.0, threads
+    per_actor = min(1.0, max(0.25, (cpus - 1) / actors)) if cpus > 1 else 0.5
+    threads = spec.compute.torch_threads or max(1, cores // actors)
+    return ActorLayout(actors, per_actor, 0.0, threads)
 
 
 def run_embed(spec: JobSpec) -> JobSummary:
@@ -192,7 +211,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
     if not plan.shards and existing is None:
         groups = [[]]  # an empty source still makes an (empty) table
     ensure_ray()
-    actors, actor_cpus, actor_gpus, threads = _actor_layout(spec)
+    cpus, gpus = cluster_resources()
+    layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1)
     chunk_tokens = manifest.chunking.max_tokens
     chunker_kwargs = dict(
         max_tokens=chunk_tokens, overlap=spec.chunking.overlap, mode=spec.chunking.mode,
@@ -219,12 +239,12 @@ def run_embed(spec: JobSpec) -> JobSummary:
             fn_constructor_args=(info,),
             fn_constructor_kwargs=dict(
                 precision=spec.model.precision, device=spec.model.device,
-                batch_tokens=spec.compute.batch_tokens, torch_threads=threads,
+                batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
                 trust_remote_code=spec.model.trust_remote_code,
             ),
-            compute=ActorPoolStrategy(size=actors),
-            num_cpus=actor_cpus,
-            num_gpus=actor_gpus,
+            compute=ActorPoolStrategy(size=layout.actors),
+            num_cpus=layout.cpus,
+            num_gpus=layout.gpus,
             batch_size=spec.compute.rows_per_batch,
             batch_format="pyarrow",
         )

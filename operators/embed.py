@@ -28,7 +28,7 @@ def token_budget_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[l
     A single input longer than the budget still gets a batch of its own.
 
     >>> token_budget_batches([5, 1, 3, 4], batch_tokens=8)
-    [[0, 3], [2, 1]]
+    [[0], [3, 2], [1]]
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []

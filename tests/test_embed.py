@@ -72,3 +72,42 @@ def test_matches_sentence_transformers_on_real_text(embedder, stdlib_docs) -> No
         texts, normalize_embeddings=True, batch_size=16)
     cosine = (ours * reference).sum(axis=1)
     assert cosine.min() > 0.9999
+
+
+def test_bf16_autocast_path_agrees_with_fp32(model_info, embedder, stdlib_docs) -> None:
+    """The reduced-precision path GPUs take (autocast, fp32 pooling) run here on CPU."""
+    from operators.embed import Embedder
+
+    texts = [d["text"] for d in stdlib_docs[:16]]
+    fp32 = TextEncoder(embedder).encode(texts, kind="document")
+    bf16 = TextEncoder(Embedder(model_info, precision="bf16", device="cpu",
+                                torch_threads=2)).encode(texts, kind="document")
+    assert bf16.dtype == np.float32
+    assert (fp32 * bf16).sum(axis=1).mean() > 0.999
+
+
+def test_fp16_on_cpu_and_missing_gpu_are_refused(model_info) -> None:
+    from operators.embed import Embedder, pick_device
+
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        Embedder(model_info, precision="fp16", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            pick_device("cuda")
+        assert pick_device("auto") == "cpu"
+
+
+def test_actor_layout_gpu_and_cpu() -> None:
+    from jobs._embed_job import actor_layout
+    from schemas.spec import parse_spec
+
+    spec = parse_spec({"kind": "embed", "table": "t.lance",
+                       "source": {"uri": "c.jsonl", "id_field": "_id"}})
+    gpu = actor_layout(spec, cpus=32, gpus=4, cores=32)
+    assert (gpu.actors, gpu.gpus) == (4, 1.0)  # one actor per GPU
+    two = parse_spec({**spec.model_dump(), "compute": {"actors": 2}})
+    cpu = actor_layout(two, cpus=2, gpus=0, cores=2)
+    assert cpu.actors == 2 and cpu.actors * cpu.cpus <= 1.0  # a CPU stays free for reads
+    assert cpu.threads == 1
+    pinned = parse_spec({**spec.model_dump(), "model": {"device": "cpu"}})
+    assert actor_layout(pinned, cpus=8, gpus=2, cores=8).gpus == 0.0
