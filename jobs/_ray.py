@@ -13,7 +13,9 @@ warnings.filterwarnings("ignore", message="lance is not fork-safe")
 def ensure_ray(address: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) if given, else start a local Ray in-process.
 
-    Locally the dashboard stays off and everything binds to 127.0.0.1.
+    Locally the dashboard stays off. Ray 2.60 resolves a loopback node address to the
+    machine's own IP (`services.resolve_ip_for_localhost`), so its internal gRPC ports
+    cannot be confined to 127.0.0.1 from `ray.init`; see issue 6 for the hardening.
     """
     import ray
 
@@ -28,7 +30,6 @@ def ensure_ray(address: str | None = None) -> None:
         include_dashboard=False,
         logging_level=logging.WARNING,
         configure_logging=True,
-        _node_ip_address="127.0.0.1",
     )
 
 
