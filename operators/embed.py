@@ -94,7 +94,9 @@ class Embedder:
                  torch_threads: int | None = None, trust_remote_code: bool = False) -> None:
         import torch
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per actor start is noise in job logs
         if torch_threads is not None:
             # Ray sets OMP_NUM_THREADS=1 in workers; size torch to the cores we were given.
             torch.set_num_threads(torch_threads)

@@ -122,6 +122,14 @@ def test_existing_table_from_another_job_is_refused(table, tmp_path) -> None:
         run_embed(_spec(other, path))
 
 
+def test_other_embedding_settings_are_refused_on_an_existing_table(table, corpus) -> None:
+    path, _ = table
+    spec = _spec(corpus, path)
+    spec.chunking.overlap = 8
+    with pytest.raises(ManifestMismatchError, match=r"chunking.overlap: table has 32, got 8"):
+        run_embed(spec)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True,
