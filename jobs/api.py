@@ -1,9 +1,11 @@
 """Quiver's Python API: run jobs, open tables, search them, evaluate them.
 
->>> from jobs import api                                   # doctest: +SKIP
->>> summary = api.run("spec.yaml")                          # doctest: +SKIP
->>> table = api.open_table("warehouse/scifact.lance")       # doctest: +SKIP
->>> table.search("aspirin and heart attacks", k=5)         # doctest: +SKIP
+Usage (see the README for a runnable walk-through)::
+
+    from jobs import api
+    summary = api.run("spec.yaml")
+    table = api.open_table("warehouse/scifact.lance")
+    hits = table.search("aspirin and heart attacks", k=5)
 """
 
 from __future__ import annotations
