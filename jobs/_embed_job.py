@@ -27,7 +27,7 @@ import pyarrow as pa
 from jobs._lance_io import LanceCommitSink, ShardDatasource
 from jobs._ray import cluster_resources, ensure_ray
 from operators.chunk import Chunker
-from operators.embed import Embedder
+from operators.embed import Embedder, resolve_precision
 from operators.index import build_indices
 from operators.model import ModelInfo, describe_model
 from operators.read import ReadPlan, plan_source
@@ -40,7 +40,7 @@ from schemas.manifest import (
     TableManifest,
 )
 from schemas.records import REJECTS_SCHEMA, table_schema
-from schemas.spec import JobSpec
+from schemas.spec import JobSpec, Precision
 
 log = logging.getLogger("quiver")
 
@@ -82,8 +82,8 @@ def rejects_uri(table_uri: str) -> str:
     return f"{base}.rejects.lance"
 
 
-def build_manifest(spec: JobSpec, info: ModelInfo) -> TableManifest:
-    """The manifest a table written by this spec carries."""
+def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> TableManifest:
+    """The manifest a table written by this spec carries (with the resolved precision)."""
     chunk_tokens = min(spec.chunking.max_tokens or info.max_tokens, info.max_tokens)
     return TableManifest(
         quiver_version=version("quiver"),
@@ -92,7 +92,7 @@ def build_manifest(spec: JobSpec, info: ModelInfo) -> TableManifest:
             name=spec.model.name, weights_sha256=info.weights_sha256, pooling=info.pooling,
             normalize=info.normalize, max_tokens=info.max_tokens, dim=info.dim,
             query_prefix=info.query_prefix, document_prefix=info.document_prefix,
-            precision=spec.model.precision,
+            precision=precision,
         ),
         chunking=ChunkingManifest(max_tokens=chunk_tokens, overlap=spec.chunking.overlap,
                                   mode=spec.chunking.mode),
@@ -175,12 +175,18 @@ def run_embed(spec: JobSpec) -> JobSummary:
 
     started = time.perf_counter()
     info = describe_model(spec.model)
-    manifest = build_manifest(spec, info)
-    _progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
-              f"normalize={info.normalize}, max {info.max_tokens} tokens")
     plan = plan_source(spec.source)
     _progress(f"source {spec.source.uri}: {plan.records} records, {plan.documents} valid, "
               f"{plan.rejects.num_rows} rejected, {len(plan.shards)} shards ({plan.kind})")
+    ensure_ray()
+    cpus, gpus = cluster_resources()
+    layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1)
+    precision = resolve_precision(spec.model.precision, on_gpu=layout.gpus > 0)
+    manifest = build_manifest(spec, info, precision=precision)
+    _progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
+              f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}; "
+              f"{layout.actors} actor(s) x {layout.threads} torch thread(s)"
+              + (", 1 GPU each" if layout.gpus else ""))
     schema = table_schema(plan.metadata, dim=info.dim).with_metadata(manifest.to_metadata())
     job = _job_fingerprint(plan, manifest, spec)
     uri = spec.table
@@ -210,9 +216,6 @@ def run_embed(spec: JobSpec) -> JobSummary:
               for i in range(0, len(pending), spec.write.shards_per_commit)]
     if not plan.shards and existing is None:
         groups = [[]]  # an empty source still makes an (empty) table
-    ensure_ray()
-    cpus, gpus = cluster_resources()
-    layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1)
     chunk_tokens = manifest.chunking.max_tokens
     chunker_kwargs = dict(
         max_tokens=chunk_tokens, overlap=spec.chunking.overlap, mode=spec.chunking.mode,
@@ -238,7 +241,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
             Embedder,
             fn_constructor_args=(info,),
             fn_constructor_kwargs=dict(
-                precision=spec.model.precision, device=spec.model.device,
+                precision=precision, device=spec.model.device,
                 batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
                 trust_remote_code=spec.model.trust_remote_code,
             ),

@@ -16,6 +16,7 @@ from schemas.errors import SpecError
 
 SourceFormat = Literal["auto", "jsonl", "parquet", "csv", "text", "lance"]
 Precision = Literal["fp32", "bf16", "fp16"]
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 Pooling = Literal["mean", "cls", "lasttoken"]
 ChunkMode = Literal["windows", "truncate"]
@@ -92,7 +93,12 @@ class ModelSpec(BaseModel):
     document_prefix: str | None = Field(
         None, description="Prepended to documents before embedding."
     )
-    precision: Precision = Field("fp32", description="Inference precision.")
+    precision: PrecisionChoice = Field(
+        "auto",
+        description="Inference precision. 'auto' is the fastest one measured to agree with "
+        "fp32 (mean cosine >= 0.9999): bf16 on GPUs and on CPUs with native bf16 "
+        "(AVX-512 BF16 or AMX), else fp32. fp16 needs a GPU.",
+    )
     device: Device = Field("auto", description="'auto' uses CUDA when present.")
 
 
@@ -132,7 +138,7 @@ class ComputeSpec(BaseModel):
         None, ge=1, le=1024, description="Embed actors; None means one per GPU, else one."
     )
     batch_tokens: int = Field(
-        16384, ge=256, description="Padded tokens per forward pass (the token budget)."
+        8192, ge=256, description="Padded tokens per forward pass (the token budget)."
     )
     rows_per_batch: int = Field(
         512, ge=1, description="Chunks handed to an actor at once, sorted by length inside."

@@ -83,7 +83,8 @@ def test_bf16_autocast_path_agrees_with_fp32(model_info, embedder, stdlib_docs) 
     bf16 = TextEncoder(Embedder(model_info, precision="bf16", device="cpu",
                                 torch_threads=2)).encode(texts, kind="document")
     assert bf16.dtype == np.float32
-    assert (fp32 * bf16).sum(axis=1).mean() > 0.999
+    cosine = (fp32 * bf16).sum(axis=1)
+    assert cosine.mean() >= 0.9999 and cosine.min() > 0.999
 
 
 def test_fp16_on_cpu_and_missing_gpu_are_refused(model_info) -> None:
