@@ -25,7 +25,10 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    # "local" stops Ray from joining whatever cluster `ray start` left on this machine:
+    # without an address Quiver promises a private, in-process run.
     ray.init(
+        address="local",
         num_cpus=os.cpu_count() or 1,
         include_dashboard=False,
         logging_level=logging.WARNING,
