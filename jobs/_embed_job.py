@@ -18,26 +18,30 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 
 import lance
 import pyarrow as pa
 
+from jobs._calibrate import calibrate_ranges, sample_chunks
 from jobs._lance_io import LanceCommitSink, ShardDatasource
 from jobs._ray import cluster_resources, ensure_ray
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.index import build_indices
 from operators.model import ModelInfo, describe_model
+from operators.quantize import Codebook
 from operators.read import ReadPlan, plan_source
 from operators.write import committed_shards
-from schemas.errors import TableError
+from schemas.errors import SpecError, TableError
 from schemas.manifest import (
     ChunkingManifest,
     ModelManifest,
     SourceManifest,
     TableManifest,
+    VectorsManifest,
 )
 from schemas.records import REJECTS_SCHEMA, table_schema
 from schemas.spec import JobSpec, Precision
@@ -85,6 +89,9 @@ def rejects_uri(table_uri: str) -> str:
 def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> TableManifest:
     """The manifest a table written by this spec carries (with the resolved precision)."""
     chunk_tokens = min(spec.chunking.max_tokens or info.max_tokens, info.max_tokens)
+    dims = spec.vectors.dims or info.dim
+    if dims > info.dim:
+        raise SpecError(f"vectors.dims ({dims}) exceeds the model's dimension ({info.dim})")
     return TableManifest(
         quiver_version=version("quiver"),
         lance_version=lance.__version__,
@@ -98,6 +105,7 @@ def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> T
                                   mode=spec.chunking.mode),
         source=SourceManifest(uri=spec.source.uri, id_field=spec.source.id_field,
                               text_fields=spec.source.text_fields),
+        vectors=VectorsManifest(codecs=spec.vectors.codecs, dims=dims, truncated=dims < info.dim),
         metric="dot" if info.normalize else "cosine",
     )
 
@@ -163,6 +171,39 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int) -> Acto
     return ActorLayout(actors, per_actor, 0.0, threads)
 
 
+def _warn_untrained_truncation(info: ModelInfo, vectors: VectorsManifest) -> None:
+    if vectors.truncated and vectors.dims not in info.matryoshka_dims:
+        declared = list(info.matryoshka_dims) or "none"
+        message = (f"warning: vectors.dims {vectors.dims} truncates {info.name}, which "
+                   f"declares no such Matryoshka size (declared: {declared}); quality may "
+                   "drop more than for a Matryoshka-trained model. Check it with quiver eval.")
+        log.warning(message)
+        _progress(message)
+
+
+def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
+                chunk: Callable[[pa.Table], pa.Table], info: ModelInfo) -> TableManifest:
+    """The manifest with int8 ranges measured on a sample of the corpus."""
+    started = time.perf_counter()
+    sample = sample_chunks(plan.shards, source=spec.source, metadata=plan.metadata,
+                           chunker=chunk, wanted=spec.vectors.calibration_sample)
+    vectors = manifest.vectors
+    if sample:
+        embedder = Embedder(info, precision=resolve_precision(spec.model.precision,
+                                                              on_gpu=False),
+                            device="cpu", batch_tokens=spec.compute.batch_tokens,
+                            torch_threads=os.cpu_count() or 1,
+                            trust_remote_code=spec.model.trust_remote_code)
+        low, high = calibrate_ranges(embedder, sample, dims=vectors.dims,
+                                     renormalize=info.normalize and vectors.truncated)
+    else:  # nothing to sample: the widest range a normalised vector can span
+        low, high = [-1.0] * vectors.dims, [1.0] * vectors.dims
+    _progress(f"int8 calibrated on {len(sample)} chunks in "
+              f"{time.perf_counter() - started:.1f}s")
+    return manifest.model_copy(update={"vectors": vectors.model_copy(
+        update={"int8_low": low, "int8_high": high})})
+
+
 def run_embed(spec: JobSpec) -> JobSummary:
     """Run an embed job to completion (or resume one) and index the table.
 
@@ -187,7 +228,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}; "
               f"{layout.actors} actor(s) x {layout.threads} torch thread(s)"
               + (", 1 GPU each" if layout.gpus else ""))
-    schema = table_schema(plan.metadata, dim=info.dim).with_metadata(manifest.to_metadata())
+    _warn_untrained_truncation(info, manifest.vectors)
     job = _job_fingerprint(plan, manifest, spec)
     uri = spec.table
     opts = spec.write.storage_options
@@ -195,8 +236,9 @@ def run_embed(spec: JobSpec) -> JobSummary:
     existing = _open_existing(uri, opts)
     done: set[str] = set()
     if existing is not None and spec.write.mode == "create":
-        TableManifest.from_schema(existing.schema, where=uri).check_same_embedding(
-            manifest, where=uri)
+        old = TableManifest.from_schema(existing.schema, where=uri)
+        old.check_same_embedding(manifest, where=uri)
+        manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
         done = committed_shards(existing, job=job)
         if not done:
             raise TableError(
@@ -228,6 +270,12 @@ def run_embed(spec: JobSpec) -> JobSummary:
     def chunk(docs: pa.Table) -> pa.Table:
         return Chunker(model_path, **chunker_kwargs)(docs)
 
+    if "int8" in manifest.vectors.codecs and manifest.vectors.int8_low is None:
+        manifest = _calibrated(manifest, spec, plan, chunk, info)
+    schema = table_schema(plan.metadata, dim=manifest.vectors.dims,
+                          codecs=manifest.vectors.codecs).with_metadata(manifest.to_metadata())
+    codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize)
+
     version_now = existing.version if existing is not None and spec.write.mode == "create" else None
     mode = "append" if version_now is not None else "create"
     rows = tokens = truncated = 0
@@ -243,7 +291,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
             fn_constructor_kwargs=dict(
                 precision=precision, device=spec.model.device,
                 batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
-                trust_remote_code=spec.model.trust_remote_code,
+                trust_remote_code=spec.model.trust_remote_code, codebook=codebook,
             ),
             compute=ActorPoolStrategy(size=layout.actors),
             num_cpus=layout.cpus,
@@ -269,7 +317,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
     final = lance.dataset(uri, storage_options=opts or None)
     index_started = time.perf_counter()
     _progress(f"indexing {final.count_rows()} rows")
-    report = build_indices(final, spec.index, metric=manifest.metric)
+    report = build_indices(final, spec.index, metric=manifest.metric,
+                           codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
     index_seconds = time.perf_counter() - index_started
     final = lance.dataset(uri, storage_options=opts or None)
     embedded_docs = sum(s.records - len(s.skip) for s in pending)

@@ -18,15 +18,16 @@ import lance
 import numpy as np
 
 from jobs._embed_job import JobSummary, rejects_uri, run_embed
+from jobs._quality import quality_report
 from operators.embed import Embedder, TextEncoder
 from operators.evaluate import load_beir, score_runs
 from operators.model import describe_model
-from operators.search import DEFAULT_COLUMNS, fold_to_documents, search
+from operators.search import DEFAULT_COLUMNS, VectorSearcher, fold_to_documents
 from schemas.errors import ManifestMismatchError, TableError
 from schemas.manifest import TableManifest
 from schemas.spec import JobSpec, ModelSpec, load_spec
 
-__all__ = ["Hit", "JobSummary", "Table", "evaluate", "info", "open_table", "run"]
+__all__ = ["Hit", "JobSummary", "Table", "evaluate", "info", "open_table", "quality", "run"]
 
 
 def run(spec: JobSpec | str | Path) -> JobSummary:
@@ -85,30 +86,41 @@ class Table:
                 f"{self.uri} holds {m.dim}-d vectors but the model gives {model_info.dim}-d"
             )
         self._encoder = TextEncoder(Embedder(model_info, precision="fp32"))
+        self.searcher = VectorSearcher(self.ds, self.manifest)
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         """Query vectors built exactly as the table's documents were (prefix, pooling)."""
         return self._encoder.encode(texts, kind="query")
 
-    def search_vector(self, vector: np.ndarray, *, k: int = 10) -> list[Hit]:
-        """Top-k chunks for a query vector."""
-        hits = search(self.ds, vector, k=k, metric=self.manifest.metric,
-                      columns=DEFAULT_COLUMNS).to_pylist()
+    def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
+                      rescore: int | None = None, exact: bool = False) -> list[Hit]:
+        """Top-k chunks for a query vector (model dims; cut to the table's own dims).
+
+        `using` picks the first-stage column ('float', 'int8', 'binary'; 'auto' is the
+        most compact one), `rescore` the candidates per hit re-scored with the best
+        column, `exact` skips ANN indices. See `operators.search.VectorSearcher`.
+        """
+        hits = self.searcher.search(vector, k=k, using=using, rescore=rescore, exact=exact,
+                                    columns=DEFAULT_COLUMNS).to_pylist()
         return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"])
                 for h in hits]
 
-    def search(self, text: str, *, k: int = 10) -> list[Hit]:
-        """Top-k chunks for a query text."""
-        return self.search_vector(self.embed_queries([text])[0], k=k)
+    def search(self, text: str, *, k: int = 10, using: str = "auto",
+               rescore: int | None = None, exact: bool = False) -> list[Hit]:
+        """Top-k chunks for a query text (options as in `search_vector`)."""
+        return self.search_vector(self.embed_queries([text])[0], k=k, using=using,
+                                  rescore=rescore, exact=exact)
 
     def search_documents(self, vectors: np.ndarray, *, k: int = 100,
-                         chunks_per_query: int | None = None) -> list[list[tuple[str, float]]]:
+                         chunks_per_query: int | None = None, using: str = "auto",
+                         rescore: int | None = None,
+                         exact: bool = False) -> list[list[tuple[str, float]]]:
         """Top-k documents per query vector: chunk hits folded to their document (max)."""
         chunks_per_query = chunks_per_query or max(k * 3, 100)
         out = []
         for v in vectors:
-            hits = search(self.ds, v, k=chunks_per_query, metric=self.manifest.metric,
-                          columns=("doc_id",))
+            hits = self.searcher.search(v, k=chunks_per_query, using=using, rescore=rescore,
+                                        exact=exact, columns=("doc_id",))
             folded = fold_to_documents(hits.column("doc_id").to_pylist(),
                                        hits.column("score").to_pylist())
             out.append(folded[:k])
@@ -121,7 +133,8 @@ def open_table(uri: str | Path, *, model: str | None = None, version: int | None
     return Table(uri, model=model, version=version, storage_options=storage_options)
 
 
-def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None) -> dict:
+def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,
+             using: str = "auto", rescore: int | None = None) -> dict:
     """nDCG@10, recall@10, recall@100 and MRR@10 of a table on a BEIR folder's test queries.
 
     Queries are embedded with the table's own model; chunk hits are folded to documents.
@@ -131,7 +144,7 @@ def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None) -> 
     started = time.perf_counter()
     vectors = table.embed_queries(queries.texts)
     embedded = time.perf_counter()
-    ranked = table.search_documents(vectors, k=100)
+    ranked = table.search_documents(vectors, k=100, using=using, rescore=rescore)
     searched = time.perf_counter()
     runs = {q: [d for d, _ in docs] for q, docs in zip(queries.ids, ranked, strict=True)}
     metrics = score_runs(runs, queries.qrels)
@@ -142,6 +155,19 @@ def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None) -> 
         "embed_seconds": round(embedded - started, 2),
         "search_ms_per_query": round(1000 * (searched - embedded) / max(1, len(queries.ids)), 2),
     }
+
+
+def quality(uri: str | Path, beir: str | Path, *, model: str | None = None,
+            chunks_per_query: int = 300) -> dict:
+    """The quality report of a table: every way it can be searched, on a BEIR folder.
+
+    See `jobs._quality` for the ways, and `quiver eval --report` for the command.
+    """
+    table = open_table(uri, model=model)
+    queries = load_beir(beir)
+    vectors = table.embed_queries(queries.texts)
+    report = quality_report(table.searcher, vectors, queries, chunks_per_query=chunks_per_query)
+    return {"table": str(uri), "beir": str(beir), **report}
 
 
 def info(uri: str | Path, *, storage_options: dict[str, str] | None = None) -> dict:

@@ -25,6 +25,11 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 TableArg = Annotated[str, typer.Argument(help="Path or URI of a Quiver Lance table.")]
+UsingOpt = Annotated[str, typer.Option(
+    "--using", help="First-stage column: float, int8, binary, or auto (the most compact).")]
+RescoreOpt = Annotated[int | None, typer.Option(
+    "--rescore", min=1, help="Candidates per hit re-scored with the best column (1 = off; "
+    "default 4 for int8/binary).")]
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Local model folder to use instead of the manifest's name."),
@@ -98,12 +103,16 @@ def query(
     text: Annotated[str, typer.Argument(help="The query text.")],
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=10_000, help="Hits to return.")] = 10,
     model: ModelOpt = None,
+    using: UsingOpt = "auto",
+    rescore: RescoreOpt = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Ignore ANN indices.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Search a table with a text query; prints id, score and a snippet per hit."""
     from jobs import api
 
-    hits = api.open_table(table, model=model).search(text, k=k)
+    hits = api.open_table(table, model=model).search(text, k=k, using=using, rescore=rescore,
+                                                     exact=exact)
     if as_json:
         _emit({"table": table, "query": text, "k": k,
                "hits": [h.__dict__ for h in hits]})
@@ -122,18 +131,45 @@ def eval_(
     table: TableArg,
     beir: Annotated[Path, typer.Option("--beir", help="BEIR folder (queries, qrels/test.tsv).")],
     model: ModelOpt = None,
+    using: UsingOpt = "auto",
+    rescore: RescoreOpt = None,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Score every way the table can be searched (codecs, ANN, "
+        "Matryoshka dims): bytes/vector, nDCG@10, recall@100, share kept, latency.")] = False,
+    html_out: Annotated[Path | None, typer.Option(
+        "--html", help="With --report: also write an HTML page with a quality/bytes plot.",
+        dir_okay=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a table on a BEIR folder: nDCG@10, recall@10, recall@100, MRR@10."""
     from jobs import api
 
-    result = api.evaluate(table, beir, model=model)
+    if report or html_out:
+        _quality(table, beir, model=model, html_out=html_out, as_json=as_json)
+        return
+    result = api.evaluate(table, beir, model=model, using=using, rescore=rescore)
     if as_json:
         _emit(result)
         return
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         print(f"{key:<11}{result[key]:.4f}")
     print(f"queries    {result['queries']} ({result['search_ms_per_query']} ms search each)")
+
+
+def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None,
+             as_json: bool) -> None:
+    from jobs import api
+    from jobs._quality import format_report, report_html
+
+    result = api.quality(table, beir, model=model)
+    if html_out:
+        html_out.write_text(report_html(result, title=f"{table} on {beir}"), encoding="utf-8")
+    if as_json:
+        _emit(result)
+        return
+    print(format_report(result))
+    if html_out:
+        print(f"wrote {html_out}")
 
 
 @app.command()
@@ -155,6 +191,10 @@ def info(table: TableArg, as_json: JsonOpt = False) -> None:
           f"dim {m['model']['dim']}, max {m['model']['max_tokens']} tokens")
     print(f"chunking   {m['chunking']['max_tokens']} tokens, overlap {m['chunking']['overlap']}")
     print(f"metric     {m['metric']}")
+    v = m["vectors"]
+    print(f"vectors    {', '.join(v['codecs'])} at {v['dims']} dims"
+          + (" (Matryoshka truncation)" if v["truncated"] else "")
+          + (" ; int8 ranges calibrated" if v["int8_low"] else ""))
     print(f"source     {m['source']['uri']}")
     print("indices    " + (", ".join(f"{i['name']} ({i['type']} on {','.join(i['fields'])})"
                                      for i in data["indices"]) or "none"))

@@ -10,15 +10,16 @@ padding stays small.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
-from schemas.records import VECTOR_COLUMN, vector_type
+from operators.quantize import Codebook, empty_matrix, encode, to_arrow
+from schemas.records import CODEC_COLUMNS, codec_fields
 from schemas.spec import Device, Pooling, Precision, PrecisionChoice
 
 
@@ -127,11 +128,13 @@ class Embedder:
         batch_tokens: Padded tokens per forward pass.
         torch_threads: CPU threads for this process; None leaves torch's default.
         trust_remote_code: Passed to transformers; off unless the spec sets it.
+        codebook: The codecs `__call__` stores; None means full-size float32 `vector`.
     """
 
     def __init__(self, info: ModelInfo, *, precision: Precision = "fp32",
                  device: Device = "auto", batch_tokens: int = 8192,
-                 torch_threads: int | None = None, trust_remote_code: bool = False) -> None:
+                 torch_threads: int | None = None, trust_remote_code: bool = False,
+                 codebook: Codebook | None = None) -> None:
         import torch
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
@@ -146,6 +149,7 @@ class Embedder:
             raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         self.precision = precision
         self.batch_tokens = batch_tokens
+        self.codebook = codebook or Codebook(("float32",), info.dim, renormalize=False)
         has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(info.path))
         self.model = AutoModel.from_pretrained(
             info.path, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors,
@@ -155,14 +159,10 @@ class Embedder:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Embed token id lists; returns (n, dim) float32 in input order."""
+    def _forward(self, input_ids: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Any]]:
+        """Yield (row indices, pooled vectors on the device) per token-budget batch."""
         import torch
 
-        n = len(input_ids)
-        out = np.empty((n, self.info.dim), dtype=np.float32)
-        if n == 0:
-            return out
         lengths = [len(ids) for ids in input_ids]
         pin = self.device == "cuda"
         with torch.inference_mode():
@@ -185,23 +185,37 @@ class Embedder:
                 vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
                 if self.info.normalize:
                     vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-                out[batch] = vectors.cpu().numpy()
+                yield batch, vectors
+
+    def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embed token id lists; returns (n, dim) float32 in input order, full size."""
+        out = np.empty((len(input_ids), self.info.dim), dtype=np.float32)
+        for batch, vectors in self._forward(input_ids):
+            out[batch] = vectors.cpu().numpy()
+        return out
+
+    def encode_ids(self, input_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Embed and encode with the codebook on the device; one matrix per stored column."""
+        book = self.codebook
+        out = {CODEC_COLUMNS[c]: empty_matrix(c, book.dims, len(input_ids)) for c in book.codecs}
+        for batch, vectors in self._forward(input_ids):
+            for column, matrix in encode(vectors, book).items():
+                out[column][batch] = matrix
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Replace `input_ids` by a `vector` column (a FixedSizeList Lance can index).
+        """Replace `input_ids` by the codebook's vector columns (fixed-size lists).
 
         A `_tokens` column keeps each row's token count for throughput accounting; the
         writer drops it.
         """
-        ids = batch.column("input_ids").to_pylist()
-        vectors = self.embed_ids(ids)  # (rows, dim) float32
-        flat = pa.array(vectors.reshape(-1), type=pa.float32())
-        column = pa.FixedSizeListArray.from_arrays(flat, self.info.dim)
+        encoded = self.encode_ids(batch.column("input_ids").to_pylist())
         tokens = pa.compute.list_value_length(batch.column("input_ids")).cast(pa.int32())
         keep = batch.drop_columns(["input_ids"])
-        keep = keep.append_column(pa.field(VECTOR_COLUMN, vector_type(self.info.dim),
-                                           nullable=False), column)
+        for field in codec_fields(list(self.codebook.codecs), self.codebook.dims):
+            codec = next(c for c in self.codebook.codecs if CODEC_COLUMNS[c] == field.name)
+            keep = keep.append_column(field, to_arrow(encoded[field.name], codec,
+                                                      self.codebook.dims))
         return keep.append_column("_tokens", tokens)
 
 

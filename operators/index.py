@@ -1,8 +1,15 @@
-"""Indices for a finished table: BTREE on `id`, and ANN on `vector` when the table is big.
+"""Indices for a finished table: BTREE on `id`, and ANN indices when the table is big.
 
 Below `IndexSpec.ann_min_rows` rows (100,000 by default) a flat scan is exact and takes
-milliseconds, so no ANN index is built; above it Lance's IVF_HNSW_SQ is the default
-(recall@10 0.9995 at nprobes 5 on 200k embedding-like vectors on this kind of machine).
+milliseconds, so no ANN index is built. Above it:
+
+- `vector` (float32/float16) gets Lance's IVF_HNSW_SQ by default (IVF_PQ, IVF_SQ and
+  IVF_FLAT on request) with sqrt(rows) partitions and, for PQ, dims/8 sub-vectors;
+- `vector_bits` gets an IVF_FLAT index with the hamming metric and sqrt(rows) partitions;
+- `vector_i8` has no Lance index (Lance has no int8 distance): it is scanned in numpy.
+
+Search-time parameters (nprobes, refine) are Lance's adaptive defaults unless a query
+sets them.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 import lance
 
 from schemas.manifest import Metric
-from schemas.records import VECTOR_COLUMN
+from schemas.records import BITS_COLUMN, VECTOR_COLUMN
 from schemas.spec import IndexSpec
 
 
@@ -22,7 +29,7 @@ class IndexReport:
     """What `build_indices` did, for the job summary."""
 
     vector: str
-    """'exact (flat scan)' or the ANN index type with its partitions."""
+    """'exact (flat scan)' or the ANN indices built, with their partitions."""
     scalar: tuple[str, ...]
 
 
@@ -35,8 +42,48 @@ def default_partitions(rows: int) -> int:
     return max(1, int(math.sqrt(rows)))
 
 
-def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric) -> IndexReport:
-    """Build (or replace) the table's indices according to its size."""
+def default_sub_vectors(dims: int) -> int:
+    """PQ sub-vectors: 8 dimensions each (dims/8), the largest divisor of dims below that.
+
+    >>> default_sub_vectors(384), default_sub_vectors(100)
+    (48, 10)
+    """
+    target = max(1, dims // 8)
+    return next(n for n in range(target, 0, -1) if dims % n == 0)
+
+
+def ann_params(index_type: str, *, rows: int, dims: int, num_partitions: int | None) -> dict:
+    """Build parameters for Lance's `create_index` that scale with the table."""
+    params: dict = {"num_partitions": min(num_partitions or default_partitions(rows), rows)}
+    if index_type.endswith("PQ"):
+        params["num_sub_vectors"] = default_sub_vectors(dims)
+    return params
+
+
+def build_vector_index(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
+                       dims: int) -> str:
+    """ANN index on `vector` with size-scaled parameters; returns its description."""
+    rows = ds.count_rows()
+    params = ann_params(spec.ann_type, rows=rows, dims=dims, num_partitions=spec.num_partitions)
+    ds.create_index(VECTOR_COLUMN, index_type=spec.ann_type, metric=metric, replace=True,
+                    **params)
+    extra = f", {params['num_sub_vectors']} sub-vectors" if "num_sub_vectors" in params else ""
+    return f"{spec.ann_type} ({params['num_partitions']} partitions{extra}, {metric})"
+
+
+def build_bits_index(ds: lance.LanceDataset, spec: IndexSpec) -> str:
+    """IVF_FLAT hamming index on the packed sign bits (the binary first stage)."""
+    rows = ds.count_rows()
+    partitions = min(spec.num_partitions or default_partitions(rows), rows)
+    ds.create_index(BITS_COLUMN, index_type="IVF_FLAT", metric="hamming", replace=True,
+                    num_partitions=partitions)
+    return f"IVF_FLAT on {BITS_COLUMN} ({partitions} partitions, hamming)"
+
+
+def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
+                  codecs: list[str] | None = None, dims: int = 384) -> IndexReport:
+    """Build (or replace) the table's indices according to its size and codecs."""
+    codecs = codecs or ["float32"]
     rows = ds.count_rows()
     scalar = []
     if rows:
@@ -45,8 +92,11 @@ def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric) ->
     if rows < max(spec.ann_min_rows, 1):
         return IndexReport(f"exact (flat scan; {rows} rows < ann_min_rows "
                            f"{spec.ann_min_rows})", tuple(scalar))
-    partitions = spec.num_partitions or default_partitions(rows)
-    partitions = min(partitions, rows)
-    ds.create_index(VECTOR_COLUMN, index_type=spec.ann_type, metric=metric,
-                    num_partitions=partitions, replace=True)
-    return IndexReport(f"{spec.ann_type} ({partitions} partitions, {metric})", tuple(scalar))
+    built = []
+    if {"float32", "float16"} & set(codecs):
+        built.append(build_vector_index(ds, spec, metric=metric, dims=dims))
+    if "binary" in codecs:
+        built.append(build_bits_index(ds, spec))
+    if not built:
+        built.append("exact int8 scan (Lance has no int8 index)")
+    return IndexReport("; ".join(built), tuple(scalar))

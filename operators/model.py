@@ -42,6 +42,21 @@ class ModelInfo:
     query_prefix: str
     document_prefix: str
     weights_sha256: str
+    matryoshka_dims: tuple[int, ...] = ()
+    """Truncation sizes the model says it was trained for (empty: none declared)."""
+
+
+def _matryoshka_dims(*configs: dict) -> tuple[int, ...]:
+    """`matryoshka_dims` from the first config that declares it.
+
+    >>> _matryoshka_dims({}, {"matryoshka_dims": [768, 256, 64]})
+    (64, 256, 768)
+    """
+    for cfg in configs:
+        dims = cfg.get("matryoshka_dims")
+        if isinstance(dims, list) and all(isinstance(d, int) for d in dims):
+            return tuple(sorted(dims))
+    return ()
 
 
 def resolve_model_path(name: str) -> Path:
@@ -135,7 +150,8 @@ def describe_model(spec: ModelSpec) -> ModelInfo:
     config = _read_json(folder / "config.json")
     st_config = _read_json(folder / "sentence_bert_config.json")
     st_pooling, st_normalize = _st_pooling(folder)
-    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts", {}) or {}
+    st_model_config = _read_json(folder / "config_sentence_transformers.json")
+    prompts = st_model_config.get("prompts", {}) or {}
     max_tokens = (
         spec.max_tokens
         or st_config.get("max_seq_length")
@@ -159,6 +175,7 @@ def describe_model(spec: ModelSpec) -> ModelInfo:
         document_prefix=spec.document_prefix if spec.document_prefix is not None
         else prompts.get("document", prompts.get("passage", "")),
         weights_sha256=weights_sha256(str(folder)),
+        matryoshka_dims=_matryoshka_dims(st_model_config, config),
     )
 
 

@@ -1,39 +1,192 @@
-"""Nearest-neighbour search over a Quiver table with Lance's own scanner."""
+"""Nearest-neighbour search over a Quiver table: one stage or two.
+
+The first stage runs on the most compact column the mode names, through Lance (float
+vectors with or without their ANN index, sign bits by hamming distance with or without
+their IVF index) or through a numpy scan of the int8 codes (Lance has no int8 distance).
+The second stage rescoring takes `rescore * k` candidates and scores them against the
+float query with the best column the table holds: float vectors, else decoded int8.
+
+Scores are similarities (higher is closer): `dot` for normalised tables, cosine
+otherwise, and for sign bits alone `cos(pi * hamming / dims)`, the angle estimate of
+sign-random-projection hashing.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Literal
 
 import lance
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from schemas.manifest import Metric
-from schemas.records import VECTOR_COLUMN
+from operators.quantize import (
+    Codebook,
+    column_matrix,
+    cosine_rows,
+    decode_int8,
+    int8_scores,
+    pack_bits,
+    truncate_query,
+)
+from schemas.errors import QueryError
+from schemas.manifest import TableManifest
+from schemas.records import BITS_COLUMN, INT8_COLUMN, VECTOR_COLUMN
 
 DEFAULT_COLUMNS = ("id", "doc_id", "chunk", "text")
+DEFAULT_RESCORE = 4
+"""Candidates per wanted hit for two-stage search (binary or int8 first stage)."""
+Using = Literal["auto", "float", "int8", "binary"]
+USING: tuple[str, ...] = ("auto", "float", "int8", "binary")
 
 
-def search(ds: lance.LanceDataset, vector: np.ndarray, *, k: int, metric: Metric,
-           columns: Sequence[str] = DEFAULT_COLUMNS, nprobes: int | None = None,
-           refine_factor: int | None = None) -> pa.Table:
-    """Top-k rows by similarity, best first, with a `score` column (higher is closer).
+class VectorSearcher:
+    """Search one version of a table; caches the int8 codes the first int8 search loads.
 
-    Lance returns distances (`1 - dot` or `1 - cosine`); the score turns them back into
-    similarities so callers never have to know which metric a table uses.
+    Args:
+        ds: The Lance dataset (a fixed version).
+        manifest: Its manifest (codecs, dims, int8 ranges, metric).
     """
-    if k < 1:
-        raise ValueError(f"Got k={k}. Must be at least 1.")
-    nearest: dict = {"column": VECTOR_COLUMN, "q": np.asarray(vector, dtype=np.float32),
-                     "k": k, "metric": metric}
-    if nprobes is not None:
-        nearest["nprobes"] = nprobes
-    if refine_factor is not None:
-        nearest["refine_factor"] = refine_factor
-    hits = ds.to_table(nearest=nearest, columns=[*columns, "_distance"])
-    score = pc.subtract(pa.scalar(1.0, pa.float32()), hits.column("_distance"))
-    return hits.drop_columns(["_distance"]).append_column("score", score)
+
+    def __init__(self, ds: lance.LanceDataset, manifest: TableManifest) -> None:
+        self.ds = ds
+        self.manifest = manifest
+        self.book = Codebook.from_manifest(manifest.vectors, normalize=manifest.model.normalize)
+        self.codecs = frozenset(manifest.vectors.codecs)
+        self.has_float = bool(self.codecs & {"float32", "float16"})
+        self._int8: tuple[np.ndarray, np.ndarray] | None = None
+
+    def default_mode(self) -> str:
+        """Binary first stage when the table has bits, else float, else int8."""
+        if "binary" in self.codecs:
+            return "binary"
+        return "float" if self.has_float else "int8"
+
+    def modes(self) -> list[str]:
+        """The `using` choices this table supports (besides 'auto')."""
+        out = ["float"] if self.has_float else []
+        return out + [m for m in ("int8", "binary") if m in self.codecs]
+
+    def rescore_column(self) -> str | None:
+        """The column second-stage rescoring reads: float, else int8, else none."""
+        if self.has_float:
+            return VECTOR_COLUMN
+        return INT8_COLUMN if "int8" in self.codecs else None
+
+    def query_vector(self, query: np.ndarray) -> np.ndarray:
+        """A model-size (or already table-size) query cut to the table's dims."""
+        return truncate_query(query, self.book.dims, renormalize=self.book.renormalize)
+
+    def search(self, query: np.ndarray, *, k: int, using: str = "auto",
+               rescore: int | None = None, exact: bool = False, nprobes: int | None = None,
+               refine_factor: int | None = None,
+               columns: Sequence[str] = DEFAULT_COLUMNS) -> pa.Table:
+        """Top-k rows, best first, with a `score` column.
+
+        Args:
+            query: The float query vector (model dims; truncated here when the table is).
+            k: Hits wanted.
+            using: Which column the first stage reads: 'float', 'int8', 'binary', or
+                'auto' (see `default_mode`).
+            rescore: Candidates per hit for the second stage; 1 disables rescoring.
+                None means `DEFAULT_RESCORE` for int8/binary first stages.
+            exact: Ignore ANN indices (a flat scan).
+            nprobes, refine_factor: Passed to Lance's ANN search on the float column.
+            columns: Table columns to return.
+
+        Raises:
+            QueryError: for k < 1, an unknown mode, or a mode the table cannot serve.
+        """
+        if k < 1:
+            raise QueryError(f"Got k={k}. Must be at least 1.")
+        if rescore is not None and rescore < 1:
+            raise QueryError(f"Got rescore={rescore}. Must be at least 1 (1 = no rescoring).")
+        if using not in USING:
+            raise QueryError(f"unknown vector column choice {using!r}; use one of "
+                             f"{', '.join(USING)}")
+        mode = self.default_mode() if using == "auto" else using
+        if mode not in self.modes():
+            raise QueryError(
+                f"this table stores {sorted(self.codecs)}, which cannot search "
+                f"using={mode!r}; it supports {self.modes()}"
+            )
+        q = self.query_vector(query)
+        if mode == "float":
+            row_ids, scores = self._lance_float(q, k, exact=exact, nprobes=nprobes,
+                                                refine_factor=refine_factor)
+        else:
+            factor = DEFAULT_RESCORE if rescore is None else rescore
+            want = k * factor if factor > 1 else k
+            if mode == "binary":
+                row_ids, scores = self._lance_bits(q, want, exact=exact)
+            else:
+                row_ids, scores = self._int8_scan(q, want)
+            best = self.rescore_column()
+            if factor > 1 and best is not None and not (mode == "int8" and best == INT8_COLUMN):
+                row_ids, scores = self._rescore(q, row_ids)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return self._rows(row_ids[order], scores[order], columns)
+
+    def _lance_float(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
+                     refine_factor: int | None) -> tuple[np.ndarray, np.ndarray]:
+        nearest: dict = {"column": VECTOR_COLUMN, "q": q, "k": k,
+                         "metric": self.manifest.metric, "use_index": not exact}
+        if nprobes is not None:
+            nearest["nprobes"] = nprobes
+        if refine_factor is not None:
+            nearest["refine_factor"] = refine_factor
+        hits = self.ds.to_table(nearest=nearest, columns=["_distance"], with_row_id=True)
+        distance = hits.column("_distance").to_numpy().astype(np.float32)
+        return hits.column("_rowid").to_numpy(), 1.0 - distance
+
+    def _lance_bits(self, q: np.ndarray, k: int, *, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        nearest = {"column": BITS_COLUMN, "q": pack_bits(q[None, :])[0], "k": k,
+                   "metric": "hamming", "use_index": not exact}
+        hits = self.ds.to_table(nearest=nearest, columns=["_distance"], with_row_id=True)
+        distance = hits.column("_distance").to_numpy().astype(np.float32)
+        return hits.column("_rowid").to_numpy(), np.cos(math.pi * distance / self.book.dims)
+
+    def _int8_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._int8 is None:
+            table = self.ds.to_table(columns=[INT8_COLUMN], with_row_id=True)
+            self._int8 = (table.column("_rowid").to_numpy(),
+                          column_matrix(table.column(INT8_COLUMN)))
+        return self._int8
+
+    def _int8_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        row_ids, codes = self._int8_codes()
+        scores = self._similarity(q, codes, int8=True)
+        top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k] if len(scores) > k \
+            else np.arange(len(scores))
+        return row_ids[top], scores[top]
+
+    def _rescore(self, q: np.ndarray, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score candidates against the float query with the best stored column."""
+        if len(row_ids) == 0:
+            return row_ids, np.zeros(0, np.float32)
+        column = self.rescore_column() or VECTOR_COLUMN
+        taken = self.ds._take_rows(row_ids.tolist(), columns=[column])  # stable row ids
+        matrix = column_matrix(taken.column(column))
+        return row_ids, self._similarity(q, matrix, int8=column == INT8_COLUMN)
+
+    def _similarity(self, q: np.ndarray, matrix: np.ndarray, *, int8: bool) -> np.ndarray:
+        if self.manifest.metric == "dot":
+            if int8:
+                return int8_scores(q, matrix, self.book).astype(np.float32)
+            return (matrix.astype(np.float32) @ q).astype(np.float32)
+        rows = decode_int8(matrix, self.book) if int8 else matrix.astype(np.float32)
+        return cosine_rows(q, rows).astype(np.float32)
+
+    def _rows(self, row_ids: np.ndarray, scores: np.ndarray,
+              columns: Sequence[str]) -> pa.Table:
+        if len(row_ids) == 0:
+            empty = self.ds.schema.empty_table().select(list(columns))
+            return empty.append_column("score", pa.array([], pa.float32()))
+        # `_take_rows` is marked internal in pylance 14 but is the only way to fetch rows
+        # by the `_rowid`s a nearest search returns; it keeps the order asked for.
+        rows = self.ds._take_rows(row_ids.tolist(), columns=list(columns))
+        return rows.append_column("score", pa.array(scores, pa.float32()))
 
 
 def fold_to_documents(doc_ids: Sequence[str], scores: Sequence[float]) -> list[tuple[str, float]]:

@@ -35,3 +35,9 @@ class ManifestMismatchError(QuiverError):
 
 class TableError(QuiverError):
     """A table that is missing, not a Quiver table, or in a state the job refuses."""
+
+
+class QueryError(QuiverError):
+    """A search the table cannot answer as asked (bad k, a mode it has no column for)."""
+
+    exit_code = 2

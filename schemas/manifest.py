@@ -14,10 +14,10 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import ManifestMismatchError, TableError
-from schemas.spec import ChunkMode, Pooling, Precision
+from schemas.spec import ChunkMode, Codec, Pooling, Precision
 
 MANIFEST_KEY = b"quiver.manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 Metric = Literal["dot", "cosine"]
 
 
@@ -47,6 +47,26 @@ class ChunkingManifest(BaseModel):
     mode: ChunkMode = "windows"
 
 
+class VectorsManifest(BaseModel):
+    """How the stored vectors were derived from the model's output.
+
+    The int8 ranges are calibrated once, when the table is created, and reused by every
+    append and every query, so all rows and all queries share one quantization grid.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    codecs: list[Codec] = Field(default_factory=lambda: ["float32"])
+    dims: int = Field(ge=1, description="Stored dimensions (after Matryoshka truncation).")
+    truncated: bool = Field(False, description="True when dims < the model's dim.")
+    int8_low: list[float] | None = Field(None, description="Per-dimension int8 range floor.")
+    int8_high: list[float] | None = Field(None, description="Per-dimension int8 range top.")
+
+    def settings(self) -> dict:
+        """What shapes the stored columns, without the calibrated ranges."""
+        return {"codecs": sorted(self.codecs), "dims": self.dims}
+
+
 class SourceManifest(BaseModel):
     """Which fields of which source made the table."""
 
@@ -68,11 +88,13 @@ class TableManifest(BaseModel):
     model: ModelManifest
     chunking: ChunkingManifest
     source: SourceManifest
+    vectors: VectorsManifest
     metric: Metric = Field(description="'dot' for normalised vectors, else 'cosine'.")
 
     def embedding_fingerprint(self) -> str:
         """Hash of everything that shapes a chunk's vector; part of every content hash."""
-        shaping = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump()}
+        shaping = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump(),
+                   "vectors": self.vectors.settings()}
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
@@ -97,8 +119,10 @@ class TableManifest(BaseModel):
         Raises:
             ManifestMismatchError: listing every field that differs, old and new.
         """
-        mine = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump()}
-        theirs = {"model": other.model.model_dump(), "chunking": other.chunking.model_dump()}
+        mine = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump(),
+                "vectors": self.vectors.settings()}
+        theirs = {"model": other.model.model_dump(), "chunking": other.chunking.model_dump(),
+                  "vectors": other.vectors.settings()}
         diffs = [
             f"{section}.{key}: table has {mine[section][key]!r}, got {theirs[section][key]!r}"
             for section in mine

@@ -9,8 +9,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 CONTENT_HASH_BYTES = 16
-RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", "vector")
 VECTOR_COLUMN = "vector"
+INT8_COLUMN = "vector_i8"
+BITS_COLUMN = "vector_bits"
+RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", VECTOR_COLUMN,
+                    INT8_COLUMN, BITS_COLUMN)
+CODEC_COLUMNS = {"float32": VECTOR_COLUMN, "float16": VECTOR_COLUMN, "int8": INT8_COLUMN,
+                 "binary": BITS_COLUMN}
+"""Which column each codec fills."""
 WORK_COLUMNS = ("input_ids", "_truncated_tokens")
 """Columns that travel between stages but are never stored."""
 
@@ -18,6 +24,25 @@ WORK_COLUMNS = ("input_ids", "_truncated_tokens")
 def vector_type(dim: int) -> pa.DataType:
     """The full-precision vector column: a fixed-size list, which Lance indices accept."""
     return pa.list_(pa.float32(), dim)
+
+
+def codec_type(codec: str, dim: int) -> pa.DataType:
+    """The Arrow type of a codec's column; binary packs 8 sign bits per byte.
+
+    >>> codec_type("binary", 384)
+    FixedSizeListType(fixed_size_list<item: uint8>[48])
+    """
+    if codec == "binary":
+        return pa.list_(pa.uint8(), dim // 8)
+    item = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8()}[codec]
+    return pa.list_(item, dim)
+
+
+def codec_fields(codecs: list[str], dim: int) -> list[pa.Field]:
+    """The vector columns a table with these codecs stores, in a fixed order."""
+    order = ["float32", "float16", "int8", "binary"]
+    return [pa.field(CODEC_COLUMNS[c], codec_type(c, dim), nullable=False)
+            for c in order if c in codecs]
 
 
 def chunk_schema(metadata: pa.Schema) -> pa.Schema:
@@ -40,10 +65,11 @@ def chunk_schema(metadata: pa.Schema) -> pa.Schema:
     )
 
 
-def table_schema(metadata: pa.Schema, *, dim: int) -> pa.Schema:
-    """The stored table: one row per chunk, the vector last."""
+def table_schema(metadata: pa.Schema, *, dim: int,
+                 codecs: list[str] | None = None) -> pa.Schema:
+    """The stored table: one row per chunk, the vector columns last."""
     fields = [f for f in chunk_schema(metadata) if f.name not in WORK_COLUMNS]
-    return pa.schema([*fields, pa.field(VECTOR_COLUMN, vector_type(dim), nullable=False)])
+    return pa.schema([*fields, *codec_fields(codecs or ["float32"], dim)])
 
 
 REJECTS_SCHEMA = pa.schema(

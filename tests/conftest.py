@@ -64,3 +64,23 @@ def write_jsonl(path: Path, lines: list[object]) -> Path:
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
     return path
+
+
+def manifest_for(model_info, *, codecs: list[str] | None = None, dims: int | None = None,
+                 sample=None):
+    """The manifest a job with these vector settings writes (int8 ranges from `sample`)."""
+    from jobs._embed_job import build_manifest
+    from operators.quantize import calibrate_int8, truncate_query
+    from schemas.spec import parse_spec
+
+    spec = parse_spec({"kind": "embed", "table": "t.lance",
+                       "source": {"uri": "c.jsonl", "id_field": "id"},
+                       "vectors": {"codecs": codecs or ["float32"], "dims": dims}})
+    manifest = build_manifest(spec, model_info, precision="fp32")
+    if "int8" in manifest.vectors.codecs:
+        v = manifest.vectors
+        cut = [truncate_query(x, v.dims, renormalize=v.truncated) for x in sample]
+        low, high = calibrate_int8(cut)
+        manifest = manifest.model_copy(update={"vectors": v.model_copy(
+            update={"int8_low": low, "int8_high": high})})
+    return manifest

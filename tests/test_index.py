@@ -9,10 +9,11 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import manifest_for
 
 from operators.chunk import Chunker
 from operators.index import build_indices
-from operators.search import search
+from operators.search import VectorSearcher
 from operators.write import commit, write_fragments
 from schemas.records import table_schema
 from schemas.spec import IndexSpec
@@ -33,6 +34,10 @@ def _write(path: Path, rows: pa.Table) -> lance.LanceDataset:
                   schema=schema, job="t", shards=["s"])
 
 
+def _searcher(ds: lance.LanceDataset, model_info) -> VectorSearcher:
+    return VectorSearcher(ds, manifest_for(model_info))
+
+
 def test_small_table_stays_exact(tmp_path: Path, vectors_table: pa.Table) -> None:
     ds = _write(tmp_path / "small.lance", vectors_table)
     report = build_indices(ds, IndexSpec(), metric="dot")
@@ -41,19 +46,20 @@ def test_small_table_stays_exact(tmp_path: Path, vectors_table: pa.Table) -> Non
         == [["id"]]
 
 
-def test_exact_search_equals_numpy_brute_force(tmp_path: Path, vectors_table: pa.Table) -> None:
-    ds = _write(tmp_path / "exact.lance", vectors_table)
+def test_exact_search_equals_numpy_brute_force(tmp_path: Path, vectors_table: pa.Table,
+                                               model_info) -> None:
+    searcher = _searcher(_write(tmp_path / "exact.lance", vectors_table), model_info)
     matrix = np.array(vectors_table.column("vector").to_pylist(), dtype=np.float32)
     ids = vectors_table.column("id").to_pylist()
     for q in matrix[::25]:
-        hits = search(ds, q, k=10, metric="dot", columns=("id",))
+        hits = searcher.search(q, k=10, using="float", exact=True, columns=("id",))
         expected = [ids[i] for i in np.argsort(-(matrix @ q), kind="stable")[:10]]
         assert hits.column("id").to_pylist()[:5] == expected[:5]
         np.testing.assert_allclose(hits.column("score").to_numpy(),
                                    np.sort(matrix @ q)[::-1][:10], atol=1e-5)
 
 
-def test_large_table_gets_an_ann_index_with_high_recall(tmp_path: Path,
+def test_large_table_gets_an_ann_index_with_high_recall(tmp_path: Path, model_info,
                                                         vectors_table: pa.Table) -> None:
     path = tmp_path / "ann.lance"
     ds = _write(path, vectors_table)
@@ -61,13 +67,14 @@ def test_large_table_gets_an_ann_index_with_high_recall(tmp_path: Path,
     report = build_indices(ds, IndexSpec(ann_min_rows=100), metric="dot")
     assert report.vector.startswith("IVF_HNSW_SQ")
     ds = lance.dataset(str(path))
+    searcher = _searcher(ds, model_info)
     kinds = {i["fields"][0]: i["type"] for i in ds.list_indices()}
     assert kinds["id"] == "BTree" and "vector" in kinds
     matrix = np.array(vectors_table.column("vector").to_pylist(), dtype=np.float32)
     ids = np.array(vectors_table.column("id").to_pylist())
     recalls = []
     for q in matrix[::7]:
-        ann = set(search(ds, q, k=10, metric="dot", columns=("id",), nprobes=4)
+        ann = set(searcher.search(q, k=10, using="float", columns=("id",))
                   .column("id").to_pylist())
         exact = set(ids[np.argsort(-(matrix @ q))[:10]])
         recalls.append(len(ann & exact) / 10)
