@@ -171,6 +171,15 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int) -> Acto
     return ActorLayout(actors, per_actor, 0.0, threads)
 
 
+def _check_filterable(spec: JobSpec, plan: ReadPlan) -> None:
+    """Refuse, before any work, an index.filterable column the table will not have."""
+    columns = {"id", "doc_id", "chunk", *plan.metadata.names}
+    for name in spec.index.filterable:
+        if name not in columns:
+            raise SpecError(f"index.filterable: {name!r} is not a column of this table "
+                            f"(columns: {', '.join(sorted(columns))})")
+
+
 def _warn_untrained_truncation(info: ModelInfo, vectors: VectorsManifest) -> None:
     if vectors.truncated and vectors.dims not in info.matryoshka_dims:
         declared = list(info.matryoshka_dims) or "none"
@@ -219,6 +228,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     plan = plan_source(spec.source)
     _progress(f"source {spec.source.uri}: {plan.records} records, {plan.documents} valid, "
               f"{plan.rejects.num_rows} rejected, {len(plan.shards)} shards ({plan.kind})")
+    _check_filterable(spec, plan)
     ensure_ray()
     cpus, gpus = cluster_resources()
     layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1)

@@ -11,21 +11,31 @@ Usage (see the README for a runnable walk-through)::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lance
 import numpy as np
+import pyarrow.compute as pc
 
 from jobs._embed_job import JobSummary, rejects_uri, run_embed
 from jobs._quality import quality_report
 from operators.embed import Embedder, TextEncoder
 from operators.evaluate import load_beir, score_runs
+from operators.filters import compile_filter
+from operators.fulltext import HYBRID_CANDIDATES, fts_candidates, rrf_fuse
 from operators.model import describe_model
-from operators.search import DEFAULT_COLUMNS, VectorSearcher, fold_to_documents
-from schemas.errors import ManifestMismatchError, TableError
+from operators.search import DEFAULT_COLUMNS, VectorSearcher, fold_to_documents, take_rows
+from schemas.errors import ManifestMismatchError, QueryError, TableError
 from schemas.manifest import TableManifest
 from schemas.spec import JobSpec, ModelSpec, load_spec
+
+SEARCH_MODES = ("dense", "fts", "hybrid")
+MAX_K = 10_000
+MAX_BATCH = 1_000
+Where = Mapping[str, Any] | pc.Expression | None
 
 __all__ = ["Hit", "JobSummary", "Table", "evaluate", "info", "open_table", "quality", "run"]
 
@@ -46,6 +56,8 @@ class Hit:
     chunk: int
     score: float
     text: str
+    fields: dict = field(default_factory=dict)
+    """Extra columns the search asked for (metadata such as `year`)."""
 
 
 class Table:
@@ -55,12 +67,13 @@ class Table:
         uri: The Lance dataset.
         model: A local model folder to use instead of the manifest's name (for a table
             copied to another machine); its weights must hash to the manifest's.
-        version: A table version to read (time travel); None is the latest.
+        version: A version number or a tag name to read (time travel); None is the
+            latest.
         storage_options: Object-store options (endpoint, credentials) for `uri`.
     """
 
     def __init__(self, uri: str | Path, *, model: str | None = None,
-                 version: int | None = None,
+                 version: int | str | None = None,
                  storage_options: dict[str, str] | None = None) -> None:
         self.uri = str(uri)
         try:
@@ -92,49 +105,107 @@ class Table:
         """Query vectors built exactly as the table's documents were (prefix, pooling)."""
         return self._encoder.encode(texts, kind="query")
 
-    def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
-                      rescore: int | None = None, exact: bool = False) -> list[Hit]:
-        """Top-k chunks for a query vector (model dims; cut to the table's own dims).
+    def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
+                    mode: str = "dense", using: str = "auto", rescore: int | None = None,
+                    exact: bool = False, where: Where = None) -> tuple[np.ndarray, np.ndarray]:
+        if mode not in SEARCH_MODES:
+            raise QueryError(f"unknown search mode {mode!r}; use one of "
+                             f"{', '.join(SEARCH_MODES)}")
+        if not 1 <= k <= MAX_K:
+            raise QueryError(f"Got k={k}. Must be between 1 and {MAX_K}.")
+        expr = where if isinstance(where, pc.Expression) or where is None \
+            else compile_filter(where, self.ds.schema)
+        if mode != "dense" and text is None:
+            raise QueryError(f"mode {mode!r} needs the query text, not only a vector")
+        dense = dict(using=using, rescore=rescore, exact=exact, where=expr)
+        if mode == "dense":
+            return self.searcher.candidates(vector, k=k, **dense)
+        if mode == "fts":
+            return fts_candidates(self.ds, text, k=k, where=expr)
+        n = max(k, HYBRID_CANDIDATES)
+        dense_ids, _ = self.searcher.candidates(vector, k=n, **dense)
+        text_ids, _ = fts_candidates(self.ds, text, k=n, where=expr)
+        return rrf_fuse([dense_ids, text_ids], k=k)
 
-        `using` picks the first-stage column ('float', 'int8', 'binary'; 'auto' is the
-        most compact one), `rescore` the candidates per hit re-scored with the best
-        column, `exact` skips ANN indices. See `operators.search.VectorSearcher`.
+    def _search(self, text: str | None, vector: np.ndarray | None, *, k: int,
+                columns: Sequence[str] = DEFAULT_COLUMNS, **options) -> list[Hit]:
+        ids, scores = self._candidates(text, vector, k=k, **options)
+        rows = take_rows(self.ds, ids, scores, columns)
+        return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"],
+                    {c: h[c] for c in columns if c not in DEFAULT_COLUMNS})
+                for h in rows.to_pylist()]
+
+    def search(self, text: str, *, k: int = 10, mode: str = "dense", using: str = "auto",
+               rescore: int | None = None, exact: bool = False, where: Where = None,
+               columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Hit]:
+        """Top-k chunks for a query text.
+
+        Args:
+            text: The query.
+            k: Hits wanted (at most `MAX_K`).
+            mode: 'dense' (vectors), 'fts' (BM25 on `text`), or 'hybrid' (both, fused by
+                reciprocal rank; see `operators.fulltext`).
+            using: Dense first-stage column: 'float', 'int8', 'binary' or 'auto'.
+            rescore: Candidates per hit re-scored with the best column (1 = off).
+            exact: Skip ANN indices.
+            where: A filter, `{"year": {"gte": 2020}, "lang": {"in": ["en", "de"]}}`
+                (see `operators.filters`), applied before the search.
+            columns: Extra columns to return land in `Hit.fields`.
         """
-        hits = self.searcher.search(vector, k=k, using=using, rescore=rescore, exact=exact,
-                                    columns=DEFAULT_COLUMNS).to_pylist()
-        return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"])
-                for h in hits]
+        vector = None if mode == "fts" else self.embed_queries([text])[0]
+        return self._search(text, vector, k=k, mode=mode, using=using, rescore=rescore,
+                            exact=exact, where=where, columns=_with_defaults(columns))
 
-    def search(self, text: str, *, k: int = 10, using: str = "auto",
-               rescore: int | None = None, exact: bool = False) -> list[Hit]:
-        """Top-k chunks for a query text (options as in `search_vector`)."""
-        return self.search_vector(self.embed_queries([text])[0], k=k, using=using,
-                                  rescore=rescore, exact=exact)
+    def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
+                      rescore: int | None = None, exact: bool = False, where: Where = None,
+                      columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Hit]:
+        """Top-k chunks for a query vector (model dims; cut to the table's own dims)."""
+        return self._search(None, np.asarray(vector, np.float32), k=k, mode="dense",
+                            using=using, rescore=rescore, exact=exact, where=where,
+                            columns=_with_defaults(columns))
+
+    def search_batch(self, texts: Sequence[str], *, k: int = 10, mode: str = "dense",
+                     **options) -> list[list[Hit]]:
+        """Many queries: embedded together in one batch, then searched one by one."""
+        if len(texts) > MAX_BATCH:
+            raise QueryError(f"{len(texts)} queries in one batch; the limit is {MAX_BATCH}")
+        options["columns"] = _with_defaults(options.get("columns", ()))
+        if mode == "fts":
+            return [self._search(t, None, k=k, mode=mode, **options) for t in texts]
+        vectors = self.embed_queries(list(texts)) if texts else []
+        return [self._search(t, v, k=k, mode=mode, **options)
+                for t, v in zip(texts, vectors, strict=True)]
 
     def search_documents(self, vectors: np.ndarray, *, k: int = 100,
-                         chunks_per_query: int | None = None, using: str = "auto",
-                         rescore: int | None = None,
-                         exact: bool = False) -> list[list[tuple[str, float]]]:
-        """Top-k documents per query vector: chunk hits folded to their document (max)."""
+                         chunks_per_query: int | None = None, mode: str = "dense",
+                         texts: Sequence[str] | None = None,
+                         **options) -> list[list[tuple[str, float]]]:
+        """Top-k documents per query: chunk hits folded to their document (max score)."""
         chunks_per_query = chunks_per_query or max(k * 3, 100)
         out = []
-        for v in vectors:
-            hits = self.searcher.search(v, k=chunks_per_query, using=using, rescore=rescore,
-                                        exact=exact, columns=("doc_id",))
+        for i, v in enumerate(vectors):
+            text = texts[i] if texts is not None else None
+            ids, scores = self._candidates(text, v, k=chunks_per_query, mode=mode, **options)
+            hits = take_rows(self.ds, ids, scores, ("doc_id",))
             folded = fold_to_documents(hits.column("doc_id").to_pylist(),
                                        hits.column("score").to_pylist())
             out.append(folded[:k])
         return out
 
 
-def open_table(uri: str | Path, *, model: str | None = None, version: int | None = None,
+def _with_defaults(columns: Sequence[str]) -> tuple[str, ...]:
+    return (*DEFAULT_COLUMNS, *(c for c in columns if c not in DEFAULT_COLUMNS))
+
+
+def open_table(uri: str | Path, *, model: str | None = None,
+               version: int | str | None = None,
                storage_options: dict[str, str] | None = None) -> Table:
     """Open a Quiver table for search (see `Table`)."""
     return Table(uri, model=model, version=version, storage_options=storage_options)
 
 
 def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,
-             using: str = "auto", rescore: int | None = None) -> dict:
+             mode: str = "dense", using: str = "auto", rescore: int | None = None) -> dict:
     """nDCG@10, recall@10, recall@100 and MRR@10 of a table on a BEIR folder's test queries.
 
     Queries are embedded with the table's own model; chunk hits are folded to documents.
@@ -142,9 +213,11 @@ def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,
     table = open_table(uri, model=model)
     queries = load_beir(beir)
     started = time.perf_counter()
-    vectors = table.embed_queries(queries.texts)
+    vectors = table.embed_queries(queries.texts) if mode != "fts" \
+        else [None] * len(queries.texts)
     embedded = time.perf_counter()
-    ranked = table.search_documents(vectors, k=100, using=using, rescore=rescore)
+    ranked = table.search_documents(vectors, k=100, mode=mode, texts=queries.texts,
+                                    using=using, rescore=rescore, exact=False, where=None)
     searched = time.perf_counter()
     runs = {q: [d for d, _ in docs] for q, docs in zip(queries.ids, ranked, strict=True)}
     metrics = score_runs(runs, queries.qrels)
@@ -152,6 +225,7 @@ def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,
         **{k: round(v, 4) for k, v in metrics.items()},
         "queries": len(queries.ids),
         "table": str(uri),
+        "mode": mode,
         "embed_seconds": round(embedded - started, 2),
         "search_ms_per_query": round(1000 * (searched - embedded) / max(1, len(queries.ids)), 2),
     }
@@ -190,6 +264,7 @@ def info(uri: str | Path, *, storage_options: dict[str, str] | None = None) -> d
         "versions": [
             {"version": v["version"], "timestamp": str(v["timestamp"])} for v in ds.versions()
         ],
+        "tags": {name: t["version"] for name, t in ds.tags.list().items()},
         "indices": [
             {"name": i["name"], "type": i["type"], "fields": list(i["fields"])}
             for i in ds.list_indices()

@@ -27,6 +27,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 TableArg = Annotated[str, typer.Argument(help="Path or URI of a Quiver Lance table.")]
 UsingOpt = Annotated[str, typer.Option(
     "--using", help="First-stage column: float, int8, binary, or auto (the most compact).")]
+ModeOpt = Annotated[str, typer.Option(
+    "--mode", help="dense (vectors), fts (BM25 on text) or hybrid (both, rank-fused).")]
+VersionOpt = Annotated[str | None, typer.Option(
+    "--version", help="Read this table version number or tag (time travel).")]
 RescoreOpt = Annotated[int | None, typer.Option(
     "--rescore", min=1, help="Candidates per hit re-scored with the best column (1 = off; "
     "default 4 for int8/binary).")]
@@ -106,18 +110,32 @@ def query(
     using: UsingOpt = "auto",
     rescore: RescoreOpt = None,
     exact: Annotated[bool, typer.Option("--exact", help="Ignore ANN indices.")] = False,
+    mode: ModeOpt = "dense",
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", help="Filter clause, repeatable (AND): year>=2020, lang=en, "
+        "'lang in en,de', x!=y; columns and values are checked against the table.")] = None,
+    version: VersionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search a table with a text query; prints id, score and a snippet per hit."""
     from jobs import api
+    from operators.filters import parse_clauses
 
-    hits = api.open_table(table, model=model).search(text, k=k, using=using, rescore=rescore,
-                                                     exact=exact)
+    filters = parse_clauses(where or [])
+    columns = tuple(filters)
+    hits = api.open_table(table, model=model, version=_version(version)).search(
+        text, k=k, mode=mode, using=using, rescore=rescore, exact=exact, where=filters,
+        columns=columns)
     if as_json:
-        _emit({"table": table, "query": text, "k": k,
+        _emit({"table": table, "query": text, "k": k, "mode": mode,
                "hits": [h.__dict__ for h in hits]})
         return
     _print_hits(hits)
+
+
+def _version(version: str | None) -> int | str | None:
+    """A version number when it is all digits, else a tag name."""
+    return int(version) if version is not None and version.isdigit() else version
 
 
 def _print_hits(hits: list) -> None:
@@ -133,6 +151,7 @@ def eval_(
     model: ModelOpt = None,
     using: UsingOpt = "auto",
     rescore: RescoreOpt = None,
+    mode: ModeOpt = "dense",
     report: Annotated[bool, typer.Option(
         "--report", help="Score every way the table can be searched (codecs, ANN, "
         "Matryoshka dims): bytes/vector, nDCG@10, recall@100, share kept, latency.")] = False,
@@ -147,13 +166,29 @@ def eval_(
     if report or html_out:
         _quality(table, beir, model=model, html_out=html_out, as_json=as_json)
         return
-    result = api.evaluate(table, beir, model=model, using=using, rescore=rescore)
+    result = api.evaluate(table, beir, model=model, mode=mode, using=using, rescore=rescore)
     if as_json:
         _emit(result)
         return
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         print(f"{key:<11}{result[key]:.4f}")
     print(f"queries    {result['queries']} ({result['search_ms_per_query']} ms search each)")
+
+
+@app.command()
+def serve(
+    warehouse: Annotated[Path, typer.Option("--warehouse", help="Folder of *.lance tables.")],
+    host: Annotated[str, typer.Option("--host", help="Bind address; beyond loopback a "
+                                      "token is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="QUIVER_TOKEN", help="Bearer token every request must carry "
+        "(also read from QUIVER_TOKEN).")] = None,
+) -> None:
+    """Serve the warehouse's tables over HTTP (OpenAPI docs at /docs)."""
+    from jobs.server import serve as run_server
+
+    run_server(warehouse, host=host, port=port, token=token)
 
 
 def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None,

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import lance
+import pyarrow.compute as pc
 
 from schemas.manifest import Metric
 from schemas.records import BITS_COLUMN, VECTOR_COLUMN
@@ -80,15 +81,40 @@ def build_bits_index(ds: lance.LanceDataset, spec: IndexSpec) -> str:
     return f"IVF_FLAT on {BITS_COLUMN} ({partitions} partitions, hamming)"
 
 
+BITMAP_MAX_DISTINCT = 1000
+
+
+def scalar_index_kind(ds: lance.LanceDataset, column: str, requested: str | None) -> str:
+    """BITMAP for low-cardinality columns (at most 1,000 distinct values), else BTREE."""
+    if requested:
+        return requested
+    values = ds.to_table(columns=[column]).column(column)
+    return "BITMAP" if pc.count_distinct(values).as_py() <= BITMAP_MAX_DISTINCT else "BTREE"
+
+
+def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec) -> list[str]:
+    """BTREE on `id`, the spec's filterable columns, and the full-text index on `text`."""
+    built = []
+    ds.create_scalar_index("id", "BTREE", replace=True)
+    built.append("id: BTREE")
+    wanted = spec.filterable if isinstance(spec.filterable, dict) \
+        else dict.fromkeys(spec.filterable)
+    for column, requested in wanted.items():
+        kind = scalar_index_kind(ds, column, requested)
+        ds.create_scalar_index(column, kind, replace=True)
+        built.append(f"{column}: {kind}")
+    if spec.fts:
+        ds.create_scalar_index("text", "INVERTED", replace=True)
+        built.append("text: INVERTED (BM25)")
+    return built
+
+
 def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
                   codecs: list[str] | None = None, dims: int = 384) -> IndexReport:
     """Build (or replace) the table's indices according to its size and codecs."""
     codecs = codecs or ["float32"]
     rows = ds.count_rows()
-    scalar = []
-    if rows:
-        ds.create_scalar_index("id", "BTREE", replace=True)
-        scalar.append("id: BTREE")
+    scalar = build_scalar_indices(ds, spec) if rows else []
     if rows < max(spec.ann_min_rows, 1):
         return IndexReport(f"exact (flat scan; {rows} rows < ann_min_rows "
                            f"{spec.ann_min_rows})", tuple(scalar))

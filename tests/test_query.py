@@ -1,0 +1,236 @@
+"""Querying a real table: filtered search with scalar indices, full-text and hybrid search,
+time travel by version and tag, batch queries, the CLI, other Lance readers, and the HTTP
+server over a real socket on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import lance
+import pytest
+from conftest import REPO, write_jsonl
+
+from jobs._embed_job import run_embed
+from jobs.api import info, open_table
+from schemas.errors import FilterError, QueryError, SpecError
+from schemas.spec import parse_spec
+
+LANGS = ("en", "de", "fr")
+N_DOCS = 45
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory, stdlib_docs, ray_local) -> tuple[Path, list[dict]]:
+    docs = [{"id": d["id"], "text": d["text"], "year": 1990 + i, "lang": LANGS[i % 3]}
+            for i, d in enumerate(stdlib_docs[100:100 + N_DOCS])]
+    root = tmp_path_factory.mktemp("warehouse")
+    corpus = write_jsonl(root / "docs.jsonl", docs)
+    spec = {"kind": "embed", "table": str(root / "docs.lance"),
+            "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 15},
+            "write": {"shards_per_commit": 1},
+            "index": {"filterable": ["year", "lang"]}}
+    run_embed(parse_spec(spec))
+    return root, docs
+
+
+def test_indices_for_filters_and_full_text(warehouse) -> None:
+    root, _ = warehouse
+    kinds = {tuple(i["fields"]): i["type"] for i in info(root / "docs.lance")["indices"]}
+    assert kinds[("id",)] == "BTree" and kinds[("lang",)] == "Bitmap"
+    assert kinds[("year",)] == "Bitmap"  # 45 distinct values: low cardinality
+    assert kinds[("text",)] == "Inverted"
+
+
+def test_filtered_search_returns_k_matching_rows(warehouse) -> None:
+    root, docs = warehouse
+    table = open_table(root / "docs.lance")
+    hits = table.search("regular expressions", k=6, where={"lang": "de", "year": {"gte": 2000}},
+                        columns=["lang", "year"])
+    assert len(hits) == 6
+    assert all(h.fields["lang"] == "de" and h.fields["year"] >= 2000 for h in hits)
+    with pytest.raises(FilterError, match="unknown column 'langg'"):
+        table.search("x", where={"langg": "de"})
+    unfiltered = table.search("regular expressions", k=6)
+    assert hits[0].score <= unfiltered[0].score + 1e-6
+
+
+def test_full_text_and_hybrid_search(warehouse) -> None:
+    root, docs = warehouse
+    table = open_table(root / "docs.lance")
+    target = docs[7]
+    word = max(target["text"].split(), key=len).strip(".,:;()`'\"")
+    fts = table.search(word, k=3, mode="fts")
+    assert fts and any(word.lower() in h.text.lower() for h in fts)
+    hybrid = table.search(target["text"][:300], k=5, mode="hybrid")
+    assert hybrid[0].doc_id == target["id"]
+    assert [h.score for h in hybrid] == sorted((h.score for h in hybrid), reverse=True)
+    with pytest.raises(QueryError, match="unknown search mode"):
+        table.search("x", mode="sparse")
+
+
+def test_time_travel_by_version_and_tag(warehouse) -> None:
+    root, _ = warehouse
+    path = root / "docs.lance"
+    first = lance.dataset(str(path), version=1)
+    lance.dataset(str(path)).tags.create("first-commit", 1)
+    old = open_table(path, version="first-commit")
+    assert old.ds.count_rows() == first.count_rows() < lance.dataset(str(path)).count_rows()
+    allowed = set(first.to_table(columns=["id"]).column("id").to_pylist())
+    hits = old.search("files and directories", k=10, exact=True)
+    assert {h.id for h in hits} <= allowed
+    assert open_table(path, version=1).ds.count_rows() == first.count_rows()
+    assert info(path)["tags"] == {"first-commit": 1}
+
+
+def test_batch_queries_equal_single_queries(warehouse) -> None:
+    root, _ = warehouse
+    table = open_table(root / "docs.lance")
+    queries = ["network sockets", "date and time", "compression"]
+    batch = table.search_batch(queries, k=4)
+    for q, hits in zip(queries, batch, strict=True):
+        single = table.search(q, k=4)
+        assert [h.id for h in hits] == [h.id for h in single]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in single], abs=1e-5)
+
+
+def test_cli_where_and_mode(warehouse) -> None:
+    root, _ = warehouse
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "query", str(root / "docs.lance"), "parse text",
+         "-k", "4", "--where", "lang in en,fr", "--where", "year<2020", "--mode", "hybrid",
+         "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["hits"]
+    assert len(hits) == 4
+    assert all(h["fields"]["lang"] in ("en", "fr") and h["fields"]["year"] < 2020 for h in hits)
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "query", str(root / "docs.lance"), "x",
+         "--where", "year>=soon"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert bad.returncode == 2 and "'soon' is not a valid int64" in bad.stderr
+
+
+def test_other_lance_readers_see_the_same_rows(warehouse) -> None:
+    import lancedb
+    import polars as pl
+
+    root, _ = warehouse
+    ds = lance.dataset(str(root / "docs.lance"))
+    expected = sorted(ds.to_table(columns=["id"]).column("id").to_pylist())
+    via_lancedb = lancedb.connect(str(root)).open_table("docs").to_arrow()
+    assert sorted(via_lancedb.column("id").to_pylist()) == expected
+    assert via_lancedb.schema.field("vector").type == ds.schema.field("vector").type
+    via_polars = pl.scan_pyarrow_dataset(ds).select("id", "lang").collect()
+    assert sorted(via_polars["id"].to_list()) == expected
+    import duckdb
+
+    arrow = ds.to_table(columns=["id", "lang"])  # noqa: F841 - DuckDB reads it by name
+    counts = duckdb.sql("select lang, count(*) from arrow group by lang order by lang").fetchall()
+    assert sum(c for _, c in counts) == len(expected)
+
+
+def test_spec_refuses_an_unknown_filterable_column(warehouse, tmp_path) -> None:
+    root, _ = warehouse
+    spec = parse_spec({"kind": "embed", "table": str(tmp_path / "t.lance"),
+                       "source": {"uri": str(root / "docs.jsonl"), "id_field": "id"},
+                       "index": {"filterable": ["country"]}})
+    with pytest.raises(SpecError, match="index.filterable: 'country' is not a column"):
+        run_embed(spec)
+
+
+# ------------------------------------------------------------------------- HTTP server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url: str, body: object | None = None, token: str | None = None,
+          raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                        else None)
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(warehouse):
+    root, _ = warehouse
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUIVER_TOKEN": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--warehouse",
+                             str(root), "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if _call(f"{base}/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(proc.stdout.read().decode()[-2000:])
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_server_lists_describes_and_searches(server) -> None:
+    status, body = _call(f"{server}/tables", token="s3cret")
+    assert status == 200 and body["tables"] == ["docs"]
+    status, body = _call(f"{server}/tables/docs", token="s3cret")
+    assert status == 200 and body["rows"] > N_DOCS - 1
+    status, body = _call(f"{server}/tables/docs/search", {
+        "query": "regular expressions", "k": 3, "where": {"lang": {"in": ["de"]}},
+        "columns": ["lang"]}, token="s3cret")
+    assert status == 200 and len(body["hits"]) == 3
+    assert {h["fields"]["lang"] for h in body["hits"]} == {"de"}
+    status, body = _call(f"{server}/tables/docs/search/batch",
+                         {"queries": ["sockets", "time"], "k": 2, "mode": "hybrid"},
+                         token="s3cret")
+    assert status == 200 and [len(r) for r in body["results"]] == [2, 2]
+    status, body = _call(f"{server}/openapi.json")
+    assert status == 200 and "/tables/{name}/search" in body["paths"]
+
+
+def test_server_refuses_bad_auth_names_and_requests(server) -> None:
+    assert _call(f"{server}/tables")[0] == 401
+    assert _call(f"{server}/tables", token="wrong")[0] == 401
+    for name in ("..%2F..%2Fetc", "docs.rejects", "nope", "a%00b"):
+        assert _call(f"{server}/tables/{name}", token="s3cret")[0] == 404, name
+    assert _call(f"{server}/tables/docs/search", {"query": "x", "k": 100000},
+                 token="s3cret")[0] == 422
+    assert _call(f"{server}/tables/docs/search", {"k": 3}, token="s3cret")[0] == 422
+    status, body = _call(f"{server}/tables/docs/search",
+                         {"query": "x", "where": {"year": "soon"}}, token="s3cret")
+    assert status == 400 and "not a valid int64" in body["detail"]
+    status, _ = _call(f"{server}/tables/docs/search", raw=b"{" + b" " * 2_000_000 + b"}",
+                      token="s3cret")
+    assert status == 413
+
+
+def test_server_will_not_bind_beyond_loopback_without_a_token(warehouse) -> None:
+    from jobs.server import serve
+
+    root, _ = warehouse
+    with pytest.raises(SpecError, match="token"):
+        serve(root, host="0.0.0.0", port=_free_port(), token=None)
