@@ -105,16 +105,21 @@ class Table:
         """Query vectors built exactly as the table's documents were (prefix, pooling)."""
         return self._encoder.encode(texts, kind="query")
 
-    def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
-                    mode: str = "dense", using: str = "auto", rescore: int | None = None,
-                    exact: bool = False, where: Where = None) -> tuple[np.ndarray, np.ndarray]:
+    def _filter(self, mode: str, k: int, where: Where) -> pc.Expression | None:
+        """Check mode and k; compile a structured filter against this table's schema."""
         if mode not in SEARCH_MODES:
             raise QueryError(f"unknown search mode {mode!r}; use one of "
                              f"{', '.join(SEARCH_MODES)}")
         if not 1 <= k <= MAX_K:
             raise QueryError(f"Got k={k}. Must be between 1 and {MAX_K}.")
-        expr = where if isinstance(where, pc.Expression) or where is None \
-            else compile_filter(where, self.ds.schema)
+        if where is None or isinstance(where, pc.Expression):
+            return where
+        return compile_filter(where, self.ds.schema)
+
+    def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
+                    mode: str = "dense", using: str = "auto", rescore: int | None = None,
+                    exact: bool = False, where: Where = None) -> tuple[np.ndarray, np.ndarray]:
+        expr = self._filter(mode, k, where)
         if mode != "dense" and text is None:
             raise QueryError(f"mode {mode!r} needs the query text, not only a vector")
         dense = dict(using=using, rescore=rescore, exact=exact, where=expr)
@@ -128,9 +133,15 @@ class Table:
         return rrf_fuse([dense_ids, text_ids], k=k)
 
     def _search(self, text: str | None, vector: np.ndarray | None, *, k: int,
-                columns: Sequence[str] = DEFAULT_COLUMNS, **options) -> list[Hit]:
-        ids, scores = self._candidates(text, vector, k=k, **options)
-        rows = take_rows(self.ds, ids, scores, columns)
+                columns: Sequence[str] = DEFAULT_COLUMNS, mode: str = "dense",
+                where: Where = None, **options) -> list[Hit]:
+        if mode == "dense":  # one Lance call for float search, no row-id round trip
+            expr = self._filter(mode, k, where)
+            rows = self.searcher.search(vector, k=k, columns=columns, where=expr, **options)
+        else:
+            ids, scores = self._candidates(text, vector, k=k, mode=mode, where=where,
+                                           **options)
+            rows = take_rows(self.ds, ids, scores, columns)
         return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"],
                     {c: h[c] for c in columns if c not in DEFAULT_COLUMNS})
                 for h in rows.to_pylist()]

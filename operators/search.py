@@ -79,9 +79,42 @@ class VectorSearcher:
         """A model-size (or already table-size) query cut to the table's dims."""
         return truncate_query(query, self.book.dims, renormalize=self.book.renormalize)
 
+    def resolve(self, using: str, *, k: int, rescore: int | None) -> str:
+        """Check the request and name the first stage it runs ('float', 'int8', 'binary').
+
+        Raises:
+            QueryError: for k < 1, rescore < 1, an unknown choice, or a column the table
+                does not store.
+        """
+        if k < 1:
+            raise QueryError(f"Got k={k}. Must be at least 1.")
+        if rescore is not None and rescore < 1:
+            raise QueryError(f"Got rescore={rescore}. Must be at least 1 (1 = no rescoring).")
+        if using not in USING:
+            raise QueryError(f"unknown vector column choice {using!r}; use one of "
+                             f"{', '.join(USING)}")
+        mode = self.default_mode() if using == "auto" else using
+        if mode not in self.modes():
+            raise QueryError(
+                f"this table stores {sorted(self.codecs)}, which cannot search "
+                f"using={mode!r}; it supports {self.modes()}"
+            )
+        return mode
+
     def search(self, query: np.ndarray, *, k: int, columns: Sequence[str] = DEFAULT_COLUMNS,
                **options) -> pa.Table:
-        """Top-k rows, best first, with a `score` column (options as in `candidates`)."""
+        """Top-k rows, best first, with a `score` column (options as in `candidates`).
+
+        A float search is one Lance call that returns the columns with the distances; a
+        two-stage search fetches the winners' columns by row id after rescoring.
+        """
+        mode = self.resolve(options.get("using", "auto"), k=k, rescore=options.get("rescore"))
+        if mode == "float":
+            hits = self._float_hits(self.query_vector(query), k, columns=columns,
+                                    **{key: options.get(key) for key in
+                                       ("exact", "nprobes", "refine_factor", "where")})
+            score = pc.subtract(pa.scalar(1.0, pa.float32()), hits.column("_distance"))
+            return hits.drop_columns(["_distance"]).append_column("score", score)
         row_ids, scores = self.candidates(query, k=k, **options)
         return self.rows(row_ids, scores, columns)
 
@@ -107,19 +140,7 @@ class VectorSearcher:
         Raises:
             QueryError: for k < 1, an unknown mode, or a mode the table cannot serve.
         """
-        if k < 1:
-            raise QueryError(f"Got k={k}. Must be at least 1.")
-        if rescore is not None and rescore < 1:
-            raise QueryError(f"Got rescore={rescore}. Must be at least 1 (1 = no rescoring).")
-        if using not in USING:
-            raise QueryError(f"unknown vector column choice {using!r}; use one of "
-                             f"{', '.join(USING)}")
-        mode = self.default_mode() if using == "auto" else using
-        if mode not in self.modes():
-            raise QueryError(
-                f"this table stores {sorted(self.codecs)}, which cannot search "
-                f"using={mode!r}; it supports {self.modes()}"
-            )
+        mode = self.resolve(using, k=k, rescore=rescore)
         q = self.query_vector(query)
         if mode == "float":
             row_ids, scores = self._lance_float(q, k, exact=exact, nprobes=nprobes,
@@ -137,20 +158,28 @@ class VectorSearcher:
         order = np.argsort(-scores, kind="stable")[:k]
         return row_ids[order], scores[order]
 
-    def _nearest(self, nearest: dict, where: pc.Expression | None) -> pa.Table:
-        return self.ds.to_table(nearest=nearest, columns=["_distance"], with_row_id=True,
-                                filter=where, prefilter=where is not None)
+    def _nearest(self, nearest: dict, where: pc.Expression | None,
+                 columns: Sequence[str] = ()) -> pa.Table:
+        return self.ds.to_table(nearest=nearest, columns=[*columns, "_distance"],
+                                with_row_id=not columns, filter=where,
+                                prefilter=where is not None)
 
-    def _lance_float(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
-                     refine_factor: int | None,
-                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
+    def _float_hits(self, q: np.ndarray, k: int, *, exact: bool | None, nprobes: int | None,
+                    refine_factor: int | None, where: pc.Expression | None,
+                    columns: Sequence[str] = ()) -> pa.Table:
         nearest: dict = {"column": VECTOR_COLUMN, "q": q, "k": k,
                          "metric": self.manifest.metric, "use_index": not exact}
         if nprobes is not None:
             nearest["nprobes"] = nprobes
         if refine_factor is not None:
             nearest["refine_factor"] = refine_factor
-        hits = self._nearest(nearest, where)
+        return self._nearest(nearest, where, columns)
+
+    def _lance_float(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
+                     refine_factor: int | None,
+                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
+        hits = self._float_hits(q, k, exact=exact, nprobes=nprobes,
+                                refine_factor=refine_factor, where=where)
         distance = hits.column("_distance").to_numpy().astype(np.float32)
         return hits.column("_rowid").to_numpy(), 1.0 - distance
 

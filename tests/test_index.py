@@ -42,8 +42,9 @@ def test_small_table_stays_exact(tmp_path: Path, vectors_table: pa.Table) -> Non
     ds = _write(tmp_path / "small.lance", vectors_table)
     report = build_indices(ds, IndexSpec(), metric="dot")
     assert report.vector.startswith("exact")
-    assert [i["fields"] for i in lance.dataset(str(tmp_path / "small.lance")).list_indices()] \
-        == [["id"]]
+    indexed = sorted(i["fields"] for i in lance.dataset(str(tmp_path / "small.lance"))
+                     .list_indices())
+    assert indexed == [["id"], ["text"]]  # BTREE on id, BM25 on text, no vector index
 
 
 def test_exact_search_equals_numpy_brute_force(tmp_path: Path, vectors_table: pa.Table,

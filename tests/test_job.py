@@ -81,9 +81,9 @@ def test_job_writes_exactly_the_expected_chunks(table, corpus, model_info) -> No
     manifest = TableManifest.from_schema(schema)
     assert manifest.model.pooling == "mean" and manifest.model.normalize
     assert manifest.model.max_tokens == 256 and manifest.metric == "dot"
-    # Three checkpoints of two shards each: three data commits, then the id index.
-    assert len(ds.versions()) == 4
-    assert [i["fields"] for i in ds.list_indices()] == [["id"]]
+    # Three checkpoints of two shards each: three data commits, then the id and text indices.
+    assert len(ds.versions()) == 5
+    assert sorted(i["fields"] for i in ds.list_indices()) == [["id"], ["text"]]
 
 
 def test_rejects_dataset_names_line_and_reason(table, corpus) -> None:
