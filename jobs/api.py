@@ -25,7 +25,7 @@ from jobs._quality import quality_report
 from operators.embed import Embedder, TextEncoder
 from operators.evaluate import load_beir, score_runs
 from operators.filters import compile_filter
-from operators.fulltext import HYBRID_CANDIDATES, fts_candidates, rrf_fuse
+from operators.fulltext import HYBRID_CANDIDATES, RRF_K, fts_candidates, rrf_fuse
 from operators.model import describe_model
 from operators.search import DEFAULT_COLUMNS, VectorSearcher, fold_to_documents, take_rows
 from schemas.errors import ManifestMismatchError, QueryError, TableError
@@ -118,7 +118,8 @@ class Table:
 
     def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
                     mode: str = "dense", using: str = "auto", rescore: int | None = None,
-                    exact: bool = False, where: Where = None) -> tuple[np.ndarray, np.ndarray]:
+                    exact: bool = False, where: Where = None,
+                    rrf_k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
         expr = self._filter(mode, k, where)
         if mode != "dense" and text is None:
             raise QueryError(f"mode {mode!r} needs the query text, not only a vector")
@@ -130,7 +131,7 @@ class Table:
         n = max(k, HYBRID_CANDIDATES)
         dense_ids, _ = self.searcher.candidates(vector, k=n, **dense)
         text_ids, _ = fts_candidates(self.ds, text, k=n, where=expr)
-        return rrf_fuse([dense_ids, text_ids], k=k)
+        return rrf_fuse([dense_ids, text_ids], k=k, rrf_k=rrf_k)
 
     def _search(self, text: str | None, vector: np.ndarray | None, *, k: int,
                 columns: Sequence[str] = DEFAULT_COLUMNS, mode: str = "dense",
@@ -148,7 +149,7 @@ class Table:
 
     def search(self, text: str, *, k: int = 10, mode: str = "dense", using: str = "auto",
                rescore: int | None = None, exact: bool = False, where: Where = None,
-               columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Hit]:
+               columns: Sequence[str] = DEFAULT_COLUMNS, rrf_k: int = RRF_K) -> list[Hit]:
         """Top-k chunks for a query text.
 
         Args:
@@ -162,10 +163,14 @@ class Table:
             where: A filter, `{"year": {"gte": 2020}, "lang": {"in": ["en", "de"]}}`
                 (see `operators.filters`), applied before the search.
             columns: Extra columns to return land in `Hit.fields`.
+            rrf_k: Reciprocal-rank-fusion constant for hybrid search
+                (see `operators.fulltext`).
         """
         vector = None if mode == "fts" else self.embed_queries([text])[0]
+        extra = {"rrf_k": rrf_k} if mode == "hybrid" else {}
         return self._search(text, vector, k=k, mode=mode, using=using, rescore=rescore,
-                            exact=exact, where=where, columns=_with_defaults(columns))
+                            exact=exact, where=where, columns=_with_defaults(columns),
+                            **extra)
 
     def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
                       rescore: int | None = None, exact: bool = False, where: Where = None,

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from operators.fulltext import RRF_K
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
 
 MAX_BODY_BYTES = 1_000_000
@@ -48,6 +49,7 @@ class SearchOptions(BaseModel):
     columns: list[str] = Field(default_factory=list, max_length=64,
                                description="Extra columns to return with each hit.")
     version: int | str | None = Field(None, description="Table version number or tag.")
+    rrf_k: int = Field(RRF_K, ge=1, le=1000, description="Hybrid search rank-fusion constant.")
 
 
 class SearchRequest(SearchOptions):
@@ -177,8 +179,9 @@ def create_app(warehouse: Path, *, token: str | None = None) -> FastAPI:
         return info(store.path(name))
 
     def _options(req: SearchOptions) -> dict:
-        return dict(k=req.k, mode=req.mode, using=req.using, rescore=req.rescore,
+        opts = dict(k=req.k, mode=req.mode, using=req.using, rescore=req.rescore,
                     exact=req.exact, where=req.where, columns=req.columns)
+        return {**opts, "rrf_k": req.rrf_k} if req.mode == "hybrid" else opts
 
     @app.post("/tables/{name}/search", dependencies=guard)
     def search(name: str, req: SearchRequest) -> dict:

@@ -12,7 +12,9 @@ gives the two commands that reproduce it.
 
 The same tables carry float32, int8 and binary columns, so the quality report's claims
 are checked on the same runs: int8 + rescore keeps >= 99% and binary + rescore >= 97% of
-float32 nDCG@10, and the float ANN index finds >= 95% of exact search's top 10.
+float32 nDCG@10, and the float ANN index finds >= 95% of exact search's top 10. Hybrid
+search (BM25 + dense, rank-fused) must not score below dense, and on limit-small, built so
+that dense retrieval fails, it must reach recall@10 >= 0.9.
 """
 
 from __future__ import annotations
@@ -80,3 +82,9 @@ def test_ndcg_matches_the_published_figure(name: str, mode: str, reference: floa
     assert ways["binary + rescore"]["bytes_per_vector"] * 32 == \
         ways["float32 exact"]["bytes_per_vector"]
     assert report["ann_recall@10"] >= 0.95
+
+    hybrid = _quiver("eval", table, "--beir", str(beir), "--mode", "hybrid", "--using", "float")
+    print(f"  hybrid nDCG@10 {hybrid['ndcg@10']:.4f} recall@10 {hybrid['recall@10']:.4f}")
+    assert hybrid["ndcg@10"] >= result["ndcg@10"] - 0.005  # BM25 never makes it worse here
+    if name == "limit-small":  # dense retrieval fails there by design; BM25 rescues it
+        assert hybrid["recall@10"] >= 0.9 > result["recall@10"]
