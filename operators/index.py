@@ -8,8 +8,9 @@ milliseconds, so no ANN index is built. Above it:
 - `vector_bits` gets an IVF_FLAT index with the hamming metric and sqrt(rows) partitions;
 - `vector_i8` has no Lance index (Lance has no int8 distance): it is scanned in numpy.
 
-Search-time parameters (nprobes, refine) are Lance's adaptive defaults unless a query
-sets them.
+At search time `operators.search.default_nprobes` probes max(10, sqrt(rows)/50) partitions
+(2% of the default partitions), and no refine step (Lance's default): on 1M embedding-like
+vectors that gave recall@10 0.969 at p50 8-11 ms (benchmarks/ann.py).
 """
 
 from __future__ import annotations
