@@ -30,10 +30,11 @@ from jobs._lance_io import LanceCommitSink, ShardDatasource
 from jobs._ray import cluster_resources, ensure_ray
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
-from operators.index import build_indices
+from operators.index import build_indices, cleanup_versions, maintain_indices
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
 from operators.read import ReadPlan, plan_source
+from operators.reindex import ReindexDiff, deletion_fragments, diff_chunks
 from operators.write import committed_shards
 from schemas.errors import SpecError, TableError
 from schemas.manifest import (
@@ -71,6 +72,9 @@ class JobSummary:
     table_bytes: int
     seconds: float
     rejects_table: str | None
+    reindex: dict | None = None
+    """Chunks added, changed, deleted, unchanged and embedded, when the run was a reindex."""
+    versions_cleaned: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +217,45 @@ def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
         update={"int8_low": low, "int8_high": high})})
 
 
+def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
+                 precision: Precision, codebook: Codebook):
+    """The embed actor pool over chunk rows (token ids in, codec columns out)."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_args=(info,),
+        fn_constructor_kwargs=dict(
+            precision=precision, device=spec.model.device,
+            batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
+            trust_remote_code=spec.model.trust_remote_code, codebook=codebook,
+        ),
+        compute=ActorPoolStrategy(size=layout.actors),
+        num_cpus=layout.cpus,
+        num_gpus=layout.gpus,
+        batch_size=spec.compute.rows_per_batch,
+        batch_format="pyarrow",
+    )
+
+
+def _diff_with_table(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec,
+                     chunk: Callable[[pa.Table], pa.Table]) -> ReindexDiff:
+    """First reindex pass: chunk every shard in Ray tasks, keep only (id, hash, shard)."""
+    import ray.data
+
+    fresh_ds = ray.data.read_datasource(
+        ShardDatasource(plan.shards, source=spec.source, metadata=plan.metadata,
+                        chunker=chunk, hashes_only=True),
+        override_num_blocks=max(1, len(plan.shards)),
+    )
+    blocks = [ray.get(ref) for ref in fresh_ds.to_arrow_refs()]
+    fresh = pa.concat_tables(blocks) if blocks else pa.table(
+        {"id": pa.array([], pa.string()), "content_hash": pa.array([], pa.binary(16)),
+         "shard": pa.array([], pa.string())})
+    rows = existing.to_table(columns=["id", "content_hash"], with_row_address=True)
+    return diff_chunks(rows, fresh)
+
+
 def run_embed(spec: JobSpec) -> JobSummary:
     """Run an embed job to completion (or resume one) and index the table.
 
@@ -221,7 +264,6 @@ def run_embed(spec: JobSpec) -> JobSummary:
         TableError: when the table exists and was made by another job.
     """
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()
     info = describe_model(spec.model)
@@ -245,18 +287,22 @@ def run_embed(spec: JobSpec) -> JobSummary:
 
     existing = _open_existing(uri, opts)
     done: set[str] = set()
+    reindex = False
     if existing is not None and spec.write.mode == "create":
         old = TableManifest.from_schema(existing.schema, where=uri)
         old.check_same_embedding(manifest, where=uri)
         manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
         done = committed_shards(existing, job=job)
-        if not done:
+        if done:
+            _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed")
+        elif old.source.uri == spec.source.uri or spec.kind == "reindex":
+            reindex = True
+        else:
             raise TableError(
-                f"{uri} already exists and was not written by this job (different source "
-                "files or settings); set write.mode: overwrite to replace it, or pick "
-                "another table"
+                f"{uri} already exists and holds {old.source.uri}, not {spec.source.uri}; "
+                "use kind: reindex to make it follow the new source, write.mode: overwrite "
+                "to replace it, or pick another table"
             )
-        _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed")
 
     rejects_path = rejects_uri(uri)
     if plan.rejects.num_rows or _open_existing(rejects_path, opts) is not None:
@@ -288,38 +334,41 @@ def run_embed(spec: JobSpec) -> JobSummary:
 
     version_now = existing.version if existing is not None and spec.write.mode == "create" else None
     mode = "append" if version_now is not None else "create"
+    keep = None
+    deletions: tuple[list[int], list] = ([], [])
+    diff: ReindexDiff | None = None
+    if reindex:
+        diff = _diff_with_table(existing, plan, spec, chunk)
+        _progress(f"reindex: {diff.added} added, {diff.changed} changed, {diff.deleted} "
+                  f"deleted, {diff.unchanged} unchanged chunks")
+        pending = [s for s in plan.shards if s.shard_id in diff.todo]
+        groups = [pending]  # one commit: readers see the old table or the new one
+        keep = {sid: frozenset(ids) for sid, ids in diff.todo.items()}
+        deletions = deletion_fragments(existing, diff.remove)
+        mode = "update"
+        done = set()
+    stage = dict(info=info, spec=spec, layout=layout, precision=precision, codebook=codebook)
     rows = tokens = truncated = 0
     embed_started = time.perf_counter()
     for n, group in enumerate(groups, 1):
         ds = ray.data.read_datasource(
-            ShardDatasource(group, source=spec.source, metadata=plan.metadata, chunker=chunk),
+            ShardDatasource(group, source=spec.source, metadata=plan.metadata, chunker=chunk,
+                            keep=keep),
             override_num_blocks=max(1, len(group)),
         )
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_args=(info,),
-            fn_constructor_kwargs=dict(
-                precision=precision, device=spec.model.device,
-                batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
-                trust_remote_code=spec.model.trust_remote_code, codebook=codebook,
-            ),
-            compute=ActorPoolStrategy(size=layout.actors),
-            num_cpus=layout.cpus,
-            num_gpus=layout.gpus,
-            batch_size=spec.compute.rows_per_batch,
-            batch_format="pyarrow",
-        )
+        covered = {s.shard_id for s in plan.shards} if reindex \
+            else done | {s.shard_id for s in group}
         sink = LanceCommitSink(
             uri, schema=schema, mode=mode, read_version=version_now, job=job,
-            shards=sorted(done | {s.shard_id for s in group}),
-            max_rows_per_file=spec.write.max_rows_per_file, storage_options=opts,
+            shards=sorted(covered), max_rows_per_file=spec.write.max_rows_per_file,
+            storage_options=opts, deletions=deletions,
         )
-        ds.write_datasink(sink)
+        _embed_stage(ds, **stage).write_datasink(sink)
         rows += sink.rows
         tokens += sink.tokens
         truncated += sink.truncated_tokens
         version_now, mode = sink.version, "append"
-        done |= {s.shard_id for s in group}
+        done |= covered
         _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
                   f"{rows} chunks so far")
     embed_seconds = time.perf_counter() - embed_started
@@ -327,8 +376,14 @@ def run_embed(spec: JobSpec) -> JobSummary:
     final = lance.dataset(uri, storage_options=opts or None)
     index_started = time.perf_counter()
     _progress(f"indexing {final.count_rows()} rows")
-    report = build_indices(final, spec.index, metric=manifest.metric,
-                           codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
+    if diff is not None:
+        report = maintain_indices(final, spec.index, metric=manifest.metric,
+                                  codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
+                                  changed=diff.embed + diff.deleted)
+    else:
+        report = build_indices(final, spec.index, metric=manifest.metric,
+                               codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
+    cleaned = cleanup_versions(final, spec.write)
     index_seconds = time.perf_counter() - index_started
     final = lance.dataset(uri, storage_options=opts or None)
     embedded_docs = sum(s.records - len(s.skip) for s in pending)
@@ -351,5 +406,9 @@ def run_embed(spec: JobSpec) -> JobSummary:
         table_bytes=_table_bytes(uri) if "://" not in uri else -1,
         seconds=round(time.perf_counter() - started, 2),
         rejects_table=rejects_path if plan.rejects.num_rows else None,
+        reindex=None if diff is None else {
+            "added": diff.added, "changed": diff.changed, "deleted": diff.deleted,
+            "unchanged": diff.unchanged, "embedded": rows},
+        versions_cleaned=cleaned,
     )
     return summary

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,12 +23,18 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                 chunker: Callable[[pa.Table], pa.Table]) -> None:
+                 chunker: Callable[[pa.Table], pa.Table],
+                 keep: Mapping[str, frozenset[str]] | None = None,
+                 hashes_only: bool = False) -> None:
+        """`keep` limits each shard to those chunk ids (a reindex embeds only changes);
+        `hashes_only` yields just (id, content_hash, shard), the reindex's first pass."""
         super().__init__()
         self._shards = shards
         self._source = source
         self._metadata = metadata
         self._chunker = chunker
+        self._keep = keep
+        self._hashes_only = hashes_only
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -36,10 +42,18 @@ class ShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         source, metadata, chunker = self._source, self._metadata, self._chunker
+        keep, hashes_only = self._keep, self._hashes_only
 
         def make(shard: Shard) -> ReadTask:
             def read() -> Iterable[pa.Table]:
-                yield chunker(read_shard(shard, source=source, metadata=metadata))
+                chunks = chunker(read_shard(shard, source=source, metadata=metadata))
+                if keep is not None:
+                    wanted = pa.array(sorted(keep.get(shard.shard_id, ())), pa.string())
+                    chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
+                if hashes_only:
+                    chunks = chunks.select(["id", "content_hash"]).append_column(
+                        "shard", pa.array([shard.shard_id] * chunks.num_rows, pa.string()))
+                yield chunks
 
             meta = BlockMetadata(num_rows=shard.records - len(shard.skip), size_bytes=None,
                                  exec_stats=None, input_files=(shard.path,))
@@ -60,8 +74,12 @@ class LanceCommitSink(Datasink[dict]):
 
     def __init__(self, uri: str, *, schema: pa.Schema, mode: str, read_version: int | None,
                  job: str, shards: list[str], max_rows_per_file: int,
-                 storage_options: dict[str, str]) -> None:
+                 storage_options: dict[str, str],
+                 deletions: tuple[list[int], list] = ([], [])) -> None:
+        """`deletions` (removed fragment ids, fragments with deletion vectors) go into the
+        same commit as the new fragments, as a Lance Update (mode 'update')."""
         self.uri = uri
+        self.deletions = deletions
         self.schema = schema
         self.mode = mode
         self.read_version = read_version
@@ -97,7 +115,8 @@ class LanceCommitSink(Datasink[dict]):
         self.truncated_tokens = sum(r["truncated_tokens"] for r in write_result.write_returns)
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=self.shards,
-                    storage_options=self.storage_options)
+                    storage_options=self.storage_options,
+                    removed_fragment_ids=self.deletions[0], updated_fragments=self.deletions[1])
         self.version = ds.version
 
     def get_name(self) -> str:

@@ -67,6 +67,10 @@ def _print_summary(summary: dict) -> None:
     for reason, count in summary["reject_reasons"].items():
         print(f"             {count:6d}  {reason}")
     print(f"chunks     {summary['chunks']}")
+    if summary.get("reindex"):
+        r = summary["reindex"]
+        print(f"reindex    {r['added']} added, {r['changed']} changed, {r['deleted']} deleted, "
+              f"{r['unchanged']} unchanged; {r['embedded']} embedded, in one commit")
     print(f"shards     {summary['shards']} ({summary['shards_skipped']} already committed)")
     print(f"embedding  {summary['tokens']} tokens in {summary['embed_seconds']} s: "
           f"{summary['tokens_per_s']} tokens/s, {summary['documents_per_s']} documents/s")
@@ -74,6 +78,9 @@ def _print_summary(summary: dict) -> None:
         print(f"truncated  {summary['truncated_tokens']} document tokens not embedded "
               "(chunking.mode: truncate)")
     print(f"index      {summary['index']} ({summary['index_seconds']} s)")
+    if summary.get("versions_cleaned"):
+        print(f"cleanup    {summary['versions_cleaned']} old versions removed "
+              "(write.retention_days)")
     print(f"time       {summary['seconds']} s")
 
 

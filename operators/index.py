@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 import lance
 import pyarrow.compute as pc
 
 from schemas.manifest import Metric
 from schemas.records import BITS_COLUMN, VECTOR_COLUMN
-from schemas.spec import IndexSpec
+from schemas.spec import IndexSpec, WriteSpec
 
 
 @dataclass(frozen=True)
@@ -127,3 +128,40 @@ def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
     if not built:
         built.append("exact int8 scan (Lance has no int8 index)")
     return IndexReport("; ".join(built), tuple(scalar))
+
+
+COMPACT_MIN_FRAGMENTS = 8
+
+
+def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
+                     codecs: list[str], dims: int, changed: int) -> IndexReport:
+    """Index upkeep after an incremental reindex.
+
+    Small fragments are compacted first (once the table has more than
+    `COMPACT_MIN_FRAGMENTS`; Lance rewrites only the small ones and remaps indices). Then,
+    if the rows touched (embedded + deleted) exceed `spec.retrain_share` of the table,
+    or the table just crossed `ann_min_rows`, every index is rebuilt; otherwise Lance's
+    `optimize_indices` adds the new rows to the existing indices incrementally.
+    """
+    if len(ds.get_fragments()) > COMPACT_MIN_FRAGMENTS:
+        ds.optimize.compact_files()
+        ds = ds.checkout_version(ds.latest_version)
+    rows = ds.count_rows()
+    has_ann = any(i["fields"] in ([VECTOR_COLUMN], [BITS_COLUMN]) for i in ds.list_indices())
+    needs_ann = rows >= max(spec.ann_min_rows, 1)
+    if not rows or changed > spec.retrain_share * rows or has_ann != needs_ann:
+        report = build_indices(ds, spec, metric=metric, codecs=codecs, dims=dims)
+        return IndexReport(f"{report.vector} (rebuilt: {changed} of {rows} rows changed)",
+                           report.scalar)
+    ds.optimize.optimize_indices()
+    names = tuple(f"{','.join(i['fields'])}: {i['type']}" for i in ds.list_indices())
+    return IndexReport(f"incremental (optimize_indices; {changed} of {rows} rows changed)",
+                       names)
+
+
+def cleanup_versions(ds: lance.LanceDataset, write: WriteSpec) -> int:
+    """Drop versions older than `write.retention_days` (tagged versions are kept)."""
+    if write.retention_days is None:
+        return 0
+    stats = ds.cleanup_old_versions(older_than=timedelta(days=write.retention_days))
+    return int(getattr(stats, "old_versions", 0))

@@ -39,15 +39,20 @@ def write_fragments(table: pa.Table, uri: str | Path, *, schema: pa.Schema,
 
 
 def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
-           mode: Literal["create", "append"], schema: pa.Schema,
+           mode: Literal["create", "append", "update"], schema: pa.Schema,
            read_version: int | None = None, job: str, shards: Iterable[str],
-           storage_options: Mapping[str, str] | None = None) -> lance.LanceDataset:
+           storage_options: Mapping[str, str] | None = None,
+           removed_fragment_ids: Iterable[int] = (),
+           updated_fragments: Iterable[FragmentMetadata] = ()) -> lance.LanceDataset:
     """Commit fragments in one transaction that records the job and shards it covers.
 
     Args:
         uri: The dataset.
         fragments: Written by `write_fragments`, possibly on other machines.
-        mode: 'create' makes (or replaces) the dataset with `schema`; 'append' adds.
+        mode: 'create' makes (or replaces) the dataset with `schema`; 'append' adds;
+            'update' adds and, in the same version, drops the rows that
+            `removed_fragment_ids` / `updated_fragments` (deletion vectors) say
+            (an incremental reindex).
         schema: The table schema, manifest included.
         read_version: The version the append was planned against (conflict detection).
         job: Fingerprint of the job (source plan and embedding configuration).
@@ -61,8 +66,13 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
         read_version = 0
     else:
         if read_version is None:
-            raise ValueError("append needs the read_version it was planned against")
-        operation = lance.LanceOperation.Append(fragments)
+            raise ValueError(f"{mode} needs the read_version it was planned against")
+        if mode == "update":
+            operation = lance.LanceOperation.Update(
+                removed_fragment_ids=list(removed_fragment_ids),
+                updated_fragments=list(updated_fragments), new_fragments=fragments)
+        else:
+            operation = lance.LanceOperation.Append(fragments)
     properties = {JOB_KEY: job, SHARDS_KEY: json.dumps(sorted(shards))}
     transaction = Transaction(read_version, operation, transaction_properties=properties)
     return lance.LanceDataset.commit(

@@ -204,6 +204,9 @@ class IndexSpec(BaseModel):
     num_partitions: int | None = Field(
         None, ge=1, description="IVF partitions; None means about sqrt(rows)."
     )
+    retrain_share: float = Field(
+        0.2, ge=0, le=1, description="After a reindex, rebuild indices from scratch when "
+        "more than this share of rows changed; below it, update them incrementally.")
     fts: bool = Field(True, description="Build a full-text (BM25) index on `text` for "
                       "full-text and hybrid search.")
     filterable: list[str] | dict[str, ScalarIndexType] = Field(
@@ -232,6 +235,9 @@ class WriteSpec(BaseModel):
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options for the table's location."
     )
+    retention_days: float | None = Field(
+        7.0, ge=0, description="After a job, drop table versions older than this many days "
+        "(tagged versions stay); None keeps every version.")
 
 
 class JobSpec(BaseModel):
@@ -239,7 +245,9 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["embed"] = Field(description="The job kind.")
+    kind: Literal["embed", "reindex"] = Field(
+        description="'embed' creates, resumes or (on an existing table of the same source) "
+        "incrementally reindexes a table; 'reindex' also follows a new source uri.")
     source: SourceSpec
     table: str = Field(description="The Lance dataset to write (a path or URI ending .lance).")
     model: ModelSpec = Field(default_factory=ModelSpec)
