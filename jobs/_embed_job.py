@@ -175,6 +175,13 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int) -> Acto
     return ActorLayout(actors, per_actor, 0.0, threads)
 
 
+def _same_source(a: str, b: str) -> bool:
+    """Two source URIs name the same data (local paths compared once resolved)."""
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _check_filterable(spec: JobSpec, plan: ReadPlan) -> None:
     """Refuse, before any work, an index.filterable column the table will not have."""
     columns = {"id", "doc_id", "chunk", *plan.metadata.names}
@@ -295,7 +302,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
         done = committed_shards(existing, job=job)
         if done:
             _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed")
-        elif old.source.uri == spec.source.uri or spec.kind == "reindex":
+        elif _same_source(old.source.uri, spec.source.uri) or spec.kind == "reindex":
             reindex = True
         else:
             raise TableError(

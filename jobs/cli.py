@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from schemas.errors import QuiverError
+from schemas.errors import QuiverError, SpecError
 
 app = typer.Typer(
     add_completion=False,
@@ -198,6 +198,107 @@ def serve(
     run_server(warehouse, host=host, port=port, token=token)
 
 
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray dashboard URL (http://HOST:8265); default RAY_ADDRESS.")]
+jobs_app = typer.Typer(no_args_is_help=True, help="Manage jobs submitted to a Ray cluster.")
+app.add_typer(jobs_app, name="jobs")
+
+
+def _need_address(address: str | None) -> str:
+    from jobs.submit import dashboard_address
+
+    resolved = dashboard_address(address)
+    if not resolved:
+        raise SpecError("no cluster given: pass --address http://HOST:8265 or set RAY_ADDRESS")
+    return resolved
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    address: AddressOpt = None,
+    follow_logs: Annotated[bool, typer.Option("--follow", help="Stream logs until done.")]
+    = False,
+    python: Annotated[str | None, typer.Option(
+        "--python", help="Interpreter on the cluster (default: this one for a cluster on "
+        "this machine, else `python`).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job to a Ray cluster (Ray Jobs API); without an address, run it here."""
+    from jobs import submit as sub
+
+    resolved = sub.dashboard_address(address)
+    if not resolved:
+        run(spec, as_json=as_json)
+        return
+    job_id = sub.submit(spec, address=resolved, python=python)
+    if as_json and not follow_logs:
+        _emit({"id": job_id, "address": resolved})
+        return
+    print(f"submitted {job_id} to {resolved}", file=sys.stderr)
+    if follow_logs:
+        for text in sub.follow(resolved, job_id):
+            sys.stderr.write(text)
+        final = sub.status(resolved, job_id)
+        if as_json:
+            _emit(final)
+        else:
+            print(f"{job_id} {final['status']}")
+        if final["status"] != "SUCCEEDED":
+            raise typer.Exit(1)
+    else:
+        print(job_id)
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None, as_json: JsonOpt = False) -> None:
+    """Jobs on the cluster, newest first."""
+    from jobs import submit as sub
+
+    rows = sub.list_jobs(_need_address(address))
+    if as_json:
+        _emit(rows)
+        return
+    for r in rows:
+        print(f"{r['id']:<28} {r['status']:<10} {r['table']}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: AddressOpt = None, as_json: JsonOpt = False) -> None:
+    """One job's status."""
+    from jobs import submit as sub
+
+    info_ = sub.status(_need_address(address), job_id)
+    if as_json:
+        _emit(info_)
+        return
+    print(f"{info_['id']} {info_['status']} {info_['message'] or ''}".rstrip())
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: AddressOpt = None,
+              follow_logs: Annotated[bool, typer.Option("--follow")] = False) -> None:
+    """A job's output; --follow streams it until the job ends."""
+    from jobs import submit as sub
+
+    resolved = _need_address(address)
+    if follow_logs:
+        for text in sub.follow(resolved, job_id):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(sub.logs(resolved, job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: AddressOpt = None) -> None:
+    """Stop a running job."""
+    from jobs import submit as sub
+
+    stopped = sub.stop(_need_address(address), job_id)
+    print(f"{job_id} {'stopping' if stopped else 'had already ended'}")
+
+
 def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None,
              as_json: bool) -> None:
     from jobs import api
@@ -246,7 +347,9 @@ def info(table: TableArg, as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Entry point: map Quiver's own errors to one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit codes here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except QuiverError as err:
         print(f"Error: {err}", file=sys.stderr)
         if os.environ.get("QUIVER_DEBUG") != "1":

@@ -14,7 +14,6 @@ reused across requests.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 import threading
 from pathlib import Path
@@ -24,6 +23,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs._net import is_loopback
 from operators.fulltext import RRF_K
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
 
@@ -76,20 +76,6 @@ class BatchRequest(SearchOptions):
             if not q or len(q) > MAX_QUERY_CHARS:
                 raise ValueError(f"queries[{i}] must have 1 to {MAX_QUERY_CHARS} characters")
         return self
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'.
-
-    >>> is_loopback("127.0.0.1"), is_loopback("0.0.0.0"), is_loopback("localhost")
-    (True, False, True)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Warehouse:
