@@ -299,6 +299,89 @@ def jobs_stop(job_id: str, address: AddressOpt = None) -> None:
     print(f"{job_id} {'stopping' if stopped else 'had already ended'}")
 
 
+schedule_app = typer.Typer(no_args_is_help=True, help="Cron schedules kept in the warehouse.")
+app.add_typer(schedule_app, name="schedule")
+WarehouseOpt = Annotated[Path, typer.Option("--warehouse", help="Where schedules and their "
+                                            "history are kept.")]
+
+
+def _store(warehouse: Path):
+    from jobs.schedule import ScheduleStore
+
+    return ScheduleStore(warehouse)
+
+
+@schedule_app.command("add")
+def schedule_add(
+    name: str,
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    cron: Annotated[str, typer.Option("--cron", help="5-field cron, UTC: '0 2 * * *'.")],
+    warehouse: WarehouseOpt = Path("warehouse"),
+    address: AddressOpt = None,
+) -> None:
+    """Run SPEC on a cron schedule (fired by `quiver scheduler`)."""
+    s = _store(warehouse).add(name, cron, spec, address=address)
+    print(f"schedule {s.name}: '{s.cron}' runs {s.spec}"
+          + (f" on {s.address}" if s.address else " locally"))
+
+
+@schedule_app.command("list")
+def schedule_list(warehouse: WarehouseOpt = Path("warehouse"), as_json: JsonOpt = False) -> None:
+    """Schedules, with the last slot each one fired."""
+    from dataclasses import asdict
+
+    rows = [asdict(s) for s in _store(warehouse).load().values()]
+    if as_json:
+        _emit(rows)
+        return
+    for r in rows:
+        print(f"{r['name']:<20} {r['cron']:<15} last {r['last_slot']}  {r['spec']}")
+
+
+@schedule_app.command("remove")
+def schedule_remove(name: str, warehouse: WarehouseOpt = Path("warehouse")) -> None:
+    """Delete a schedule (its history stays)."""
+    _store(warehouse).remove(name)
+    print(f"removed {name}")
+
+
+@schedule_app.command("history")
+def schedule_history(name: str, warehouse: WarehouseOpt = Path("warehouse"),
+                     as_json: JsonOpt = False) -> None:
+    """Past runs of a schedule: slot, start, end, status."""
+    rows = _store(warehouse).history(name)
+    if as_json:
+        _emit(rows)
+        return
+    for r in rows:
+        print(f"{r['slot']}  started {r['started']}  ended {r.get('ended', '-')}  "
+              f"{r['status']}" + (f"  {r['error']}" if r.get("error") else ""))
+
+
+@app.command()
+def scheduler(
+    warehouse: WarehouseOpt = Path("warehouse"),
+    address: AddressOpt = None,
+    poll: Annotated[float, typer.Option("--poll", min=1, help="Seconds between checks.")]
+    = 20.0,
+    once: Annotated[bool, typer.Option("--once", help="Fire what is due, wait, exit.")]
+    = False,
+) -> None:
+    """Fire due schedules, locally or to --address, until interrupted."""
+    from jobs.schedule import Scheduler, default_runner
+
+    sched = Scheduler(_store(warehouse), default_runner(address))
+    if once:
+        print(" ".join(sched.tick()) or "nothing due")
+        sched.wait()
+        return
+    print(f"scheduler watching {warehouse} (every {poll:g} s)", file=sys.stderr)
+    try:
+        sched.serve(poll_s=poll)
+    except KeyboardInterrupt:
+        sched.wait()
+
+
 def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None,
              as_json: bool) -> None:
     from jobs import api

@@ -1,0 +1,295 @@
+"""Scheduled jobs: cron schedules and their run history, kept in the warehouse.
+
+State lives in `<warehouse>/.quiver/`: `schedules.json` (name -> cron, spec, address, the
+last slot fired) and `history.jsonl` (one line per run). Writes go through a temporary
+file and `os.replace`, so a crash never leaves half a file; both survive a restart of
+the scheduler.
+
+Policy:
+- Cron expressions are parsed by `croniter` (5 fields, the scheduler's local time zone
+  is not used: times are UTC).
+- One schedule never runs twice at once: a run holds `<name>.lock` (created with
+  O_EXCL); a due slot that finds the lock held is recorded as `skipped (still running)`.
+  A lock whose process is gone is stale and is taken over.
+- Missed runs: when the scheduler starts (or wakes) and one or more slots passed since the
+  last one fired, the schedule runs once, not once per missed slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from schemas.errors import SpecError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+Runner = Callable[["Schedule"], dict]
+"""Runs a schedule's job and returns its summary (raises on failure)."""
+
+
+@dataclass
+class Schedule:
+    """One named, recurring job."""
+
+    name: str
+    cron: str
+    spec: str
+    """Absolute path of the spec file."""
+    address: str | None = None
+    """Ray Jobs API address; None runs the job locally."""
+    created: str = ""
+    last_slot: str | None = None
+    """ISO time of the last cron slot that fired (None: never)."""
+    workdir: str = ""
+    """Where `schedule add` ran: relative paths inside the spec resolve against it."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def check_cron(expr: str) -> str:
+    """Validate a cron expression with croniter; returns it unchanged.
+
+    Raises:
+        SpecError: naming the expression.
+    """
+    from croniter import croniter
+
+    if not croniter.is_valid(expr) or len(expr.split()) != 5:
+        raise SpecError(f"--cron {expr!r} is not a 5-field cron expression "
+                        "(minute hour day-of-month month day-of-week), e.g. '0 2 * * *'")
+    return expr
+
+
+class ScheduleStore:
+    """Schedules and history under `<warehouse>/.quiver/`."""
+
+    def __init__(self, warehouse: Path) -> None:
+        self.root = Path(warehouse) / ".quiver"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    @property
+    def _schedules_path(self) -> Path:
+        return self.root / "schedules.json"
+
+    def load(self) -> dict[str, Schedule]:
+        if not self._schedules_path.is_file():
+            return {}
+        data = json.loads(self._schedules_path.read_text(encoding="utf-8"))
+        return {name: Schedule(**entry) for name, entry in data.items()}
+
+    def _save(self, schedules: dict[str, Schedule]) -> None:
+        tmp = self._schedules_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: asdict(s) for n, s in schedules.items()}, indent=2),
+                       encoding="utf-8")
+        os.replace(tmp, self._schedules_path)
+
+    def add(self, name: str, cron: str, spec: Path, *, address: str | None = None,
+            now: datetime | None = None) -> Schedule:
+        if not NAME.match(name):
+            raise SpecError(f"schedule name {name!r}: use letters, digits, '.', '_', '-'")
+        if not spec.is_file():
+            raise SpecError(f"{spec}: spec file not found")
+        from schemas.spec import load_spec
+
+        load_spec(spec)  # a bad spec fails now, not at 2 a.m.
+        with self._lock:
+            schedules = self.load()
+            if name in schedules:
+                raise SpecError(f"schedule {name!r} exists; remove it first")
+            created = _iso(now or _now())
+            schedules[name] = Schedule(name, check_cron(cron), str(spec.resolve()), address,
+                                       created=created, last_slot=created,
+                                       workdir=os.getcwd())
+            self._save(schedules)
+            return schedules[name]
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            schedules = self.load()
+            if name not in schedules:
+                raise SpecError(f"no schedule named {name!r}")
+            del schedules[name]
+            self._save(schedules)
+
+    def mark_fired(self, name: str, slot: datetime) -> None:
+        with self._lock:
+            schedules = self.load()
+            if name in schedules:
+                schedules[name].last_slot = _iso(slot)
+                self._save(schedules)
+
+    def record(self, entry: dict) -> None:
+        with self._lock, (self.root / "history.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def history(self, name: str | None = None) -> list[dict]:
+        path = self.root / "history.jsonl"
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        return [r for r in rows if name is None or r["schedule"] == name]
+
+    # -- the per-schedule run lock --------------------------------------------------------
+
+    def _lock_path(self, name: str) -> Path:
+        return self.root / f"{name}.lock"
+
+    def try_lock(self, name: str) -> bool:
+        """Take the schedule's run lock; False when a live run holds it."""
+        path = self._lock_path(name)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _holder_alive(path):
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def unlock(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._lock_path(name).unlink()
+
+
+def _holder_alive(path: Path) -> bool:
+    try:
+        pid = int(path.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def due_slot(schedule: Schedule, now: datetime) -> datetime | None:
+    """The latest cron slot after the last fired one and not after `now` (None: not due).
+
+    Several missed slots collapse into the latest one: a missed run runs once.
+    """
+    from croniter import croniter
+
+    start = datetime.fromisoformat(schedule.last_slot or schedule.created)
+    it = croniter(schedule.cron, start)
+    slot = None
+    while True:
+        nxt = it.get_next(datetime)
+        if nxt > now:
+            return slot
+        slot = nxt
+
+
+class Scheduler:
+    """Fires due schedules; `clock` and `runner` are injectable for tests.
+
+    Each run happens in its own thread (so a long job does not delay other schedules),
+    under the schedule's lock, and is written to the history with its outcome.
+    """
+
+    def __init__(self, store: ScheduleStore, runner: Runner,
+                 clock: Callable[[], datetime] = _now) -> None:
+        self.store = store
+        self.runner = runner
+        self.clock = clock
+        self.threads: list[threading.Thread] = []
+
+    def tick(self) -> list[str]:
+        """Start every due schedule; returns the names started."""
+        now = self.clock()
+        started = []
+        for schedule in self.store.load().values():
+            slot = due_slot(schedule, now)
+            if slot is None:
+                continue
+            self.store.mark_fired(schedule.name, slot)
+            if not self.store.try_lock(schedule.name):
+                self.store.record({"schedule": schedule.name, "slot": _iso(slot),
+                                   "started": _iso(now), "status": "skipped (still running)"})
+                continue
+            thread = threading.Thread(target=self._run, args=(schedule, slot), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+            started.append(schedule.name)
+        return started
+
+    def _run(self, schedule: Schedule, slot: datetime) -> None:
+        entry = {"schedule": schedule.name, "slot": _iso(slot), "started": _iso(self.clock())}
+        try:
+            entry["summary"] = self.runner(schedule)
+            entry["status"] = "succeeded"
+        except Exception as err:  # noqa: BLE001 - a failed run is history, not a crash
+            entry["status"] = "failed"
+            entry["error"] = f"{type(err).__name__}: {err}"
+            entry["traceback"] = traceback.format_exc(limit=5)
+        finally:
+            entry["ended"] = _iso(self.clock())
+            self.store.record(entry)
+            self.store.unlock(schedule.name)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the runs started so far (tests, and a clean shutdown)."""
+        for thread in self.threads:
+            thread.join(timeout)
+        self.threads = [t for t in self.threads if t.is_alive()]
+
+    def serve(self, *, poll_s: float = 20.0, stop: threading.Event | None = None) -> None:
+        """Tick until `stop` is set (or forever)."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            self.tick()
+            stop.wait(poll_s)
+
+
+def default_runner(default_address: str | None = None) -> Runner:
+    """Run locally in a subprocess (`quiver run`), or submit to the schedule's address."""
+    import subprocess
+    import sys
+
+    def run(schedule: Schedule) -> dict:
+        address = schedule.address or default_address
+        if address:
+            from jobs import submit as sub
+
+            job_id = sub.submit(schedule.spec, address=address)
+            for _ in sub.follow(address, job_id, poll_s=5.0):
+                pass
+            status = sub.status(address, job_id)
+            if status["status"] != "SUCCEEDED":
+                raise RuntimeError(f"job {job_id} ended {status['status']}: "
+                                   f"{status['message']}")
+            return status
+        out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", schedule.spec, "--json"],
+                             capture_output=True, text=True, check=False,
+                             cwd=schedule.workdir or None)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip()
+                               else f"exit code {out.returncode}")
+        return json.loads(out.stdout)
+
+    return run

@@ -1,0 +1,143 @@
+"""The scheduler with an injected clock: cron slots fire once, missed slots run once at
+start-up, a schedule never overlaps itself, state survives a restart, and a real job runs
+from a schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import lance
+import pytest
+from conftest import write_jsonl
+
+from jobs.schedule import Scheduler, ScheduleStore, default_runner, due_slot
+from schemas.errors import SpecError
+
+T0 = datetime(2026, 11, 24, 1, 30, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, t: datetime) -> None:
+        self.t = t
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text("kind: embed\nsource: {uri: docs.jsonl, id_field: id}\ntable: t.lance\n")
+    return path
+
+
+def test_slots_fire_once_and_missed_runs_collapse(tmp_path, spec) -> None:
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("nightly", "0 2 * * *", spec, now=T0)
+    clock, ran = Clock(T0), []
+    sched = Scheduler(store, lambda s: ran.append(s.name) or {"ok": 1}, clock)
+    assert sched.tick() == []                       # 01:30, nothing due
+    clock.t = T0 + timedelta(minutes=31)            # 02:01
+    assert sched.tick() == ["nightly"]
+    sched.wait()
+    assert sched.tick() == []                       # the same slot never fires twice
+    # The scheduler was down for three nights: on restart the schedule runs once.
+    clock.t = T0 + timedelta(days=3, hours=1)
+    restarted = Scheduler(ScheduleStore(tmp_path / "wh"), lambda s: ran.append(s.name) or {},
+                          clock)
+    assert restarted.tick() == ["nightly"]
+    restarted.wait()
+    assert restarted.tick() == [] and ran == ["nightly", "nightly"]
+    history = store.history("nightly")
+    assert [h["status"] for h in history] == ["succeeded", "succeeded"]
+    assert history[1]["slot"] == "2026-11-27T02:00:00+00:00"  # the latest missed slot
+
+
+def test_a_running_schedule_is_not_started_again(tmp_path, spec) -> None:
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("often", "*/5 * * * *", spec, now=T0)
+    release = threading.Event()
+    clock = Clock(T0 + timedelta(minutes=5))
+    sched = Scheduler(store, lambda s: release.wait(30) and {}, clock)
+    assert sched.tick() == ["often"]
+    clock.t += timedelta(minutes=5)
+    assert sched.tick() == []                       # still running: skipped, recorded
+    release.set()
+    sched.wait()
+    statuses = [h["status"] for h in store.history("often")]
+    assert statuses == ["skipped (still running)", "succeeded"]
+    clock.t += timedelta(minutes=5)
+    assert sched.tick() == ["often"]                # the lock was released
+    sched.wait()
+
+
+def test_failures_are_history_and_stale_locks_are_taken_over(tmp_path, spec) -> None:
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("flaky", "0 * * * *", spec, now=T0)
+    (store.root / "flaky.lock").write_text("999999999")  # a crashed run's lock
+    clock = Clock(T0 + timedelta(hours=1))
+
+    def boom(_):
+        raise RuntimeError("source unreachable")
+
+    sched = Scheduler(store, boom, clock)
+    assert sched.tick() == ["flaky"]
+    sched.wait()
+    (entry,) = store.history("flaky")
+    assert entry["status"] == "failed" and "source unreachable" in entry["error"]
+
+
+def test_bad_input_is_refused(tmp_path, spec) -> None:
+    store = ScheduleStore(tmp_path / "wh")
+    with pytest.raises(SpecError, match="not a 5-field cron"):
+        store.add("x", "every night", spec)
+    with pytest.raises(SpecError, match="spec file not found"):
+        store.add("x", "0 2 * * *", tmp_path / "absent.yaml")
+    with pytest.raises(SpecError, match="schedule name"):
+        store.add("../x", "0 2 * * *", spec)
+    store.add("x", "0 2 * * *", spec)
+    with pytest.raises(SpecError, match="exists"):
+        store.add("x", "0 3 * * *", spec)
+    store.remove("x")
+    assert store.load() == {}
+
+
+def test_due_slot_uses_cron_semantics(tmp_path, spec) -> None:
+    store = ScheduleStore(tmp_path / "wh")
+    s = store.add("weekday", "30 6 * * 1-5", spec, now=datetime(2026, 11, 27, 7, tzinfo=UTC))
+    saturday = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    assert due_slot(s, saturday) is None            # Friday 06:30 passed before creation
+    monday = datetime(2026, 11, 30, 6, 31, tzinfo=UTC)
+    assert due_slot(s, monday) == datetime(2026, 11, 30, 6, 30, tzinfo=UTC)
+
+
+def test_a_schedule_runs_a_real_job(tmp_path, stdlib_docs) -> None:
+    write_jsonl(tmp_path / "docs.jsonl",
+                [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[330:336]])
+    (tmp_path / "spec.yaml").write_text(
+        "kind: embed\nsource: {uri: docs.jsonl, id_field: id}\ntable: out/t.lance\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    assert cli("schedule", "add", "docs", "spec.yaml", "--cron", "* * * * *",
+               "--warehouse", "wh").returncode == 0
+    store = ScheduleStore(tmp_path / "wh")
+    store.mark_fired("docs", datetime.now(UTC) - timedelta(minutes=2))  # one slot is due
+    sched = Scheduler(store, default_runner())  # runs in the directory `add` ran in
+    assert sched.tick() == ["docs"]
+    sched.wait()
+    (entry,) = store.history("docs")
+    assert entry["status"] == "succeeded", entry
+    assert entry["summary"]["chunks"] == lance.dataset(str(tmp_path / "out/t.lance")).count_rows()
+    listed = json.loads(cli("schedule", "history", "docs", "--warehouse", "wh", "--json").stdout)
+    assert listed[0]["status"] == "succeeded"
