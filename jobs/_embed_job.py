@@ -26,6 +26,7 @@ import lance
 import pyarrow as pa
 
 from jobs._calibrate import calibrate_ranges, sample_chunks
+from jobs._cutover import CURRENT_TAG, cut_over, pin_current
 from jobs._lance_io import LanceCommitSink, ShardDatasource
 from jobs._ray import cluster_resources, ensure_ray
 from operators.chunk import Chunker
@@ -36,7 +37,7 @@ from operators.quantize import Codebook
 from operators.read import ReadPlan, plan_source
 from operators.reindex import ReindexDiff, deletion_fragments, diff_chunks
 from operators.write import committed_shards
-from schemas.errors import SpecError, TableError
+from schemas.errors import ManifestMismatchError, SpecError, TableError
 from schemas.manifest import (
     ChunkingManifest,
     ModelManifest,
@@ -75,6 +76,8 @@ class JobSummary:
     reindex: dict | None = None
     """Chunks added, changed, deleted, unchanged and embedded, when the run was a reindex."""
     versions_cleaned: int = 0
+    cutover: dict | None = None
+    """When the embedding configuration changed: old and new versions, top-10 overlap."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -295,9 +298,20 @@ def run_embed(spec: JobSpec) -> JobSummary:
     existing = _open_existing(uri, opts)
     done: set[str] = set()
     reindex = False
+    cutover = False
     if existing is not None and spec.write.mode == "create":
         old = TableManifest.from_schema(existing.schema, where=uri)
-        old.check_same_embedding(manifest, where=uri)
+        try:
+            old.check_same_embedding(manifest, where=uri)
+        except ManifestMismatchError as err:
+            if spec.write.on_config_change == "refuse":
+                raise
+            cutover = True
+            pinned = pin_current(existing)  # readers stay on the old model meanwhile
+            _progress(f"{err}\n[quiver] cut-over: the new configuration is written as new "
+                      f"versions; tag '{CURRENT_TAG}' stays on version {pinned} until the "
+                      "new table is complete and indexed")
+    if existing is not None and spec.write.mode == "create" and not cutover:
         manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
         done = committed_shards(existing, job=job)
         if done:
@@ -339,7 +353,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
                           codecs=manifest.vectors.codecs).with_metadata(manifest.to_metadata())
     codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize)
 
-    version_now = existing.version if existing is not None and spec.write.mode == "create" else None
+    version_now = existing.version \
+        if existing is not None and spec.write.mode == "create" and not cutover else None
     mode = "append" if version_now is not None else "create"
     keep = None
     deletions: tuple[list[int], list] = ([], [])
@@ -390,6 +405,10 @@ def run_embed(spec: JobSpec) -> JobSummary:
     else:
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
+    change_report = cut_over(final, manifest, compare=spec.write.compare_queries)
+    if change_report:
+        _progress(f"cut over to version {final.version}: {change_report}")
+    final = lance.dataset(uri, storage_options=opts or None)
     cleaned = cleanup_versions(final, spec.write)
     index_seconds = time.perf_counter() - index_started
     final = lance.dataset(uri, storage_options=opts or None)
@@ -417,5 +436,6 @@ def run_embed(spec: JobSpec) -> JobSummary:
             "added": diff.added, "changed": diff.changed, "deleted": diff.deleted,
             "unchanged": diff.unchanged, "embedded": rows},
         versions_cleaned=cleaned,
+        cutover=change_report,
     )
     return summary

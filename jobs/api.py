@@ -20,6 +20,7 @@ import lance
 import numpy as np
 import pyarrow.compute as pc
 
+from jobs._cutover import current_version
 from jobs._embed_job import JobSummary, rejects_uri, run_embed
 from jobs._quality import quality_report
 from operators.embed import Embedder, TextEncoder
@@ -68,7 +69,8 @@ class Table:
         model: A local model folder to use instead of the manifest's name (for a table
             copied to another machine); its weights must hash to the manifest's.
         version: A version number or a tag name to read (time travel); None is the
-            latest.
+            version the `current` tag names (the last complete, indexed one), or the
+            latest for a table without it.
         storage_options: Object-store options (endpoint, credentials) for `uri`.
     """
 
@@ -81,6 +83,8 @@ class Table:
                                     storage_options=storage_options or None)
         except (ValueError, OSError) as err:
             raise TableError(f"{self.uri}: cannot open as a Lance table: {err}") from None
+        if version is None and (pinned := current_version(self.ds)) is not None:
+            self.ds = self.ds.checkout_version(pinned)  # the last complete, indexed version
         self.manifest = TableManifest.from_schema(self.ds.schema, where=self.uri)
         m = self.manifest.model
         model_info = describe_model(ModelSpec(

@@ -101,8 +101,16 @@ class Warehouse:
         return self.root / f"{name}.lance"
 
     def table(self, name: str, version: int | str | None = None):
+        """The table at `version`; by default the one its `current` tag names now, so a
+        reindex or a model cut-over reaches the server without a restart."""
+        import lance
+
+        from jobs._cutover import current_version
         from jobs.api import open_table
 
+        if version is None:
+            ds = lance.dataset(str(self.path(name)))
+            version = current_version(ds) or ds.version
         key = (name, version)
         with self._lock:
             if key not in self._tables:

@@ -235,6 +235,13 @@ class WriteSpec(BaseModel):
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options for the table's location."
     )
+    on_config_change: Literal["cutover", "refuse"] = Field(
+        "cutover", description="When the spec's model, pooling, chunking or codecs differ "
+        "from the table's: 'cutover' writes the new configuration as new versions and moves "
+        "the 'current' tag once they are indexed; 'refuse' stops with the differences.")
+    compare_queries: str | None = Field(
+        None, description="A BEIR folder whose queries measure the top-10 overlap between "
+        "the old and the new model at a cut-over.")
     retention_days: float | None = Field(
         7.0, ge=0, description="After a job, drop table versions older than this many days "
         "(tagged versions stay); None keeps every version.")

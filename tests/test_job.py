@@ -124,7 +124,7 @@ def test_existing_table_from_another_job_is_refused(table, tmp_path) -> None:
 
 def test_other_embedding_settings_are_refused_on_an_existing_table(table, corpus) -> None:
     path, _ = table
-    spec = _spec(corpus, path)
+    spec = _spec(corpus, path, on_config_change="refuse")
     spec.chunking.overlap = 8
     with pytest.raises(ManifestMismatchError, match=r"chunking.overlap: table has 32, got 8"):
         run_embed(spec)

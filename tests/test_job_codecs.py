@@ -80,5 +80,7 @@ def test_resume_keeps_the_calibration_and_every_row_shares_it(corpus, tmp_path,
     expected = encode(torch.from_numpy(np.array(floats)), book)["vector_i8"]
     np.testing.assert_array_equal(column_matrix(rows.column("vector_i8")), expected)
 
+    refuse = _spec(corpus, path, {"codecs": ["float32", "binary"]})
+    refuse.write.on_config_change = "refuse"
     with pytest.raises(ManifestMismatchError, match=r"vectors.codecs: table has"):
-        run_embed(_spec(corpus, path, {"codecs": ["float32", "binary"]}))
+        run_embed(refuse)

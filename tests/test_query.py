@@ -87,7 +87,8 @@ def test_time_travel_by_version_and_tag(warehouse) -> None:
     hits = old.search("files and directories", k=10, exact=True)
     assert {h.id for h in hits} <= allowed
     assert open_table(path, version=1).ds.count_rows() == first.count_rows()
-    assert info(path)["tags"] == {"first-commit": 1}
+    assert info(path)["tags"]["first-commit"] == 1
+    assert info(path)["tags"]["current"] == lance.dataset(str(path)).version
 
 
 def test_batch_queries_equal_single_queries(warehouse) -> None:
