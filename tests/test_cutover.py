@@ -19,7 +19,7 @@ from schemas.spec import parse_spec
 def _spec(corpus: Path, table: Path, beir: Path, **chunking):
     return parse_spec({"kind": "embed", "table": str(table),
                        "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 8},
-                       "chunking": chunking, "write": {"shards_per_commit": 1,
+                       "chunking": chunking, "write": {"shards_per_commit": 3,
                                                        "compare_queries": str(beir)}})
 
 

@@ -27,11 +27,11 @@ def corpus(tmp_path_factory, stdlib_docs) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("codec-src") / "c.jsonl", docs)
 
 
-def _spec(corpus: Path, table: Path, vectors: dict):
+def _spec(corpus: Path, table: Path, vectors: dict, shards_per_commit: int = 1):
     return parse_spec({
         "kind": "embed", "table": str(table), "vectors": vectors,
         "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 12},
-        "write": {"shards_per_commit": 1}, "compute": {"rows_per_batch": 64},
+        "write": {"shards_per_commit": shards_per_commit}, "compute": {"rows_per_batch": 64},
     })
 
 
@@ -42,7 +42,8 @@ def _manifest(path: Path) -> TableManifest:
 def test_compact_only_table_with_matryoshka_dims(corpus, tmp_path, ray_local, capsys,
                                                  stdlib_docs) -> None:
     path = tmp_path / "compact.lance"
-    summary = run_embed(_spec(corpus, path, {"codecs": ["int8", "binary"], "dims": 256}))
+    summary = run_embed(_spec(corpus, path, {"codecs": ["int8", "binary"], "dims": 256},
+                              shards_per_commit=3))
     assert "declares no such Matryoshka size" in capsys.readouterr().err
     ds = lance.dataset(str(path))
     names = ds.schema.names

@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow
 CASES = [
     # (collection, chunking mode, published nDCG@10)
     ("limit-small", "windows", 0.314),  # every document fits one window: both modes agree
-    ("cranfield", "windows", 0.368),
     ("scifact", "truncate", 0.645),
+    # cranfield (default windows: 0.3896 vs 0.368) runs in benchmarks/quality.py: CI's
+    # 20-minute budget on a 2-core machine keeps one large collection only.
 ]
 
 
