@@ -37,7 +37,7 @@ from operators.quantize import Codebook
 from operators.read import ReadPlan, plan_source
 from operators.reindex import ReindexDiff, deletion_fragments, diff_chunks
 from operators.write import committed_shards
-from schemas.errors import ManifestMismatchError, SpecError, TableError
+from schemas.errors import ManifestMismatchError, SourceError, SpecError, TableError
 from schemas.manifest import (
     ChunkingManifest,
     ModelManifest,
@@ -178,6 +178,19 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int) -> Acto
     return ActorLayout(actors, per_actor, 0.0, threads)
 
 
+def _check_reject_rate(spec: JobSpec, plan: ReadPlan) -> None:
+    """Fail before anything is written when more records are bad than the spec tolerates."""
+    limit = spec.source.max_reject_rate
+    if limit is None or not plan.records:
+        return
+    rate = plan.rejects.num_rows / plan.records
+    if rate > limit:
+        top = ", ".join(f"{n} x {reason}" for reason, n in plan.reject_reasons.most_common(3))
+        raise SourceError(f"{spec.source.uri}: {plan.rejects.num_rows} of {plan.records} "
+                          f"records rejected ({rate:.1%} > source.max_reject_rate "
+                          f"{limit:.1%}); nothing was written. Most common: {top}")
+
+
 def _same_source(a: str, b: str) -> bool:
     """Two source URIs name the same data (local paths compared once resolved)."""
     if "://" in a or "://" in b:
@@ -281,6 +294,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     _progress(f"source {spec.source.uri}: {plan.records} records, {plan.documents} valid, "
               f"{plan.rejects.num_rows} rejected, {len(plan.shards)} shards ({plan.kind})")
     _check_filterable(spec, plan)
+    _check_reject_rate(spec, plan)
     ensure_ray()
     cpus, gpus = cluster_resources()
     layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1)

@@ -57,6 +57,9 @@ class SourceSpec(BaseModel):
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options passed to pyarrow / Lance."
     )
+    max_reject_rate: float | None = Field(
+        None, ge=0, le=1, description="Fail the job, writing nothing, when a larger share of "
+        "records is rejected; None accepts any number (they all go to the rejects table).")
 
     @model_validator(mode="after")
     def _id_field_required(self) -> SourceSpec:

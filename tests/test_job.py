@@ -190,3 +190,14 @@ def test_query_with_another_models_weights_is_refused(table, model_info, tmp_pat
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ManifestMismatchError, match="weights"):
         open_table(path, model=str(other))
+
+
+def test_too_many_rejects_fail_before_anything_is_written(corpus, tmp_path) -> None:
+    from schemas.errors import SourceError
+
+    spec = _spec(corpus, tmp_path / "strict.lance")
+    spec.source.max_reject_rate = 0.05  # 3 of 43 records are bad: 7%
+    with pytest.raises(SourceError, match=r"3 of 43 records rejected \(7.0% > "):
+        run_embed(spec)
+    assert not (tmp_path / "strict.lance").exists()
+    assert not Path(rejects_uri(str(tmp_path / "strict.lance"))).exists()
