@@ -92,3 +92,24 @@ def test_zero_rows(model_info) -> None:
     out = _chunker(model_info)(_docs([]))
     assert out.num_rows == 0
     assert out.schema.field("input_ids").type == pa.list_(pa.int32())
+
+
+def test_a_10_mb_document_is_chunked_in_bounded_windows(model_info, stdlib_docs) -> None:
+    import resource
+
+    text = "\n\n".join(d["text"] for d in stdlib_docs)
+    huge = (text * (10_000_000 // len(text) + 1))[:10_000_000]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = _chunker(model_info)(_docs([huge]))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    lengths = [len(x) for x in out.column("input_ids").to_pylist()]
+    assert out.num_rows > 5_000 and max(lengths) <= model_info.max_tokens
+    assert out.column("id").to_pylist()[-1] == f"d0#{out.num_rows - 1}"
+    assert grown_mb < 3_000  # tens of bytes per token, not a quadratic blow-up
+
+
+def test_an_extremely_long_single_token_run(model_info) -> None:
+    out = _chunker(model_info)(_docs(["x" * 2_000_000, "ok " + "y" * 500 + " fine"]))
+    assert out.column("doc_id").to_pylist()[0] == "d0"
+    assert all(len(x) <= model_info.max_tokens for x in out.column("input_ids").to_pylist())
+    assert set(out.column("doc_id").to_pylist()) == {"d0", "d1"}
