@@ -36,7 +36,7 @@ from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
 from operators.read import ReadPlan, plan_source
 from operators.reindex import ReindexDiff, deletion_fragments, diff_chunks
-from operators.write import committed_shards
+from operators.write import committed_shards, remove_orphans
 from schemas.errors import ManifestMismatchError, SourceError, SpecError, TableError
 from schemas.manifest import (
     ChunkingManifest,
@@ -329,7 +329,10 @@ def run_embed(spec: JobSpec) -> JobSummary:
         manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
         done = committed_shards(existing, job=job)
         if done:
-            _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed")
+            orphans = remove_orphans(existing, opts)
+            _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed"
+                      + (f"; removed {orphans} data files an interrupted run left uncommitted"
+                         if orphans else ""))
         elif _same_source(old.source.uri, spec.source.uri) or spec.kind == "reindex":
             reindex = True
         else:

@@ -105,3 +105,38 @@ def committed_shards(ds: lance.LanceDataset, *, job: str) -> set[str]:
         elif isinstance(txn.operation, lance.LanceOperation.Overwrite):
             return set()
     return set()
+
+
+def orphan_data_files(ds: lance.LanceDataset,
+                      storage_options: Mapping[str, str] | None = None) -> list[str]:
+    """Data files under `data/` that no version of the table references.
+
+    They are what a writer leaves when it dies between writing fragments and committing
+    them: invisible to readers, but they take space. Lance's own cleanup removes them only
+    after 7 days, because it cannot tell them from a live writer's files.
+    """
+    from operators.filesystems import resolve
+
+    referenced: set[str] = set()
+    for v in ds.versions():
+        for fragment in ds.checkout_version(v["version"]).get_fragments():
+            referenced.update(f.path for f in fragment.data_files())
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, root = resolve(ds.uri, storage_options)
+    infos = fs.get_file_info(FileSelector(f"{root}/data", allow_not_found=True))
+    return [i.path for i in infos
+            if i.type == FileType.File and i.base_name not in referenced]
+
+
+def remove_orphans(ds: lance.LanceDataset,
+                   storage_options: Mapping[str, str] | None = None) -> int:
+    """Delete `orphan_data_files`; call it only when no other writer can be mid-commit
+    (Quiver does on resuming its own killed run). Returns how many were removed."""
+    from operators.filesystems import resolve
+
+    fs, _ = resolve(ds.uri, storage_options)
+    orphans = orphan_data_files(ds, storage_options)
+    for path in orphans:
+        fs.delete_file(path)
+    return len(orphans)

@@ -84,3 +84,16 @@ def manifest_for(model_info, *, codecs: list[str] | None = None, dims: int | Non
         manifest = manifest.model_copy(update={"vectors": v.model_copy(
             update={"int8_low": low, "int8_high": high})})
     return manifest
+
+
+def chunk_ids(model_info, docs: list[dict]) -> list[str]:
+    """The sorted chunk ids a default job makes of `docs` (id, text), by Quiver's chunker."""
+    import pyarrow as pa
+
+    from operators.chunk import Chunker
+
+    chunker = Chunker(model_info.path, max_tokens=model_info.max_tokens, overlap=32,
+                      document_prefix="", metadata=pa.schema([]), config_fingerprint="x")
+    table = pa.table({"doc_id": [d["id"] for d in docs],
+                      "text": pa.array([d["text"] for d in docs], pa.large_string())})
+    return sorted(chunker(table).column("id").to_pylist())

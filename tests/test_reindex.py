@@ -9,10 +9,9 @@ from pathlib import Path
 import lance
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from conftest import chunk_ids, write_jsonl
 
 from jobs._embed_job import run_embed
-from operators.chunk import Chunker
 from operators.quantize import column_matrix
 from schemas.errors import TableError
 from schemas.spec import parse_spec
@@ -24,16 +23,6 @@ def _spec(corpus: Path, table: Path, **extra):
     return parse_spec({"kind": "embed", "table": str(table),
                        "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10},
                        "write": {"shards_per_commit": 5}, **extra})
-
-
-def _chunk_ids(model_info, docs: list[dict]) -> list[str]:
-    import pyarrow as pa
-
-    chunker = Chunker(model_info.path, max_tokens=model_info.max_tokens, overlap=32,
-                      document_prefix="", metadata=pa.schema([]), config_fingerprint="x")
-    table = pa.table({"doc_id": [d["id"] for d in docs],
-                      "text": pa.array([d["text"] for d in docs], pa.large_string())})
-    return sorted(chunker(table).column("id").to_pylist())
 
 
 def _vectors(path: Path) -> dict[str, np.ndarray]:
@@ -58,8 +47,8 @@ def test_reindex_embeds_only_the_change(tmp_path, stdlib_docs, model_info, ray_l
     summary = run_embed(_spec(corpus, table))
 
     r = summary.reindex
-    old_ids = _chunk_ids(model_info, docs)
-    new_ids = _chunk_ids(model_info, changed)
+    old_ids = chunk_ids(model_info, docs)
+    new_ids = chunk_ids(model_info, changed)
     assert sorted(lance.dataset(str(table)).to_table(columns=["id"]).column("id")
                   .to_pylist()) == new_ids
     gone = set(old_ids) - set(new_ids)

@@ -1,0 +1,101 @@
+"""Exactly-once under faults: an embed actor killed mid-job, and the driver killed with
+SIGKILL at several points then run again. Every run must end with exactly one row per
+expected chunk id, and a resumed run must leave no uncommitted data files behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lance
+import pytest
+from conftest import REPO, chunk_ids, write_jsonl
+
+from jobs._embed_job import run_embed
+from operators.write import orphan_data_files
+from schemas.spec import parse_spec
+
+N_DOCS = 60
+
+
+@pytest.fixture(scope="module")
+def docs(stdlib_docs) -> list[dict]:
+    return [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[:N_DOCS]]
+
+
+def _spec_dict(corpus: Path, table: Path) -> dict:
+    return {"kind": "embed", "table": str(table),
+            "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 5},
+            "write": {"shards_per_commit": 2}, "compute": {"rows_per_batch": 16}}
+
+
+def _ids(table: Path) -> list[str]:
+    return sorted(lance.dataset(str(table)).to_table(columns=["id"]).column("id").to_pylist())
+
+
+def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local) -> None:
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address  # this test's Ray, not any other on the host
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    table = tmp_path / "t.lance"
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(
+        summary=run_embed(parse_spec(_spec_dict(corpus, table)))))
+    job.start()
+    killed = 0
+    deadline = time.monotonic() + 300
+    while job.is_alive() and time.monotonic() < deadline and killed < 2:
+        committed = lance.dataset(str(table)).version if table.exists() else 0
+        actors = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])
+                  if "Embedder" in a.class_name and a.pid]
+        if actors and committed >= 1 + 2 * killed:  # once after checkpoint 1, once later
+            os.kill(actors[0].pid, signal.SIGKILL)
+            killed += 1
+        time.sleep(0.5)
+    job.join(600)
+    assert killed >= 1, "the job ended before an actor could be killed"
+    assert "summary" in result, "the job did not survive the killed actor"
+    ids = _ids(table)
+    assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
+
+
+def test_driver_killed_at_several_points_then_resumed(docs, model_info, tmp_path) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    table = tmp_path / "t.lance"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(_spec_dict(corpus, table)))  # JSON is YAML
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"]
+
+    kills = []
+    for _ in range(2):  # each attempt is killed once it has committed one more checkpoint
+        target = lance.dataset(str(table)).version + 1 if table.exists() else 1
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if table.exists() and lance.dataset(str(table)).version >= target:
+                time.sleep(1.5)  # land somewhere inside the next checkpoint
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+                kills.append(lance.dataset(str(table)).version)
+                break
+            time.sleep(0.2)
+        proc.wait(60)
+    assert len(kills) == 2, "the job finished before it could be killed twice"
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["shards_skipped"] >= 2  # committed checkpoints were not redone
+    ids = _ids(table)
+    assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
+    assert orphan_data_files(lance.dataset(str(table))) == []
