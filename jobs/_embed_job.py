@@ -387,6 +387,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
         mode = "update"
         done = set()
     stage = dict(info=info, spec=spec, layout=layout, precision=precision, codebook=codebook)
+    seen = existing.version if existing is not None else 0  # guards against other writers
     rows = tokens = truncated = 0
     embed_started = time.perf_counter()
     for n, group in enumerate(groups, 1):
@@ -400,13 +401,13 @@ def run_embed(spec: JobSpec) -> JobSummary:
         sink = LanceCommitSink(
             uri, schema=schema, mode=mode, read_version=version_now, job=job,
             shards=sorted(covered), max_rows_per_file=spec.write.max_rows_per_file,
-            storage_options=opts, deletions=deletions,
+            storage_options=opts, deletions=deletions, expect_latest=seen,
         )
         _embed_stage(ds, **stage).write_datasink(sink)
         rows += sink.rows
         tokens += sink.tokens
         truncated += sink.truncated_tokens
-        version_now, mode = sink.version, "append"
+        version_now, mode, seen = sink.version, "append", sink.version
         done |= covered
         _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
                   f"{rows} chunks so far")

@@ -75,11 +75,13 @@ class LanceCommitSink(Datasink[dict]):
     def __init__(self, uri: str, *, schema: pa.Schema, mode: str, read_version: int | None,
                  job: str, shards: list[str], max_rows_per_file: int,
                  storage_options: dict[str, str],
-                 deletions: tuple[list[int], list] = ([], [])) -> None:
+                 deletions: tuple[list[int], list] = ([], []),
+                 expect_latest: int | None = None) -> None:
         """`deletions` (removed fragment ids, fragments with deletion vectors) go into the
         same commit as the new fragments, as a Lance Update (mode 'update')."""
         self.uri = uri
         self.deletions = deletions
+        self.expect_latest = expect_latest
         self.schema = schema
         self.mode = mode
         self.read_version = read_version
@@ -116,7 +118,8 @@ class LanceCommitSink(Datasink[dict]):
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=self.shards,
                     storage_options=self.storage_options,
-                    removed_fragment_ids=self.deletions[0], updated_fragments=self.deletions[1])
+                    removed_fragment_ids=self.deletions[0], updated_fragments=self.deletions[1],
+                    expect_latest=self.expect_latest)
         self.version = ds.version
 
     def get_name(self) -> str:

@@ -18,6 +18,8 @@ import pyarrow as pa
 from lance.dataset import Transaction
 from lance.fragment import FragmentMetadata
 
+from schemas.errors import ConcurrentWriteError
+
 JOB_KEY = "quiver.job"
 SHARDS_KEY = "quiver.shards"
 
@@ -43,7 +45,8 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
            read_version: int | None = None, job: str, shards: Iterable[str],
            storage_options: Mapping[str, str] | None = None,
            removed_fragment_ids: Iterable[int] = (),
-           updated_fragments: Iterable[FragmentMetadata] = ()) -> lance.LanceDataset:
+           updated_fragments: Iterable[FragmentMetadata] = (),
+           expect_latest: int | None = None) -> lance.LanceDataset:
     """Commit fragments in one transaction that records the job and shards it covers.
 
     Args:
@@ -59,8 +62,19 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
         shards: Every shard this job has committed once this commit lands (cumulative,
             so the newest commit alone tells a rerun what is done).
         storage_options: Object-store options.
+        expect_latest: The latest version this job has seen (0: no table yet). If the
+            table has moved on, another writer is at work: nothing is committed and
+            `ConcurrentWriteError` says so. (Lance would happily merge two appends, which
+            for two runs of one job would mean every row twice.)
     """
     fragments = list(fragments)
+    if expect_latest is not None:
+        latest = latest_version(uri, storage_options)
+        if latest != expect_latest:
+            raise ConcurrentWriteError(
+                f"{uri}: another writer committed version {latest} while this job ran "
+                f"(it last saw {expect_latest or 'no table'}); this checkpoint was not "
+                "committed. Run the job again when the other writer is done: it resumes.")
     if mode == "create":
         operation = lance.LanceOperation.Overwrite(schema, fragments)
         read_version = 0
@@ -79,6 +93,15 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
         str(uri), transaction,
         storage_options=dict(storage_options) if storage_options else None,
     )
+
+
+def latest_version(uri: str | Path, storage_options: Mapping[str, str] | None = None) -> int:
+    """The table's latest version, 0 when there is no table yet."""
+    try:
+        return lance.dataset(str(uri), storage_options=dict(storage_options)
+                             if storage_options else None).version
+    except ValueError:
+        return 0
 
 
 def committed_shards(ds: lance.LanceDataset, *, job: str) -> set[str]:

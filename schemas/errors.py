@@ -45,3 +45,7 @@ class QueryError(QuiverError):
 
 class FilterError(QueryError):
     """A filter naming a column the table lacks, or a value its column cannot hold."""
+
+
+class ConcurrentWriteError(TableError):
+    """Another writer committed to the table while this job ran."""

@@ -52,3 +52,24 @@ def test_committed_shards_follow_the_job_through_index_commits(tmp_path: Path) -
     ds = lance.dataset(uri)
     assert committed_shards(ds, job="J") == set()
     assert committed_shards(ds, job="K") == {"k1"}
+
+
+def test_a_commit_refuses_when_another_writer_moved_the_table(tmp_path: Path) -> None:
+    import pytest
+
+    from schemas.errors import ConcurrentWriteError
+
+    uri = str(tmp_path / "t.lance")
+    ds = commit(uri, write_fragments(_rows(["a"]), uri, schema=SCHEMA), mode="create",
+                schema=SCHEMA, job="J", shards=["s1"], expect_latest=0)
+    seen = ds.version
+    mine = write_fragments(_rows(["b"]), uri, schema=SCHEMA)
+    # A second run of the same job appends the same shard meanwhile.
+    commit(uri, write_fragments(_rows(["b"]), uri, schema=SCHEMA), mode="append",
+           schema=SCHEMA, read_version=seen, job="J", shards=["s1", "s2"], expect_latest=seen)
+    with pytest.raises(ConcurrentWriteError, match="another writer committed version 2"):
+        commit(uri, mine, mode="append", schema=SCHEMA, read_version=seen, job="J",
+               shards=["s1", "s2"], expect_latest=seen)
+    assert sorted(lance.dataset(uri).to_table().column("id").to_pylist()) == ["a", "b"]
+    with pytest.raises(ConcurrentWriteError, match="it last saw no table"):
+        commit(uri, [], mode="create", schema=SCHEMA, job="K", shards=[], expect_latest=0)
