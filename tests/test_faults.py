@@ -67,6 +67,18 @@ def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local) -> No
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(
         summary=run_embed(parse_spec(_spec_dict(corpus, table)))))
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def read_loop() -> None:  # a reader querying while the job writes
+        while not stop.is_set():
+            if _version(table):
+                ds = lance.dataset(str(table))
+                seen.append((ds.version, ds.count_rows()))
+            time.sleep(0.1)
+
+    reader = threading.Thread(target=read_loop)
+    reader.start()
     job.start()
     killed = 0
     deadline = time.monotonic() + 300
@@ -78,7 +90,12 @@ def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local) -> No
             killed += 1
         time.sleep(0.5)
     job.join(600)
+    stop.set()
+    reader.join()
     assert killed >= 1, "the job ended before an actor could be killed"
+    # Every read saw a whole committed version: its row count is that version's count.
+    assert seen and all(lance.dataset(str(table), version=v).count_rows() == n
+                        for v, n in seen)
     assert "summary" in result, "the job did not survive the killed actor"
     ids = _ids(table)
     assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
