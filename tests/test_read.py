@@ -183,3 +183,15 @@ def test_unknown_extension_needs_a_format(tmp_path: Path) -> None:
     path.write_text("{}\n")
     with pytest.raises(SourceError, match="set source.format"):
         plan_source(SourceSpec(uri=str(path), id_field="_id"))
+
+
+def test_parquet_with_a_different_schema(tmp_path: Path) -> None:
+    # The spec expects `doc` (id) and `body` (text); this file has `uid` and an int `body`.
+    table = pa.table({"uid": ["a", "b"], "body": pa.array([1, 2], pa.int64())})
+    path = tmp_path / "other.parquet"
+    pq.write_table(table, path)
+    source = SourceSpec(uri=str(path), id_field="doc", text_fields=["body"])
+    plan = plan_source(source)
+    assert plan.documents == 0 and plan.rejects.num_rows == 2
+    reasons = {r["position"]: r["reason"] for r in plan.rejects.to_pylist()}
+    assert reasons == {0: "missing id field 'doc'", 1: "missing id field 'doc'"}
