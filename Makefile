@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-heavy test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not heavy"
+
+test-heavy: lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m heavy
 
 test-fast: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"

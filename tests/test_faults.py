@@ -133,3 +133,33 @@ def test_driver_killed_at_several_points_then_resumed(docs, model_info, tmp_path
     ids = _ids(table)
     assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
     assert orphan_data_files(lance.dataset(str(table))) == []
+
+
+@pytest.mark.heavy  # a third job run on a fresh two-node cluster: over CI's time budget
+def test_worker_node_removed_mid_job(docs, model_info, tmp_path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+        table = tmp_path / "t.lance"
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(json.dumps(_spec_dict(corpus, table)))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address}
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and _version(table) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before the node could be removed"
+        cluster.remove_node(worker)  # a third of the cluster's CPUs go away mid-job
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        ids = _ids(table)
+        assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
+    finally:
+        cluster.shutdown()
