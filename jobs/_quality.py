@@ -24,7 +24,7 @@ import numpy as np
 from operators.evaluate import BeirQueries, score_runs
 from operators.index import build_vector_index
 from operators.quantize import bytes_per_vector, column_matrix, truncate_query
-from operators.search import VectorSearcher, fold_to_documents
+from operators.search import DEFAULT_RESCORE, VectorSearcher, fold_to_documents
 from schemas.records import VECTOR_COLUMN
 from schemas.spec import IndexSpec
 
@@ -145,14 +145,15 @@ def quality_report(searcher: VectorSearcher, vectors: np.ndarray, queries: BeirQ
             add("int8 alone", ibytes, _lance_way(searcher, using="int8", rescore=1))
             if float_codec:
                 add("int8 + rescore", ibytes, _lance_way(searcher, using="int8"),
-                    f"{float_codec} rescoring of 4x candidates")
+                    f"{float_codec} rescoring of {DEFAULT_RESCORE}x candidates")
         if "binary" in codecs:
             bbytes = bytes_per_vector("binary", book.dims)
             add("binary alone", bbytes, _lance_way(searcher, using="binary", rescore=1))
             best = searcher.rescore_column()
             if best:
                 add("binary + rescore", bbytes, _lance_way(searcher, using="binary"),
-                    f"{'float' if searcher.has_float else 'int8'} rescoring of 4x candidates")
+                    f"{'float' if searcher.has_float else 'int8'} rescoring of "
+                    f"{DEFAULT_RESCORE}x candidates")
         if float_codec and not searcher.manifest.vectors.truncated:
             table = searcher.ds.to_table(columns=["id", "doc_id", VECTOR_COLUMN])
             matrix = column_matrix(table.column(VECTOR_COLUMN)).astype(np.float32)

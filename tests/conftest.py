@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,10 @@ def chunk_ids(model_info, docs: list[dict]) -> list[str]:
     table = pa.table({"doc_id": [d["id"] for d in docs],
                       "text": pa.array([d["text"] for d in docs], pa.large_string())})
     return sorted(chunker(table).column("id").to_pylist())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

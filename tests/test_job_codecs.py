@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from jobs._embed_job import run_embed
 from jobs.api import open_table
 from operators.quantize import Codebook, column_matrix, encode
-from schemas.errors import ManifestMismatchError
+from schemas.errors import ManifestMismatchError, QueryError
 from schemas.manifest import TableManifest
 from schemas.spec import parse_spec
 
@@ -59,7 +59,7 @@ def test_compact_only_table_with_matryoshka_dims(corpus, tmp_path, ray_local, ca
     for using in ("auto", "binary", "int8"):
         hits = table.search(target["text"][:400], k=3, using=using)
         assert hits[0].doc_id == target["id"], using
-    with pytest.raises(Exception, match="cannot search using='float'"):
+    with pytest.raises(QueryError, match="cannot search using='float'"):
         table.search("x", using="float")
 
 

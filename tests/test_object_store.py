@@ -12,6 +12,7 @@ import time
 import lance
 import pyarrow.fs as pafs
 import pytest
+from conftest import free_port
 
 from jobs._embed_job import rejects_uri, run_embed
 from jobs.api import open_table
@@ -20,16 +21,10 @@ from schemas.spec import parse_spec
 BUCKET = "quiver-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_options():
     pytest.importorskip("moto")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                              "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import lance
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import REPO, free_port, write_jsonl
 
 from jobs._embed_job import run_embed
 from jobs.api import info, open_table
@@ -151,12 +150,6 @@ def test_spec_refuses_an_unknown_filterable_column(warehouse, tmp_path) -> None:
 # ------------------------------------------------------------------------- HTTP server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _call(url: str, body: object | None = None, token: str | None = None,
           raw: bytes | None = None) -> tuple[int, dict]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None
@@ -175,7 +168,7 @@ def _call(url: str, body: object | None = None, token: str | None = None,
 @pytest.fixture(scope="module")
 def server(warehouse):
     root, _ = warehouse
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUIVER_TOKEN": "s3cret"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--warehouse",
                              str(root), "--port", str(port)], cwd=REPO, env=env,
@@ -234,4 +227,4 @@ def test_server_will_not_bind_beyond_loopback_without_a_token(warehouse) -> None
 
     root, _ = warehouse
     with pytest.raises(SpecError, match="token"):
-        serve(root, host="0.0.0.0", port=_free_port(), token=None)
+        serve(root, host="0.0.0.0", port=free_port(), token=None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,25 +13,19 @@ from pathlib import Path
 
 import lance
 import pytest
-from conftest import REPO, write_jsonl
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import REPO, free_port, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
 
-    port = _free_port()
+    port = free_port()
     # Two nodes on one machine: each dashboard agent needs its own port.
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": port, "dashboard_agent_listen_port": _free_port()})
-    cluster.add_node(num_cpus=1, dashboard_agent_listen_port=_free_port())
+        "dashboard_port": port, "dashboard_agent_listen_port": free_port()})
+    cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     address = f"http://127.0.0.1:{port}"
     from ray.job_submission import JobSubmissionClient
