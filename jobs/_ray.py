@@ -1,21 +1,52 @@
-"""Start or join Ray, sized for the machine it runs on."""
+"""Start or join Ray, sized for the machine it runs on, and private to it when local."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 # Ray starts its workers as fresh processes, so Lance's fork warning is noise here.
 warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
+LOOPBACK = "127.0.0.1"
+# Ray's single-machine switch (made for Windows and macOS): with it off, Ray keeps a node
+# address of 127.0.0.1 instead of swapping in the machine's routable IP, and its GCS,
+# raylet, worker, object-manager and agent servers then listen on loopback only.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _ray_on_loopback() -> Iterator[None]:
+    """While Ray starts, make it bind every server to 127.0.0.1.
+
+    The environment variable reaches the GCS and raylet started now (and through the
+    raylet, every worker); the module constant covers a Ray this process imported before.
+    Both are restored afterwards, because left off they make a later `ray start` of a
+    worker node in this process's environment refuse to run.
+    """
+    from ray._private import ray_constants
+
+    before_env, before_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = before_env
+
 
 def ensure_ray(address: str | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS) if given, else start a local Ray in-process.
+    """Join `address` (or RAY_ADDRESS) if given, else start a private Ray in-process.
 
-    Locally the dashboard stays off. Ray 2.60 resolves a loopback node address to the
-    machine's own IP (`services.resolve_ip_for_localhost`), so its internal gRPC ports
-    cannot be confined to 127.0.0.1 from `ray.init`; see issue 6 for the hardening.
+    A local Ray has no dashboard and listens on 127.0.0.1 only: nothing on the network
+    can reach its ports or submit work to it.
     """
     import ray
 
@@ -27,13 +58,19 @@ def ensure_ray(address: str | None = None) -> None:
         return
     # "local" stops Ray from joining whatever cluster `ray start` left on this machine:
     # without an address Quiver promises a private, in-process run.
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    with _ray_on_loopback():
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            _node_ip_address=LOOPBACK,
+        )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:  # a Ray release that ignores the switch: say so, don't hide it
+        warnings.warn(f"local Ray listens on {node_ip}, not only on {LOOPBACK}",
+                      RuntimeWarning, stacklevel=2)
 
 
 def cluster_resources() -> tuple[float, float]:

@@ -8,8 +8,11 @@ is what lets a killed job resume without redoing or duplicating work.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +43,29 @@ def write_fragments(table: pa.Table, uri: str | Path, *, schema: pa.Schema,
     )
 
 
+@contextlib.contextmanager
+def _writers_lock(uri: str | Path) -> Iterator[None]:
+    """Serialise Quiver's check-then-commit on a local table across processes.
+
+    Between reading the latest version and committing, another writer could commit, and
+    Lance would rebase an append over it. A lock file beside the table closes that window
+    on local (and NFS) disks; an object store has no such lock, and there the window is
+    the few milliseconds between the check and Lance's own commit.
+    """
+    uri = str(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        yield
+        return
+    path = Path(uri.removeprefix("file://")).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent / f".{path.name}.commit-lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
            mode: Literal["create", "append", "update"], schema: pa.Schema,
            read_version: int | None = None, job: str, shards: Iterable[str],
@@ -68,13 +94,28 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
             for two runs of one job would mean every row twice.)
     """
     fragments = list(fragments)
-    if expect_latest is not None:
-        latest = latest_version(uri, storage_options)
-        if latest != expect_latest:
-            raise ConcurrentWriteError(
-                f"{uri}: another writer committed version {latest} while this job ran "
-                f"(it last saw {expect_latest or 'no table'}); this checkpoint was not "
-                "committed. Run the job again when the other writer is done: it resumes.")
+    with _writers_lock(uri):
+        if expect_latest is not None:
+            latest = latest_version(uri, storage_options)
+            if latest != expect_latest:
+                raise ConcurrentWriteError(
+                    f"{uri}: another writer committed version {latest} while this job ran "
+                    f"(it last saw {expect_latest or 'no table'}); this checkpoint was not "
+                    "committed. Run the job again when the other writer is done: it "
+                    "resumes.")
+        return _commit(uri, fragments, mode=mode, schema=schema, read_version=read_version,
+                       job=job, shards=shards, storage_options=storage_options,
+                       removed_fragment_ids=removed_fragment_ids,
+                       updated_fragments=updated_fragments)
+
+
+def _commit(uri: str | Path, fragments: list[FragmentMetadata], *,
+            mode: Literal["create", "append", "update"], schema: pa.Schema,
+            read_version: int | None, job: str, shards: Iterable[str],
+            storage_options: Mapping[str, str] | None,
+            removed_fragment_ids: Iterable[int],
+            updated_fragments: Iterable[FragmentMetadata]) -> lance.LanceDataset:
+    """The Lance transaction itself; `commit` documents the arguments."""
     if mode == "create":
         operation = lance.LanceOperation.Overwrite(schema, fragments)
         read_version = 0

@@ -32,3 +32,14 @@ def test_validation_is_real(config: dict) -> None:
     config["available_node_types"]["gpu_worker"]["resourcez"] = {"GPU": 1}
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(config))
+
+
+def test_only_ssh_is_open_to_the_outside(config: dict) -> None:
+    """The cluster's security group adds no inbound rule beyond the launcher's own (SSH
+    and traffic between the group's nodes), so no Ray port is reachable from outside."""
+    group = config["provider"]["security_group"]
+    assert group["GroupName"]
+    extra = group.get("IpPermissions", [])
+    assert all(rule.get("FromPort") == rule.get("ToPort") == 22 for rule in extra)
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=0.0.0.0" not in head and "--node-ip-address=0.0.0.0" not in head

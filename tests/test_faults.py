@@ -101,6 +101,41 @@ def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local) -> No
     assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
 
 
+def _quiver_run(spec: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`quiver run SPEC --json` as its own process (and its own private Ray)."""
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_two_jobs_writing_one_table_at_once(docs, model_info, tmp_path, ray_local) -> None:
+    """Two `quiver run` processes of one job on one table, started together: whichever
+    commits second fails with a clear error and commits nothing; no version ever holds a
+    chunk twice; the survivor finishes the table, and running the loser again finds
+    nothing left to do."""
+    docs = docs[:30]
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    table = tmp_path / "t.lance"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(_spec_dict(corpus, table)))  # 6 shards, 3 checkpoints
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    runs = [_quiver_run(spec, env) for _ in range(2)]
+    outcomes = [(proc.wait(600), *proc.communicate()) for proc in runs]
+    failed = [err for code, _, err in outcomes if code != 0]
+    assert len(failed) <= 1, "the first to commit is never disturbed afterwards"
+    for err in failed:
+        assert "another writer committed version" in err, err[-3000:]
+    ds = lance.dataset(str(table))
+    expected = chunk_ids(model_info, docs)
+    for v in ds.versions():  # every version is whole: each chunk at most once
+        ids = lance.dataset(str(table), version=v["version"]).to_table(
+            columns=["id"]).column("id").to_pylist()
+        assert len(ids) == len(set(ids)) and set(ids) <= set(expected)
+    assert _ids(table) == expected
+    again = run_embed(parse_spec(_spec_dict(corpus, table)))  # the loser, run again
+    assert again.shards_skipped == 6 and _ids(table) == expected
+
+
 def test_driver_killed_at_several_points_then_resumed(docs, model_info, tmp_path) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
     table = tmp_path / "t.lance"

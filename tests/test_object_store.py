@@ -1,5 +1,7 @@
 """Object storage: a corpus read from, and a table written to, an S3-compatible server
-(moto in server mode on 127.0.0.1), through pyarrow's and Lance's own file systems."""
+(moto in server mode on 127.0.0.1), through pyarrow's and Lance's own file systems, with a
+fault-injecting proxy in between: a failed upload is retried, a commit that keeps failing
+fails the job with nothing half-committed, and the next run resumes to exact rows."""
 
 from __future__ import annotations
 
@@ -12,17 +14,24 @@ import time
 import lance
 import pyarrow.fs as pafs
 import pytest
-from conftest import free_port
+from conftest import chunk_ids, free_port
+from s3_fault_proxy import FaultProxy, Rule
 
 from jobs._embed_job import rejects_uri, run_embed
 from jobs.api import open_table
+from operators.write import orphan_data_files
 from schemas.spec import parse_spec
 
 BUCKET = "quiver-test"
 
 
+def _put(fragment: str):
+    """Match uploads (PUT) whose path contains `fragment`."""
+    return lambda method, path: method == "PUT" and fragment in path
+
+
 @pytest.fixture(scope="module")
-def s3_options():
+def moto_port():
     pytest.importorskip("moto")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
@@ -35,25 +44,52 @@ def s3_options():
             break
         except OSError:
             time.sleep(0.2)
-    options = {"aws_endpoint": f"http://127.0.0.1:{port}", "allow_http": "true",
-               "aws_region": "us-east-1", "aws_access_key_id": "testing",
-               "aws_secret_access_key": "testing"}
-    yield options
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                           region="us-east-1", access_key="testing", secret_key="testing",
+                           allow_bucket_creation=True)
+    fs.create_dir(BUCKET)
+    yield port
     proc.terminate()
     proc.wait(timeout=10)
 
 
-def test_job_reads_and_writes_object_storage(s3_options, stdlib_docs, ray_local) -> None:
-    fs = pafs.S3FileSystem(endpoint_override=s3_options["aws_endpoint"].split("://")[1],
-                           scheme="http", region="us-east-1", access_key="testing",
-                           secret_key="testing", allow_bucket_creation=True)
-    fs.create_dir(BUCKET)
+@pytest.fixture
+def proxy(moto_port):
+    proxy = FaultProxy(moto_port)
+    proxy.port = proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def s3_options(proxy) -> dict[str, str]:
+    """Storage options that route every request through the fault proxy; few retries so a
+    persistent failure surfaces in seconds (Lance's default retries for minutes)."""
+    return {"aws_endpoint": f"http://127.0.0.1:{proxy.port}", "allow_http": "true",
+            "aws_region": "us-east-1", "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing", "client_max_retries": "3",
+            "client_retry_timeout": "20"}
+
+
+def _s3fs(options: dict[str, str]) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=options["aws_endpoint"].split("://")[1],
+                             scheme="http", region="us-east-1", access_key="testing",
+                             secret_key="testing")
+
+
+def test_job_reads_and_writes_object_storage_through_failed_uploads(
+        proxy, s3_options, stdlib_docs, ray_local) -> None:
+    """One data-file upload and one commit answer 503 once: Lance retries both, and the
+    table ends exact."""
+    fs = _s3fs(s3_options)
     lines = [json.dumps({"id": d["id"], "text": d["text"]}) for d in stdlib_docs[:12]]
     lines.insert(3, "{oops")
     with fs.open_output_stream(f"{BUCKET}/in/corpus.jsonl") as f:
         f.write(("\n".join(lines) + "\n").encode())
 
     table = f"s3://{BUCKET}/tables/docs.lance"
+    proxy.rules = [Rule(_put("/tables/docs.lance/data/")),
+                   Rule(_put("/tables/docs.lance/_versions/"))]
     spec = parse_spec({
         "kind": "embed",
         "source": {"uri": f"s3://{BUCKET}/in/corpus.jsonl", "id_field": "id",
@@ -63,6 +99,7 @@ def test_job_reads_and_writes_object_storage(s3_options, stdlib_docs, ray_local)
     })
     summary = run_embed(spec)
     assert summary.documents == 12 and summary.rejects == 1
+    assert proxy.injected() == 2  # both faults really hit the write path
 
     ds = lance.dataset(table, storage_options=s3_options)
     doc_ids = set(ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist())
@@ -74,3 +111,43 @@ def test_job_reads_and_writes_object_storage(s3_options, stdlib_docs, ray_local)
     hits = open_table(table, storage_options=s3_options).search(stdlib_docs[0]["text"][:200],
                                                                 k=1)
     assert hits[0].doc_id == stdlib_docs[0]["id"]
+
+
+def test_commit_that_keeps_failing_fails_cleanly_then_resumes(
+        proxy, s3_options, stdlib_docs, model_info, ray_local) -> None:
+    """Every commit after the first answers 503 until Lance gives up: the job fails with
+    only its first commit visible, and the next run resumes from it, removes the data files
+    the failed commit left, and ends with exact rows."""
+    docs = [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[12:27]]
+    fs = _s3fs(s3_options)
+    with fs.open_output_stream(f"{BUCKET}/in/resume.jsonl") as f:
+        f.write(("\n".join(json.dumps(d) for d in docs) + "\n").encode())
+    table = f"s3://{BUCKET}/tables/resume.lance"
+    first_commit = f"/_versions/{2**64 - 2}.manifest"  # Lance names version v as u64::MAX - v
+    proxy.rules = [Rule(lambda m, p: m == "PUT" and "/resume.lance/_versions/" in p
+                        and not p.endswith(first_commit), times=None)]
+    spec = parse_spec({
+        "kind": "embed",
+        "source": {"uri": f"s3://{BUCKET}/in/resume.jsonl", "id_field": "id",
+                   "records_per_shard": 5, "storage_options": s3_options},
+        "table": table,
+        "write": {"storage_options": s3_options, "shards_per_commit": 1},
+    })
+    with pytest.raises(Exception) as failed:
+        run_embed(spec)
+    assert "503" in str(failed.value) or "SlowDown" in str(failed.value), failed.value
+    assert proxy.injected() >= 2  # the second commit was tried again before giving up
+
+    ds = lance.dataset(table, storage_options=s3_options)
+    assert ds.version == 1  # the failed commit left no version behind
+    first = ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()
+    assert set(first) == {d["id"] for d in docs[:5]}  # one whole shard, nothing more
+    assert orphan_data_files(ds, s3_options)  # the failed commit's uploaded fragments
+
+    proxy.rules = []
+    summary = run_embed(spec)
+    assert summary.shards_skipped == 1
+    ds = lance.dataset(table, storage_options=s3_options)
+    ids = ds.to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == chunk_ids(model_info, docs)  # none lost, none twice
+    assert not orphan_data_files(ds, s3_options)
