@@ -89,16 +89,23 @@ def run_quiver(corpus: Path, n: int | None, out: Path, precision: str, mode: str
         f"chunking: {{mode: {mode}}}\n"
         "write: {mode: overwrite}\n"
     )
+    from _cpu_profile import CpuProfile
+
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"],
-                          cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    profile = CpuProfile(proc.pid).start()
+    out, err = proc.communicate()
     wall = time.perf_counter() - started
+    cpu = profile.stop()
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    summary = json.loads(proc.stdout)
+        raise RuntimeError(err[-3000:])
+    summary = json.loads(out)
     return {"seconds": wall - summary["index_seconds"], "docs": summary["documents"],
             "tokens": summary["tokens"], "chunks": summary["chunks"],
-            "embed_seconds": summary["embed_seconds"]}
+            "embed_seconds": summary["embed_seconds"], "cpu": cpu,
+            "index_seconds": summary["index_seconds"]}
 
 
 def run_forward(corpus: Path, n: int | None, precision: str) -> dict:

@@ -19,7 +19,7 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @contextlib.contextmanager
-def _ray_on_loopback() -> Iterator[None]:
+def ray_on_loopback() -> Iterator[None]:
     """While Ray starts, make it bind every server to 127.0.0.1.
 
     The environment variable reaches the GCS and raylet started now (and through the
@@ -42,6 +42,18 @@ def _ray_on_loopback() -> Iterator[None]:
             os.environ[SINGLE_MACHINE_ENV] = before_env
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (`host:port`, optionally `scheme://`) names this machine.
+
+    >>> _is_loopback("127.0.0.1:6379"), _is_loopback("localhost:6379")
+    (True, True)
+    >>> _is_loopback("10.0.0.5:6379"), _is_loopback("auto")
+    (False, False)
+    """
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost")
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) if given, else start a private Ray in-process.
 
@@ -53,12 +65,18 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and _is_loopback(address):
+        # A cluster reached on 127.0.0.1 lives on this machine and may listen on loopback
+        # only; without the switch Ray rewrites the address to the host's IP and hangs.
+        with ray_on_loopback():
+            ray.init(address=address, logging_level=logging.WARNING)
+        return
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     # "local" stops Ray from joining whatever cluster `ray start` left on this machine:
     # without an address Quiver promises a private, in-process run.
-    with _ray_on_loopback():
+    with ray_on_loopback():
         ray.init(
             address="local",
             num_cpus=os.cpu_count() or 1,

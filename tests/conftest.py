@@ -100,6 +100,25 @@ def chunk_ids(model_info, docs: list[dict]) -> list[str]:
     return sorted(chunker(table).column("id").to_pylist())
 
 
+def loopback_cluster(*, head: dict, workers: list[dict]):
+    """A real several-node Ray cluster whose every server listens on 127.0.0.1.
+
+    Started under the same switch as a local Quiver run, so the nodes, their dashboard and
+    the job drivers Ray spawns all keep 127.0.0.1 instead of the host's IP. Returns the
+    cluster and its worker nodes (for `remove_node`).
+    """
+    from ray.cluster_utils import Cluster
+
+    from jobs._ray import LOOPBACK, ray_on_loopback
+
+    with ray_on_loopback():
+        cluster = Cluster(initialize_head=True, connect=False,
+                          head_node_args={"node_ip_address": LOOPBACK, **head})
+        nodes = [cluster.add_node(node_ip_address=LOOPBACK, **w) for w in workers]
+        cluster.wait_for_nodes()
+    return cluster, nodes
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on right now."""
     with socket.socket() as sock:

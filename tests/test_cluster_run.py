@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lance
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import REPO, loopback_cluster, write_jsonl
 
 from jobs.api import open_table
 
@@ -33,12 +33,9 @@ def _run(spec: Path, env: dict[str, str]) -> dict:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster, _ = loopback_cluster(head={"num_cpus": 1, "include_dashboard": False},
+                                  workers=[{"num_cpus": 1}])
     yield cluster
     cluster.shutdown()
 

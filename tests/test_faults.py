@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lance
 import pytest
-from conftest import REPO, chunk_ids, write_jsonl
+from conftest import REPO, chunk_ids, loopback_cluster, write_jsonl
 
 from jobs._embed_job import run_embed
 from operators.write import orphan_data_files
@@ -172,12 +172,9 @@ def test_driver_killed_at_several_points_then_resumed(docs, model_info, tmp_path
 
 @pytest.mark.heavy  # a third job run on a fresh two-node cluster: over CI's time budget
 def test_worker_node_removed_mid_job(docs, model_info, tmp_path) -> None:
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
+    cluster, (worker,) = loopback_cluster(head={"num_cpus": 2, "include_dashboard": False},
+                                          workers=[{"num_cpus": 1}])
     try:
         corpus = write_jsonl(tmp_path / "c.jsonl", docs)
         table = tmp_path / "t.lance"

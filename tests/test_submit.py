@@ -13,20 +13,18 @@ from pathlib import Path
 
 import lance
 import pytest
-from conftest import REPO, free_port, write_jsonl
+from conftest import REPO, free_port, loopback_cluster, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
 
     port = free_port()
     # Two nodes on one machine: each dashboard agent needs its own port.
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": port, "dashboard_agent_listen_port": free_port()})
-    cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
-    cluster.wait_for_nodes()
+    cluster, _ = loopback_cluster(
+        head={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+              "dashboard_port": port, "dashboard_agent_listen_port": free_port()},
+        workers=[{"num_cpus": 1, "dashboard_agent_listen_port": free_port()}])
     address = f"http://127.0.0.1:{port}"
     from ray.job_submission import JobSubmissionClient
 
