@@ -27,13 +27,17 @@ ROLES = (
 )
 
 
+def _title(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()) or proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "other"
+
+
 def _role(proc: psutil.Process, root: int) -> str:
     if proc.pid == root:
         return "driver (planning, Ray Data executor, commit)"
-    try:
-        title = " ".join(proc.cmdline()) or proc.name()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "other"
+    title = _title(proc)
     for role, marks in ROLES:
         if any(m in title for m in marks):
             return role
@@ -47,6 +51,8 @@ class CpuProfile:
         self.pid = pid
         self.interval = interval
         self.seconds: dict[str, float] = defaultdict(float)
+        self.by_process: dict[str, float] = defaultdict(float)
+        """CPU-seconds per process title (its first 60 characters), for the details."""
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -73,6 +79,7 @@ class CpuProfile:
             self._last[proc.pid] = used
             if delta > 0:
                 self.seconds[_role(proc, self.pid)] += delta
+                self.by_process[_title(proc)[:60]] += delta
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -65,6 +65,9 @@ class ShardDatasource(Datasource):
         return "QuiverShards"
 
 
+MIN_ROWS_PER_WRITE = 10_000
+
+
 class LanceCommitSink(Datasink[dict]):
     """Workers write Lance fragments; the driver commits them all in one transaction.
 
@@ -95,7 +98,8 @@ class LanceCommitSink(Datasink[dict]):
         self.truncated_tokens = 0
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
-        fragments = []
+        # Actors get small blocks to stay evenly busy; one write per call keeps files big.
+        kept = []
         rows = tokens = truncated = 0
         for block in blocks:
             if block.num_rows == 0:
@@ -103,12 +107,18 @@ class LanceCommitSink(Datasink[dict]):
             rows += block.num_rows
             tokens += int(pc.sum(block.column("_tokens")).as_py() or 0)
             truncated += int(pc.sum(block.column("_truncated_tokens")).as_py() or 0)
-            fragments.extend(write_fragments(
-                block, self.uri, schema=self.schema, max_rows_per_file=self.max_rows_per_file,
-                storage_options=self.storage_options,
-            ))
+            kept.append(block.select(self.schema.names).cast(self.schema))
+        fragments = write_fragments(
+            pa.concat_tables(kept), self.uri, schema=self.schema,
+            max_rows_per_file=self.max_rows_per_file, storage_options=self.storage_options,
+        ) if kept else []
         return {"fragments": fragments, "rows": rows, "tokens": tokens,
                 "truncated_tokens": truncated}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        """Rows Ray Data gathers before a write task, so data files are not one per block."""
+        return min(self.max_rows_per_file, MIN_ROWS_PER_WRITE)
 
     def on_write_complete(self, write_result) -> None:
         fragments = [f for r in write_result.write_returns for f in r["fragments"]]

@@ -68,6 +68,9 @@ def pool(hidden, mask, *, mode: Pooling):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+"""Padded tokens per forward pass. On CPU, 4096 ran 3% faster than 8192 in a one-thread
+actor and pads less; a GPU needs wide batches to fill its cores."""
 
 
 def cpu_flags() -> frozenset[str]:
@@ -125,14 +128,14 @@ class Embedder:
         info: The resolved model (folder, pooling, normalisation, dim).
         precision: fp32, or bf16/fp16 autocast (fp16 only on GPU).
         device: 'auto', 'cpu' or 'cuda'.
-        batch_tokens: Padded tokens per forward pass.
+        batch_tokens: Padded tokens per forward pass; None picks the device's default.
         torch_threads: CPU threads for this process; None leaves torch's default.
         trust_remote_code: Passed to transformers; off unless the spec sets it.
         codebook: The codecs `__call__` stores; None means full-size float32 `vector`.
     """
 
     def __init__(self, info: ModelInfo, *, precision: Precision = "fp32",
-                 device: Device = "auto", batch_tokens: int = 8192,
+                 device: Device = "auto", batch_tokens: int | None = None,
                  torch_threads: int | None = None, trust_remote_code: bool = False,
                  codebook: Codebook | None = None) -> None:
         import torch
@@ -148,15 +151,19 @@ class Embedder:
         if precision == "fp16" and self.device == "cpu":
             raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         self.precision = precision
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS[self.device]
         self.codebook = codebook or Codebook(("float32",), info.dim, renormalize=False)
         has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(info.path))
         self.model = AutoModel.from_pretrained(
             info.path, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors,
         )
         self.model.eval().to(self.device)
-        tok = load_tokenizer(info.path, trust_remote_code)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # Padded positions are masked out, so any id works; the config saves loading a
+        # tokenizer in every actor.
+        pad_id = getattr(self.model.config, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = load_tokenizer(info.path, trust_remote_code).pad_token_id
+        self.pad_id = pad_id if pad_id is not None else 0
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def _forward(self, input_ids: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Any]]:

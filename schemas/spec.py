@@ -140,13 +140,20 @@ class ComputeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     actors: int | None = Field(
-        None, ge=1, le=1024, description="Embed actors; None means one per GPU, else one."
+        None, ge=1, le=1024,
+        description="Embed actors; None means one per GPU, else one per CPU (at most one per "
+        "rows_per_batch documents).",
     )
-    batch_tokens: int = Field(
-        8192, ge=256, description="Padded tokens per forward pass (the token budget)."
+    batch_tokens: int | None = Field(
+        None, ge=256,
+        description="Padded tokens per forward pass (the token budget); None means 4096 on "
+        "CPU (measured fastest for one-thread actors) and 16384 on GPU.",
     )
     rows_per_batch: int = Field(
-        512, ge=1, description="Chunks handed to an actor at once, sorted by length inside."
+        128, ge=1,
+        description="Chunks handed to an actor at once, sorted by length inside. Small "
+        "blocks keep every actor busy to the end; 128 still leaves padding at 3-5% on "
+        "SciFact.",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="Threads per CPU actor; None divides the cores among actors."
