@@ -1,5 +1,6 @@
-"""Exactly-once under faults: an embed actor killed mid-job, and the driver killed with
-SIGKILL at several points then run again. Every run must end with exactly one row per
+"""Exactly-once under faults: an embed actor killed mid-job, the driver killed with
+SIGKILL at several points then run again, two jobs on one table, and a worker node of a
+two-node cluster on 127.0.0.1 removed mid-job. Every run must end with exactly one row per
 expected chunk id, and a resumed run must leave no uncommitted data files behind."""
 
 from __future__ import annotations
@@ -170,7 +171,6 @@ def test_driver_killed_at_several_points_then_resumed(docs, model_info, tmp_path
     assert orphan_data_files(lance.dataset(str(table))) == []
 
 
-@pytest.mark.heavy  # a third job run on a fresh two-node cluster: over CI's time budget
 def test_worker_node_removed_mid_job(docs, model_info, tmp_path) -> None:
 
     cluster, (worker,) = loopback_cluster(head={"num_cpus": 2, "include_dashboard": False},
