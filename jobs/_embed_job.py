@@ -28,7 +28,7 @@ import pyarrow as pa
 from jobs._calibrate import calibrate_ranges, sample_chunks
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
 from jobs._lance_io import LanceCommitSink, ShardDatasource
-from jobs._ray import cluster_resources, ensure_ray
+from jobs._ray import cluster_resources, ensure_ray, largest_node_cpus
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.index import build_indices, cleanup_versions, maintain_indices
@@ -153,7 +153,7 @@ class ActorLayout:
 
 
 def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
-                 documents: int | None = None) -> ActorLayout:
+                 documents: int | None = None, node_cpus: float | None = None) -> ActorLayout:
     """Place the embed actors.
 
     One actor per GPU when the cluster has GPUs (unless the spec pins the CPU). On CPU,
@@ -164,7 +164,10 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     2-thread process, and a core taken by a read task or a Ray daemon stalls one actor
     instead of every thread of a parallel matmul. Together the actors hold at most all
     CPUs but one, so read/chunk and write tasks always find a CPU: actors holding every
-    CPU of a two-core machine starve the read tasks and the job hangs.
+    CPU of a two-core machine starve the read tasks and the job hangs. The share is
+    sized on the largest node (`node_cpus`), not the whole cluster: when nodes die, Ray
+    restarts their actors on the survivors, and even all of them on one node must leave
+    a CPU free there.
 
     >>> from schemas.spec import parse_spec
     >>> s = parse_spec({"kind": "embed", "table": "t.lance",
@@ -177,6 +180,9 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     ActorLayout(actors=1, cpus=1.0, gpus=0.0, threads=2)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=0).actors  # a finished job
     1
+    >>> lay = actor_layout(s, cpus=3, gpus=0, cores=2, node_cpus=2)  # nodes of 2 and 1 CPU
+    >>> lay.actors, round(lay.actors * lay.cpus, 2)  # all on the 2-CPU node: 1 CPU free
+    (3, 1.0)
     """
     if gpus >= 1 and spec.model.device != "cpu":
         actors = spec.compute.actors or int(gpus)
@@ -186,7 +192,8 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
         batches = int(cpus) if documents is None \
             else math.ceil(documents / spec.compute.rows_per_batch)
         actors = max(1, min(int(cpus), batches))
-    per_actor = min(1.0, max(0.25, (cpus - 1) / actors)) if cpus > 1 else 0.5
+    room = min(cpus, node_cpus or cpus)
+    per_actor = min(1.0, max(0.01, (room - 1) / actors)) if room > 1 else 0.5
     threads = spec.compute.torch_threads or max(1, cores // actors)
     return ActorLayout(actors, per_actor, 0.0, threads)
 
@@ -402,7 +409,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
         done = set()
     work = diff.embed if diff is not None else sum(s.records - len(s.skip) for s in pending)
     layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1,
-                          documents=work)
+                          documents=work, node_cpus=largest_node_cpus())
     _progress(f"embedding {work} {'chunks' if diff is not None else 'documents'} on "
               f"{layout.actors} actor(s) x {layout.threads} torch thread(s)"
               + (", 1 GPU each" if layout.gpus else ""))

@@ -97,3 +97,11 @@ def cluster_resources() -> tuple[float, float]:
 
     res = ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def largest_node_cpus() -> float:
+    """CPUs of the joined cluster's biggest live node: where every actor may end up."""
+    import ray
+
+    return max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]),
+               default=0.0)
