@@ -150,6 +150,8 @@ class ActorLayout:
     gpus: float
     threads: int
     """torch threads inside each actor."""
+    task_cpus: float = 1.0
+    """Logical CPUs each read/chunk and write task asks for: what the actors leave free."""
 
 
 def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
@@ -173,13 +175,15 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     >>> s = parse_spec({"kind": "embed", "table": "t.lance",
     ...                 "source": {"uri": "c.jsonl", "id_field": "_id"}})
     >>> actor_layout(s, cpus=16, gpus=4, cores=16)
-    ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1)
+    ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1, task_cpus=1.0)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2)
-    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1)
+    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=40)  # one batch of work
-    ActorLayout(actors=1, cpus=1.0, gpus=0.0, threads=2)
+    ActorLayout(actors=1, cpus=1.0, gpus=0.0, threads=2, task_cpus=1.0)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=0).actors  # a finished job
     1
+    >>> actor_layout(s, cpus=1, gpus=0, cores=1)  # one CPU: actor and tasks share it
+    ActorLayout(actors=1, cpus=0.5, gpus=0.0, threads=1, task_cpus=0.5)
     >>> lay = actor_layout(s, cpus=3, gpus=0, cores=2, node_cpus=2)  # nodes of 2 and 1 CPU
     >>> lay.actors, round(lay.actors * lay.cpus, 2)  # all on the 2-CPU node: 1 CPU free
     (3, 1.0)
@@ -193,9 +197,10 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
             else math.ceil(documents / spec.compute.rows_per_batch)
         actors = max(1, min(int(cpus), batches))
     room = min(cpus, node_cpus or cpus)
-    per_actor = min(1.0, max(0.01, (room - 1) / actors)) if room > 1 else 0.5
+    per_actor = min(1.0, max(0.01, (room - 1) / actors)) if room > 1 else room / (2 * actors)
     threads = spec.compute.torch_threads or max(1, cores // actors)
-    return ActorLayout(actors, per_actor, 0.0, threads)
+    return ActorLayout(actors, per_actor, 0.0, threads,
+                       task_cpus=round(min(1.0, room - actors * per_actor), 4))
 
 
 def _check_reject_rate(spec: JobSpec, plan: ReadPlan) -> None:
@@ -265,9 +270,10 @@ def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
     """The embed actor pool over chunk rows (token ids in, codec columns out)."""
     from ray.data import ActorPoolStrategy
 
-    # Streaming split into rows_per_batch-row blocks: Ray Data hands one block to one
-    # actor, so a shard-sized block would keep one actor busy while the others idle.
-    ds = ds.repartition(target_num_rows_per_block=spec.compute.rows_per_batch)
+    if layout.actors > 1:
+        # Streaming split into rows_per_batch-row blocks: Ray Data hands one block to one
+        # actor, so a shard-sized block would keep one actor busy while the others idle.
+        ds = ds.repartition(target_num_rows_per_block=spec.compute.rows_per_batch)
     return ds.map_batches(
         Embedder,
         fn_constructor_args=(info,),
@@ -421,7 +427,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
         ds = ray.data.read_datasource(
             ShardDatasource(group, source=spec.source, metadata=plan.metadata, chunker=chunk,
                             keep=keep),
-            override_num_blocks=max(1, len(group)),
+            override_num_blocks=max(1, len(group)), num_cpus=layout.task_cpus,
         )
         covered = {s.shard_id for s in plan.shards} if reindex \
             else done | {s.shard_id for s in group}
@@ -430,7 +436,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
             shards=sorted(covered), max_rows_per_file=spec.write.max_rows_per_file,
             storage_options=opts, deletions=deletions, expect_latest=seen,
         )
-        _embed_stage(ds, **stage).write_datasink(sink)
+        _embed_stage(ds, **stage).write_datasink(
+            sink, ray_remote_args={"num_cpus": layout.task_cpus})
         rows += sink.rows
         tokens += sink.tokens
         truncated += sink.truncated_tokens
