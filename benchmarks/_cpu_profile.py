@@ -51,8 +51,6 @@ class CpuProfile:
         self.pid = pid
         self.interval = interval
         self.seconds: dict[str, float] = defaultdict(float)
-        self.by_process: dict[str, float] = defaultdict(float)
-        """CPU-seconds per process title (its first 60 characters), for the details."""
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -79,7 +77,6 @@ class CpuProfile:
             self._last[proc.pid] = used
             if delta > 0:
                 self.seconds[_role(proc, self.pid)] += delta
-                self.by_process[_title(proc)[:60]] += delta
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -106,13 +106,12 @@ def run_quiver(corpus: Path, n: int | None, out: Path, precision: str, mode: str
     out, err = proc.communicate()
     wall = time.perf_counter() - started
     cpu = profile.stop()
-    detail = dict(sorted(profile.by_process.items(), key=lambda kv: -kv[1])[:12])
     if proc.returncode != 0:
         raise RuntimeError(err[-3000:])
     summary = json.loads(out)
     return {"seconds": wall - summary["index_seconds"], "docs": summary["documents"],
             "tokens": summary["tokens"], "chunks": summary["chunks"],
-            "embed_seconds": summary["embed_seconds"], "cpu": cpu, "cpu_detail": detail,
+            "embed_seconds": summary["embed_seconds"], "cpu": cpu,
             "index_seconds": summary["index_seconds"]}
 
 
@@ -197,7 +196,7 @@ def _load_model(info, threads: int):
 
 
 def _forward_part(info, batches, precision: str, barrier, results) -> None:
-    """One single-threaded process of `c_2x1`: load, wait for the others, time its part."""
+    """One single-threaded process of `c_procs`: load, wait for the others, time its part."""
     model = _load_model(info, 1)
     tensors = _padded(batches)
     _forward_all(model, tensors[:1], precision=precision, pooling=info.pooling)  # warm-up

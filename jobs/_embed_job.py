@@ -154,6 +154,11 @@ class ActorLayout:
     """Logical CPUs each read/chunk and write task asks for: what the actors leave free."""
 
 
+def _uses_gpus(spec: JobSpec, gpus: float) -> bool:
+    """Whether the embed actors run on GPUs: the cluster has one and the spec allows it."""
+    return gpus >= 1 and spec.model.device != "cpu"
+
+
 def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
                  documents: int | None = None, node_cpus: float | None = None) -> ActorLayout:
     """Place the embed actors.
@@ -187,8 +192,11 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     >>> lay = actor_layout(s, cpus=3, gpus=0, cores=2, node_cpus=2)  # nodes of 2 and 1 CPU
     >>> lay.actors, round(lay.actors * lay.cpus, 2)  # all on the 2-CPU node: 1 CPU free
     (3, 1.0)
+    >>> many = parse_spec({**s.model_dump(), "compute": {"actors": 1000}})
+    >>> actor_layout(many, cpus=2, gpus=0, cores=2).task_cpus  # still a CPU for tasks
+    1.0
     """
-    if gpus >= 1 and spec.model.device != "cpu":
+    if _uses_gpus(spec, gpus):
         actors = spec.compute.actors or int(gpus)
         return ActorLayout(actors, 1.0, 1.0, spec.compute.torch_threads or 1)
     actors = spec.compute.actors
@@ -197,7 +205,7 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
             else math.ceil(documents / spec.compute.rows_per_batch)
         actors = max(1, min(int(cpus), batches))
     room = min(cpus, node_cpus or cpus)
-    per_actor = min(1.0, max(0.01, (room - 1) / actors)) if room > 1 else room / (2 * actors)
+    per_actor = min(1.0, (room - 1) / actors) if room > 1 else room / (2 * actors)
     threads = spec.compute.torch_threads or max(1, cores // actors)
     return ActorLayout(actors, per_actor, 0.0, threads,
                        task_cpus=round(min(1.0, room - actors * per_actor), 4))
@@ -326,8 +334,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     _check_reject_rate(spec, plan)
     ensure_ray()
     cpus, gpus = cluster_resources()
-    on_gpu = gpus >= 1 and spec.model.device != "cpu"
-    precision = resolve_precision(spec.model.precision, on_gpu=on_gpu)
+    precision = resolve_precision(spec.model.precision, on_gpu=_uses_gpus(spec, gpus))
     manifest = build_manifest(spec, info, precision=precision)
     _progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
