@@ -112,7 +112,7 @@ def run_quiver(corpus: Path, n: int | None, out: Path, precision: str, mode: str
     return {"seconds": wall - summary["index_seconds"], "docs": summary["documents"],
             "tokens": summary["tokens"], "chunks": summary["chunks"],
             "embed_seconds": summary["embed_seconds"], "cpu": cpu,
-            "index_seconds": summary["index_seconds"]}
+            "index_seconds": summary["index_seconds"], "profile": summary["profile"]}
 
 
 def _quiver_batches(corpus: Path, n: int | None):
@@ -207,16 +207,13 @@ def _forward_part(info, batches, precision: str, barrier, results) -> None:
 
 
 def run_forward(corpus: Path, n: int | None, precision: str, processes: int) -> dict:
-    """The model's own forward pass over Quiver's batches, and a profile of the rest.
+    """The model's own forward pass over Quiver's batches, timed alone.
 
     processes=1: one process with a thread per core (how a script runs the model).
     processes=THREADS: one single-threaded process per core, started together on a
     barrier, the batches dealt round-robin (what Quiver's actors do, without Ray).
     """
     import multiprocessing as mp
-
-    import lance
-    import pyarrow as pa
 
     from operators.embed import resolve_precision
 
@@ -241,15 +238,9 @@ def run_forward(corpus: Path, n: int | None, precision: str, processes: int) -> 
     model = _load_model(info, THREADS)
     tensors = _padded(batches)
     _forward_all(model, tensors[:1], precision=precision, pooling=info.pooling)  # warm-up
-    forward, pooling, vectors = _forward_all(model, tensors, precision=precision,
-                                             pooling=info.pooling)
-    t0 = time.perf_counter()
-    flat = pa.array(vectors.reshape(-1))
-    with tempfile.TemporaryDirectory() as tmp:
-        lance.write_dataset(pa.table({"vector": pa.FixedSizeListArray.from_arrays(flat, 384)}),
-                            f"{tmp}/v.lance")
-    write = time.perf_counter() - t0
-    return {**result, "seconds": forward, "pool": pooling, "write": write}
+    forward, pooling, _ = _forward_all(model, tensors, precision=precision,
+                                       pooling=info.pooling)
+    return {**result, "seconds": forward, "pool": pooling}
 
 
 # ---------------------------------------------------------------- driver
@@ -309,6 +300,35 @@ def _profile_lines(runs: list[dict]) -> list[str]:
     total = sum(med.values())
     return [f"  {role:<52}{sec:>7.1f} CPU-s {sec / total:>6.1%}"
             for role, sec in sorted(med.items(), key=lambda kv: -kv[1])]
+
+
+def _time_lines(runs: list[dict], *, bare_actor_s: float, c0: dict, index_s: float) -> list[str]:
+    """Where (b)'s wall time goes, from the stage seconds `quiver run` measured itself
+    (medians over the runs), set against the bare forward of (c)."""
+    def med(key: str) -> float:
+        return statistics.median(r["profile"][key] for r in runs)
+
+    wall = statistics.median(r["seconds"] for r in runs)
+    embed = statistics.median(r["embed_seconds"] for r in runs)
+    actors = runs[0]["profile"]["actors"]
+    forward = med("forward")
+    return [
+        "\nwhere quiver's time goes (b, medians; measured inside the run by `quiver run`):",
+        f"  wall {wall:.1f} s: embed phase (read -> embed -> write -> commit) {embed:.1f} s; "
+        f"the other {wall - embed:.1f} s is interpreter start, imports, planning, Ray up "
+        f"({med('ray_start'):.1f} s) and Ray's shutdown at exit. First embedded batch out "
+        f"at {med('first_block'):.1f} s.",
+        f"  embed actors ({actors} x {embed:.1f} s = {actors * embed:.0f} actor-s): forward "
+        f"{forward:.1f}, pool {med('pool'):.1f}, quantize {med('quantize'):.1f}, idle "
+        f"{med('actor_idle'):.1f} (process start, torch import and model load, waiting "
+        "for blocks, the tail)",
+        f"  the actors' forward took {forward / bare_actor_s:.2f}x the bare one-process-per-"
+        f"core forward ({bare_actor_s:.1f} process-s): the rest is CPU Ray's own "
+        "processes took from them",
+        f"  tasks: read {med('read'):.1f} s, tokenize {med('tokenize'):.1f} s (bare: "
+        f"{c0['tokenize']:.1f} s), write {med('write'):.1f} s; driver commit "
+        f"{med('commit'):.2f} s; index (not in b) {index_s:.1f} s",
+    ]
 
 
 def main() -> None:
@@ -372,12 +392,8 @@ def main() -> None:
     print(f"b_fp32/a = {med['a'] / med['b_fp32']:.2f}   (goal >= 1.1)")
     print(f"b/c      = {fastest_c / med['b']:.2f}   (goal >= 0.90; c = the faster forward)")
     b_index = statistics.median(x["index_seconds"] for x in results["b"])
-    print(f"\nwhere quiver's time goes (b, wall seconds): forward {fastest_c:.1f} at the bare "
-          f"rate; the other {med['b'] - fastest_c:.1f} s is start-up (Ray, actors loading "
-          "the model) and the CPU below taken from the forward pass. Bare-run costs of the "
-          f"other steps: tokenize {c0['tokenize']:.1f} s (read tasks, overlapped), pool + "
-          f"normalise {c0['pool']:.1f} s, vector write {c0['write']:.1f} s. "
-          f"Index (not in b): {b_index:.1f} s.")
+    print("\n".join(_time_lines(results["b"], bare_actor_s=THREADS * med["c_procs"],
+                                 c0=c0, index_s=b_index)))
     print("CPU-seconds of (b) by process role (median over runs):")
     print("\n".join(_profile_lines(results["b"])))
     print(f"agreement of the default precision with fp32 (same chunks, by id): mean cosine "

@@ -78,6 +78,8 @@ class JobSummary:
     versions_cleaned: int = 0
     cutover: dict | None = None
     """When the embedding configuration changed: old and new versions, top-10 overlap."""
+    profile: dict | None = None
+    """Where the time went (see `stage_profile`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,6 +213,30 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
                        task_cpus=round(min(1.0, room - actors * per_actor), 4))
 
 
+def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: float | None,
+                  actors: int, embed_seconds: float) -> dict:
+    """The job's time by stage, in seconds.
+
+    `read`/`tokenize` and `write` are summed over Ray tasks, `forward`/`pool`/`quantize`
+    over embed actors (so with two actors they can add up to twice the wall time);
+    `commit` is the driver's. `ray_start` and `first_block` are wall time from the job's
+    start: Ray up, and the first embedded block out of an actor. `actor_idle` is the
+    actors' share of the embed phase not spent on a batch: model loading, waiting for
+    blocks, the tail, and whatever Ray's own processes took from them.
+
+    >>> stage_profile({"forward": 50.0, "pool": 1.0, "quantize": 1.0}, ray_start=3.0,
+    ...               first_block=12.0, actors=2, embed_seconds=30.0)["actor_idle"]
+    8.0
+    """
+    busy = sum(seconds.get(s, 0.0) for s in ("forward", "pool", "quantize"))
+    profile = {stage: round(seconds.get(stage, 0.0), 4)
+               for stage in ("read", "tokenize", "forward", "pool", "quantize", "write",
+                             "commit")}
+    return {**profile, "ray_start": round(ray_start, 2),
+            "first_block": None if first_block is None else round(first_block, 2),
+            "actors": actors, "actor_idle": round(max(0.0, actors * embed_seconds - busy), 2)}
+
+
 def _check_reject_rate(spec: JobSpec, plan: ReadPlan) -> None:
     """Fail before anything is written when more records are bad than the spec tolerates."""
     limit = spec.source.max_reject_rate
@@ -325,7 +351,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     """
     import ray.data
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     info = describe_model(spec.model)
     plan = plan_source(spec.source)
     _progress(f"source {spec.source.uri}: {plan.records} records, {plan.documents} valid, "
@@ -333,6 +359,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
     ensure_ray()
+    ray_start = time.perf_counter() - started
     cpus, gpus = cluster_resources()
     precision = resolve_precision(spec.model.precision, on_gpu=_uses_gpus(spec, gpus))
     manifest = build_manifest(spec, info, precision=precision)
@@ -429,6 +456,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
     stage = dict(info=info, spec=spec, layout=layout, precision=precision, codebook=codebook)
     seen = existing.version if existing is not None else 0  # guards against other writers
     rows = tokens = truncated = 0
+    seconds: dict[str, float] = {}
+    first_out: list[float] = []
     embed_started = time.perf_counter()
     for n, group in enumerate(groups, 1):
         ds = ray.data.read_datasource(
@@ -448,6 +477,9 @@ def run_embed(spec: JobSpec) -> JobSummary:
         rows += sink.rows
         tokens += sink.tokens
         truncated += sink.truncated_tokens
+        for step, spent in sink.seconds.items():
+            seconds[step] = seconds.get(step, 0.0) + spent
+        first_out += [sink.first_embedded_at] if sink.first_embedded_at is not None else []
         version_now, mode, seen = sink.version, "append", sink.version
         done |= covered
         _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
@@ -496,5 +528,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
             "unchanged": diff.unchanged, "embedded": rows},
         versions_cleaned=cleaned,
         cutover=change_report,
+        profile=stage_profile(
+            seconds, ray_start=ray_start, actors=layout.actors, embed_seconds=embed_seconds,
+            first_block=min(first_out) - started_at if first_out else None),
     )
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from operators.read import read_shard
+from operators.timing import first_embedded_at, stage_totals, with_stage_seconds
 from operators.write import commit, write_fragments
 from schemas.source import Shard
 from schemas.spec import SourceSpec
@@ -46,14 +48,19 @@ class ShardDatasource(Datasource):
 
         def make(shard: Shard) -> ReadTask:
             def read() -> Iterable[pa.Table]:
-                chunks = chunker(read_shard(shard, source=source, metadata=metadata))
+                started = time.perf_counter()
+                docs = read_shard(shard, source=source, metadata=metadata)
+                read_s = time.perf_counter() - started
+                chunks = chunker(docs)
+                tokenize_s = time.perf_counter() - started - read_s
                 if keep is not None:
                     wanted = pa.array(sorted(keep.get(shard.shard_id, ())), pa.string())
                     chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
                 if hashes_only:
-                    chunks = chunks.select(["id", "content_hash"]).append_column(
+                    yield chunks.select(["id", "content_hash"]).append_column(
                         "shard", pa.array([shard.shard_id] * chunks.num_rows, pa.string()))
-                yield chunks
+                    return
+                yield with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
 
             meta = BlockMetadata(num_rows=shard.records - len(shard.skip), size_bytes=None,
                                  exec_stats=None, input_files=(shard.path,))
@@ -96,24 +103,35 @@ class LanceCommitSink(Datasink[dict]):
         self.rows = 0
         self.tokens = 0
         self.truncated_tokens = 0
+        self.seconds: dict[str, float] = {}
+        """Seconds per stage over this checkpoint's rows, plus `write` and `commit`."""
+        self.first_embedded_at: float | None = None
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
         # Actors get small blocks to stay evenly busy; one write per call keeps files big.
         kept = []
         rows = tokens = truncated = 0
+        seconds: dict[str, float] = {}
+        first: list[float] = []
         for block in blocks:
             if block.num_rows == 0:
                 continue
             rows += block.num_rows
             tokens += int(pc.sum(block.column("_tokens")).as_py() or 0)
             truncated += int(pc.sum(block.column("_truncated_tokens")).as_py() or 0)
+            for stage, spent in stage_totals(block).items():
+                seconds[stage] = seconds.get(stage, 0.0) + spent
+            first += [t for t in [first_embedded_at(block)] if t is not None]
             kept.append(block.select(self.schema.names).cast(self.schema))
+        started = time.perf_counter()
         fragments = write_fragments(
             pa.concat_tables(kept), self.uri, schema=self.schema,
             max_rows_per_file=self.max_rows_per_file, storage_options=self.storage_options,
         ) if kept else []
+        seconds["write"] = time.perf_counter() - started
         return {"fragments": fragments, "rows": rows, "tokens": tokens,
-                "truncated_tokens": truncated}
+                "truncated_tokens": truncated, "seconds": seconds,
+                "first_embedded_at": min(first, default=None)}
 
     @property
     def min_rows_per_write(self) -> int:
@@ -125,12 +143,19 @@ class LanceCommitSink(Datasink[dict]):
         self.rows = sum(r["rows"] for r in write_result.write_returns)
         self.tokens = sum(r["tokens"] for r in write_result.write_returns)
         self.truncated_tokens = sum(r["truncated_tokens"] for r in write_result.write_returns)
+        for r in write_result.write_returns:
+            for stage, spent in r["seconds"].items():
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+        self.first_embedded_at = min((r["first_embedded_at"] for r in write_result.write_returns
+                                      if r["first_embedded_at"] is not None), default=None)
+        started = time.perf_counter()
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=self.shards,
                     storage_options=self.storage_options,
                     removed_fragment_ids=self.deletions[0], updated_fragments=self.deletions[1],
                     expect_latest=self.expect_latest)
         self.version = ds.version
+        self.seconds["commit"] = time.perf_counter() - started
 
     def get_name(self) -> str:
         return "QuiverLance"

@@ -78,10 +78,21 @@ def _print_summary(summary: dict) -> None:
         print(f"truncated  {summary['truncated_tokens']} document tokens not embedded "
               "(chunking.mode: truncate)")
     print(f"index      {summary['index']} ({summary['index_seconds']} s)")
+    if summary.get("profile"):
+        print(f"profile    {_profile_line(summary['profile'])}")
     if summary.get("versions_cleaned"):
         print(f"cleanup    {summary['versions_cleaned']} old versions removed "
               "(write.retention_days)")
     print(f"time       {summary['seconds']} s")
+
+
+def _profile_line(p: dict) -> str:
+    """One line of where the time went: task-, actor- and driver-seconds per stage."""
+    first = "" if p["first_block"] is None else f", first batch out at {p['first_block']:.1f} s"
+    return (f"Ray up in {p['ray_start']:.1f} s{first}; read {p['read']:.2f} s + tokenize "
+            f"{p['tokenize']:.2f} s (tasks); forward {p['forward']:.2f} s, pool "
+            f"{p['pool']:.2f} s, quantize {p['quantize']:.2f} s, idle {p['actor_idle']:.2f} s "
+            f"({p['actors']} actor(s)); write {p['write']:.2f} s, commit {p['commit']:.2f} s")
 
 
 @app.command()

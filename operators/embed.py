@@ -10,6 +10,7 @@ padding stays small.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
 from operators.quantize import Codebook, empty_matrix, encode, to_arrow
+from operators.timing import EMBEDDED_AT, with_stage_seconds
 from schemas.records import CODEC_COLUMNS, codec_fields
 from schemas.spec import Device, Pooling, Precision, PrecisionChoice
 
@@ -165,6 +167,15 @@ class Embedder:
             pad_id = load_tokenizer(info.path, trust_remote_code).pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.seconds = {"forward": 0.0, "pool": 0.0}
+        """Seconds spent in the forward pass and in pooling since the last `__call__`."""
+
+    def _sync(self) -> None:
+        """Wait for queued GPU work, so the stage timings charge it to the right stage."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
 
     def _forward(self, input_ids: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Any]]:
         """Yield (row indices, pooled vectors on the device) per token-budget batch."""
@@ -174,6 +185,7 @@ class Embedder:
         pin = self.device == "cuda"
         with torch.inference_mode():
             for batch in token_budget_batches(lengths, batch_tokens=self.batch_tokens):
+                started = time.perf_counter()
                 width = lengths[batch[0]]
                 ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -189,9 +201,14 @@ class Embedder:
                     enabled=self._autocast_dtype is not None,
                 ):
                     hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                self._sync()
+                forwarded = time.perf_counter()
                 vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
                 if self.info.normalize:
                     vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+                self._sync()
+                self.seconds["forward"] += forwarded - started
+                self.seconds["pool"] += time.perf_counter() - forwarded
                 yield batch, vectors
 
     def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -213,9 +230,12 @@ class Embedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Replace `input_ids` by the codebook's vector columns (fixed-size lists).
 
-        A `_tokens` column keeps each row's token count for throughput accounting; the
-        writer drops it.
+        Work columns for the job summary ride along, and the writer drops them: `_tokens`
+        (each row's token count), the row's share of this block's forward, pool and
+        quantize seconds, and when the block left this actor.
         """
+        started = time.perf_counter()
+        self.seconds = {"forward": 0.0, "pool": 0.0}
         encoded = self.encode_ids(batch.column("input_ids").to_pylist())
         tokens = pa.compute.list_value_length(batch.column("input_ids")).cast(pa.int32())
         keep = batch.drop_columns(["input_ids"])
@@ -223,7 +243,12 @@ class Embedder:
             codec = next(c for c in self.codebook.codecs if CODEC_COLUMNS[c] == field.name)
             keep = keep.append_column(field, to_arrow(encoded[field.name], codec,
                                                       self.codebook.dims))
-        return keep.append_column("_tokens", tokens)
+        keep = keep.append_column("_tokens", tokens)
+        spent = time.perf_counter() - started
+        keep = with_stage_seconds(keep, **self.seconds,
+                                  quantize=spent - sum(self.seconds.values()))
+        return keep.append_column(
+            EMBEDDED_AT, pa.array(np.full(keep.num_rows, time.time()), pa.float64()))
 
 
 QueryKind = Literal["query", "document"]

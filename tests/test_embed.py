@@ -41,7 +41,11 @@ def test_batch_gets_a_fixed_size_vector_column(embedder, model_info) -> None:
     ids = tok(texts)["input_ids"]
     batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array(ids, pa.list_(pa.int32()))})
     out = embedder(batch)
-    assert out.column_names == ["id", "vector", "_tokens"]
+    assert out.column_names == ["id", "vector", "_tokens", "_forward_s", "_pool_s",
+                                "_quantize_s", "_embedded_at"]
+    # the block's forward seconds, spread evenly over its rows
+    forward = out.column("_forward_s").to_pylist()
+    assert forward[0] > 0 and forward == [forward[0]] * 3
     assert out.schema.field("vector").type == vector_type(384)
     v = np.array(out.column("vector").to_pylist())
     assert v.shape == (3, 384)

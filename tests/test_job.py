@@ -86,6 +86,20 @@ def test_job_writes_exactly_the_expected_chunks(table, corpus, model_info) -> No
     assert sorted(i["fields"] for i in ds.list_indices()) == [["id"], ["text"]]
 
 
+def test_summary_says_where_the_time_went(table) -> None:
+    """Every stage's seconds were measured where it ran and reached the summary, across
+    three checkpoints: each is positive and fits inside the job's own wall time."""
+    _, summary = table
+    p = summary.profile
+    for stage in ("read", "tokenize", "forward", "pool", "quantize", "write", "commit"):
+        assert 0 < p[stage] < summary.seconds * p["actors"], stage
+    assert p["forward"] > p["pool"] and p["forward"] > p["quantize"]  # inference dominates
+    assert 0 <= p["ray_start"] < p["first_block"] < summary.seconds  # Ray may be up already
+    busy = p["forward"] + p["pool"] + p["quantize"]
+    assert busy + p["actor_idle"] == pytest.approx(p["actors"] * summary.embed_seconds,
+                                                   abs=0.1)
+
+
 def test_rejects_dataset_names_line_and_reason(table, corpus) -> None:
     path, _ = table
     rejects = lance.dataset(rejects_uri(str(path))).to_table().to_pylist()

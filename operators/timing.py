@@ -1,0 +1,53 @@
+"""Per-stage seconds that ride along with the rows, so a job can say where its time went.
+
+Each stage (read, tokenize, forward, pool, quantize) times the block it handles and
+spreads that time evenly over the block's rows in a float64 column. A sum over any set of
+rows is then what those rows cost in that stage, however Ray Data splits, merges or
+reorders blocks between stages, and on whatever node they ran. The writer drops the
+columns; `stage_totals` sums them where the blocks end up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STAGE_COLUMNS = {"read": "_read_s", "tokenize": "_tokenize_s", "forward": "_forward_s",
+                 "pool": "_pool_s", "quantize": "_quantize_s"}
+"""Stage name -> the column holding each row's share of that stage's seconds."""
+EMBEDDED_AT = "_embedded_at"
+"""Unix time at which the row's block left the embed actor (the same for the block)."""
+
+
+def with_stage_seconds(table: pa.Table, **seconds: float) -> pa.Table:
+    """Append one column per named stage, each row holding `seconds / num_rows`.
+
+    >>> t = with_stage_seconds(pa.table({"x": [1, 2, 3, 4]}), forward=2.0)
+    >>> t.column("_forward_s").to_pylist()
+    [0.5, 0.5, 0.5, 0.5]
+    """
+    rows = table.num_rows
+    for stage, spent in seconds.items():
+        table = table.append_column(
+            STAGE_COLUMNS[stage], pa.array(np.full(rows, spent / max(rows, 1)), pa.float64()))
+    return table
+
+
+def stage_totals(table: pa.Table) -> dict[str, float]:
+    """Seconds per stage over the table's rows, for the stage columns it has.
+
+    >>> t = with_stage_seconds(pa.table({"x": [1, 2]}), read=1.0, tokenize=3.0)
+    >>> stage_totals(t.slice(0, 1))
+    {'read': 0.5, 'tokenize': 1.5}
+    """
+    names = set(table.column_names)
+    return {stage: float(pc.sum(table.column(column)).as_py() or 0.0)
+            for stage, column in STAGE_COLUMNS.items() if column in names}
+
+
+def first_embedded_at(table: pa.Table) -> float | None:
+    """When the earliest of these rows left an embed actor (Unix time), if recorded."""
+    if EMBEDDED_AT not in table.column_names or table.num_rows == 0:
+        return None
+    return float(pc.min(table.column(EMBEDDED_AT)).as_py())
