@@ -164,27 +164,22 @@ def _padded(batches):
     return tensors
 
 
-def _forward_all(model, tensors, *, precision: str, pooling: str):
-    """Run the forward pass over padded batches: (forward s, pool s, vectors)."""
-    import numpy as np
+def _forward_all(model, tensors, *, precision: str, pooling: str) -> float:
+    """Run the forward pass (and pooling) over padded batches; the forward's seconds."""
     import torch
 
     from operators.embed import pool
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    forward = pooling_s = 0.0
-    outputs = []
+    forward = 0.0
     with torch.inference_mode():
         for ids_t, mask in tensors:
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 hidden = model(input_ids=ids_t, attention_mask=mask).last_hidden_state
-            t1 = time.perf_counter()
-            v = torch.nn.functional.normalize(pool(hidden, mask, mode=pooling), dim=1)
-            outputs.append(v.numpy())
-            forward += t1 - t0
-            pooling_s += time.perf_counter() - t1
-    return forward, pooling_s, np.concatenate(outputs)
+            forward += time.perf_counter() - t0
+            torch.nn.functional.normalize(pool(hidden, mask, mode=pooling), dim=1)
+    return forward
 
 
 def _load_model(info, threads: int):
@@ -238,9 +233,8 @@ def run_forward(corpus: Path, n: int | None, precision: str, processes: int) -> 
     model = _load_model(info, THREADS)
     tensors = _padded(batches)
     _forward_all(model, tensors[:1], precision=precision, pooling=info.pooling)  # warm-up
-    forward, pooling, _ = _forward_all(model, tensors, precision=precision,
-                                       pooling=info.pooling)
-    return {**result, "seconds": forward, "pool": pooling}
+    forward = _forward_all(model, tensors, precision=precision, pooling=info.pooling)
+    return {**result, "seconds": forward}
 
 
 # ---------------------------------------------------------------- driver

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -456,7 +457,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     stage = dict(info=info, spec=spec, layout=layout, precision=precision, codebook=codebook)
     seen = existing.version if existing is not None else 0  # guards against other writers
     rows = tokens = truncated = 0
-    seconds: dict[str, float] = {}
+    seconds: Counter[str] = Counter()
     first_out: list[float] = []
     embed_started = time.perf_counter()
     for n, group in enumerate(groups, 1):
@@ -477,9 +478,9 @@ def run_embed(spec: JobSpec) -> JobSummary:
         rows += sink.rows
         tokens += sink.tokens
         truncated += sink.truncated_tokens
-        for step, spent in sink.seconds.items():
-            seconds[step] = seconds.get(step, 0.0) + spent
-        first_out += [sink.first_embedded_at] if sink.first_embedded_at is not None else []
+        seconds.update(sink.seconds)
+        if sink.first_embedded_at is not None:
+            first_out.append(sink.first_embedded_at)
         version_now, mode, seen = sink.version, "append", sink.version
         done |= covered
         _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "

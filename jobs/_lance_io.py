@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 import pyarrow as pa
@@ -103,7 +104,7 @@ class LanceCommitSink(Datasink[dict]):
         self.rows = 0
         self.tokens = 0
         self.truncated_tokens = 0
-        self.seconds: dict[str, float] = {}
+        self.seconds: Counter[str] = Counter()
         """Seconds per stage over this checkpoint's rows, plus `write` and `commit`."""
         self.first_embedded_at: float | None = None
 
@@ -111,7 +112,7 @@ class LanceCommitSink(Datasink[dict]):
         # Actors get small blocks to stay evenly busy; one write per call keeps files big.
         kept = []
         rows = tokens = truncated = 0
-        seconds: dict[str, float] = {}
+        seconds: Counter[str] = Counter()
         first: list[float] = []
         for block in blocks:
             if block.num_rows == 0:
@@ -119,9 +120,9 @@ class LanceCommitSink(Datasink[dict]):
             rows += block.num_rows
             tokens += int(pc.sum(block.column("_tokens")).as_py() or 0)
             truncated += int(pc.sum(block.column("_truncated_tokens")).as_py() or 0)
-            for stage, spent in stage_totals(block).items():
-                seconds[stage] = seconds.get(stage, 0.0) + spent
-            first += [t for t in [first_embedded_at(block)] if t is not None]
+            seconds.update(stage_totals(block))
+            if (at := first_embedded_at(block)) is not None:
+                first.append(at)
             kept.append(block.select(self.schema.names).cast(self.schema))
         started = time.perf_counter()
         fragments = write_fragments(
@@ -130,7 +131,7 @@ class LanceCommitSink(Datasink[dict]):
         ) if kept else []
         seconds["write"] = time.perf_counter() - started
         return {"fragments": fragments, "rows": rows, "tokens": tokens,
-                "truncated_tokens": truncated, "seconds": seconds,
+                "truncated_tokens": truncated, "seconds": dict(seconds),
                 "first_embedded_at": min(first, default=None)}
 
     @property
@@ -144,8 +145,7 @@ class LanceCommitSink(Datasink[dict]):
         self.tokens = sum(r["tokens"] for r in write_result.write_returns)
         self.truncated_tokens = sum(r["truncated_tokens"] for r in write_result.write_returns)
         for r in write_result.write_returns:
-            for stage, spent in r["seconds"].items():
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+            self.seconds.update(r["seconds"])
         self.first_embedded_at = min((r["first_embedded_at"] for r in write_result.write_returns
                                       if r["first_embedded_at"] is not None), default=None)
         started = time.perf_counter()
