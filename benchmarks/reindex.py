@@ -154,9 +154,10 @@ def chunk_source(spec_dict: dict, table: Path) -> Hashes:
     the table's manifest (chunk size, and the embedding fingerprint folded into every
     content hash), the model's document prefix and the source plan's metadata schema.
     """
+    from operators.read import plan_source, read_shard
+
     from operators.chunk import Chunker
     from operators.model import describe_model
-    from operators.read import plan_source, read_shard
     from schemas.manifest import TableManifest
     from schemas.spec import parse_spec
 

@@ -15,13 +15,14 @@ import pyarrow as pa
 
 from operators.embed import Embedder
 from operators.quantize import calibrate_int8, sample_positions, truncate
-from operators.read import read_shard
+from operators.sources.plan import read_shard
 from schemas.source import Shard
 from schemas.spec import SourceSpec
 
 
 def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                  chunker: Callable[[pa.Table], pa.Table], wanted: int) -> list[list[int]]:
+                  chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
+                  wanted: int) -> list[list[int]]:
     """Token ids of about `wanted` chunks, from shards spread evenly over the source.
 
     Enough shards are read for twice the wanted rows (so the sample is spread within
@@ -29,7 +30,8 @@ def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schem
     """
     per_shard = max(1, min(s.records for s in shards)) if shards else 1
     n_shards = min(len(shards), max(1, math.ceil(2 * wanted / per_shard)))
-    tables = [chunker(read_shard(shards[i], source=source, metadata=metadata))
+    tables = [chunker(read_shard(shards[i], source=source, metadata=metadata,
+                                 chosen=chosen))
               for i in sample_positions(len(shards), n_shards)]
     ids = pa.concat_tables(tables).column("input_ids") if tables else pa.array([])
     return [ids[i].as_py() for i in sample_positions(len(ids), wanted)]

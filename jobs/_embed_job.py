@@ -1,10 +1,11 @@
-"""The embed job: plan on the driver, embed on a Ray actor pool, commit per checkpoint.
+"""The embed job: plan → decide → execute, as one streaming Ray Data execution.
 
-    plan (driver)  → rejects written, shards listed, table checked
-    per checkpoint: read shards (tasks) → chunk + tokenize (tasks)
-                    → embed (actor pool, token-budget batches) → write fragments (tasks)
-                    → commit (driver, one Lance transaction naming the shards it covers)
-    index (driver) → BTREE on id, ANN on vector when the table is large
+    plan     list the source (file metadata only); validate, type and dedup every record
+             in cluster tasks (`jobs._plan`); the driver keeps bounded summaries
+    decide   create, resume, reindex or cut over, from the table and its commits
+    execute  read + chunk + tokenize (tasks) → embed (one actor pool for the whole job)
+             → write fragments per shard (tasks) → commit complete shards (driver, while
+             the actors keep going) → index → clean up checkpoint versions
 
 A rerun of the same job (same source files, same embedding configuration) reads the
 shards already committed from the table's transaction log and does only the rest.
@@ -18,26 +19,34 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
+from typing import Literal
 
 import lance
 import pyarrow as pa
 
 from jobs._calibrate import calibrate_ranges, sample_chunks
+from jobs._checkpoint import Checkpointer
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
-from jobs._lance_io import LanceCommitSink, ShardDatasource
+from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
+from jobs._plan import plan_on_cluster, write_rejects
 from jobs._ray import cluster_resources, ensure_ray, largest_node_cpus
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
-from operators.index import build_indices, cleanup_versions, maintain_indices
+from operators.index import IndexReport, build_indices, cleanup_versions, maintain_indices
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
-from operators.read import ReadPlan, plan_source
 from operators.reindex import ReindexDiff, deletion_fragments, diff_chunks
-from operators.write import committed_shards, remove_orphans
+from operators.sources.plan import ReadPlan
+from operators.write import (
+    cleanup_checkpoints,
+    committed_shards,
+    job_finished,
+    mark_finished,
+    remove_orphans,
+)
 from schemas.errors import ManifestMismatchError, SourceError, SpecError, TableError
 from schemas.manifest import (
     ChunkingManifest,
@@ -46,7 +55,7 @@ from schemas.manifest import (
     TableManifest,
     VectorsManifest,
 )
-from schemas.records import REJECTS_SCHEMA, table_schema
+from schemas.records import table_schema
 from schemas.spec import JobSpec, Precision
 
 log = logging.getLogger("quiver")
@@ -79,6 +88,16 @@ class JobSummary:
     versions_cleaned: int = 0
     cutover: dict | None = None
     """When the embedding configuration changed: old and new versions, top-10 overlap."""
+    files: int = 0
+    """Source files read."""
+    files_skipped: dict[str, int] = field(default_factory=dict)
+    """Files in the source folder or glob that were not read, by suffix."""
+    commits: int = 0
+    """Checkpoint commits this run made."""
+    first_commit_s: float | None = None
+    """Seconds from the job's start to its first committed checkpoint."""
+    model_loads: int = 0
+    """Model copies loaded by embed actors (one per actor; more means actors restarted)."""
     profile: dict | None = None
     """Where the time went (see `stage_profile`)."""
 
@@ -122,7 +141,7 @@ def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> T
 
 def _job_fingerprint(plan: ReadPlan, manifest: TableManifest, spec: JobSpec) -> str:
     parts = [plan.fingerprint, manifest.embedding_fingerprint(),
-             str(spec.source.records_per_shard), ",".join(s.shard_id for s in plan.shards)]
+             str(spec.source.records_per_shard), str(len(plan.shards))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -143,6 +162,16 @@ def _table_bytes(uri: str) -> int:
     return sum(i.size or 0 for i in infos if i.type == FileType.File)
 
 
+ACTOR_WORKING_MEMORY = 512 * 2**20
+"""Bytes an embed actor asks for beyond twice its weights: activations, blocks in flight."""
+
+
+def _model_bytes(info: ModelInfo) -> int:
+    """Bytes of the model's weight files: what each actor holds in memory, at least."""
+    names = [n for n in os.listdir(info.path) if n.endswith((".safetensors", ".bin"))]
+    return sum(os.path.getsize(os.path.join(info.path, n)) for n in names)
+
+
 @dataclass(frozen=True)
 class ActorLayout:
     """How the embed stage is placed on the cluster."""
@@ -158,8 +187,14 @@ class ActorLayout:
 
 
 def _uses_gpus(spec: JobSpec, gpus: float) -> bool:
-    """Whether the embed actors run on GPUs: the cluster has one and the spec allows it."""
-    return gpus >= 1 and spec.model.device != "cpu"
+    """Whether the embed actors ask for GPUs: the spec asks for them (whether or not any
+    are up yet, so an autoscaler can start them), or the cluster has some and the spec
+    allows them."""
+    if spec.model.device == "cpu":
+        return False
+    if spec.model.device == "cuda" or spec.compute.gpus_per_actor is not None:
+        return True
+    return gpus >= 1
 
 
 def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
@@ -200,8 +235,9 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     1.0
     """
     if _uses_gpus(spec, gpus):
-        actors = spec.compute.actors or int(gpus)
-        return ActorLayout(actors, 1.0, 1.0, spec.compute.torch_threads or 1)
+        per_gpu = spec.compute.gpus_per_actor or 1.0
+        actors = spec.compute.actors or max(1, int(gpus / per_gpu))
+        return ActorLayout(actors, 1.0, per_gpu, spec.compute.torch_threads or 1)
     actors = spec.compute.actors
     if actors is None:
         batches = int(cpus) if documents is None \
@@ -243,10 +279,10 @@ def _check_reject_rate(spec: JobSpec, plan: ReadPlan) -> None:
     limit = spec.source.max_reject_rate
     if limit is None or not plan.records:
         return
-    rate = plan.rejects.num_rows / plan.records
+    rate = plan.rejected / plan.records
     if rate > limit:
         top = ", ".join(f"{n} x {reason}" for reason, n in plan.reject_reasons.most_common(3))
-        raise SourceError(f"{spec.source.uri}: {plan.rejects.num_rows} of {plan.records} "
+        raise SourceError(f"{spec.source.uri}: {plan.rejected} of {plan.records} "
                           f"records rejected ({rate:.1%} > source.max_reject_rate "
                           f"{limit:.1%}); nothing was written. Most common: {top}")
 
@@ -282,7 +318,8 @@ def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
     """The manifest with int8 ranges measured on a sample of the corpus."""
     started = time.perf_counter()
     sample = sample_chunks(plan.shards, source=spec.source, metadata=plan.metadata,
-                           chunker=chunk, wanted=spec.vectors.calibration_sample)
+                           chosen=plan.chosen, chunker=chunk,
+                           wanted=spec.vectors.calibration_sample)
     vectors = manifest.vectors
     if sample:
         embedder = Embedder(info, precision=resolve_precision(spec.model.precision,
@@ -320,6 +357,7 @@ def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
         compute=ActorPoolStrategy(size=layout.actors),
         num_cpus=layout.cpus,
         num_gpus=layout.gpus,
+        memory=2 * _model_bytes(info) + ACTOR_WORKING_MEMORY,
         batch_size=spec.compute.rows_per_batch,
         batch_format="pyarrow",
     )
@@ -332,7 +370,7 @@ def _diff_with_table(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec
 
     fresh_ds = ray.data.read_datasource(
         ShardDatasource(plan.shards, source=spec.source, metadata=plan.metadata,
-                        chunker=chunk, hashes_only=True),
+                        chosen=plan.chosen, chunker=chunk, hashes_only=True),
         override_num_blocks=max(1, len(plan.shards)),
     )
     blocks = [ray.get(ref) for ref in fresh_ds.to_arrow_refs()]
@@ -343,84 +381,142 @@ def _diff_with_table(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec
     return diff_chunks(rows, fresh)
 
 
-def run_embed(spec: JobSpec) -> JobSummary:
-    """Run an embed job to completion (or resume one) and index the table.
+@dataclass
+class _Planned:
+    """What the plan step learned: the model, the source's summaries, the manifest."""
 
-    Raises:
-        SpecError, SourceError, ModelError: before any work starts.
-        TableError: when the table exists and was made by another job.
-    """
-    import ray.data
+    info: ModelInfo
+    plan: ReadPlan
+    manifest: TableManifest
+    precision: Precision
+    job: str
+    cpus: float
+    gpus: float
+    ray_start: float
 
-    started, started_at = time.perf_counter(), time.time()
+
+@dataclass
+class _Decision:
+    """What to do with the table: create it, resume or finish this job, reindex it, or
+    cut over to a new embedding configuration."""
+
+    action: Literal["create", "overwrite", "resume", "finished", "reindex", "cutover"]
+    existing: lance.LanceDataset | None
+    manifest: TableManifest
+    done: set[str] = field(default_factory=set)
+
+
+def _plan(spec: JobSpec, started: float) -> _Planned:
+    """Model and source, validated before any embedding: the source in cluster tasks."""
     info = describe_model(spec.model)
-    plan = plan_source(spec.source)
-    _progress(f"source {spec.source.uri}: {plan.records} records, {plan.documents} valid, "
-              f"{plan.rejects.num_rows} rejected, {len(plan.shards)} shards ({plan.kind})")
-    _check_filterable(spec, plan)
-    _check_reject_rate(spec, plan)
     ensure_ray()
     ray_start = time.perf_counter() - started
     cpus, gpus = cluster_resources()
+    plan = plan_on_cluster(spec.source, task_cpus=min(1.0, cpus), cpus=cpus)
+    _check_filterable(spec, plan)
+    _check_reject_rate(spec, plan)
     precision = resolve_precision(spec.model.precision, on_gpu=_uses_gpus(spec, gpus))
     manifest = build_manifest(spec, info, precision=precision)
     _progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
-    job = _job_fingerprint(plan, manifest, spec)
-    uri = spec.table
+    return _Planned(info, plan, manifest, precision, _job_fingerprint(plan, manifest, spec),
+                    cpus, gpus, ray_start)
+
+
+def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
+    """Create, resume, reindex or cut over, from the table and its commit log."""
+    uri, manifest = spec.table, planned.manifest
+    existing = _open_existing(uri, spec.write.storage_options)
+    if existing is None or spec.write.mode == "overwrite":
+        return _Decision("create" if existing is None else "overwrite", existing, manifest)
+    old = TableManifest.from_schema(existing.schema, where=uri)
+    try:
+        old.check_same_embedding(manifest, where=uri)
+    except ManifestMismatchError as err:
+        if spec.write.on_config_change == "refuse":
+            raise
+        pinned = pin_current(existing)  # readers stay on the old model meanwhile
+        _progress(f"{err}\n[quiver] cut-over: the new configuration is written as new "
+                  f"versions; tag '{CURRENT_TAG}' stays on version {pinned} until the new "
+                  "table is complete and indexed")
+        return _Decision("cutover", existing, manifest)
+    manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
+    if job_finished(existing, job=planned.job):
+        return _Decision("finished", existing, manifest,
+                         {s.shard_id for s in planned.plan.shards})
+    done = committed_shards(existing, job=planned.job)
+    if done:
+        orphans = remove_orphans(existing, spec.write.storage_options)
+        _progress(f"resuming: {len(done)} of {len(planned.plan.shards)} shards already "
+                  "committed" + (f"; removed {orphans} data files an interrupted run left "
+                                 "uncommitted" if orphans else ""))
+        return _Decision("resume", existing, manifest, done)
+    if _same_source(old.source.uri, spec.source.uri) or spec.kind == "reindex":
+        return _Decision("reindex", existing, manifest)
+    raise TableError(
+        f"{uri} already exists and holds {old.source.uri}, not {spec.source.uri}; use "
+        "kind: reindex to make it follow the new source, write.mode: overwrite to "
+        "replace it, or pick another table")
+
+
+def _write_rows(spec: JobSpec) -> int:
+    """Rows a write task gathers: about two shards' worth (a shard's rows are committed
+    once all are written, so bigger batches delay checkpoints), within [1,000, 10,000].
+
+    >>> from schemas.spec import parse_spec
+    >>> _write_rows(parse_spec({"kind": "embed", "table": "t.lance",
+    ...                         "source": {"uri": "c.jsonl", "id_field": "_id"}}))
+    2000
+    """
+    wanted = max(1000, 2 * spec.source.records_per_shard)
+    return min(spec.write.max_rows_per_file, MIN_ROWS_PER_WRITE, wanted)
+
+
+def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
+    """Ask the autoscaler for the actors' GPUs and wait for them, or fail clearly."""
+    import ray
+
+    need = layout.gpus * layout.actors
+    if not layout.gpus or cluster_resources()[1] >= need:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": layout.gpus}] * layout.actors)
+    _progress(f"waiting up to {spec.compute.gpu_wait_s:.0f}s for {need:g} GPU(s)")
+    deadline = time.perf_counter() + spec.compute.gpu_wait_s
+    while time.perf_counter() < deadline:
+        if float(ray.cluster_resources().get("GPU", 0.0)) >= need:
+            return
+        time.sleep(2.0)
+    raise TableError(f"the job asked for {need:g} GPU(s) (model.device / "
+                     "compute.gpus_per_actor) and the cluster offered "
+                     f"{cluster_resources()[1]:g} within compute.gpu_wait_s "
+                     f"({spec.compute.gpu_wait_s:.0f}s); nothing was embedded")
+
+
+def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
+        Checkpointer, ActorLayout, ReindexDiff | None, int, float]:
+    """Write rejects, then embed every pending shard in one streaming execution.
+
+    Returns the checkpointer, the layout, the reindex diff, the documents embedded and
+    the embed phase's wall seconds.
+    """
+    import ray.data
+
+    plan, info, uri = planned.plan, planned.info, spec.table
     opts = spec.write.storage_options
-
-    existing = _open_existing(uri, opts)
-    done: set[str] = set()
-    reindex = False
-    cutover = False
-    if existing is not None and spec.write.mode == "create":
-        old = TableManifest.from_schema(existing.schema, where=uri)
-        try:
-            old.check_same_embedding(manifest, where=uri)
-        except ManifestMismatchError as err:
-            if spec.write.on_config_change == "refuse":
-                raise
-            cutover = True
-            pinned = pin_current(existing)  # readers stay on the old model meanwhile
-            _progress(f"{err}\n[quiver] cut-over: the new configuration is written as new "
-                      f"versions; tag '{CURRENT_TAG}' stays on version {pinned} until the "
-                      "new table is complete and indexed")
-    if existing is not None and spec.write.mode == "create" and not cutover:
-        manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
-        done = committed_shards(existing, job=job)
-        if done:
-            orphans = remove_orphans(existing, opts)
-            _progress(f"resuming: {len(done)} of {len(plan.shards)} shards already committed"
-                      + (f"; removed {orphans} data files an interrupted run left uncommitted"
-                         if orphans else ""))
-        elif _same_source(old.source.uri, spec.source.uri) or spec.kind == "reindex":
-            reindex = True
-        else:
-            raise TableError(
-                f"{uri} already exists and holds {old.source.uri}, not {spec.source.uri}; "
-                "use kind: reindex to make it follow the new source, write.mode: overwrite "
-                "to replace it, or pick another table"
-            )
-
+    manifest = decision.manifest
+    task_cpus = min(1.0, planned.cpus)
     rejects_path = rejects_uri(uri)
-    if plan.rejects.num_rows or _open_existing(rejects_path, opts) is not None:
-        lance.write_dataset(plan.rejects.cast(REJECTS_SCHEMA), rejects_path, mode="overwrite",
-                            storage_options=opts or None)
-
-    pending = [s for s in plan.shards if s.shard_id not in done]
-    groups = [pending[i : i + spec.write.shards_per_commit]
-              for i in range(0, len(pending), spec.write.shards_per_commit)]
-    if not plan.shards and existing is None:
-        groups = [[]]  # an empty source still makes an (empty) table
-    chunk_tokens = manifest.chunking.max_tokens
+    write_rejects(plan, spec.source, uri=rejects_path, storage_options=opts,
+                  task_cpus=task_cpus,
+                  replace_existing=_open_existing(rejects_path, opts) is not None)
     chunker_kwargs = dict(
-        max_tokens=chunk_tokens, overlap=spec.chunking.overlap, mode=spec.chunking.mode,
-        document_prefix=info.document_prefix, metadata=plan.metadata,
+        max_tokens=manifest.chunking.max_tokens, overlap=spec.chunking.overlap,
+        mode=spec.chunking.mode, document_prefix=info.document_prefix, metadata=plan.metadata,
         config_fingerprint=manifest.embedding_fingerprint(),
-        trust_remote_code=spec.model.trust_remote_code,
-    )
+        trust_remote_code=spec.model.trust_remote_code)
     model_path = info.path
 
     def chunk(docs: pa.Table) -> pa.Table:
@@ -431,64 +527,70 @@ def run_embed(spec: JobSpec) -> JobSummary:
     schema = table_schema(plan.metadata, dim=manifest.vectors.dims,
                           codecs=manifest.vectors.codecs).with_metadata(manifest.to_metadata())
     codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize)
-
-    version_now = existing.version \
-        if existing is not None and spec.write.mode == "create" and not cutover else None
-    mode = "append" if version_now is not None else "create"
-    keep = None
+    existing = decision.existing
+    appending = decision.action in ("resume", "finished", "reindex")
+    pending = [s for s in plan.shards if s.shard_id not in decision.done]
+    keep, diff = None, None
     deletions: tuple[list[int], list] = ([], [])
-    diff: ReindexDiff | None = None
-    if reindex:
+    if decision.action == "reindex":
         diff = _diff_with_table(existing, plan, spec, chunk)
         _progress(f"reindex: {diff.added} added, {diff.changed} changed, {diff.deleted} "
                   f"deleted, {diff.unchanged} unchanged chunks")
         pending = [s for s in plan.shards if s.shard_id in diff.todo]
-        groups = [pending]  # one commit: readers see the old table or the new one
         keep = {sid: frozenset(ids) for sid, ids in diff.todo.items()}
         deletions = deletion_fragments(existing, diff.remove)
-        mode = "update"
-        done = set()
-    work = diff.embed if diff is not None else sum(s.records - len(s.skip) for s in pending)
-    layout = actor_layout(spec, cpus=cpus, gpus=gpus, cores=os.cpu_count() or 1,
-                          documents=work, node_cpus=largest_node_cpus())
-    _progress(f"embedding {work} {'chunks' if diff is not None else 'documents'} on "
-              f"{layout.actors} actor(s) x {layout.threads} torch thread(s)"
-              + (", 1 GPU each" if layout.gpus else ""))
-    stage = dict(info=info, spec=spec, layout=layout, precision=precision, codebook=codebook)
+    work = diff.embed if diff is not None else sum(plan.documents_per_shard[s.shard_id]
+                                                   for s in pending)
+    layout = actor_layout(spec, cpus=planned.cpus, gpus=planned.gpus,
+                          cores=int(largest_node_cpus()) or 1, documents=work,
+                          node_cpus=largest_node_cpus())
     seen = existing.version if existing is not None else 0  # guards against other writers
-    rows = tokens = truncated = 0
-    seconds: Counter[str] = Counter()
-    first_out: list[float] = []
+    checkpointer = Checkpointer(
+        uri, schema=schema, mode="update" if diff is not None else
+        ("append" if appending else "create"),
+        read_version=existing.version if appending else None, job=planned.job,
+        storage_options=opts, expect_latest=seen,
+        shards_per_commit=spec.write.shards_per_commit,
+        commit_interval_s=spec.write.commit_interval_s, deletions=deletions,
+        total_shards=len(pending))
+    if diff is None:  # shards whose every record was rejected have nothing to write
+        checkpointer.ready.extend(s.shard_id for s in pending
+                                  if not plan.documents_per_shard[s.shard_id])
+    to_read = [s for s in pending if diff is not None or plan.documents_per_shard[s.shard_id]]
     embed_started = time.perf_counter()
-    for n, group in enumerate(groups, 1):
+    if to_read:
+        _progress(f"embedding {work} {'chunks' if diff is not None else 'documents'} from "
+                  f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
+                  "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
+        _wait_for_gpus(spec, layout)
         ds = ray.data.read_datasource(
-            ShardDatasource(group, source=spec.source, metadata=plan.metadata, chunker=chunk,
-                            keep=keep),
-            override_num_blocks=max(1, len(group)), num_cpus=layout.task_cpus,
-        )
-        covered = {s.shard_id for s in plan.shards} if reindex \
-            else done | {s.shard_id for s in group}
-        sink = LanceCommitSink(
-            uri, schema=schema, mode=mode, read_version=version_now, job=job,
-            shards=sorted(covered), max_rows_per_file=spec.write.max_rows_per_file,
-            storage_options=opts, deletions=deletions, expect_latest=seen,
-        )
-        _embed_stage(ds, **stage).write_datasink(
-            sink, ray_remote_args={"num_cpus": layout.task_cpus})
-        rows += sink.rows
-        tokens += sink.tokens
-        truncated += sink.truncated_tokens
-        seconds.update(sink.seconds)
-        if sink.first_embedded_at is not None:
-            first_out.append(sink.first_embedded_at)
-        version_now, mode, seen = sink.version, "append", sink.version
-        done |= covered
-        _progress(f"checkpoint {n}/{len(groups)} committed: version {sink.version}, "
-                  f"{rows} chunks so far")
-    embed_seconds = time.perf_counter() - embed_started
+            ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
+                            chosen=plan.chosen, chunker=chunk, keep=keep),
+            override_num_blocks=len(to_read), ray_remote_args={"num_cpus": layout.task_cpus})
+        ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
+                          precision=planned.precision, codebook=codebook)
+        written = ds.map_batches(
+            write_shard_fragments, fn_kwargs=dict(
+                uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
+                storage_options=opts),
+            batch_size=_write_rows(spec),
+            batch_format="pyarrow", num_cpus=layout.task_cpus)
+        for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+            checkpointer.consume(block)
+    checkpointer.finish(always=existing is None or decision.action in ("overwrite",
+                                                                        "cutover"))
+    embedded = sum(plan.documents_per_shard[s.shard_id] for s in to_read)
+    return checkpointer, layout, diff, embedded, time.perf_counter() - embed_started
 
-    final = lance.dataset(uri, storage_options=opts or None)
-    index_started = time.perf_counter()
+
+def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpointer,
+            diff: ReindexDiff | None) -> tuple[IndexReport | None, dict | None, int]:
+    """Index what changed, move the `current` tag, mark the job done, clean versions."""
+    manifest = decision.manifest
+    final = run.table()
+    if not run.versions and decision.action in ("finished", "resume") and \
+            job_finished(final, job=planned.job):
+        return None, None, 0  # nothing new: a finished job's rerun touches nothing
     _progress(f"indexing {final.count_rows()} rows")
     if diff is not None:
         report = maintain_indices(final, spec.index, metric=manifest.metric,
@@ -497,40 +599,72 @@ def run_embed(spec: JobSpec) -> JobSummary:
     else:
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
-    change_report = cut_over(final, manifest, compare=spec.write.compare_queries)
+    change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report:
-        _progress(f"cut over to version {final.version}: {change_report}")
-    final = lance.dataset(uri, storage_options=opts or None)
-    cleaned = cleanup_versions(final, spec.write)
+        _progress(f"cut over: {change_report}")
+    final = run.table()
+    mark_finished(final, job=planned.job)
+    final = run.table()
+    cleaned = 0
+    if not spec.write.keep_checkpoints:
+        cleaned = cleanup_checkpoints(final, run.versions)
+    cleaned += cleanup_versions(run.table(), spec.write)
+    return report, change_report, cleaned
+
+
+def run_embed(spec: JobSpec) -> JobSummary:
+    """Run an embed job to completion (or resume one) and index the table.
+
+    Raises:
+        SpecError, SourceError, ModelError: before any work starts.
+        TableError: when the table exists and was made by another job.
+    """
+    started, started_at = time.perf_counter(), time.time()
+    planned = _plan(spec, started)
+    decision = _decide(spec, planned)
+    run, layout, diff, embedded, embed_seconds = _execute(spec, planned, decision)
+    index_started = time.perf_counter()
+    report, change_report, cleaned = _finish(spec, planned, decision, run, diff)
     index_seconds = time.perf_counter() - index_started
-    final = lance.dataset(uri, storage_options=opts or None)
-    embedded_docs = sum(s.records - len(s.skip) for s in pending)
-    summary = JobSummary(
+    plan, uri = planned.plan, spec.table
+    final = run.table()
+    pending = len(plan.shards) - len(decision.done)
+    index = "unchanged" if report is None else \
+        report.vector + ("; " + ", ".join(report.scalar) if report.scalar else "")
+    return JobSummary(
         table=uri,
         version=final.version,
         documents=plan.documents,
         chunks=final.count_rows(),
-        rejects=plan.rejects.num_rows,
+        rejects=plan.rejected,
         reject_reasons=dict(plan.reject_reasons),
         shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(pending),
-        tokens=tokens,
-        truncated_tokens=truncated,
-        tokens_per_s=round(tokens / embed_seconds, 1) if embed_seconds else math.nan,
-        documents_per_s=round(embedded_docs / embed_seconds, 2) if embed_seconds else math.nan,
+        shards_skipped=len(plan.shards) - pending if diff is None else
+        len(plan.shards) - len(diff.todo),
+        tokens=run.tokens,
+        truncated_tokens=run.truncated_tokens,
+        tokens_per_s=round(run.tokens / embed_seconds, 1) if embed_seconds else math.nan,
+        documents_per_s=round(embedded / embed_seconds, 2) if embed_seconds else math.nan,
         embed_seconds=round(embed_seconds, 2),
-        index=report.vector + ("; " + ", ".join(report.scalar) if report.scalar else ""),
+        index=index,
         index_seconds=round(index_seconds, 2),
         table_bytes=_table_bytes(uri) if "://" not in uri else -1,
         seconds=round(time.perf_counter() - started, 2),
-        rejects_table=rejects_path if plan.rejects.num_rows else None,
+        rejects_table=rejects_uri(uri) if plan.rejected else None,
         reindex=None if diff is None else {
             "added": diff.added, "changed": diff.changed, "deleted": diff.deleted,
-            "unchanged": diff.unchanged, "embedded": rows},
+            "unchanged": diff.unchanged, "embedded": run.rows},
         versions_cleaned=cleaned,
         cutover=change_report,
+        files=plan.files,
+        files_skipped=plan.skipped,
+        commits=len(run.versions),
+        first_commit_s=None if run.first_commit_at is None
+        else round(run.first_commit_at - started_at, 2),
+        model_loads=run.model_loads,
         profile=stage_profile(
-            seconds, ray_start=ray_start, actors=layout.actors, embed_seconds=embed_seconds,
-            first_block=min(first_out) - started_at if first_out else None),
+            run.seconds, ray_start=planned.ray_start, actors=layout.actors,
+            embed_seconds=embed_seconds,
+            first_block=run.first_embedded_at - started_at
+            if run.first_embedded_at is not None else None),
     )
-    return summary

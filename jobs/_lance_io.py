@@ -1,7 +1,9 @@
-"""Ray Data adapters: read source shards as a Datasource, write a Lance table as a Datasink."""
+"""Ray Data adapters: read planned shards as a Datasource; write each shard's rows as
+Lance fragments in tasks whose output rows tell the driver what to commit."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -9,13 +11,25 @@ from collections.abc import Callable, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasink, Datasource, ReadTask
+from ray.data.datasource import Datasource, ReadTask
 
-from operators.read import read_shard
-from operators.timing import first_embedded_at, stage_totals, with_stage_seconds
-from operators.write import commit, write_fragments
+from operators.sources.plan import read_shard
+from operators.timing import EMBEDDED_AT, LOADED_BY, stage_totals, with_stage_seconds
+from operators.write import write_fragments
 from schemas.source import Shard
 from schemas.spec import SourceSpec
+
+SHARD_COLUMN = "_shard"
+SHARD_CHUNKS_COLUMN = "_shard_chunks"
+"""Work columns: the chunk's shard, and how many chunks that shard has in all, so the
+driver knows when every row of a shard is in a written fragment."""
+
+WRITTEN_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("shard_chunks", pa.int64()), ("rows", pa.int64()),
+    ("fragments", pa.string()), ("tokens", pa.int64()), ("truncated_tokens", pa.int64()),
+    ("seconds", pa.string()), ("first_embedded_at", pa.float64()), ("loads", pa.string()),
+])
+"""One row per (write task, shard): the fragments written and what they cost."""
 
 
 class ShardDatasource(Datasource):
@@ -26,7 +40,7 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                 chunker: Callable[[pa.Table], pa.Table],
+                 chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
                  keep: Mapping[str, frozenset[str]] | None = None,
                  hashes_only: bool = False) -> None:
         """`keep` limits each shard to those chunk ids (a reindex embeds only changes);
@@ -35,6 +49,7 @@ class ShardDatasource(Datasource):
         self._shards = shards
         self._source = source
         self._metadata = metadata
+        self._chosen = chosen
         self._chunker = chunker
         self._keep = keep
         self._hashes_only = hashes_only
@@ -45,22 +60,25 @@ class ShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         source, metadata, chunker = self._source, self._metadata, self._chunker
-        keep, hashes_only = self._keep, self._hashes_only
+        chosen, keep, hashes_only = self._chosen, self._keep, self._hashes_only
 
         def make(shard: Shard) -> ReadTask:
             def read() -> Iterable[pa.Table]:
                 started = time.perf_counter()
-                docs = read_shard(shard, source=source, metadata=metadata)
+                docs = read_shard(shard, source=source, metadata=metadata, chosen=chosen)
                 read_s = time.perf_counter() - started
                 chunks = chunker(docs)
                 tokenize_s = time.perf_counter() - started - read_s
                 if keep is not None:
                     wanted = pa.array(sorted(keep.get(shard.shard_id, ())), pa.string())
                     chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
+                label = pa.array([shard.shard_id] * chunks.num_rows, pa.string())
                 if hashes_only:
-                    yield chunks.select(["id", "content_hash"]).append_column(
-                        "shard", pa.array([shard.shard_id] * chunks.num_rows, pa.string()))
+                    yield chunks.select(["id", "content_hash"]).append_column("shard", label)
                     return
+                chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
+                    SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows,
+                                                  pa.int64()))
                 yield with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
 
             meta = BlockMetadata(num_rows=shard.records - len(shard.skip), size_bytes=None,
@@ -76,86 +94,36 @@ class ShardDatasource(Datasource):
 MIN_ROWS_PER_WRITE = 10_000
 
 
-class LanceCommitSink(Datasink[dict]):
-    """Workers write Lance fragments; the driver commits them all in one transaction.
+def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
+                          max_rows_per_file: int,
+                          storage_options: dict[str, str]) -> pa.Table:
+    """Write a batch of embedded rows as uncommitted fragments, one set per shard.
 
-    The commit records the job fingerprint and the shard ids of this checkpoint, so a
-    rerun knows exactly which shards are already in the table.
+    A fragment never holds rows of two shards, so the driver can commit a shard's
+    fragments as soon as all of that shard's rows are written, and a resumed job that
+    redoes an uncommitted shard can never commit any of its rows twice.
     """
-
-    def __init__(self, uri: str, *, schema: pa.Schema, mode: str, read_version: int | None,
-                 job: str, shards: list[str], max_rows_per_file: int,
-                 storage_options: dict[str, str],
-                 deletions: tuple[list[int], list] = ([], []),
-                 expect_latest: int | None = None) -> None:
-        """`deletions` (removed fragment ids, fragments with deletion vectors) go into the
-        same commit as the new fragments, as a Lance Update (mode 'update')."""
-        self.uri = uri
-        self.deletions = deletions
-        self.expect_latest = expect_latest
-        self.schema = schema
-        self.mode = mode
-        self.read_version = read_version
-        self.job = job
-        self.shards = shards
-        self.max_rows_per_file = max_rows_per_file
-        self.storage_options = storage_options
-        self.version: int | None = None
-        self.rows = 0
-        self.tokens = 0
-        self.truncated_tokens = 0
-        self.seconds: Counter[str] = Counter()
-        """Seconds per stage over this checkpoint's rows, plus `write` and `commit`."""
-        self.first_embedded_at: float | None = None
-
-    def write(self, blocks: Iterable[pa.Table], ctx) -> dict:
-        # Actors get small blocks to stay evenly busy; one write per call keeps files big.
-        kept = []
-        rows = tokens = truncated = 0
-        seconds: Counter[str] = Counter()
-        first: list[float] = []
-        for block in blocks:
-            if block.num_rows == 0:
-                continue
-            rows += block.num_rows
-            tokens += int(pc.sum(block.column("_tokens")).as_py() or 0)
-            truncated += int(pc.sum(block.column("_truncated_tokens")).as_py() or 0)
-            seconds.update(stage_totals(block))
-            if (at := first_embedded_at(block)) is not None:
-                first.append(at)
-            kept.append(block.select(self.schema.names).cast(self.schema))
+    out: list[dict] = []
+    shards = batch.column(SHARD_COLUMN)
+    for shard in pc.unique(shards).to_pylist():
+        rows = batch.filter(pc.equal(shards, shard))
         started = time.perf_counter()
-        fragments = write_fragments(
-            pa.concat_tables(kept), self.uri, schema=self.schema,
-            max_rows_per_file=self.max_rows_per_file, storage_options=self.storage_options,
-        ) if kept else []
+        fragments = write_fragments(rows.select(schema.names).cast(schema), uri,
+                                    schema=schema, max_rows_per_file=max_rows_per_file,
+                                    storage_options=storage_options)
+        seconds: Counter[str] = Counter(stage_totals(rows))
         seconds["write"] = time.perf_counter() - started
-        return {"fragments": fragments, "rows": rows, "tokens": tokens,
-                "truncated_tokens": truncated, "seconds": dict(seconds),
-                "first_embedded_at": min(first, default=None)}
-
-    @property
-    def min_rows_per_write(self) -> int:
-        """Rows Ray Data gathers before a write task, so data files are not one per block."""
-        return min(self.max_rows_per_file, MIN_ROWS_PER_WRITE)
-
-    def on_write_complete(self, write_result) -> None:
-        fragments = [f for r in write_result.write_returns for f in r["fragments"]]
-        self.rows = sum(r["rows"] for r in write_result.write_returns)
-        self.tokens = sum(r["tokens"] for r in write_result.write_returns)
-        self.truncated_tokens = sum(r["truncated_tokens"] for r in write_result.write_returns)
-        for r in write_result.write_returns:
-            self.seconds.update(r["seconds"])
-        self.first_embedded_at = min((r["first_embedded_at"] for r in write_result.write_returns
-                                      if r["first_embedded_at"] is not None), default=None)
-        started = time.perf_counter()
-        ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
-                    read_version=self.read_version, job=self.job, shards=self.shards,
-                    storage_options=self.storage_options,
-                    removed_fragment_ids=self.deletions[0], updated_fragments=self.deletions[1],
-                    expect_latest=self.expect_latest)
-        self.version = ds.version
-        self.seconds["commit"] = time.perf_counter() - started
-
-    def get_name(self) -> str:
-        return "QuiverLance"
+        out.append({
+            "shard": shard, "shard_chunks": int(rows.column(SHARD_CHUNKS_COLUMN)[0].as_py()),
+            "rows": rows.num_rows,
+            "fragments": json.dumps([f.to_json() for f in fragments]),
+            "tokens": int(pc.sum(rows.column("_tokens")).as_py() or 0),
+            "truncated_tokens": int(pc.sum(rows.column("_truncated_tokens")).as_py() or 0),
+            "seconds": json.dumps(dict(seconds)),
+            "first_embedded_at": pc.min(rows.column(EMBEDDED_AT)).as_py()
+            if EMBEDDED_AT in rows.column_names else None,
+            "loads": json.dumps(sorted(pc.unique(rows.column(LOADED_BY).cast(pa.string()))
+                                       .to_pylist()) if LOADED_BY in rows.column_names
+                                else []),
+        })
+    return pa.Table.from_pylist(out, schema=WRITTEN_SCHEMA)

@@ -79,7 +79,6 @@ def ensure_ray(address: str | None = None) -> None:
     with ray_on_loopback():
         ray.init(
             address="local",
-            num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             logging_level=logging.WARNING,
             configure_logging=True,

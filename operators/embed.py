@@ -20,7 +20,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
 from operators.quantize import Codebook, empty_matrix, encode, to_arrow
-from operators.timing import EMBEDDED_AT, with_stage_seconds
+from operators.timing import EMBEDDED_AT, LOADED_BY, with_stage_seconds
 from schemas.records import CODEC_COLUMNS, codec_fields
 from schemas.spec import Device, Pooling, Precision, PrecisionChoice
 
@@ -169,6 +169,8 @@ class Embedder:
         self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.seconds = {"forward": 0.0, "pool": 0.0}
         """Seconds spent in the forward pass and in pooling since the last `__call__`."""
+        self.load_id = f"{os.getpid()}:{time.time_ns()}"
+        """Names this model load; the job counts distinct ones (model loads per job)."""
 
     def _sync(self) -> None:
         """Wait for queued GPU work, so the stage timings charge it to the right stage."""
@@ -247,8 +249,10 @@ class Embedder:
         spent = time.perf_counter() - started
         keep = with_stage_seconds(keep, **self.seconds,
                                   quantize=spent - sum(self.seconds.values()))
-        return keep.append_column(
+        keep = keep.append_column(
             EMBEDDED_AT, pa.array(np.full(keep.num_rows, time.time()), pa.float64()))
+        return keep.append_column(LOADED_BY, pa.array([self.load_id] * keep.num_rows,
+                                                      pa.string()).dictionary_encode())
 
 
 QueryKind = Literal["query", "document"]

@@ -16,6 +16,8 @@ import pyarrow.compute as pc
 STAGE_COLUMNS = {"read": "_read_s", "tokenize": "_tokenize_s", "forward": "_forward_s",
                  "pool": "_pool_s", "quantize": "_quantize_s"}
 """Stage name -> the column holding each row's share of that stage's seconds."""
+LOADED_BY = "_loaded_by"
+"""Which model load (actor process and load time) embedded the row."""
 EMBEDDED_AT = "_embedded_at"
 """Unix time at which the row's block left the embed actor (the same for the block)."""
 

@@ -85,8 +85,7 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
         schema: The table schema, manifest included.
         read_version: The version the append was planned against (conflict detection).
         job: Fingerprint of the job (source plan and embedding configuration).
-        shards: Every shard this job has committed once this commit lands (cumulative,
-            so the newest commit alone tells a rerun what is done).
+        shards: The shards this commit adds (`committed_shards` takes the union).
         storage_options: Object-store options.
         expect_latest: The latest version this job has seen (0: no table yet). If the
             table has moved on, another writer is at work: nothing is committed and
@@ -145,30 +144,60 @@ def latest_version(uri: str | Path, storage_options: Mapping[str, str] | None = 
         return 0
 
 
+DONE_KEY = "quiver.job_done"
+"""Table config key naming the job that last ran to completion on this table."""
+
+
 def committed_shards(ds: lance.LanceDataset, *, job: str) -> set[str]:
     """Shards this job has committed so far, read back from the transaction log.
 
-    Every commit records the job's cumulative shard set, so only the newest commit that
-    carries a job matters. Walking back from the latest version skips commits without a
-    job (index builds, compaction) and follows a restore to the version it restored.
-    Another job's commit, or an overwrite without a job, means nothing of ours is there.
+    Each commit records only the shards it adds, so a commit's metadata stays the same
+    size however long the job runs; the job's set is the union over its commits. Walking
+    back from the latest version skips commits without a job (index builds, compaction),
+    follows a restore to the version it restored, and stops at another job's commit or
+    at an overwrite (this job's first commit is one).
     """
     versions = sorted((x["version"] for x in ds.versions()), reverse=True)
     ceiling = versions[0] if versions else 0
+    shards: set[str] = set()
     for v in versions:
         if v > ceiling:
             continue
         txn = ds.read_transaction(v)
         if txn is None:
-            return set()
+            break
         props = txn.transaction_properties or {}
         if JOB_KEY in props:
-            return set(json.loads(props[SHARDS_KEY])) if props[JOB_KEY] == job else set()
+            if props[JOB_KEY] != job:
+                break
+            shards.update(json.loads(props[SHARDS_KEY]))
         if isinstance(txn.operation, lance.LanceOperation.Restore):
             ceiling = txn.operation.version
         elif isinstance(txn.operation, lance.LanceOperation.Overwrite):
-            return set()
-    return set()
+            break
+    return shards
+
+
+def job_finished(ds: lance.LanceDataset, *, job: str) -> bool:
+    """Whether this job already ran to completion on the table (see `mark_finished`)."""
+    return ds.config().get(DONE_KEY) == job
+
+
+def mark_finished(ds: lance.LanceDataset, *, job: str) -> None:
+    """Record in the table's config that `job` is complete, so a rerun is a no-op even
+    after its checkpoint versions (and the shard lists they carry) are cleaned up."""
+    ds.update_config({DONE_KEY: job})
+
+
+def cleanup_checkpoints(ds: lance.LanceDataset, versions: Iterable[int]) -> int:
+    """Remove the job's intermediate checkpoint versions, keeping the latest and tagged
+    ones, so a 100M-document job does not leave thousands of manifests behind."""
+    tagged = {t["version"] for t in ds.tags.list().values()}
+    doomed = sorted(v for v in set(versions) if v != ds.version and v not in tagged)
+    if not doomed:
+        return 0
+    ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+    return len(doomed)
 
 
 def orphan_data_files(ds: lance.LanceDataset,

@@ -1,4 +1,5 @@
-"""Shards and read plans: the contract between the driver that plans and the tasks that read."""
+"""Source files, shards and read plans: the contract between the driver that plans and the
+tasks that validate and read."""
 
 from __future__ import annotations
 
@@ -6,26 +7,64 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 ShardKind = Literal["jsonl", "parquet", "csv", "text", "lance"]
+PositionKind = Literal["line", "row", "file"]
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a source as listed when the job was planned.
+
+    `size` and `mtime_ns` pin it: a reader that finds either changed refuses to read it,
+    so a file edited while a job runs can never mix two versions into the table.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int | None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One validation task's worth of a source: a file, a group of text files, or a row
+    range of a Lance dataset. Units are numbered in source order, which is what
+    "first record wins" means for duplicate ids."""
+
+    index: int
+    kind: ShardKind
+    file: SourceFile
+    """The file (text: the root folder; lance: the dataset, size = its version)."""
+    start: int = 0
+    """Lance: the first row. Text: the index of the first file."""
+    stop: int | None = None
+    """Lance: the row after the last. Text: unused."""
+    files: tuple[SourceFile, ...] = ()
+    """Text folders: the unit's files, with paths relative to `file.path`."""
 
 
 @dataclass(frozen=True)
 class Shard:
     """One read task's worth of a source, small enough to be the unit of commit.
 
-    `skip` holds the positions the plan rejected (bad records and duplicates), so a reader
-    drops exactly the rows the rejects table accounts for.
+    A shard is `records` consecutive records of one unit starting at record `start`
+    (0-based, counted over the unit's non-blank records). `skip` holds the record numbers
+    the plan rejected as duplicates; readers find the other rejects again themselves.
     """
 
     shard_id: str
     kind: ShardKind
-    path: str
+    unit: Unit
     start: int
-    """Byte offset (jsonl), first row (parquet, csv, lance) or first file index (text)."""
-    stop: int
-    """Exclusive end in the same unit as `start`."""
-    first_position: int
-    """1-based line (jsonl) or 0-based row number of the shard's first record."""
     records: int
+    first_position: int
+    """Line (jsonl, csv: 1-based), row (parquet, lance: 0-based) or file index (text) of
+    the shard's first record."""
+    offset: int | None = None
+    """Byte offset of the first record, when the file can be read from there (plain,
+    uncompressed line formats); None means read from the top and skip `start` records."""
+    part: int = 0
+    """Parquet: the row group; `start` then counts rows of the file."""
     skip: frozenset[int] = field(default_factory=frozenset)
-    files: tuple[str, ...] = ()
-    """Text folders only: the files of this shard, relative to `path`."""
+
+    @property
+    def path(self) -> str:
+        return self.unit.file.path

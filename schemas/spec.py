@@ -158,6 +158,14 @@ class ComputeSpec(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="Threads per CPU actor; None divides the cores among actors."
     )
+    gpus_per_actor: float | None = Field(
+        None, gt=0, le=8,
+        description="GPUs each embed actor asks Ray for. Setting it (or model.device: cuda) "
+        "requests GPUs even while none are up, so an autoscaler starts GPU workers; None "
+        "means 1 when the cluster has GPUs, else CPU actors.")
+    gpu_wait_s: float = Field(
+        600.0, ge=0, description="How long a job that asks for GPUs waits for the cluster "
+        "to offer them before it fails (nothing is embedded meanwhile).")
 
 
 class VectorsSpec(BaseModel):
@@ -252,6 +260,12 @@ class WriteSpec(BaseModel):
     compare_queries: str | None = Field(
         None, description="A BEIR folder whose queries measure the top-10 overlap between "
         "the old and the new model at a cut-over.")
+    commit_interval_s: float = Field(
+        30.0, ge=0, description="Commit the shards finished so far at least this often, "
+        "even before shards_per_commit of them are done.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep every checkpoint version of a finished job; by default "
+        "they are removed at the end (the last and tagged versions stay).")
     retention_days: float | None = Field(
         7.0, ge=0, description="After a job, drop table versions older than this many days "
         "(tagged versions stay); None keeps every version.")

@@ -12,14 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from operators.read import plan_source, read_shard
+from operators.sources.plan import plan_source, read_shard
 from schemas.errors import SourceError
 from schemas.spec import SourceSpec
 
 
 def _read_all(plan, source: SourceSpec) -> pa.Table:
     return pa.concat_tables(
-        [read_shard(s, source=source, metadata=plan.metadata) for s in plan.shards]
+        [read_shard(s, source=source, metadata=plan.metadata, chosen=plan.chosen)
+         for s in plan.shards]
     )
 
 

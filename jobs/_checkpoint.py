@@ -1,0 +1,132 @@
+"""The driver's side of one streaming execution: turn written fragments into commits.
+
+Write tasks emit one row per (task, shard) naming the fragments they wrote. A shard is
+complete once its rows add up to the chunk count its read task announced; complete
+shards are committed in groups (`shards_per_commit`, or whatever is complete after
+`commit_interval_s`) while the actors keep embedding. Everything kept here is bounded by
+the shards in flight, never by the rows of the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import lance
+import pyarrow as pa
+from lance.fragment import FragmentMetadata
+
+from operators.write import commit
+from schemas.errors import TableError
+
+
+@dataclass
+class _Pending:
+    chunks: int
+    written: int = 0
+    fragments: list[FragmentMetadata] = field(default_factory=list)
+
+
+@dataclass
+class Checkpointer:
+    """Commits complete shards as the write tasks report them.
+
+    `mode` is 'create' (the first commit makes the table), 'append', or 'update' (a
+    reindex: one commit at the end that also carries `deletions`).
+    """
+
+    uri: str
+    schema: pa.Schema
+    mode: str
+    read_version: int | None
+    job: str
+    storage_options: dict[str, str]
+    expect_latest: int
+    shards_per_commit: int
+    commit_interval_s: float
+    ready: list[str] = field(default_factory=list)
+    """Shards with nothing to write (every record rejected): committed with the first."""
+    deletions: tuple[list[int], list] = ([], [])
+    total_shards: int = 0
+    rows: int = 0
+    tokens: int = 0
+    truncated_tokens: int = 0
+    seconds: Counter[str] = field(default_factory=Counter)
+    first_embedded_at: float | None = None
+    versions: list[int] = field(default_factory=list)
+    """Versions this job committed, in order."""
+    first_commit_at: float | None = None
+    loads: set[str] = field(default_factory=set)
+    """Distinct model loads that embedded rows (bounded by actors and their restarts)."""
+    _pending: dict[str, _Pending] = field(default_factory=dict)
+    _fragments: list[FragmentMetadata] = field(default_factory=list)
+    _last_commit: float = field(default_factory=time.perf_counter)
+    _committed_shards: int = 0
+
+    def consume(self, written: pa.Table) -> None:
+        """Take a block of write-task rows (`jobs._lance_io.WRITTEN_SCHEMA`)."""
+        for row in written.to_pylist():
+            shard = self._pending.setdefault(row["shard"], _Pending(row["shard_chunks"]))
+            shard.written += row["rows"]
+            shard.fragments.extend(FragmentMetadata.from_json(json.dumps(f))
+                                   for f in json.loads(row["fragments"]))
+            self.rows += row["rows"]
+            self.tokens += row["tokens"]
+            self.truncated_tokens += row["truncated_tokens"]
+            self.seconds.update(json.loads(row["seconds"]))
+            self.loads.update(json.loads(row["loads"]))
+            at = row["first_embedded_at"]
+            if at is not None and (self.first_embedded_at is None or at < self.first_embedded_at):
+                self.first_embedded_at = at
+            if shard.written > shard.chunks:
+                raise TableError(f"shard {row['shard']}: {shard.written} rows written for "
+                                  f"{shard.chunks} chunks; refusing to commit duplicates")
+            if shard.written == shard.chunks:
+                self.ready.append(row["shard"])
+                self._fragments.extend(self._pending.pop(row["shard"]).fragments)
+        if self.mode == "update":
+            return  # a reindex is one commit: readers see the old table or the new one
+        due = time.perf_counter() - self._last_commit >= self.commit_interval_s
+        if len(self.ready) >= self.shards_per_commit or (self.ready and due):
+            self._commit()
+
+    def finish(self, *, always: bool = False) -> None:
+        """Commit what is left; `always` commits even with nothing new (a new empty table,
+        or a reindex that only deletes)."""
+        if self._pending:
+            left = ", ".join(sorted(self._pending)[:5])
+            raise TableError(f"{len(self._pending)} shard(s) never finished writing "
+                              f"({left}); nothing of them was committed")
+        if self.ready or (always and not self.versions) or self.deletions[0] \
+                or self.deletions[1]:
+            self._commit()
+
+    def _commit(self) -> None:
+        started = time.perf_counter()
+        ds = commit(self.uri, self._fragments, mode=self.mode, schema=self.schema,
+                    read_version=self.read_version, job=self.job, shards=self.ready,
+                    storage_options=self.storage_options,
+                    removed_fragment_ids=self.deletions[0],
+                    updated_fragments=self.deletions[1], expect_latest=self.expect_latest)
+        self.seconds["commit"] += time.perf_counter() - started
+        self._committed_shards += len(self.ready)
+        self.versions.append(ds.version)
+        if self.first_commit_at is None:
+            self.first_commit_at = time.time()
+        print(f"[quiver] checkpoint committed: version {ds.version}, "
+              f"{self._committed_shards}/{self.total_shards} shards, {self.rows} chunks so far",
+              file=sys.stderr, flush=True)
+        self.mode, self.read_version, self.expect_latest = "append", ds.version, ds.version
+        self.deletions = ([], [])
+        self.ready, self._fragments = [], []
+        self._last_commit = time.perf_counter()
+
+    @property
+    def model_loads(self) -> int:
+        return len(self.loads)
+
+    def table(self) -> lance.LanceDataset:
+        return lance.dataset(self.uri, storage_options=self.storage_options or None)

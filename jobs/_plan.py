@@ -1,0 +1,108 @@
+"""Plan a source on the cluster: every record is parsed, validated and deduplicated by
+Ray tasks, and the driver merges only bounded summaries (`operators.sources.plan`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import lance
+import pyarrow as pa
+
+from operators.sources import FORMATS
+from operators.sources.plan import (
+    ReadPlan,
+    assemble_plan,
+    bad_signatures,
+    check_metadata_fields,
+    choose_kinds,
+    find_duplicates,
+    scan_unit,
+    shard_rejects,
+    units_of,
+)
+from operators.write import latest_version, write_fragments
+from schemas.records import REJECTS_SCHEMA
+from schemas.source import Shard
+from schemas.spec import SourceSpec
+
+MAX_BUCKETS = 64
+
+
+def _progress(message: str) -> None:
+    print(f"[quiver] {message}", file=sys.stderr, flush=True)
+
+
+def _scan(unit, source: SourceSpec, buckets: int):
+    scan, tables = scan_unit(unit, source, buckets=buckets)
+    return (scan, *tables)
+
+
+def _dedup(bad: frozenset, *tables: pa.Table) -> pa.Table:
+    return find_duplicates(list(tables), bad=bad)
+
+
+def _rejects(shard: Shard, duplicates: dict, source: SourceSpec, chosen: dict[str, str],
+             uri: str, storage_options: dict[str, str]):
+    rows = shard_rejects(shard, source, chosen=chosen, duplicates=duplicates)
+    return write_fragments(rows, uri, schema=REJECTS_SCHEMA, storage_options=storage_options)
+
+
+def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> ReadPlan:
+    """List the source here (file metadata only); validate and dedup it in Ray tasks.
+
+    Args:
+        source: The spec's source section.
+        task_cpus: CPUs each task asks for.
+        cpus: The cluster's CPUs, which size the number of dedup buckets.
+    """
+    import ray
+
+    started = time.perf_counter()
+    listing, units = units_of(source)
+    skipped = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items()))
+    _progress(f"source {source.uri}: {len(listing.files)} {listing.kind} file(s)"
+              + (f"; not read: {skipped}" if skipped else "") + f"; {len(units)} unit(s)")
+    buckets = max(1, min(MAX_BUCKETS, len(units), int(cpus) * 2))
+    scan = ray.remote(_scan).options(num_returns=buckets + 1, num_cpus=task_cpus)
+    refs = [scan.remote(u, source, buckets) for u in units]
+    heads = [r[0] for r in refs]
+    scans_by_ref = {}
+    waiting, last = list(heads), time.perf_counter()
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=5.0)
+        for ref in ready:
+            scans_by_ref[ref] = ray.get(ref)
+        if waiting and time.perf_counter() - last > 5.0:
+            last = time.perf_counter()
+            _progress(f"validated {len(scans_by_ref)}/{len(heads)} unit(s)")
+    scans = [scans_by_ref[h] for h in heads]
+    check_metadata_fields(scans, source)
+    chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
+    bad = bad_signatures(scans, chosen)
+    dedup = ray.remote(_dedup).options(num_cpus=task_cpus)
+    losers = ray.get([dedup.remote(frozenset(bad), *[r[b + 1] for r in refs])
+                      for b in range(buckets)])
+    del refs  # the bucket tables can go from the object store
+    plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
+    _progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
+              f"{plan.documents} documents, {plan.rejected} rejected, "
+              f"{len(plan.shards)} shards")
+    return plan
+
+
+def write_rejects(plan: ReadPlan, source: SourceSpec, *, uri: str,
+                  storage_options: dict[str, str], task_cpus: float,
+                  replace_existing: bool) -> None:
+    """Write the reject rows in tasks (only shards that have any) and commit them once."""
+    import ray
+
+    if not plan.dirty and not replace_existing:
+        return
+    task = ray.remote(_rejects).options(num_cpus=task_cpus)
+    parts = ray.get([task.remote(shard, dups, source, plan.chosen, uri, storage_options)
+                     for shard, dups in plan.dirty])
+    fragments = [f for part in parts for f in part]
+    operation = lance.LanceOperation.Overwrite(REJECTS_SCHEMA, fragments)
+    lance.LanceDataset.commit(uri, operation, read_version=latest_version(uri, storage_options),
+                              storage_options=storage_options or None)

@@ -1,0 +1,439 @@
+"""Plan a source in three passes that run anywhere (the job runs them as cluster tasks):
+
+1. `scan_unit`, once per unit: parse and validate every record, cut the unit into
+   shards, count rejects and metadata type signatures per shard, and hash every valid
+   id into one of `buckets` tables.
+2. `find_duplicates`, once per bucket: every record whose id an earlier record (in file,
+   position order) already has is a duplicate; records rejected for their types never
+   count as the first.
+3. `shard_rejects`, once per shard that has any reject: the reject rows, with file,
+   position and reason.
+
+The driver only merges bounded summaries (`assemble_plan`): per-shard counts, the type
+signatures seen, and the duplicates found; `read_shard` then reads a shard's documents.
+`plan_source` runs all three passes in this process, for tests and small sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from operators.sources import FORMATS
+from operators.sources.base import (
+    KIND_TYPES,
+    Listing,
+    RawRecord,
+    coerce_json,
+    id_and_text,
+    list_source,
+    metadata_names,
+    mismatch,
+    raw_preview,
+    record_kinds,
+)
+from schemas.errors import SourceError
+from schemas.records import REJECTS_SCHEMA, check_metadata_names
+from schemas.source import Shard, ShardKind, Unit
+from schemas.spec import SourceSpec
+
+Signature = tuple[tuple[str, str], ...]
+BUCKET_SCHEMA = pa.schema([("hi", pa.uint64()), ("lo", pa.uint64()), ("unit", pa.int32()),
+                           ("shard", pa.int32()), ("ordinal", pa.int64()),
+                           ("position", pa.int64()), ("sig", pa.int32())])
+LOSERS_SCHEMA = pa.schema([("unit", pa.int32()), ("ordinal", pa.int64()),
+                           ("w_unit", pa.int32()), ("w_position", pa.int64())])
+
+
+@dataclass
+class ShardScan:
+    """What pass 1 learned about one shard: where it starts and what its records are."""
+
+    start: int
+    first_position: int
+    offset: int | None
+    part: int
+    records: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+    """Records that are not valid documents, by reason."""
+    signatures: dict[Signature, int] = field(default_factory=dict)
+    """Valid records per metadata type signature; a signature's index in this dict is
+    the `sig` of its bucket rows."""
+
+
+@dataclass
+class UnitScan:
+    """Pass 1's bounded summary of one unit."""
+
+    unit: Unit
+    shards: list[ShardScan]
+    fields: list[str]
+    """Metadata fields in order of first appearance (untyped formats)."""
+    file_kinds: dict[str, pa.DataType] | None = None
+    """Typed formats: the file's metadata types."""
+
+
+def id_key(doc_id: str) -> tuple[int, int]:
+    """A 128-bit hash of an id as two words: equal ids give equal keys, and two different
+    ids collide with a chance of about 1 in 10^20 at 100M ids."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def validate(rec: RawRecord, source: SourceSpec, kind: ShardKind) -> tuple[str | None, str]:
+    """(None, reason) for a record that is not a document, else (None-free id, text)."""
+    if rec.value is None:
+        return None, rec.error or "unreadable record"
+    got = id_and_text(rec.value, source, kind)
+    return (None, got) if isinstance(got, str) else got
+
+
+def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int
+              ) -> tuple[UnitScan, list[pa.Table]]:
+    """Pass 1 over one unit: shards, reject counts, type signatures, hashed ids.
+
+    Returns the summary and `buckets` tables of BUCKET_SCHEMA rows, one per valid record.
+    """
+    fmt = FORMATS[unit.kind]
+    per = source.records_per_shard
+    shards: list[ShardScan] = []
+    fields: dict[str, None] = {}
+    cols: list[list[list[Any]]] = [[[] for _ in BUCKET_SCHEMA] for _ in range(buckets)]
+    current: ShardScan | None = None
+    for rec in fmt.iter_records(unit, source):
+        if current is None or current.records >= per or rec.part != current.part:
+            current = ShardScan(rec.ordinal, rec.position, rec.offset, rec.part)
+            shards.append(current)
+        current.records += 1
+        doc_id, reason = validate(rec, source, unit.kind)
+        if doc_id is None:
+            current.rejects[reason] += 1
+            continue
+        kinds = record_kinds(rec, source, unit.kind)
+        if not fmt.typed:
+            fields.update(dict.fromkeys(metadata_names(rec.value or {}, source, unit.kind)))
+        sig = list(current.signatures).index(kinds) if kinds in current.signatures \
+            else len(current.signatures)
+        current.signatures[kinds] = current.signatures.get(kinds, 0) + 1
+        hi, lo = id_key(doc_id)
+        row = cols[lo % buckets]
+        for column, value in zip(row, (hi, lo, unit.index, len(shards) - 1, rec.ordinal,
+                                       rec.position, sig), strict=True):
+            column.append(value)
+    tables = [pa.table([pa.array(c, f.type) for c, f in zip(cols[b], BUCKET_SCHEMA,
+                                                            strict=True)],
+                       schema=BUCKET_SCHEMA) for b in range(buckets)]
+    file_kinds = fmt.file_kinds(unit, source) if fmt.typed and shards else None
+    return UnitScan(unit, shards, list(fields), file_kinds), tables
+
+
+def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]]
+                    ) -> pa.Table:
+    """Pass 2 over one bucket: every record whose id an earlier valid record already has.
+
+    Args:
+        tables: This bucket's rows from every unit.
+        bad: (unit, shard, sig) signatures rejected for their metadata types; those
+            records are not documents, so they never win an id.
+
+    Returns:
+        LOSERS_SCHEMA rows: the duplicate's unit and record, and the first record's unit
+        and position.
+
+    >>> t = pa.table({"hi": pa.array([1, 1, 2], pa.uint64()), "lo": pa.array([5, 5, 6],
+    ...   pa.uint64()), "unit": pa.array([1, 0, 0], pa.int32()), "shard": pa.array([0, 0,
+    ...   0], pa.int32()), "ordinal": pa.array([0, 3, 4], pa.int64()), "position":
+    ...   pa.array([1, 4, 5], pa.int64()), "sig": pa.array([0, 0, 0], pa.int32())})
+    >>> find_duplicates([t], bad=frozenset()).to_pylist()
+    [{'unit': 1, 'ordinal': 0, 'w_unit': 0, 'w_position': 4}]
+    """
+    rows = pa.concat_tables(tables) if tables else BUCKET_SCHEMA.empty_table()
+    if rows.num_rows == 0:
+        return LOSERS_SCHEMA.empty_table()
+    col = {name: rows.column(name).to_numpy() for name in rows.column_names}
+    if bad:
+        keys = (col["unit"].astype(np.int64) << 40) | (col["shard"].astype(np.int64) << 16) \
+            | col["sig"].astype(np.int64)
+        wanted = np.array([(u << 40) | (s << 16) | g for u, s, g in bad], np.int64)
+        keep = ~np.isin(keys, wanted)
+        col = {name: values[keep] for name, values in col.items()}
+    order = np.lexsort((col["ordinal"], col["unit"], col["lo"], col["hi"]))
+    hi, lo = col["hi"][order], col["lo"][order]
+    same = np.zeros(len(order), bool)
+    same[1:] = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
+    if not same.any():
+        return LOSERS_SCHEMA.empty_table()
+    first = np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))
+    losers, winners = order[same], order[first[same]]
+    return pa.table({"unit": col["unit"][losers], "ordinal": col["ordinal"][losers],
+                     "w_unit": col["unit"][winners], "w_position": col["position"][winners]},
+                    schema=LOSERS_SCHEMA)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class ReadPlan:
+    """Everything the driver knows about a source: bounded summaries, no records."""
+
+    kind: ShardKind
+    shards: list[Shard]
+    metadata: pa.Schema
+    chosen: dict[str, str]
+    """Metadata field -> the kind (untyped formats) or Arrow type name (typed) it has."""
+    records: int
+    rejected: int
+    reject_reasons: Counter[str]
+    fingerprint: str
+    """Changes whenever any source file's size or modification time changes."""
+    files: int
+    skipped: dict[str, int]
+    """Files not read, by suffix."""
+    dirty: list[tuple[Shard, dict[int, tuple[str, int]]]]
+    """Shards with rejects, each with its duplicates: record -> (first file, position)."""
+    documents_per_shard: dict[str, int]
+    rejects: pa.Table | None = None
+    """The reject rows, when the plan was made in this process (`plan_source`)."""
+
+    @property
+    def documents(self) -> int:
+        return self.records - self.rejected
+
+
+def reason_key(reason: str) -> str:
+    """The kind of a reject reason, without the ids, files and bytes it names.
+
+    >>> reason_key("duplicate id 'a' (first at line 1 of x.jsonl)")
+    'duplicate id'
+    >>> reason_key("invalid JSON: Expecting value"), reason_key("a.txt: not valid UTF-8")
+    ('invalid JSON', 'not valid UTF-8')
+    >>> reason_key("wrong type for field 'n': expected int64, got str")
+    "wrong type for field 'n'"
+    """
+    reason = re.sub(r" \(.*$", "", reason)
+    if reason.startswith("duplicate id"):
+        return "duplicate id"
+    if ": not valid UTF-8" in reason:
+        return "not valid UTF-8"
+    return reason.split(": ")[0]
+
+
+def shard_id_for(unit: Unit, start: int) -> str:
+    """Stable across runs and across files being added: a hash of the file, the record."""
+    where = unit.file.path + (f"/{unit.files[0].path}" if unit.files else "")
+    digest = hashlib.sha1(f"{where}@{unit.start}".encode()).hexdigest()[:12]
+    return f"{digest}:{start}"
+
+
+def choose_kinds(scans: list[UnitScan], typed: bool) -> tuple[dict[str, str], pa.Schema]:
+    """Metadata types from every record: for untyped formats ints widen to floats and
+    otherwise the majority wins; typed formats take the first file's types."""
+    if typed:
+        first = next((s.file_kinds for s in scans if s.file_kinds is not None), {})
+        return ({n: str(t) for n, t in first.items()},
+                pa.schema([pa.field(n, t) for n, t in first.items()]))
+    counts: dict[str, Counter[str]] = {}
+    for scan in scans:
+        for name in scan.fields:
+            counts.setdefault(name, Counter())
+        for shard in scan.shards:
+            for sig, n in shard.signatures.items():
+                for name, kind in sig:
+                    counts.setdefault(name, Counter())[kind] += n
+    chosen = {name: _majority(c) for name, c in counts.items()}
+    return chosen, pa.schema([pa.field(n, KIND_TYPES[k]) for n, k in chosen.items()])
+
+
+def _majority(counts: Counter[str]) -> str:
+    if not counts:
+        return "str"
+    if set(counts) <= {"int", "float"}:
+        return "float" if "float" in counts else "int"
+    return counts.most_common(1)[0][0]
+
+
+def bad_signatures(scans: list[UnitScan], chosen: dict[str, str]
+                   ) -> dict[tuple[int, int, int], tuple[str, int]]:
+    """(unit, shard, sig) -> (reason, records) for signatures that disagree with `chosen`."""
+    bad = {}
+    for scan in scans:
+        for s, shard in enumerate(scan.shards):
+            for g, (sig, n) in enumerate(shard.signatures.items()):
+                reason = mismatch(sig, chosen)
+                if reason is not None:
+                    bad[(scan.unit.index, s, g)] = (reason, n)
+    return bad
+
+
+def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table], *,
+                  chosen: dict[str, str], metadata: pa.Schema,
+                  bad: dict[tuple[int, int, int], tuple[str, int]]) -> ReadPlan:
+    """Merge the passes' summaries into shards that know which records to skip."""
+    try:
+        check_metadata_names(metadata)
+    except ValueError as err:
+        raise SourceError(str(err)) from None
+    by_unit: dict[int, list[tuple[int, int, int]]] = {}
+    for table in losers:
+        for unit, ordinal, w_unit, w_pos in zip(*(table.column(n).to_pylist()
+                                                  for n in LOSERS_SCHEMA.names), strict=True):
+            by_unit.setdefault(unit, []).append((ordinal, w_unit, w_pos))
+    paths = {s.unit.index: s.unit.file.path for s in scans}
+    bad_here: dict[tuple[int, int], list[tuple[str, int]]] = {}
+    for (u, i, _), found in bad.items():
+        bad_here.setdefault((u, i), []).append(found)
+    reasons: Counter[str] = Counter()
+    shards: list[Shard] = []
+    dirty: list[tuple[Shard, dict[int, tuple[str, int]]]] = []
+    per_shard: dict[str, int] = {}
+    records = rejected = 0
+    for scan in scans:
+        starts = [s.start for s in scan.shards]
+        dups: list[dict[int, tuple[str, int]]] = [{} for _ in scan.shards]
+        for ordinal, w_unit, w_pos in by_unit.get(scan.unit.index, []):
+            dups[bisect_right(starts, ordinal) - 1][ordinal] = (paths[w_unit], w_pos)
+        for s, info in enumerate(scan.shards):
+            shard = Shard(shard_id_for(scan.unit, info.start), scan.unit.kind, scan.unit,
+                          info.start, info.records, info.first_position, info.offset,
+                          info.part, frozenset(dups[s]))
+            typed = bad_here.get((scan.unit.index, s), [])
+            typed_out = sum(n for _, n in typed)
+            for reason, n in typed:
+                reasons[reason_key(reason)] += n
+            for reason, n in info.rejects.items():
+                reasons[reason_key(reason)] += n
+            if dups[s]:
+                reasons["duplicate id"] += len(dups[s])
+            out = sum(info.rejects.values()) + typed_out + len(dups[s])
+            records += info.records
+            rejected += out
+            shards.append(shard)
+            per_shard[shard.shard_id] = info.records - out
+            if out:
+                dirty.append((shard, dups[s]))
+    digest = hashlib.sha256("|".join(
+        f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing.files).encode()).hexdigest()[:16]
+    return ReadPlan(listing.kind, shards, metadata, chosen, records, rejected, reasons,
+                    digest, len(listing.files), listing.skipped, dirty, per_shard)
+
+
+def units_of(source: SourceSpec) -> tuple[Listing, list[Unit]]:
+    """List the source (file metadata only) and cut it into validation units."""
+    listing = list_source(source, FORMATS)
+    units = FORMATS[listing.kind].units(listing.files, source, root=listing.root)
+    return listing, units
+
+
+def check_metadata_fields(scans: list[UnitScan], source: SourceSpec) -> None:
+    """Typed sources must have the metadata fields the spec names."""
+    if source.metadata_fields is None:
+        return
+    first = next((s.file_kinds for s in scans if s.file_kinds is not None), None)
+    if first is None:
+        return
+    missing = [n for n in source.metadata_fields if n not in first]
+    if missing:
+        raise SourceError(f"source.metadata_fields: {missing!r} not in {source.uri}")
+
+
+# ---------------------------------------------------------------- reading a shard
+
+
+def _shard_records(shard: Shard, source: SourceSpec) -> Iterator[RawRecord]:
+    end = shard.start + shard.records
+    for rec in FORMATS[shard.kind].iter_records(
+            shard.unit, source, start=shard.start, offset=shard.offset,
+            position=shard.first_position, part=shard.part):
+        if rec.ordinal >= end:
+            return
+        yield rec
+
+
+def shard_rejects(shard: Shard, source: SourceSpec, *, chosen: dict[str, str],
+                  duplicates: dict[int, tuple[str, int]]) -> pa.Table:
+    """Pass 3: the shard's reject rows (REJECTS_SCHEMA), in record order."""
+    fmt = FORMATS[shard.kind]
+    rows = []
+    for rec in _shard_records(shard, source):
+        doc_id, reason = validate(rec, source, shard.kind)
+        record_id = None
+        if doc_id is not None:
+            record_id = doc_id
+            wrong = mismatch(record_kinds(rec, source, shard.kind), chosen)
+            if wrong is not None:
+                reason = wrong
+            elif rec.ordinal in duplicates:
+                path, position = duplicates[rec.ordinal]
+                reason = (f"duplicate id {doc_id!r} (first at {fmt.position_kind} "
+                          f"{position} of {path})")
+            else:
+                continue
+        elif rec.value is not None:
+            raw_id = rec.value.get(source.id_field or "path")
+            record_id = None if raw_id is None else str(raw_id)
+        rows.append({"source": shard.path, "position": rec.position,
+                     "position_kind": fmt.position_kind, "record_id": record_id,
+                     "reason": reason, "raw": raw_preview(rec)})
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+
+
+def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
+               chosen: dict[str, str]) -> pa.Table:
+    """A shard's documents: `doc_id`, `text` and the typed metadata columns.
+
+    Rejected records (invalid, ill-typed, and the duplicates in `shard.skip`) are
+    dropped; pass 3 has written them to the rejects.
+    """
+    as_json = {n for n, k in chosen.items() if k == "json"}
+    as_float = {n for n, k in chosen.items() if k == "float"}
+    columns: dict[str, list[Any]] = {"doc_id": [], "text": [], **{n: [] for n in metadata.names}}
+    for rec in _shard_records(shard, source):
+        doc_id, text = validate(rec, source, shard.kind)
+        if doc_id is None or rec.ordinal in shard.skip \
+                or mismatch(record_kinds(rec, source, shard.kind), chosen) is not None:
+            continue
+        assert rec.value is not None
+        columns["doc_id"].append(doc_id)
+        columns["text"].append(text)
+        for name in metadata.names:
+            v = rec.value.get(name)
+            if name in as_json:
+                v = coerce_json(v)
+            elif name in as_float and v is not None:
+                v = float(v)
+            columns[name].append(v)
+    schema = pa.schema([pa.field("doc_id", pa.string()), pa.field("text", pa.large_string()),
+                        *metadata])
+    return pa.table(columns, schema=schema)
+
+
+# ---------------------------------------------------------------- in this process
+
+
+def plan_source(source: SourceSpec, *, buckets: int = 4) -> ReadPlan:
+    """Plan a source with all three passes in this process (tests, small sources).
+
+    Raises:
+        SourceError: when the source is missing or unreadable as a whole.
+    """
+    listing, units = units_of(source)
+    results = [scan_unit(u, source, buckets=buckets) for u in units]
+    scans = [r[0] for r in results]
+    check_metadata_fields(scans, source)
+    chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
+    bad = bad_signatures(scans, chosen)
+    losers = [find_duplicates([r[1][b] for r in results], bad=frozenset(bad))
+              for b in range(buckets)]
+    plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
+    tables = [shard_rejects(s, source, chosen=chosen, duplicates=d) for s, d in plan.dirty]
+    plan.rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+    return plan
