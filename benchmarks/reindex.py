@@ -154,10 +154,9 @@ def chunk_source(spec_dict: dict, table: Path) -> Hashes:
     the table's manifest (chunk size, and the embedding fingerprint folded into every
     content hash), the model's document prefix and the source plan's metadata schema.
     """
-    from operators.read import plan_source, read_shard
-
     from operators.chunk import Chunker
     from operators.model import describe_model
+    from operators.sources.plan import plan_source, read_shard
     from schemas.manifest import TableManifest
     from schemas.spec import parse_spec
 
@@ -173,7 +172,8 @@ def chunk_source(spec_dict: dict, table: Path) -> Hashes:
     )
     hashes: Hashes = {}
     for shard in plan.shards:
-        chunks = chunker(read_shard(shard, source=spec.source, metadata=plan.metadata))
+        chunks = chunker(read_shard(shard, source=spec.source, metadata=plan.metadata,
+                                    chosen=plan.chosen))
         for cid, digest in zip(chunks.column("id").to_pylist(),
                                chunks.column("content_hash").to_pylist(), strict=True):
             if cid in hashes:

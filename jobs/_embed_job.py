@@ -599,15 +599,15 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     else:
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
+    mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report:
         _progress(f"cut over: {change_report}")
     final = run.table()
-    mark_finished(final, job=planned.job)
-    final = run.table()
     cleaned = 0
-    if not spec.write.keep_checkpoints:
-        cleaned = cleanup_checkpoints(final, run.versions)
+    if not spec.write.keep_checkpoints and run.versions:
+        # Every version this job made before the last: checkpoints and index builds.
+        cleaned = cleanup_checkpoints(final, range(run.versions[0], final.version))
     cleaned += cleanup_versions(run.table(), spec.write)
     return report, change_report, cleaned
 
