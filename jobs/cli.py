@@ -66,12 +66,19 @@ def _print_summary(summary: dict) -> None:
           + (f" -> {summary['rejects_table']}" if summary["rejects_table"] else ""))
     for reason, count in summary["reject_reasons"].items():
         print(f"             {count:6d}  {reason}")
+    if summary.get("files"):
+        skipped = ", ".join(f"{n} {suffix}" for suffix, n in summary["files_skipped"].items())
+        print(f"files      {summary['files']} read" + (f"; not read: {skipped}" if skipped
+                                                        else ""))
     print(f"chunks     {summary['chunks']}")
     if summary.get("reindex"):
         r = summary["reindex"]
         print(f"reindex    {r['added']} added, {r['changed']} changed, {r['deleted']} deleted, "
               f"{r['unchanged']} unchanged; {r['embedded']} embedded, in one commit")
-    print(f"shards     {summary['shards']} ({summary['shards_skipped']} already committed)")
+    print(f"shards     {summary['shards']} ({summary['shards_skipped']} already committed); "
+          f"{summary.get('commits', 0)} checkpoint commit(s)"
+          + (f", the first at {summary['first_commit_s']} s"
+             if summary.get("first_commit_s") is not None else ""))
     print(f"embedding  {summary['tokens']} tokens in {summary['embed_seconds']} s: "
           f"{summary['tokens_per_s']} tokens/s, {summary['documents_per_s']} documents/s")
     if summary["truncated_tokens"]:
@@ -82,7 +89,7 @@ def _print_summary(summary: dict) -> None:
         print(f"profile    {_profile_line(summary['profile'])}")
     if summary.get("versions_cleaned"):
         print(f"cleanup    {summary['versions_cleaned']} old versions removed "
-              "(write.retention_days)")
+              "(checkpoints, write.retention_days)")
     print(f"time       {summary['seconds']} s")
 
 

@@ -64,6 +64,8 @@ class Shard:
     part: int = 0
     """Parquet: the row group; `start` then counts rows of the file."""
     skip: frozenset[int] = field(default_factory=frozenset)
+    documents: int | None = None
+    """Valid documents the plan counted; a reader that finds another number refuses."""
 
     @property
     def path(self) -> str:

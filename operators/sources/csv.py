@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from operators.filesystems import resolve
-from operators.sources.base import RawRecord, SourceFormat, open_at, open_stream
+from operators.sources.base import (
+    RawRecord,
+    SourceFormat,
+    compression_of,
+    open_at,
+    open_stream,
+)
 from schemas.errors import SourceError
 from schemas.source import Unit
 from schemas.spec import SourceSpec
@@ -76,9 +82,10 @@ class CsvFormat(SourceFormat):
             lines = _Lines(stream, path=unit.file.path, offset=0, line=0)
             reader = csv.reader(iter(lines))
             next(reader, None)  # the header
+        seekable = compression_of(unit.file.path) is None
         with stream:
             while True:
-                row_offset, row_line = lines.offset, lines.line + 1
+                row_offset, row_line = lines.offset if seekable else None, lines.line + 1
                 row = next(reader, None)
                 if row is None:
                     return

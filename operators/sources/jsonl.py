@@ -10,7 +10,13 @@ import json
 from collections.abc import Iterator
 
 from operators.filesystems import resolve
-from operators.sources.base import RawRecord, SourceFormat, open_at, open_stream
+from operators.sources.base import (
+    RawRecord,
+    SourceFormat,
+    compression_of,
+    open_at,
+    open_stream,
+)
 from schemas.source import Unit
 from schemas.spec import SourceSpec
 
@@ -48,6 +54,7 @@ class JsonlFormat(SourceFormat):
                 position or 1, start
         else:
             stream, byte, line_no, ordinal = open_stream(fs, unit.file), 0, 1, 0
+        seekable = compression_of(unit.file.path) is None
         with stream:
             for line in stream:
                 here, number = byte, line_no
@@ -59,4 +66,5 @@ class JsonlFormat(SourceFormat):
                 ordinal += 1
                 if current < start:
                     continue
-                yield parse_line(line, ordinal=current, position=number, offset=here)
+                yield parse_line(line, ordinal=current, position=number,
+                                 offset=here if seekable else None)

@@ -302,18 +302,18 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
         for ordinal, w_unit, w_pos in by_unit.get(scan.unit.index, []):
             dups[bisect_right(starts, ordinal) - 1][ordinal] = (paths[w_unit], w_pos)
         for s, info in enumerate(scan.shards):
-            shard = Shard(shard_id_for(scan.unit, info.start), scan.unit.kind, scan.unit,
-                          info.start, info.records, info.first_position, info.offset,
-                          info.part, frozenset(dups[s]))
             typed = bad_here.get((scan.unit.index, s), [])
             typed_out = sum(n for _, n in typed)
+            out = sum(info.rejects.values()) + typed_out + len(dups[s])
+            shard = Shard(shard_id_for(scan.unit, info.start), scan.unit.kind, scan.unit,
+                          info.start, info.records, info.first_position, info.offset,
+                          info.part, frozenset(dups[s]), info.records - out)
             for reason, n in typed:
                 reasons[reason_key(reason)] += n
             for reason, n in info.rejects.items():
                 reasons[reason_key(reason)] += n
             if dups[s]:
                 reasons["duplicate id"] += len(dups[s])
-            out = sum(info.rejects.values()) + typed_out + len(dups[s])
             records += info.records
             rejected += out
             shards.append(shard)
@@ -411,6 +411,10 @@ def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
             elif name in as_float and v is not None:
                 v = float(v)
             columns[name].append(v)
+    if shard.documents is not None and len(columns["doc_id"]) != shard.documents:
+        raise SourceError(f"{shard.path}: {len(columns['doc_id'])} valid records in shard "
+                          f"{shard.shard_id}, but {shard.documents} when the job was "
+                          "planned; the source changed. Run the job again.")
     schema = pa.schema([pa.field("doc_id", pa.string()), pa.field("text", pa.large_string()),
                         *metadata])
     return pa.table(columns, schema=schema)

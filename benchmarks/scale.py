@@ -1,0 +1,231 @@
+"""Corpus scale: Quiver's own machinery at 100k and 1M documents, with the tiny model.
+
+The model is a random one-layer BERT (hidden 32) with MiniLM's real tokenizer, so what is
+measured is what a GPU job would see: reading, validating, tokenizing, Ray Data's
+streaming, writing and committing. The corpus is synthetic documents cut from the real
+collections in ../shared/eval, each with a unique id and a numbered suffix (no two texts
+repeat), written as several `.jsonl.gz` files.
+
+For each size it runs `quiver run` in a fresh process and reports:
+- documents/s and tokens/s end to end (process launch to exit);
+- the machinery limit, measured in the same run: (CPU-seconds to parse, tokenize and chunk
+  the same documents alone, plus CPU-seconds of the tiny model's bare forward over the
+  same chunks) ÷ cores, measured on SAMPLE_DOCS documents and scaled to the corpus;
+- the time from launch to the first committed checkpoint (the first manifest on disk);
+- the driver's peak RSS (sampled every 0.2 s);
+- model loads per job, and the bytes of each checkpoint commit's transaction file.
+
+    python benchmarks/scale.py                 # 100k and 1M documents
+    python benchmarks/scale.py --sizes 20000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = REPO.parent / "shared" / "eval"
+SIZES = (100_000, 1_000_000)
+FILES = 8
+SAMPLE_DOCS = 20_000
+RECORDS_PER_SHARD = 5_000
+SEED = 0
+CACHE = REPO / "benchmarks" / ".warehouse" / "scale"
+
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def cpu_kind() -> str:
+    from operators.embed import cpu_flags
+
+    flags = cpu_flags()
+    return "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "other"
+
+
+def _texts() -> list[str]:
+    texts = []
+    for name in ("scifact", "cranfield", "limit-small"):
+        path = EVAL / name / "corpus.jsonl"
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                text = f"{d.get('title', '')} {d.get('text', '')}".strip()
+                if text:
+                    texts.append(text)
+    return texts
+
+
+def build_corpus(n: int) -> Path:
+    """`n` documents as FILES .jsonl.gz files, cached under a folder named by n."""
+    out = CACHE / f"corpus-{n}"
+    if (out / "done").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    texts = _texts()
+    per_file = -(-n // FILES)
+    for f in range(FILES):
+        with gzip.open(out / f"part-{f:03d}.jsonl.gz", "wt", encoding="utf-8",
+                       compresslevel=1) as fh:
+            for i in range(f * per_file, min(n, (f + 1) * per_file)):
+                base = texts[(i * 7919 + SEED) % len(texts)]
+                words = base.split()
+                cut = words[: max(20, len(words) * (1 + i % 4) // 4)]  # varied lengths
+                doc = {"id": f"doc-{i}", "text": " ".join(cut) + f" (variant {i})",
+                       "year": 1990 + i % 30}
+                fh.write(json.dumps(doc) + "\n")
+    (out / "done").write_text(str(n))
+    return out
+
+
+def machinery_limit(corpus: Path, model: str, n: int) -> dict:
+    """CPU-seconds per document to parse + chunk + tokenize, and to run the bare tiny
+    forward over the same chunks, measured in this process on SAMPLE_DOCS documents."""
+    import pyarrow as pa
+    import torch
+
+    from operators.chunk import Chunker
+    from operators.embed import Embedder, resolve_precision
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    torch.set_num_threads(1)
+    info = describe_model(ModelSpec(name=model))
+    chunker = Chunker(info.path, max_tokens=info.max_tokens, overlap=32, document_prefix="",
+                      metadata=pa.schema([("year", pa.int64())]), config_fingerprint="x")
+    files = sorted(corpus.glob("*.jsonl.gz"))
+    wanted = min(SAMPLE_DOCS, n)
+    started = time.process_time()
+    ids, texts, years = [], [], []
+    with gzip.open(files[0], "rt", encoding="utf-8") as fh:
+        for line in fh:
+            d = json.loads(line)
+            ids.append(d["id"])
+            texts.append(d["text"])
+            years.append(d["year"])
+            if len(ids) >= wanted:
+                break
+    chunks = []
+    for i in range(0, len(ids), 1000):
+        docs = pa.table({"doc_id": ids[i:i + 1000],
+                         "text": pa.array(texts[i:i + 1000], pa.large_string()),
+                         "year": years[i:i + 1000]})
+        chunks.append(chunker(docs))
+    tokenize_cpu = time.process_time() - started
+    embedder = Embedder(info, precision=resolve_precision("auto", on_gpu=False),
+                        device="cpu", torch_threads=1)
+    started = time.process_time()
+    for table in chunks:
+        for i in range(0, table.num_rows, 128):
+            embedder(table.slice(i, 128))
+    forward_cpu = time.process_time() - started
+    scale = n / len(ids)
+    return {"sample_docs": len(ids), "tokenize_cpu_s": tokenize_cpu * scale,
+            "forward_cpu_s": forward_cpu * scale}
+
+
+def run_job(corpus: Path, model: str, n: int, table: Path) -> dict:
+    """`quiver run` in a fresh process; driver RSS and the first commit watched from here."""
+    import psutil
+
+    spec = {"kind": "embed", "table": str(table),
+            "source": {"uri": str(corpus / "*.jsonl.gz"), "id_field": "id",
+                       "records_per_shard": RECORDS_PER_SHARD},
+            "model": {"name": model},
+            "write": {"keep_checkpoints": True},
+            "index": {"ann_min_rows": 10**9, "fts": False}}
+    spec_path = table.parent / f"spec-{n}.json"
+    spec_path.write_text(json.dumps(spec))
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_path), "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, text=True)
+    watched = psutil.Process(proc.pid)
+    peak, first_commit = 0, None
+    versions = table / "_versions"
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        if first_commit is None and versions.is_dir() and any(
+                p.suffix == ".manifest" for p in versions.iterdir()):
+            first_commit = time.perf_counter() - started
+        time.sleep(0.2)
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"quiver run failed ({proc.returncode})")
+    summary = json.loads(out)
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "first_commit_s": first_commit,
+            "summary": summary, "txn_bytes": _txn_bytes(table, summary["commits"])}
+
+
+def _txn_bytes(table: Path, commits: int) -> list[int]:
+    """Sizes of the checkpoint commits' transaction files, in commit order."""
+    files = sorted((table / "_transactions").glob("*.txn"), key=lambda p: p.stat().st_mtime_ns)
+    return [p.stat().st_size for p in files[:commits]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    args = parser.parse_args()
+    if not (EVAL / "scifact" / "corpus.jsonl").is_file():
+        raise SystemExit(f"{EVAL} not present: the corpus is cut from ../shared/eval")
+    from tiny_model import make_tiny_model
+
+    cores = os.cpu_count() or 1
+    model = str(make_tiny_model(CACHE / "tiny-model"))
+    print(f"CPU: {cpu_kind()}, {cores} cores; tiny model (1 layer, hidden 32); "
+          f"{RECORDS_PER_SHARD} records per shard")
+    rows = []
+    for n in args.sizes:
+        corpus = build_corpus(n)
+        limit = machinery_limit(corpus, model, n)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            job = run_job(corpus, model, n, Path(tmp) / "scale.lance")
+        s = job["summary"]
+        limit_s = (limit["tokenize_cpu_s"] + limit["forward_cpu_s"]) / cores
+        assert s["documents"] == n and s["rejects"] == 0, s  # sanity: every doc landed
+        txn = job["txn_bytes"]
+        rows.append({
+            "docs": n, "wall_s": round(job["wall_s"], 1),
+            "docs_per_s": round(n / job["wall_s"], 1),
+            "tokens_per_s": round(s["tokens"] / job["wall_s"], 1),
+            "limit_s": round(limit_s, 1), "limit_docs_per_s": round(n / limit_s, 1),
+            "ratio_to_limit": round(limit_s / job["wall_s"], 3),
+            "tokenize_share": round(limit["tokenize_cpu_s"] / cores / job["wall_s"], 3),
+            "first_commit_s": None if job["first_commit_s"] is None
+            else round(job["first_commit_s"], 1),
+            "driver_peak_rss_mb": round(job["peak_rss_mb"], 1),
+            "model_loads": s["model_loads"], "actors": s["profile"]["actors"],
+            "commits": s["commits"],
+            "txn_bytes_first_median_last": [txn[0], int(statistics.median(txn)), txn[-1]]
+            if txn else [],
+            "profile": s["profile"],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| docs | wall s | docs/s | tokens/s | limit docs/s | ratio | first commit s "
+          "| driver peak MB | loads/actors | commits | txn bytes (first/median/last) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['docs']:,} | {r['wall_s']} | {r['docs_per_s']} | {r['tokens_per_s']} | "
+              f"{r['limit_docs_per_s']} | {r['ratio_to_limit']} | {r['first_commit_s']} | "
+              f"{r['driver_peak_rss_mb']} | {r['model_loads']}/{r['actors']} | "
+              f"{r['commits']} | {r['txn_bytes_first_median_last']} |")
+    if len(rows) > 1:
+        print(f"driver peak RSS {rows[-1]['docs']:,} / {rows[0]['docs']:,}: "
+              f"{rows[-1]['driver_peak_rss_mb'] / rows[0]['driver_peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
