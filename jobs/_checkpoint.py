@@ -47,8 +47,8 @@ class Checkpointer:
     expect_latest: int
     shards_per_commit: int
     commit_interval_s: float
-    ready: list[str] = field(default_factory=list)
-    """Shards with nothing to write (every record rejected): committed with the first."""
+    ready: list[tuple[str, list[FragmentMetadata]]] = field(default_factory=list)
+    """Complete shards not yet committed, with their fragments, in completion order."""
     deletions: tuple[list[int], list] = ([], [])
     total_shards: int = 0
     rows: int = 0
@@ -62,7 +62,6 @@ class Checkpointer:
     loads: set[str] = field(default_factory=set)
     """Distinct model loads that embedded rows (bounded by actors and their restarts)."""
     _pending: dict[str, _Pending] = field(default_factory=dict)
-    _fragments: list[FragmentMetadata] = field(default_factory=list)
     _last_commit: float = field(default_factory=time.perf_counter)
     _committed_shards: int = 0
 
@@ -85,34 +84,46 @@ class Checkpointer:
                 raise TableError(f"shard {row['shard']}: {shard.written} rows written for "
                                   f"{shard.chunks} chunks; refusing to commit duplicates")
             if shard.written == shard.chunks:
-                self.ready.append(row["shard"])
-                self._fragments.extend(self._pending.pop(row["shard"]).fragments)
+                self.ready.append((row["shard"], self._pending.pop(row["shard"]).fragments))
         if self.mode == "update":
             return  # a reindex is one commit: readers see the old table or the new one
+        while len(self.ready) >= self.shards_per_commit:
+            self._commit(self.shards_per_commit)
         due = time.perf_counter() - self._last_commit >= self.commit_interval_s
-        if len(self.ready) >= self.shards_per_commit or (self.ready and due):
-            self._commit()
+        if self.ready and due:
+            self._commit(len(self.ready))
+
+    def add_empty(self, shards: list[str]) -> None:
+        """Shards with nothing to write (every record rejected): committed like others."""
+        self.ready.extend((s, []) for s in shards)
 
     def finish(self, *, always: bool = False) -> None:
-        """Commit what is left; `always` commits even with nothing new (a new empty table,
-        or a reindex that only deletes)."""
+        """Commit what is left; `always` makes an empty table when nothing was committed."""
         if self._pending:
             left = ", ".join(sorted(self._pending)[:5])
             raise TableError(f"{len(self._pending)} shard(s) never finished writing "
                               f"({left}); nothing of them was committed")
-        if self.ready or (always and not self.versions) or self.deletions[0] \
-                or self.deletions[1]:
-            self._commit()
+        if self.mode == "update":  # one commit, deletions included, even with no shards
+            self._commit(len(self.ready))
+            return
+        while self.ready:
+            self._commit(self.shards_per_commit)
+        if always and not self.versions:
+            self._commit(0)  # an empty source still makes an (empty) table
 
-    def _commit(self) -> None:
+    def _commit(self, count: int) -> None:
+        """Commit the first `count` ready shards in one transaction."""
+        group, self.ready = self.ready[:count], self.ready[count:]
+        shards = [shard for shard, _ in group]
+        fragments = [f for _, frags in group for f in frags]
         started = time.perf_counter()
-        ds = commit(self.uri, self._fragments, mode=self.mode, schema=self.schema,
-                    read_version=self.read_version, job=self.job, shards=self.ready,
+        ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
+                    read_version=self.read_version, job=self.job, shards=shards,
                     storage_options=self.storage_options,
                     removed_fragment_ids=self.deletions[0],
                     updated_fragments=self.deletions[1], expect_latest=self.expect_latest)
         self.seconds["commit"] += time.perf_counter() - started
-        self._committed_shards += len(self.ready)
+        self._committed_shards += len(shards)
         self.versions.append(ds.version)
         if self.first_commit_at is None:
             self.first_commit_at = time.time()
@@ -121,7 +132,6 @@ class Checkpointer:
               file=sys.stderr, flush=True)
         self.mode, self.read_version, self.expect_latest = "append", ds.version, ds.version
         self.deletions = ([], [])
-        self.ready, self._fragments = [], []
         self._last_commit = time.perf_counter()
 
     @property

@@ -462,14 +462,15 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
 
 def _write_rows(spec: JobSpec) -> int:
     """Rows a write task gathers: about two shards' worth (a shard's rows are committed
-    once all are written, so bigger batches delay checkpoints), within [1,000, 10,000].
+    once all are written, so bigger batches delay checkpoints), at least an actor's
+    block, at most 10,000.
 
     >>> from schemas.spec import parse_spec
     >>> _write_rows(parse_spec({"kind": "embed", "table": "t.lance",
     ...                         "source": {"uri": "c.jsonl", "id_field": "_id"}}))
     2000
     """
-    wanted = max(1000, 2 * spec.source.records_per_shard)
+    wanted = max(spec.compute.rows_per_batch, 2 * spec.source.records_per_shard)
     return min(spec.write.max_rows_per_file, MIN_ROWS_PER_WRITE, wanted)
 
 
@@ -554,8 +555,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
         commit_interval_s=spec.write.commit_interval_s, deletions=deletions,
         total_shards=len(pending))
     if diff is None:  # shards whose every record was rejected have nothing to write
-        checkpointer.ready.extend(s.shard_id for s in pending
-                                  if not plan.documents_per_shard[s.shard_id])
+        checkpointer.add_empty([s.shard_id for s in pending
+                                if not plan.documents_per_shard[s.shard_id]])
     to_read = [s for s in pending if diff is not None or plan.documents_per_shard[s.shard_id]]
     embed_started = time.perf_counter()
     if to_read:

@@ -42,7 +42,7 @@ def test_batch_gets_a_fixed_size_vector_column(embedder, model_info) -> None:
     batch = pa.table({"id": ["a", "b", "c"], "input_ids": pa.array(ids, pa.list_(pa.int32()))})
     out = embedder(batch)
     assert out.column_names == ["id", "vector", "_tokens", "_forward_s", "_pool_s",
-                                "_quantize_s", "_embedded_at"]
+                                "_quantize_s", "_embedded_at", "_loaded_by"]
     # the block's forward seconds, spread evenly over its rows
     forward = out.column("_forward_s").to_pylist()
     assert forward[0] > 0 and forward == [forward[0]] * 3

@@ -33,7 +33,8 @@ def docs(stdlib_docs) -> list[dict]:
 def _spec_dict(corpus: Path, table: Path) -> dict:
     return {"kind": "embed", "table": str(table),
             "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 5},
-            "write": {"shards_per_commit": 2}, "compute": {"rows_per_batch": 16}}
+            "write": {"shards_per_commit": 2, "keep_checkpoints": True},
+            "compute": {"rows_per_batch": 16}}
 
 
 def _version(table: Path) -> int:

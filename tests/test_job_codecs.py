@@ -31,7 +31,8 @@ def _spec(corpus: Path, table: Path, vectors: dict, shards_per_commit: int = 1):
     return parse_spec({
         "kind": "embed", "table": str(table), "vectors": vectors,
         "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 12},
-        "write": {"shards_per_commit": shards_per_commit}, "compute": {"rows_per_batch": 64},
+        "write": {"shards_per_commit": shards_per_commit, "keep_checkpoints": True},
+        "compute": {"rows_per_batch": 64},
     })
 
 

@@ -34,7 +34,7 @@ def warehouse(tmp_path_factory, stdlib_docs, ray_local) -> tuple[Path, list[dict
     corpus = write_jsonl(root / "docs.jsonl", docs)
     spec = {"kind": "embed", "table": str(root / "docs.lance"),
             "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 15},
-            "write": {"shards_per_commit": 2},
+            "write": {"shards_per_commit": 2, "keep_checkpoints": True},
             "index": {"filterable": ["year", "lang"]}}
     run_embed(parse_spec(spec))
     return root, docs

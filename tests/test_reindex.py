@@ -22,7 +22,7 @@ N_DOCS = 30
 def _spec(corpus: Path, table: Path, **extra):
     return parse_spec({"kind": "embed", "table": str(table),
                        "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10},
-                       "write": {"shards_per_commit": 5}, **extra})
+                       "write": {"shards_per_commit": 5, "keep_checkpoints": True}, **extra})
 
 
 def _vectors(path: Path) -> dict[str, np.ndarray]:

@@ -57,7 +57,7 @@ def test_submit_follow_and_manage(cluster, stdlib_docs, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout)
     assert final["status"] == "SUCCEEDED", out.stderr[-5000:]
-    assert "checkpoint 1/1 committed" in out.stderr  # the job's own progress, streamed
+    assert "checkpoint committed" in out.stderr  # the job's own progress, streamed
     table = lance.dataset(str(tmp_path / "out" / "docs.lance"))
     assert {i.split("#")[0] for i in table.to_table(columns=["id"]).column("id").to_pylist()} \
         == {d["id"] for d in docs}

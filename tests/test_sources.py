@@ -1,0 +1,154 @@
+"""Many-file sources: folders and globs of one format, compressed files, files left out
+counted by suffix, duplicates across files, CSV shards read from byte offsets, and a file
+changed after planning refused by name. Planning here runs in-process (no Ray)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators.sources.plan import plan_source, read_shard
+from schemas.errors import SourceError
+from schemas.spec import SourceSpec
+
+
+def _docs(plan, source: SourceSpec) -> pa.Table:
+    return pa.concat_tables([read_shard(s, source=source, metadata=plan.metadata,
+                                        chosen=plan.chosen) for s in plan.shards])
+
+
+def _write(path: Path, rows: list[dict], *, opener=open) -> Path:
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture()
+def shards_folder(tmp_path: Path) -> Path:
+    """A folder the way datasets ship: compressed JSON Lines parts, plus files that are
+    not data (a README, a checksum, a hidden file, a _SUCCESS marker)."""
+    import pyarrow as pa  # noqa: F401  (zstd through pyarrow's codecs)
+
+    root = tmp_path / "ds"
+    (root / "sub").mkdir(parents=True)
+    _write(root / "part-0.jsonl.gz", [{"id": f"a{i}", "text": f"alpha {i}", "n": i}
+                                      for i in range(7)], opener=gzip.open)
+    _write(root / "part-1.jsonl", [{"id": f"b{i}", "text": f"beta {i}", "n": i}
+                                   for i in range(5)] + [{"id": "a3", "text": "again"}])
+    with pa.CompressedOutputStream(str(root / "sub" / "part-2.jsonl.zst"), "zstd") as out:
+        out.write(b"".join(json.dumps({"id": f"c{i}", "text": f"gamma {i}", "n": i})
+                           .encode() + b"\n" for i in range(4)))
+    (root / "README.md").write_text("# not data")
+    (root / "part-0.jsonl.gz.sha256").write_text("abc")
+    (root / ".hidden.jsonl").write_text('{"id": "h", "text": "hidden"}\n')
+    (root / "_SUCCESS").write_text("")
+    return root
+
+
+def test_a_folder_of_compressed_parts_is_read_whole(shards_folder: Path) -> None:
+    source = SourceSpec(uri=str(shards_folder), id_field="id", records_per_shard=3)
+    plan = plan_source(source)
+    assert plan.kind == "jsonl" and plan.files == 3
+    assert plan.skipped == {".md": 1, ".sha256": 1, ".jsonl": 1, "(none)": 1}
+    assert plan.records == 17 and plan.rejected == 1  # the second a3
+    assert max(s.records for s in plan.shards) == 3  # records_per_shard, in every file
+    docs = _docs(plan, source)
+    assert sorted(docs.column("doc_id").to_pylist()) == sorted(
+        [f"a{i}" for i in range(7)] + [f"b{i}" for i in range(5)] + [f"c{i}" for i in range(4)])
+    # The first a3 in (file, line) order wins; the later one names it.
+    assert docs.filter(pa.compute.equal(docs.column("doc_id"), "a3")) \
+        .column("text").to_pylist() == ["alpha 3"]
+    reject = plan.rejects.to_pylist()[0]
+    assert reject["position"] == 6 and reject["source"].endswith("part-1.jsonl")
+    assert "first at line 4 of" in reject["reason"] and "part-0.jsonl.gz" in reject["reason"]
+
+
+def test_a_glob_picks_its_files(shards_folder: Path) -> None:
+    source = SourceSpec(uri=str(shards_folder / "*.jsonl*"), id_field="id")
+    plan = plan_source(source)
+    assert plan.files == 3  # fnmatch's * crosses folders: sub/part-2.jsonl.zst too
+    only_gz = plan_source(SourceSpec(uri=str(shards_folder / "*.gz"), id_field="id"))
+    assert only_gz.files == 1 and only_gz.documents == 7
+
+
+def test_parquet_folder_shards_follow_records_per_shard(tmp_path: Path) -> None:
+    root = tmp_path / "pq"
+    root.mkdir()
+    for f in range(3):
+        table = pa.table({"doc": [f"{f}-{i}" for i in range(10)],
+                          "body": [f"text {f} {i}" for i in range(10)],
+                          "year": pa.array(range(10), pa.int16())})
+        pq.write_table(table, root / f"part-{f}.parquet", row_group_size=6)
+    source = SourceSpec(uri=str(root), id_field="doc", text_fields=["body"],
+                        records_per_shard=4)
+    plan = plan_source(source)
+    # row groups of 6 and 4 rows, cut at 4: 4 + 2 + 4 per file
+    assert [s.records for s in plan.shards] == [4, 2, 4] * 3
+    docs = _docs(plan, source)
+    assert docs.num_rows == 30 and docs.schema.field("year").type == pa.int16()
+    assert docs.column("doc_id").to_pylist()[:5] == ["0-0", "0-1", "0-2", "0-3", "0-4"]
+
+
+def test_csv_shards_start_at_byte_offsets_even_past_quoted_newlines(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    rows = [f'{i},"line one of {i}\nline two of {i}",{2000 + i}' for i in range(7)]
+    path.write_text("id,text,year\n" + "\n".join(rows) + "\n")
+    source = SourceSpec(uri=str(path), id_field="id", records_per_shard=2)
+    plan = plan_source(source)
+    assert [s.records for s in plan.shards] == [2, 2, 2, 1]
+    assert all(s.offset is not None for s in plan.shards)
+    assert [s.first_position for s in plan.shards] == [2, 6, 10, 14]
+    docs = _docs(plan, source)
+    assert docs.column("doc_id").to_pylist() == [str(i) for i in range(7)]
+    assert docs.column("text").to_pylist()[3] == "line one of 3\nline two of 3"
+    assert docs.column("year").to_pylist() == list(range(2000, 2007))
+
+
+def test_text_folder_reads_rst_and_compressed_text(tmp_path: Path) -> None:
+    root = tmp_path / "notes"
+    root.mkdir()
+    (root / "a.rst").write_text("Title\n=====\nrestructured")
+    with gzip.open(root / "b.txt.gz", "wt") as f:
+        f.write("compressed note")
+    (root / "c.pdf").write_bytes(b"%PDF")
+    source = SourceSpec(uri=str(root))
+    plan = plan_source(source)
+    assert plan.skipped == {".pdf": 1}
+    docs = _docs(plan, source)
+    assert dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist(),
+                    strict=True)) == {"a.rst": "Title\n=====\nrestructured",
+                                      "b.txt.gz": "compressed note"}
+
+
+def test_a_folder_of_two_data_formats_needs_a_format(tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    root.mkdir()
+    _write(root / "a.jsonl", [{"id": "1", "text": "x"}])
+    (root / "b.csv").write_text("id,text\n2,y\n")
+    with pytest.raises(SourceError, match=r"several formats \(1 csv, 1 jsonl\)"):
+        plan_source(SourceSpec(uri=str(root), id_field="id"))
+    plan = plan_source(SourceSpec(uri=str(root), id_field="id", format="csv"))
+    assert plan.documents == 1 and plan.skipped == {".jsonl": 1}
+
+
+def test_a_file_changed_after_planning_is_refused_by_name(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.jsonl", [{"id": str(i), "text": f"t {i}"} for i in range(4)])
+    source = SourceSpec(uri=str(path), id_field="id")
+    plan = plan_source(source)
+    with path.open("a") as f:
+        f.write(json.dumps({"id": "new", "text": "appended"}) + "\n")
+    with pytest.raises(SourceError, match=r"c\.jsonl: changed while the job ran"):
+        read_shard(plan.shards[0], source=source, metadata=plan.metadata, chosen=plan.chosen)
+    # Same size, new mtime: still refused.
+    plan = plan_source(source)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(SourceError, match="changed while the job ran"):
+        read_shard(plan.shards[0], source=source, metadata=plan.metadata, chosen=plan.chosen)

@@ -1,0 +1,114 @@
+"""One streaming execution over a many-file source, with the tiny model: every shard's
+rows land exactly once, checkpoints commit while embedding goes on, each commit lists only
+its own shards, each actor loads the model once, and on a cluster whose node offers a GPU
+the embed actors go there while read tasks stay on the CPU node."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lance
+import pytest
+from conftest import REPO, loopback_cluster
+
+from jobs._embed_job import run_embed
+from operators.write import JOB_KEY, SHARDS_KEY
+from schemas.spec import parse_spec
+
+N_FILES, PER_FILE = 4, 150
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, stdlib_docs) -> Path:
+    root = tmp_path_factory.mktemp("parts")
+    texts = [d["text"] for d in stdlib_docs]
+    for f in range(N_FILES):
+        with gzip.open(root / f"part-{f}.jsonl.gz", "wt", encoding="utf-8") as out:
+            for i in range(PER_FILE):
+                n = f * PER_FILE + i
+                out.write(json.dumps({"id": f"d{n}", "text": f"{texts[n % len(texts)][:400]} "
+                                      f"(copy {n})", "year": 2000 + n % 7}) + "\n")
+    (root / "README.md").write_text("about these files")
+    return root
+
+
+def _spec(parts: Path, table: Path, model: str, **write) -> dict:
+    return {"kind": "embed", "table": str(table), "model": {"name": model},
+            "source": {"uri": str(parts), "id_field": "id", "records_per_shard": 50},
+            "write": {"shards_per_commit": 2, "max_rows_per_file": 100,
+                      "commit_interval_s": 0, **write}}
+
+
+def test_many_files_one_execution_commits_as_it_goes(parts, tiny_model, tmp_path,
+                                                     ray_local) -> None:
+    table = tmp_path / "t.lance"
+    summary = run_embed(parse_spec(_spec(parts, table, tiny_model, keep_checkpoints=True)))
+    assert summary.files == N_FILES and summary.files_skipped == {".md": 1}
+    assert summary.documents == N_FILES * PER_FILE and summary.rejects == 0
+    ds = lance.dataset(str(table))
+    ids = ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()
+    assert sorted(set(ids)) == sorted(f"d{n}" for n in range(N_FILES * PER_FILE))
+    assert summary.chunks == len(ids) == ds.count_rows()
+    assert 1 <= summary.model_loads <= summary.profile["actors"]  # one load per actor, per job
+    # Several checkpoints, each naming only the shards it added: disjoint, together all.
+    assert summary.commits >= 3
+    lists = []
+    for v in ds.versions():
+        txn = ds.read_transaction(v["version"])
+        props = (txn.transaction_properties or {}) if txn else {}
+        if JOB_KEY in props:
+            lists.append(json.loads(props[SHARDS_KEY]))
+    assert len(lists) == summary.commits
+    flat = [s for shard_list in lists for s in shard_list]
+    assert len(flat) == len(set(flat)) == summary.shards
+    assert max(len(x) for x in lists) <= 2 + 1  # shards_per_commit, plus one in the batch
+    # A fragment never holds two shards' rows: each commit's rows are its shards' chunks.
+    again = run_embed(parse_spec(_spec(parts, table, tiny_model)))
+    assert again.tokens == 0 and again.index == "unchanged" and again.commits == 0
+
+
+def test_gpu_actors_go_to_the_gpu_node_and_read_tasks_stay_off_it(parts, tiny_model,
+                                                                  tmp_path) -> None:
+    """A node that declares a GPU (Ray takes its word) gets the embed actors; the CPU
+    node gets the read tasks. torch sees no CUDA here, so the actor embeds on CPU."""
+    import psutil
+    from ray._private import ray_constants
+
+    cluster, (gpu_node,) = loopback_cluster(
+        head={"num_cpus": 2, "include_dashboard": False},
+        workers=[{"num_cpus": 1, "num_gpus": 1}])
+    try:
+        raylet = {name: node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+                  for name, node in (("head", cluster.head_node), ("gpu", gpu_node))}
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps(_spec(parts, tmp_path / "g.lance", tiny_model)
+                                   | {"compute": {"gpus_per_actor": 1}}))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address}
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        seen: dict[str, set[int]] = {"Embedder": set(), "ReadQuiverShards": set()}
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    title = " ".join(p.cmdline())
+                    for role in seen:
+                        if role in title and title.startswith("ray::"):
+                            seen[role].add(p.ppid())
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out)["documents"] == N_FILES * PER_FILE
+        assert seen["Embedder"] == {raylet["gpu"]}
+        assert seen["ReadQuiverShards"] and seen["ReadQuiverShards"] <= {raylet["head"]}
+    finally:
+        cluster.shutdown()
