@@ -183,7 +183,24 @@ class ActorLayout:
     threads: int
     """torch threads inside each actor."""
     task_cpus: float = 1.0
-    """Logical CPUs each read/chunk and write task asks for: what the actors leave free."""
+    """Logical CPUs the actors leave free on a node, for read/chunk and write tasks."""
+
+    @property
+    def read_cpus(self) -> float:
+        """With CPU actors, two read tasks share what the actors leave: the actors wait
+        for blocks part of the time, and tokenizing is then what keeps the cores busy.
+        Beside GPU actors each read task has its CPU.
+
+        >>> ActorLayout(2, 0.5, 0.0, 1).read_cpus, ActorLayout(1, 1.0, 1.0, 1).read_cpus
+        (0.5, 1.0)
+        """
+        return self.task_cpus if self.gpus else round(self.task_cpus / 2, 4)
+
+    @property
+    def write_cpus(self) -> float:
+        """A write task is short I/O; a small share keeps it from queueing behind reads
+        (a write waiting for a whole CPU held checkpoints back until every read ended)."""
+        return round(self.task_cpus / 4, 4)
 
 
 def _uses_gpus(spec: JobSpec, gpus: float) -> bool:
@@ -567,7 +584,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
         ds = ray.data.read_datasource(
             ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
                             chosen=plan.chosen, chunker=chunk, keep=keep),
-            override_num_blocks=len(to_read), ray_remote_args={"num_cpus": layout.task_cpus})
+            override_num_blocks=len(to_read), ray_remote_args={"num_cpus": layout.read_cpus})
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
                           precision=planned.precision, codebook=codebook)
         written = ds.map_batches(
@@ -575,7 +592,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                 uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
                 storage_options=opts),
             batch_size=_write_rows(spec),
-            batch_format="pyarrow", num_cpus=layout.task_cpus)
+            batch_format="pyarrow", num_cpus=layout.write_cpus)
         for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
             checkpointer.consume(block)
     checkpointer.finish(always=existing is None or decision.action in ("overwrite",

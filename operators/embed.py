@@ -25,6 +25,23 @@ from schemas.records import CODEC_COLUMNS, codec_fields
 from schemas.spec import Device, Pooling, Precision, PrecisionChoice
 
 
+def _offsets_and_values(input_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of token id lists: an Arrow list column, or Python lists.
+
+    >>> o, v = _offsets_and_values([[1, 2], [3]])
+    >>> o.tolist(), v.tolist()
+    ([0, 2, 3], [1, 2, 3])
+    """
+    if isinstance(input_ids, pa.ChunkedArray):
+        input_ids = input_ids.combine_chunks()
+    if not isinstance(input_ids, pa.Array):
+        input_ids = pa.array(list(input_ids), pa.list_(pa.int64()))
+    if len(input_ids) == 0:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    offsets = input_ids.offsets.to_numpy().astype(np.int64)
+    return offsets, input_ids.values.to_numpy(zero_copy_only=False)
+
+
 def token_budget_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
     """Group row indices, longest first, so each batch's padded size fits the budget.
 
@@ -179,21 +196,29 @@ class Embedder:
 
             torch.cuda.synchronize()
 
-    def _forward(self, input_ids: Sequence[Sequence[int]]) -> Iterator[tuple[list[int], Any]]:
-        """Yield (row indices, pooled vectors on the device) per token-budget batch."""
+    def _forward(self, input_ids: Sequence[Sequence[int]] | pa.Array | pa.ChunkedArray
+                 ) -> Iterator[tuple[list[int], Any]]:
+        """Yield (row indices, pooled vectors on the device) per token-budget batch.
+
+        Padded (batch, width) tensors are cut straight from the list column's offsets and
+        values: a Python loop per row is what a GPU would wait on.
+        """
         import torch
 
-        lengths = [len(ids) for ids in input_ids]
+        offsets, values = _offsets_and_values(input_ids)
+        lengths = np.diff(offsets)  # (rows,)
         pin = self.device == "cuda"
         with torch.inference_mode():
-            for batch in token_budget_batches(lengths, batch_tokens=self.batch_tokens):
+            for batch in token_budget_batches(lengths.tolist(), batch_tokens=self.batch_tokens):
                 started = time.perf_counter()
-                width = lengths[batch[0]]
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[i]] = torch.as_tensor(input_ids[i], dtype=torch.long)
-                    mask[row, : lengths[i]] = 1
+                rows = np.asarray(batch)
+                width = int(lengths[rows[0]])
+                mask_np = np.arange(width) < lengths[rows][:, None]  # (batch, width)
+                ids_np = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+                where = offsets[rows][:, None] + np.arange(width)  # (batch, width)
+                ids_np[mask_np] = values[where[mask_np]]
+                ids = torch.from_numpy(ids_np)
+                mask = torch.from_numpy(mask_np.astype(np.int64))
                 if pin:
                     ids, mask = ids.pin_memory(), mask.pin_memory()
                 ids = ids.to(self.device, non_blocking=pin)
@@ -238,7 +263,7 @@ class Embedder:
         """
         started = time.perf_counter()
         self.seconds = {"forward": 0.0, "pool": 0.0}
-        encoded = self.encode_ids(batch.column("input_ids").to_pylist())
+        encoded = self.encode_ids(batch.column("input_ids"))
         tokens = pa.compute.list_value_length(batch.column("input_ids")).cast(pa.int32())
         keep = batch.drop_columns(["input_ids"])
         for field in codec_fields(list(self.codebook.codecs), self.codebook.dims):
