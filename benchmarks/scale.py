@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -132,9 +131,14 @@ def machinery_limit(corpus: Path, model: str, n: int) -> dict:
             "forward_cpu_s": forward_cpu * scale}
 
 
-def run_job(corpus: Path, model: str, n: int, table: Path) -> dict:
+def run_job(corpus: Path, model: str, n: int, table: Path,
+            env: dict[str, str] | None = None) -> dict:
     """`quiver run` in a fresh process; driver RSS and the first commit watched from here."""
+    import shutil
+
     import psutil
+
+    shutil.rmtree(table, ignore_errors=True)
 
     spec = {"kind": "embed", "table": str(table),
             "source": {"uri": str(corpus / "*.jsonl.gz"), "id_field": "id",
@@ -147,7 +151,8 @@ def run_job(corpus: Path, model: str, n: int, table: Path) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_path), "--json"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, text=True)
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            text=True)
     watched = psutil.Process(proc.pid)
     peak, first_commit = 0, None
     versions = table / "_versions"
@@ -169,6 +174,47 @@ def run_job(corpus: Path, model: str, n: int, table: Path) -> dict:
             "summary": summary, "txn_bytes": _txn_bytes(table, summary["commits"])}
 
 
+def cluster_check(n: int, model: str) -> None:
+    """The N-document corpus on a 3-node Ray cluster on 127.0.0.1 gives the same table as
+    the local run: the same ids, the same row count, the same top hits by exact search."""
+    import lance
+    import numpy as np
+    from conftest import loopback_cluster
+
+    from jobs.api import open_table
+
+    local = CACHE / f"table-{n}-local.lance"
+    if not local.is_dir():
+        run_job(build_corpus(n), model, n, local)
+    cluster, _ = loopback_cluster(head={"num_cpus": 1, "include_dashboard": False},
+                                  workers=[{"num_cpus": 1}, {"num_cpus": 1}])
+    try:
+        remote = CACHE / f"table-{n}-cluster.lance"
+        job = run_job(build_corpus(n), model, n, remote, env={"RAY_ADDRESS": cluster.address})
+    finally:
+        cluster.shutdown()
+
+    def ids(path: Path) -> list[str]:
+        return sorted(lance.dataset(str(path)).to_table(columns=["id"]).column("id")
+                      .to_pylist())
+
+    same_ids = ids(local) == ids(remote)
+    queries = [json.loads(line)["text"] for line in
+               (EVAL / "scifact" / "queries.jsonl").read_text().splitlines()[:50]]
+    a, b = open_table(local), open_table(remote)
+    same_top = [[h.id for h in a.search(q, k=10, exact=True)] ==
+                [h.id for h in b.search(q, k=10, exact=True)] for q in queries]
+    score_gap = max(abs(x.score - y.score) for q in queries
+                    for x, y in zip(a.search(q, k=10, exact=True), b.search(q, k=10, exact=True),
+                                    strict=True))
+    print(json.dumps({"cluster_check_docs": n, "nodes": 3, "wall_s": round(job["wall_s"], 1),
+                      "same_ids": same_ids,
+                      "rows": [lance.dataset(str(local)).count_rows(),
+                               lance.dataset(str(remote)).count_rows()],
+                      "same_top10": f"{sum(same_top)}/{len(queries)}",
+                      "max_score_gap": float(np.round(score_gap, 6))}))
+
+
 def _txn_bytes(table: Path, commits: int) -> list[int]:
     """Sizes of the checkpoint commits' transaction files, in commit order."""
     files = sorted((table / "_transactions").glob("*.txn"), key=lambda p: p.stat().st_mtime_ns)
@@ -178,6 +224,9 @@ def _txn_bytes(table: Path, commits: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--cluster-check", type=int, default=0, metavar="N",
+                        help="also run N documents on a 3-node loopback cluster and compare "
+                        "with the local table of the same size")
     args = parser.parse_args()
     if not (EVAL / "scifact" / "corpus.jsonl").is_file():
         raise SystemExit(f"{EVAL} not present: the corpus is cut from ../shared/eval")
@@ -191,8 +240,7 @@ def main() -> None:
     for n in args.sizes:
         corpus = build_corpus(n)
         limit = machinery_limit(corpus, model, n)
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            job = run_job(corpus, model, n, Path(tmp) / "scale.lance")
+        job = run_job(corpus, model, n, CACHE / f"table-{n}-local.lance")
         s = job["summary"]
         limit_s = (limit["tokenize_cpu_s"] + limit["forward_cpu_s"]) / cores
         assert s["documents"] == n and s["rejects"] == 0, s  # sanity: every doc landed
@@ -222,6 +270,8 @@ def main() -> None:
               f"{r['limit_docs_per_s']} | {r['ratio_to_limit']} | {r['first_commit_s']} | "
               f"{r['driver_peak_rss_mb']} | {r['model_loads']}/{r['actors']} | "
               f"{r['commits']} | {r['txn_bytes_first_median_last']} |")
+    if args.cluster_check:
+        cluster_check(args.cluster_check, model)
     if len(rows) > 1:
         print(f"driver peak RSS {rows[-1]['docs']:,} / {rows[0]['docs']:,}: "
               f"{rows[-1]['driver_peak_rss_mb'] / rows[0]['driver_peak_rss_mb']:.2f}x")

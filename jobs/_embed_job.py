@@ -30,6 +30,7 @@ import pyarrow as pa
 from jobs._calibrate import calibrate_ranges, sample_chunks
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
+from jobs._index import distributed_fulltext_index, distributed_vector_index, index_workers
 from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
 from jobs._plan import plan_on_cluster, write_rejects
 from jobs._ray import cluster_resources, ensure_ray, largest_node_cpus
@@ -47,7 +48,14 @@ from operators.write import (
     mark_finished,
     remove_orphans,
 )
-from schemas.errors import ManifestMismatchError, SourceError, SpecError, TableError
+from schemas.errors import (
+    ClusterError,
+    ManifestMismatchError,
+    QuiverError,
+    SourceError,
+    SpecError,
+    TableError,
+)
 from schemas.manifest import (
     ChunkingManifest,
     ModelManifest,
@@ -494,6 +502,23 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
         "replace it, or pick another table")
 
 
+def _quiver_cause(err: BaseException) -> QuiverError | None:
+    """The Quiver error a Ray task raised, out of the wrappers Ray Data puts around it
+    (a file that changed mid-job then reads as one line naming the file)."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, QuiverError) and type(e).__module__ == "schemas.errors":
+            return e  # not Ray's wrapper class of the same name: the error as raised
+        stack.extend(x for x in (e.__cause__, e.__context__, getattr(e, "cause", None))
+                     if isinstance(x, BaseException))
+    return None
+
+
 def _write_rows(spec: JobSpec) -> int:
     """Rows a write task gathers: about two shards' worth (a shard's rows are committed
     once all are written, so bigger batches delay checkpoints), at least an actor's
@@ -524,7 +549,7 @@ def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
         if float(ray.cluster_resources().get("GPU", 0.0)) >= need:
             return
         time.sleep(2.0)
-    raise TableError(f"the job asked for {need:g} GPU(s) (model.device / "
+    raise ClusterError(f"the job asked for {need:g} GPU(s) (model.device / "
                      "compute.gpus_per_actor) and the cluster offered "
                      f"{cluster_resources()[1]:g} within compute.gpu_wait_s "
                      f"({spec.compute.gpu_wait_s:.0f}s); nothing was embedded")
@@ -611,8 +636,11 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                 storage_options=opts),
             batch_size=_write_rows(spec),
             batch_format="pyarrow", num_cpus=layout.write_cpus)
-        for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-            checkpointer.consume(block)
+        try:
+            for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+                checkpointer.consume(block)
+        except Exception as err:
+            raise _quiver_cause(err) or err from None
     checkpointer.finish(always=existing is None or decision.action in ("overwrite",
                                                                         "cutover"))
     embedded = sum(plan.documents_per_shard[s.shard_id] for s in to_read)
@@ -622,7 +650,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
 def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpointer,
             diff: ReindexDiff | None) -> tuple[IndexReport | None, dict | None, int]:
     """Index what changed, move the `current` tag, mark the job done, clean versions."""
-    manifest = decision.manifest
+    manifest, opts = decision.manifest, spec.write.storage_options
     final = run.table()
     if not run.versions and decision.action in ("finished", "resume") and \
             job_finished(final, job=planned.job):
@@ -633,8 +661,14 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
                                   codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                   changed=diff.embed + diff.deleted)
     else:
+        builders = {}
+        if final.count_rows() >= spec.index.distributed_min_rows:
+            workers = index_workers(planned.cpus)
+            builders = dict(vector_builder=distributed_vector_index(workers, opts),
+                            fulltext_builder=distributed_fulltext_index(workers, opts))
         report = build_indices(final, spec.index, metric=manifest.metric,
-                               codecs=manifest.vectors.codecs, dims=manifest.vectors.dims)
+                               codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
+                               **builders)
     mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report:

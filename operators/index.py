@@ -17,6 +17,7 @@ chunks (98 partitions, 41 probes) and 0.969 on 1M embedding-like vectors (20 pro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,7 +96,8 @@ def scalar_index_kind(ds: lance.LanceDataset, column: str, requested: str | None
     return "BITMAP" if pc.count_distinct(values).as_py() <= BITMAP_MAX_DISTINCT else "BTREE"
 
 
-def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec) -> list[str]:
+def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec, *,
+                         fulltext_builder: FullTextBuilder | None = None) -> list[str]:
     """BTREE on `id`, the spec's filterable columns, and the full-text index on `text`."""
     built = []
     ds.create_scalar_index("id", "BTREE", replace=True)
@@ -106,24 +108,39 @@ def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec) -> list[str]:
         kind = scalar_index_kind(ds, column, requested)
         ds.create_scalar_index(column, kind, replace=True)
         built.append(f"{column}: {kind}")
-    if spec.fts:
+    if spec.fts and fulltext_builder is not None:
+        built.append(fulltext_builder(ds))
+    elif spec.fts:
         ds.create_scalar_index("text", "INVERTED", replace=True)
         built.append("text: INVERTED (BM25)")
     return built
 
 
+VectorIndexBuilder = Callable[..., str]
+"""Builds the `vector` ANN index: `(ds, spec, *, metric, dims) -> description`."""
+FullTextBuilder = Callable[[lance.LanceDataset], str]
+"""Builds the `text` full-text index: `(ds) -> description`."""
+
+
 def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
-                  codecs: list[str] | None = None, dims: int = 384) -> IndexReport:
-    """Build (or replace) the table's indices according to its size and codecs."""
+                  codecs: list[str] | None = None, dims: int = 384,
+                  vector_builder: VectorIndexBuilder | None = None,
+                  fulltext_builder: FullTextBuilder | None = None) -> IndexReport:
+    """Build (or replace) the table's indices according to its size and codecs.
+
+    `vector_builder` and `fulltext_builder` replace the single-process builds (the job
+    passes distributed ones for big tables).
+    """
     codecs = codecs or ["float32"]
     rows = ds.count_rows()
-    scalar = build_scalar_indices(ds, spec) if rows else []
+    scalar = build_scalar_indices(ds, spec, fulltext_builder=fulltext_builder) if rows else []
     if rows < max(spec.ann_min_rows, 1):
         return IndexReport(f"exact (flat scan; {rows} rows < ann_min_rows "
                            f"{spec.ann_min_rows})", tuple(scalar))
     built = []
     if {"float32", "float16"} & set(codecs):
-        built.append(build_vector_index(ds, spec, metric=metric, dims=dims))
+        builder = vector_builder or build_vector_index
+        built.append(builder(ds, spec, metric=metric, dims=dims))
     if "binary" in codecs:
         built.append(build_bits_index(ds, spec))
     if not built:

@@ -49,3 +49,11 @@ class FilterError(QueryError):
 
 class ConcurrentWriteError(TableError):
     """Another writer committed to the table while this job ran."""
+
+
+class ClusterError(QuiverError):
+    """The cluster cannot give the job what it asked for (GPUs within the wait)."""
+
+
+class SourceChangedError(QuiverError):
+    """A source file changed while the job ran (a runtime failure: run the job again)."""

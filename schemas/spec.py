@@ -227,6 +227,10 @@ class IndexSpec(BaseModel):
         "more than this share of rows changed; below it, update them incrementally.")
     fts: bool = Field(True, description="Build a full-text (BM25) index on `text` for "
                       "full-text and hybrid search.")
+    distributed_min_rows: int = Field(
+        1_000_000, ge=0, description="From this many rows on, the ANN and full-text "
+        "indices are built on the cluster (lance-ray: one segment per worker) instead of "
+        "by the driver alone.")
     filterable: list[str] | dict[str, ScalarIndexType] = Field(
         default_factory=list,
         description="Columns to index for filtered search: a list (BITMAP when a column has "

@@ -21,6 +21,9 @@ def test_ray_validates_cluster_yaml(config: dict) -> None:
     types = config["available_node_types"]
     assert config["head_node_type"] in types
     assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    # and CPU-only workers for the read/tokenize tasks that feed the GPUs
+    assert any(not t["resources"].get("GPU") and t["resources"].get("CPU", 0) >= 16
+               for name, t in types.items() if name != config["head_node_type"])
 
 
 def test_dashboard_binds_loopback_only(config: dict) -> None:

@@ -17,10 +17,10 @@ from jobs.api import open_table
 QUERIES = ("parse command line options", "compress data", "threads and locks")
 
 
-def _spec(corpus: Path, table: Path) -> Path:
+def _spec(corpus: Path, table: Path, model: str) -> Path:
     spec = table.with_suffix(".yaml")
     spec.write_text(f"kind: embed\nsource: {{uri: {corpus}, id_field: id, "
-                    f"records_per_shard: 8}}\ntable: {table}\n")
+                    f"records_per_shard: 8}}\ntable: {table}\nmodel: {{name: {model}}}\n")
     return spec
 
 
@@ -40,13 +40,14 @@ def two_nodes():
     cluster.shutdown()
 
 
-def test_two_node_run_matches_local_run(two_nodes, stdlib_docs, tmp_path: Path) -> None:
+def test_two_node_run_matches_local_run(two_nodes, stdlib_docs, tiny_model,
+                                        tmp_path: Path) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl",
                          [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[:30]])
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     base["HF_HUB_OFFLINE"] = "1"
-    local = _run(_spec(corpus, tmp_path / "local.lance"), base)
-    remote = _run(_spec(corpus, tmp_path / "cluster.lance"),
+    local = _run(_spec(corpus, tmp_path / "local.lance", tiny_model), base)
+    remote = _run(_spec(corpus, tmp_path / "cluster.lance", tiny_model),
                   {**base, "RAY_ADDRESS": two_nodes.address})
     assert remote["chunks"] == local["chunks"] and remote["documents"] == 30
 

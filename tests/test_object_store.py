@@ -78,7 +78,7 @@ def _s3fs(options: dict[str, str]) -> pafs.S3FileSystem:
 
 
 def test_job_reads_and_writes_object_storage_through_failed_uploads(
-        proxy, s3_options, stdlib_docs, ray_local) -> None:
+        proxy, s3_options, stdlib_docs, tiny_model, ray_local) -> None:
     """One data-file upload and one commit answer 503 once: Lance retries both, and the
     table ends exact."""
     fs = _s3fs(s3_options)
@@ -94,7 +94,7 @@ def test_job_reads_and_writes_object_storage_through_failed_uploads(
         "kind": "embed",
         "source": {"uri": f"s3://{BUCKET}/in/corpus.jsonl", "id_field": "id",
                    "records_per_shard": 5, "storage_options": s3_options},
-        "table": table,
+        "table": table, "model": {"name": tiny_model},  # faults, not embeddings
         "write": {"storage_options": s3_options},
     })
     summary = run_embed(spec)
@@ -114,7 +114,7 @@ def test_job_reads_and_writes_object_storage_through_failed_uploads(
 
 
 def test_commit_that_keeps_failing_fails_cleanly_then_resumes(
-        proxy, s3_options, stdlib_docs, model_info, ray_local) -> None:
+        proxy, s3_options, stdlib_docs, model_info, tiny_model, ray_local) -> None:
     """Every commit after the first answers 503 until Lance gives up: the job fails with
     only its first commit visible, and the next run resumes from it, removes the data files
     the failed commit left, and ends with exact rows."""
@@ -130,7 +130,7 @@ def test_commit_that_keeps_failing_fails_cleanly_then_resumes(
         "kind": "embed",
         "source": {"uri": f"s3://{BUCKET}/in/resume.jsonl", "id_field": "id",
                    "records_per_shard": 5, "storage_options": s3_options},
-        "table": table,
+        "table": table, "model": {"name": tiny_model},
         "write": {"storage_options": s3_options, "shards_per_commit": 1},
     })
     with pytest.raises(Exception) as failed:

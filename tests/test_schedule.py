@@ -117,11 +117,12 @@ def test_due_slot_uses_cron_semantics(tmp_path, spec) -> None:
     assert due_slot(s, monday) == datetime(2026, 11, 30, 6, 30, tzinfo=UTC)
 
 
-def test_a_schedule_runs_a_real_job(tmp_path, stdlib_docs) -> None:
+def test_a_schedule_runs_a_real_job(tmp_path, stdlib_docs, tiny_model) -> None:
     write_jsonl(tmp_path / "docs.jsonl",
                 [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[330:336]])
     (tmp_path / "spec.yaml").write_text(
-        "kind: embed\nsource: {uri: docs.jsonl, id_field: id}\ntable: out/t.lance\n")
+        "kind: embed\nsource: {uri: docs.jsonl, id_field: id}\ntable: out/t.lance\n"
+        f"model: {{name: {tiny_model}}}\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
 

@@ -27,11 +27,12 @@ print(json.dumps({{"chunks": summary.chunks}}))
 """
 
 
-def test_a_one_cpu_ray_finishes_the_job(stdlib_docs, model_info, tmp_path) -> None:
+def test_a_one_cpu_ray_finishes_the_job(stdlib_docs, model_info, tiny_model,
+                                        tmp_path) -> None:
     docs = [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[:20]]
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
     table = tmp_path / "t.lance"
-    spec = {"kind": "embed", "table": str(table),
+    spec = {"kind": "embed", "table": str(table), "model": {"name": tiny_model},
             "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10}}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", JOB.format(cpus=1), json.dumps(spec)],

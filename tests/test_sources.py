@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from operators.sources.plan import plan_source, read_shard
-from schemas.errors import SourceError
+from schemas.errors import SourceChangedError, SourceError
 from schemas.spec import SourceSpec
 
 
@@ -144,11 +144,11 @@ def test_a_file_changed_after_planning_is_refused_by_name(tmp_path: Path) -> Non
     plan = plan_source(source)
     with path.open("a") as f:
         f.write(json.dumps({"id": "new", "text": "appended"}) + "\n")
-    with pytest.raises(SourceError, match=r"c\.jsonl: changed while the job ran"):
+    with pytest.raises(SourceChangedError, match=r"c\.jsonl: changed while the job ran"):
         read_shard(plan.shards[0], source=source, metadata=plan.metadata, chosen=plan.chosen)
     # Same size, new mtime: still refused.
     plan = plan_source(source)
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    with pytest.raises(SourceError, match="changed while the job ran"):
+    with pytest.raises(SourceChangedError, match="changed while the job ran"):
         read_shard(plan.shards[0], source=source, metadata=plan.metadata, chosen=plan.chosen)

@@ -112,3 +112,35 @@ def test_gpu_actors_go_to_the_gpu_node_and_read_tasks_stay_off_it(parts, tiny_mo
         assert seen["ReadQuiverShards"] and seen["ReadQuiverShards"] <= {raylet["head"]}
     finally:
         cluster.shutdown()
+
+
+def test_big_tables_get_their_indices_built_on_the_cluster(parts, tiny_model, tmp_path,
+                                                           ray_local) -> None:
+    """Above index.distributed_min_rows the ANN and full-text indices are built by
+    lance-ray's workers (one segment each); search then finds a document by its text."""
+    from jobs.api import open_table
+
+    table = tmp_path / "big.lance"
+    spec = _spec(parts, table, tiny_model) | {
+        "index": {"ann_min_rows": 100, "distributed_min_rows": 100, "num_partitions": 4}}
+    summary = run_embed(parse_spec(spec))
+    assert "built on 2 workers" in summary.index and "INVERTED (BM25; built on" in summary.index
+    indices = lance.dataset(str(table)).list_indices()
+    assert {i["fields"][0] for i in indices} >= {"vector", "text", "id"}
+    t = open_table(table)
+    target = lance.dataset(str(table)).to_table(columns=["id", "text"], limit=1).to_pylist()[0]
+    assert t.search(target["text"], k=3, mode="fts")[0].id == target["id"]
+    assert target["id"] in [h.id for h in t.search(target["text"], k=10)]
+
+
+def test_gpus_asked_for_and_never_offered_fail_clearly(parts, tiny_model, tmp_path,
+                                                       ray_local) -> None:
+    from schemas.errors import ClusterError
+
+    spec = _spec(parts, tmp_path / "nogpu.lance", tiny_model) | {
+        "compute": {"gpus_per_actor": 1, "gpu_wait_s": 1}}
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"asked for 1 GPU\(s\).*offered 0"):
+        run_embed(parse_spec(spec))
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "nogpu.lance").exists()  # nothing was embedded

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from operators.filesystems import resolve
-from schemas.errors import SourceError
+from schemas.errors import SourceChangedError, SourceError
 from schemas.source import PositionKind, ShardKind, SourceFile, Unit
 from schemas.spec import SourceSpec
 
@@ -133,15 +133,15 @@ def check_pinned(fs: pafs.FileSystem, file: SourceFile) -> None:
     """Refuse a file whose size or modification time changed since planning.
 
     Raises:
-        SourceError: naming the file and what changed.
+        SourceChangedError: naming the file and what changed.
     """
     info = fs.get_file_info(file.path)
     if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"{file.path}: removed while the job ran; nothing read from it "
+        raise SourceChangedError(f"{file.path}: removed while the job ran; nothing read from it "
                           "after that was committed. Run the job again.")
     mtime = info.mtime_ns
     if info.size != file.size or (file.mtime_ns is not None and mtime != file.mtime_ns):
-        raise SourceError(
+        raise SourceChangedError(
             f"{file.path}: changed while the job ran (size {file.size} -> {info.size}, "
             f"mtime {file.mtime_ns} -> {mtime}); nothing read from the changed file was "
             "committed. Run the job again: it plans the new contents.")

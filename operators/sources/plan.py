@@ -40,7 +40,7 @@ from operators.sources.base import (
     raw_preview,
     record_kinds,
 )
-from schemas.errors import SourceError
+from schemas.errors import SourceChangedError, SourceError
 from schemas.records import REJECTS_SCHEMA, check_metadata_names
 from schemas.source import Shard, ShardKind, Unit
 from schemas.spec import SourceSpec
@@ -412,7 +412,7 @@ def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
                 v = float(v)
             columns[name].append(v)
     if shard.documents is not None and len(columns["doc_id"]) != shard.documents:
-        raise SourceError(f"{shard.path}: {len(columns['doc_id'])} valid records in shard "
+        raise SourceChangedError(f"{shard.path}: {len(columns['doc_id'])} valid records in shard "
                           f"{shard.shard_id}, but {shard.documents} when the job was "
                           "planned; the source changed. Run the job again.")
     schema = pa.schema([pa.field("doc_id", pa.string()), pa.field("text", pa.large_string()),
