@@ -17,7 +17,8 @@ import psutil
 ROLES = (
     ("embed actor", ("MapBatches(Embedder)", "MapWorker(")),
     ("read + chunk + tokenize tasks", ("ReadQuiverShards", "QuiverShards")),
-    ("write tasks", ("Write", "QuiverLance")),
+    ("write tasks", ("Write", "QuiverLance", "write_shard_fragments")),
+    ("plan tasks (validate, dedup, rejects)", ("ray::_scan", "ray::_dedup", "ray::_rejects")),
     ("Ray Data helper actors", ("_StatsActor", "_AutoscalingCoordinator",
                                 "ActorLocationTracker", "SplitCoordinator")),
     ("Ray daemons (gcs, raylet, agents, log monitor)",

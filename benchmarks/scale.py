@@ -41,6 +41,9 @@ SEED = 0
 CACHE = REPO / "benchmarks" / ".warehouse" / "scale"
 
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _cpu_profile import CpuProfile  # noqa: E402
 
 
 def cpu_kind() -> str:
@@ -154,6 +157,7 @@ def run_job(corpus: Path, model: str, n: int, table: Path,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                             text=True)
     watched = psutil.Process(proc.pid)
+    profile = CpuProfile(proc.pid).start()
     peak, first_commit = 0, None
     versions = table / "_versions"
     while proc.poll() is None:
@@ -167,11 +171,14 @@ def run_job(corpus: Path, model: str, n: int, table: Path,
         time.sleep(0.2)
     out, _ = proc.communicate()
     wall = time.perf_counter() - started
+    profile.stop()
     if proc.returncode != 0:
         raise SystemExit(f"quiver run failed ({proc.returncode})")
     summary = json.loads(out)
     return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "first_commit_s": first_commit,
-            "summary": summary, "txn_bytes": _txn_bytes(table, summary["commits"])}
+            "summary": summary, "txn_bytes": _txn_bytes(table, summary["commits"]),
+            "cpu_by_role": {k: round(v, 1) for k, v in sorted(profile.seconds.items(),
+                                                             key=lambda kv: -kv[1])}}
 
 
 def cluster_check(n: int, model: str) -> None:
@@ -259,7 +266,7 @@ def main() -> None:
             "commits": s["commits"],
             "txn_bytes_first_median_last": [txn[0], int(statistics.median(txn)), txn[-1]]
             if txn else [],
-            "profile": s["profile"],
+            "profile": s["profile"], "cpu_by_role": job["cpu_by_role"],
         })
         print(json.dumps(rows[-1]), flush=True)
     print("\n| docs | wall s | docs/s | tokens/s | limit docs/s | ratio | first commit s "

@@ -59,8 +59,8 @@ class Shard:
     """Line (jsonl, csv: 1-based), row (parquet, lance: 0-based) or file index (text) of
     the shard's first record."""
     offset: int | None = None
-    """Byte offset of the first record, when the file can be read from there (plain,
-    uncompressed line formats); None means read from the top and skip `start` records."""
+    """Byte offset of the first record in the file's decompressed content (line
+    formats); None means read from the top and skip `start` records."""
     part: int = 0
     """Parquet: the row group; `start` then counts rows of the file."""
     skip: frozenset[int] = field(default_factory=frozenset)

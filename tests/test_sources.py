@@ -59,6 +59,7 @@ def test_a_folder_of_compressed_parts_is_read_whole(shards_folder: Path) -> None
     assert plan.skipped == {".md": 1, ".sha256": 1, ".jsonl": 1, "(none)": 1}
     assert plan.records == 17 and plan.rejected == 1  # the second a3
     assert max(s.records for s in plan.shards) == 3  # records_per_shard, in every file
+    assert all(s.offset is not None for s in plan.shards)  # compressed ones too
     docs = _docs(plan, source)
     assert sorted(docs.column("doc_id").to_pylist()) == sorted(
         [f"a{i}" for i in range(7)] + [f"b{i}" for i in range(5)] + [f"c{i}" for i in range(4)])

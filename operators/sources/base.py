@@ -119,10 +119,27 @@ def open_stream(fs: pafs.FileSystem, file: SourceFile) -> IO[bytes]:
     return io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
 
 
+SKIP_CHUNK = 4 << 20
+
+
 def open_at(fs: pafs.FileSystem, file: SourceFile, offset: int) -> IO[bytes]:
-    """A buffered stream over an uncompressed file, starting at byte `offset`."""
+    """A buffered stream starting at byte `offset` of the file's (decompressed) content.
+
+    Plain files seek there. Compressed ones cannot, so they are decompressed from the top
+    and the bytes before `offset` are dropped in big chunks, at the codec's speed: no
+    line of them is split or parsed.
+    """
     import io
 
+    if compression_of(file.path) is not None:
+        stream = open_stream(fs, file)
+        left = offset
+        while left > 0:
+            dropped = len(stream.read(min(left, SKIP_CHUNK)))
+            if not dropped:
+                break
+            left -= dropped
+        return stream
     check_pinned(fs, file)
     handle = fs.open_input_file(file.path)
     handle.seek(offset)

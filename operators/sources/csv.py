@@ -12,7 +12,6 @@ from operators.filesystems import resolve
 from operators.sources.base import (
     RawRecord,
     SourceFormat,
-    compression_of,
     open_at,
     open_stream,
 )
@@ -82,10 +81,9 @@ class CsvFormat(SourceFormat):
             lines = _Lines(stream, path=unit.file.path, offset=0, line=0)
             reader = csv.reader(iter(lines))
             next(reader, None)  # the header
-        seekable = compression_of(unit.file.path) is None
         with stream:
             while True:
-                row_offset, row_line = lines.offset if seekable else None, lines.line + 1
+                row_offset, row_line = lines.offset, lines.line + 1
                 row = next(reader, None)
                 if row is None:
                     return

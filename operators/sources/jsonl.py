@@ -13,7 +13,6 @@ from operators.filesystems import resolve
 from operators.sources.base import (
     RawRecord,
     SourceFormat,
-    compression_of,
     open_at,
     open_stream,
 )
@@ -54,7 +53,6 @@ class JsonlFormat(SourceFormat):
                 position or 1, start
         else:
             stream, byte, line_no, ordinal = open_stream(fs, unit.file), 0, 1, 0
-        seekable = compression_of(unit.file.path) is None
         with stream:
             for line in stream:
                 here, number = byte, line_no
@@ -66,5 +64,4 @@ class JsonlFormat(SourceFormat):
                 ordinal += 1
                 if current < start:
                     continue
-                yield parse_line(line, ordinal=current, position=number,
-                                 offset=here if seekable else None)
+                yield parse_line(line, ordinal=current, position=number, offset=here)
