@@ -542,7 +542,10 @@ def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
         return
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[{"GPU": layout.gpus}] * layout.actors)
+    try:  # best effort: a cluster without an autoscaler just has to offer them in time
+        request_resources(bundles=[{"GPU": layout.gpus}] * layout.actors)
+    except (AttributeError, RuntimeError, ConnectionError) as err:
+        log.warning("could not ask the autoscaler for GPUs: %s", err)
     _progress(f"waiting up to {spec.compute.gpu_wait_s:.0f}s for {need:g} GPU(s)")
     deadline = time.perf_counter() + spec.compute.gpu_wait_s
     while time.perf_counter() < deadline:

@@ -122,7 +122,7 @@ def test_big_tables_get_their_indices_built_on_the_cluster(parts, tiny_model, tm
 
     table = tmp_path / "big.lance"
     spec = _spec(parts, table, tiny_model) | {
-        "index": {"ann_min_rows": 100, "distributed_min_rows": 100, "num_partitions": 4}}
+        "index": {"ann_min_rows": 100, "distributed_min_rows": 100, "num_partitions": 2}}
     summary = run_embed(parse_spec(spec))
     assert "built on 2 workers" in summary.index and "INVERTED (BM25; built on" in summary.index
     indices = lance.dataset(str(table)).list_indices()
