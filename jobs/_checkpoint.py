@@ -10,7 +10,6 @@ the shards in flight, never by the rows of the corpus.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import lance
 import pyarrow as pa
 from lance.fragment import FragmentMetadata
 
+from jobs._plan import progress
 from operators.write import commit
 from schemas.errors import TableError
 
@@ -127,9 +127,9 @@ class Checkpointer:
         self.versions.append(ds.version)
         if self.first_commit_at is None:
             self.first_commit_at = time.time()
-        print(f"[quiver] checkpoint committed: version {ds.version}, "
-              f"{self._committed_shards}/{self.total_shards} shards, {self.rows} chunks so far",
-              file=sys.stderr, flush=True)
+        progress(f"checkpoint committed: version {ds.version}, "
+                 f"{self._committed_shards}/{self.total_shards} shards, {self.rows} chunks "
+                 "so far")
         self.mode, self.read_version, self.expect_latest = "append", ds.version, ds.version
         self.deletions = ([], [])
         self._last_commit = time.perf_counter()

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from jobs._checkpoint import Checkpointer
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
 from jobs._index import distributed_fulltext_index, distributed_vector_index, index_workers
 from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
-from jobs._plan import plan_on_cluster, write_rejects
+from jobs._plan import plan_on_cluster, progress, write_rejects
 from jobs._ray import cluster_resources, ensure_ray, largest_node_cpus
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
@@ -112,9 +111,6 @@ class JobSummary:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _progress(message: str) -> None:
-    print(f"[quiver] {message}", file=sys.stderr, flush=True)
 
 
 def rejects_uri(table_uri: str) -> str:
@@ -335,7 +331,7 @@ def _warn_untrained_truncation(info: ModelInfo, vectors: VectorsManifest) -> Non
                    f"declares no such Matryoshka size (declared: {declared}); quality may "
                    "drop more than for a Matryoshka-trained model. Check it with quiver eval.")
         log.warning(message)
-        _progress(message)
+        progress(message)
 
 
 def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
@@ -356,7 +352,7 @@ def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
                                      renormalize=info.normalize and vectors.truncated)
     else:  # nothing to sample: the widest range a normalised vector can span
         low, high = [-1.0] * vectors.dims, [1.0] * vectors.dims
-    _progress(f"int8 calibrated on {len(sample)} chunks in "
+    progress(f"int8 calibrated on {len(sample)} chunks in "
               f"{time.perf_counter() - started:.1f}s")
     return manifest.model_copy(update={"vectors": vectors.model_copy(
         update={"int8_low": low, "int8_high": high})})
@@ -459,7 +455,7 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
     _check_reject_rate(spec, plan)
     precision = resolve_precision(spec.model.precision, on_gpu=_uses_gpus(spec, gpus))
     manifest = build_manifest(spec, info, precision=precision)
-    _progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
+    progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
     return _Planned(info, plan, manifest, precision, _job_fingerprint(plan, manifest, spec),
@@ -479,7 +475,7 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
         if spec.write.on_config_change == "refuse":
             raise
         pinned = pin_current(existing)  # readers stay on the old model meanwhile
-        _progress(f"{err}\n[quiver] cut-over: the new configuration is written as new "
+        progress(f"{err}\n[quiver] cut-over: the new configuration is written as new "
                   f"versions; tag '{CURRENT_TAG}' stays on version {pinned} until the new "
                   "table is complete and indexed")
         return _Decision("cutover", existing, manifest)
@@ -490,7 +486,7 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
     done = committed_shards(existing, job=planned.job)
     if done:
         orphans = remove_orphans(existing, spec.write.storage_options)
-        _progress(f"resuming: {len(done)} of {len(planned.plan.shards)} shards already "
+        progress(f"resuming: {len(done)} of {len(planned.plan.shards)} shards already "
                   "committed" + (f"; removed {orphans} data files an interrupted run left "
                                  "uncommitted" if orphans else ""))
         return _Decision("resume", existing, manifest, done)
@@ -546,7 +542,7 @@ def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
         request_resources(bundles=[{"GPU": layout.gpus}] * layout.actors)
     except (AttributeError, RuntimeError, ConnectionError) as err:
         log.warning("could not ask the autoscaler for GPUs: %s", err)
-    _progress(f"waiting up to {spec.compute.gpu_wait_s:.0f}s for {need:g} GPU(s)")
+    progress(f"waiting up to {spec.compute.gpu_wait_s:.0f}s for {need:g} GPU(s)")
     deadline = time.perf_counter() + spec.compute.gpu_wait_s
     while time.perf_counter() < deadline:
         if float(ray.cluster_resources().get("GPU", 0.0)) >= need:
@@ -597,12 +593,12 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     deletions: tuple[list[int], list] = ([], [])
     if decision.action == "reindex":
         diff = _diff_with_table(existing, plan, spec, chunk)
-        _progress(f"reindex: {diff.added} added, {diff.changed} changed, {diff.deleted} "
+        progress(f"reindex: {diff.added} added, {diff.changed} changed, {diff.deleted} "
                   f"deleted, {diff.unchanged} unchanged chunks")
         pending = [s for s in plan.shards if s.shard_id in diff.todo]
         keep = {sid: frozenset(ids) for sid, ids in diff.todo.items()}
         deletions = deletion_fragments(existing, diff.remove)
-    work = diff.embed if diff is not None else sum(plan.documents_per_shard[s.shard_id]
+    work = diff.embed if diff is not None else sum(s.documents
                                                    for s in pending)
     layout = actor_layout(spec, cpus=planned.cpus, gpus=planned.gpus,
                           cores=int(largest_node_cpus()) or 1, documents=work,
@@ -618,11 +614,11 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
         total_shards=len(pending))
     if diff is None:  # shards whose every record was rejected have nothing to write
         checkpointer.add_empty([s.shard_id for s in pending
-                                if not plan.documents_per_shard[s.shard_id]])
-    to_read = [s for s in pending if diff is not None or plan.documents_per_shard[s.shard_id]]
+                                if not s.documents])
+    to_read = [s for s in pending if diff is not None or s.documents]
     embed_started = time.perf_counter()
     if to_read:
-        _progress(f"embedding {work} {'chunks' if diff is not None else 'documents'} from "
+        progress(f"embedding {work} {'chunks' if diff is not None else 'documents'} from "
                   f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
                   "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
         _wait_for_gpus(spec, layout)
@@ -646,7 +642,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             raise _quiver_cause(err) or err from None
     checkpointer.finish(always=existing is None or decision.action in ("overwrite",
                                                                         "cutover"))
-    embedded = sum(plan.documents_per_shard[s.shard_id] for s in to_read)
+    embedded = sum(s.documents for s in to_read)
     return checkpointer, layout, diff, embedded, time.perf_counter() - embed_started
 
 
@@ -658,7 +654,7 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     if not run.versions and decision.action in ("finished", "resume") and \
             job_finished(final, job=planned.job):
         return None, None, 0  # nothing new: a finished job's rerun touches nothing
-    _progress(f"indexing {final.count_rows()} rows")
+    progress(f"indexing {final.count_rows()} rows")
     if diff is not None:
         report = maintain_indices(final, spec.index, metric=manifest.metric,
                                   codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
@@ -675,7 +671,7 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report:
-        _progress(f"cut over: {change_report}")
+        progress(f"cut over: {change_report}")
     final = run.table()
     cleaned = 0
     if not spec.write.keep_checkpoints and run.versions:

@@ -29,7 +29,8 @@ from schemas.spec import SourceSpec
 MAX_BUCKETS = 64
 
 
-def _progress(message: str) -> None:
+def progress(message: str) -> None:
+    """A progress line for people, on stderr (stdout is for `--json`)."""
     print(f"[quiver] {message}", file=sys.stderr, flush=True)
 
 
@@ -61,7 +62,7 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> Rea
     started = time.perf_counter()
     listing, units = units_of(source)
     skipped = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items()))
-    _progress(f"source {source.uri}: {len(listing.files)} {listing.kind} file(s)"
+    progress(f"source {source.uri}: {len(listing.files)} {listing.kind} file(s)"
               + (f"; not read: {skipped}" if skipped else "") + f"; {len(units)} unit(s)")
     buckets = max(1, min(MAX_BUCKETS, len(units), int(cpus) * 2))
     scan = ray.remote(_scan).options(num_returns=buckets + 1, num_cpus=task_cpus)
@@ -75,7 +76,7 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> Rea
             scans_by_ref[ref] = ray.get(ref)
         if waiting and time.perf_counter() - last > 5.0:
             last = time.perf_counter()
-            _progress(f"validated {len(scans_by_ref)}/{len(heads)} unit(s)")
+            progress(f"validated {len(scans_by_ref)}/{len(heads)} unit(s)")
     scans = [scans_by_ref[h] for h in heads]
     check_metadata_fields(scans, source)
     chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
@@ -85,7 +86,7 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> Rea
                       for b in range(buckets)])
     del refs  # the bucket tables can go from the object store
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
-    _progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
+    progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
               f"{plan.documents} documents, {plan.rejected} rejected, "
               f"{len(plan.shards)} shards")
     return plan

@@ -112,6 +112,7 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int
         if current is None or current.records >= per or rec.part != current.part:
             current = ShardScan(rec.ordinal, rec.position, rec.offset, rec.part)
             shards.append(current)
+            sig_index: dict[Signature, int] = {}
         current.records += 1
         doc_id, reason = validate(rec, source, unit.kind)
         if doc_id is None:
@@ -120,8 +121,7 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int
         kinds = record_kinds(rec, source, unit.kind)
         if not fmt.typed:
             fields.update(dict.fromkeys(metadata_names(rec.value or {}, source, unit.kind)))
-        sig = list(current.signatures).index(kinds) if kinds in current.signatures \
-            else len(current.signatures)
+        sig = sig_index.setdefault(kinds, len(sig_index))  # its place in `signatures`
         current.signatures[kinds] = current.signatures.get(kinds, 0) + 1
         hi, lo = id_key(doc_id)
         row = cols[lo % buckets]
@@ -200,7 +200,6 @@ class ReadPlan:
     """Files not read, by suffix."""
     dirty: list[tuple[Shard, dict[int, tuple[str, int]]]]
     """Shards with rejects, each with its duplicates: record -> (first file, position)."""
-    documents_per_shard: dict[str, int]
     rejects: pa.Table | None = None
     """The reject rows, when the plan was made in this process (`plan_source`)."""
 
@@ -294,7 +293,6 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
     reasons: Counter[str] = Counter()
     shards: list[Shard] = []
     dirty: list[tuple[Shard, dict[int, tuple[str, int]]]] = []
-    per_shard: dict[str, int] = {}
     records = rejected = 0
     for scan in scans:
         starts = [s.start for s in scan.shards]
@@ -317,13 +315,12 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
             records += info.records
             rejected += out
             shards.append(shard)
-            per_shard[shard.shard_id] = info.records - out
             if out:
                 dirty.append((shard, dups[s]))
     digest = hashlib.sha256("|".join(
         f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing.files).encode()).hexdigest()[:16]
     return ReadPlan(listing.kind, shards, metadata, chosen, records, rejected, reasons,
-                    digest, len(listing.files), listing.skipped, dirty, per_shard)
+                    digest, len(listing.files), listing.skipped, dirty)
 
 
 def units_of(source: SourceSpec) -> tuple[Listing, list[Unit]]:
