@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _cpu_profile import CpuProfile  # noqa: E402
 
+from schemas.spec import ComputeSpec  # noqa: E402
+
 
 def cpu_kind() -> str:
     from operators.embed import cpu_flags
@@ -90,7 +92,7 @@ def build_corpus(n: int) -> Path:
     return out
 
 
-def machinery_limit(corpus: Path, model: str, n: int) -> dict:
+def machinery_limit(corpus: Path, model: str, n: int, rows_per_batch: int) -> dict:
     """CPU-seconds per document to parse + chunk + tokenize, and to run the bare tiny
     forward over the same chunks, measured in this process on SAMPLE_DOCS documents."""
     import pyarrow as pa
@@ -128,15 +130,15 @@ def machinery_limit(corpus: Path, model: str, n: int) -> dict:
                         device="cpu", torch_threads=1)
     started = time.process_time()
     for table in chunks:
-        for i in range(0, table.num_rows, 128):
-            embedder(table.slice(i, 128))
+        for i in range(0, table.num_rows, rows_per_batch):
+            embedder(table.slice(i, rows_per_batch))
     forward_cpu = time.process_time() - started
     scale = n / len(ids)
     return {"sample_docs": len(ids), "tokenize_cpu_s": tokenize_cpu * scale,
             "forward_cpu_s": forward_cpu * scale}
 
 
-def run_job(corpus: Path, model: str, n: int, table: Path,
+def run_job(corpus: Path, model: str, n: int, table: Path, rows_per_batch: int,
             env: dict[str, str] | None = None) -> dict:
     """`quiver run` in a fresh process; driver RSS and the first commit watched from here."""
     import shutil
@@ -149,6 +151,7 @@ def run_job(corpus: Path, model: str, n: int, table: Path,
             "source": {"uri": str(corpus / "*.jsonl.gz"), "id_field": "id",
                        "records_per_shard": RECORDS_PER_SHARD},
             "model": {"name": model},
+            "compute": {"rows_per_batch": rows_per_batch},
             "write": {"keep_checkpoints": True},
             "index": {"ann_min_rows": 10**9, "fts": False}}
     spec_path = table.parent / f"spec-{n}.json"
@@ -183,7 +186,7 @@ def run_job(corpus: Path, model: str, n: int, table: Path,
                                                              key=lambda kv: -kv[1])}}
 
 
-def cluster_check(n: int, model: str) -> None:
+def cluster_check(n: int, model: str, rows_per_batch: int) -> None:
     """The N-document corpus on a 3-node Ray cluster on 127.0.0.1 gives the same table as
     the local run: the same ids, the same row count, the same top hits by exact search."""
     import lance
@@ -194,12 +197,13 @@ def cluster_check(n: int, model: str) -> None:
 
     local = CACHE / f"table-{n}-local.lance"
     if not local.is_dir():
-        run_job(build_corpus(n), model, n, local)
+        run_job(build_corpus(n), model, n, local, rows_per_batch)
     cluster, _ = loopback_cluster(head={"num_cpus": 1, "include_dashboard": False},
                                   workers=[{"num_cpus": 1}, {"num_cpus": 1}])
     try:
         remote = CACHE / f"table-{n}-cluster.lance"
-        job = run_job(build_corpus(n), model, n, remote, env={"RAY_ADDRESS": cluster.address})
+        job = run_job(build_corpus(n), model, n, remote, rows_per_batch,
+                      env={"RAY_ADDRESS": cluster.address})
     finally:
         cluster.shutdown()
 
@@ -236,6 +240,10 @@ def main() -> None:
     parser.add_argument("--cluster-check", type=int, default=0, metavar="N",
                         help="also run N documents on a 3-node loopback cluster and compare "
                         "with the local table of the same size")
+    parser.add_argument("--rows-per-batch", type=int,
+                        default=ComputeSpec.model_fields["rows_per_batch"].default,
+                        help="compute.rows_per_batch of the job, and the batches of the "
+                        "bare forward it is compared with")
     args = parser.parse_args()
     if not (EVAL / "scifact" / "corpus.jsonl").is_file():
         raise SystemExit(f"{EVAL} not present: the corpus is cut from ../shared/eval")
@@ -244,13 +252,15 @@ def main() -> None:
     cores = os.cpu_count() or 1
     model = str(make_tiny_model(CACHE / "tiny-model"))
     print(f"CPU: {cpu_kind()}, {cores} cores; tiny model (1 layer, hidden 32); "
-          f"{RECORDS_PER_SHARD} records per shard")
+          f"{RECORDS_PER_SHARD} records per shard, {args.rows_per_batch} rows per batch")
     rows = []
     for n in args.sizes:
         corpus = build_corpus(n)
-        runs = [machinery_limit(corpus, model, n) for _ in range(LIMIT_RUNS)]
+        runs = [machinery_limit(corpus, model, n, args.rows_per_batch)
+                for _ in range(LIMIT_RUNS)]
         limit = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        job = run_job(corpus, model, n, CACHE / f"table-{n}-local.lance")
+        job = run_job(corpus, model, n, CACHE / f"table-{n}-local.lance",
+                      args.rows_per_batch)
         s = job["summary"]
         limit_s = (limit["tokenize_cpu_s"] + limit["forward_cpu_s"]) / cores
         assert s["documents"] == n and s["rejects"] == 0, s  # sanity: every doc landed
@@ -281,7 +291,7 @@ def main() -> None:
               f"{r['driver_peak_rss_mb']} | {r['model_loads']}/{r['actors']} | "
               f"{r['commits']} | {r['txn_bytes_first_median_last']} |")
     if args.cluster_check:
-        cluster_check(args.cluster_check, model)
+        cluster_check(args.cluster_check, model, args.rows_per_batch)
     if len(rows) > 1:
         print(f"driver peak RSS {rows[-1]['docs']:,} / {rows[0]['docs']:,}: "
               f"{rows[-1]['driver_peak_rss_mb'] / rows[0]['driver_peak_rss_mb']:.2f}x")

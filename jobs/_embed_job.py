@@ -31,8 +31,9 @@ from jobs._checkpoint import Checkpointer
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
 from jobs._index import distributed_fulltext_index, distributed_vector_index, index_workers
 from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
+from jobs._layout import ActorLayout, actor_layout, uses_gpus
 from jobs._plan import plan_on_cluster, progress, write_rejects
-from jobs._ray import cluster_resources, ensure_ray, largest_node_cpus
+from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.index import IndexReport, build_indices, cleanup_versions, maintain_indices
@@ -174,101 +175,6 @@ def _model_bytes(info: ModelInfo) -> int:
     """Bytes of the model's weight files: what each actor holds in memory, at least."""
     names = [n for n in os.listdir(info.path) if n.endswith((".safetensors", ".bin"))]
     return sum(os.path.getsize(os.path.join(info.path, n)) for n in names)
-
-
-@dataclass(frozen=True)
-class ActorLayout:
-    """How the embed stage is placed on the cluster."""
-
-    actors: int
-    cpus: float
-    """Logical CPUs each actor holds."""
-    gpus: float
-    threads: int
-    """torch threads inside each actor."""
-    task_cpus: float = 1.0
-    """Logical CPUs the actors leave free on a node, for read/chunk and write tasks."""
-
-    @property
-    def read_cpus(self) -> float:
-        """With CPU actors, two read tasks share what the actors leave: the actors wait
-        for blocks part of the time, and tokenizing is then what keeps the cores busy.
-        Beside GPU actors each read task has its CPU.
-
-        >>> ActorLayout(2, 0.5, 0.0, 1).read_cpus, ActorLayout(1, 1.0, 1.0, 1).read_cpus
-        (0.5, 1.0)
-        """
-        return self.task_cpus if self.gpus else round(self.task_cpus / 2, 4)
-
-    @property
-    def write_cpus(self) -> float:
-        """A write task is short I/O; a small share keeps it from queueing behind reads
-        (a write waiting for a whole CPU held checkpoints back until every read ended)."""
-        return round(self.task_cpus / 4, 4)
-
-
-def _uses_gpus(spec: JobSpec, gpus: float) -> bool:
-    """Whether the embed actors ask for GPUs: the spec asks for them (whether or not any
-    are up yet, so an autoscaler can start them), or the cluster has some and the spec
-    allows them."""
-    if spec.model.device == "cpu":
-        return False
-    if spec.model.device == "cuda" or spec.compute.gpus_per_actor is not None:
-        return True
-    return gpus >= 1
-
-
-def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
-                 documents: int | None = None, node_cpus: float | None = None) -> ActorLayout:
-    """Place the embed actors.
-
-    One actor per GPU when the cluster has GPUs (unless the spec pins the CPU). On CPU,
-    one single-threaded actor per logical CPU, but no more actors than there are batches
-    of work (`documents` / `rows_per_batch`): each model copy costs a few seconds to load.
-    One thread per actor beats one actor with every thread: measured with bf16 on two
-    cores, two 1-thread processes run the forward pass 8% faster together than one
-    2-thread process, and a core taken by a read task or a Ray daemon stalls one actor
-    instead of every thread of a parallel matmul. Together the actors hold at most all
-    CPUs but one, so read/chunk and write tasks always find a CPU: actors holding every
-    CPU of a two-core machine starve the read tasks and the job hangs. The share is
-    sized on the largest node (`node_cpus`), not the whole cluster: when nodes die, Ray
-    restarts their actors on the survivors, and even all of them on one node must leave
-    a CPU free there.
-
-    >>> from schemas.spec import parse_spec
-    >>> s = parse_spec({"kind": "embed", "table": "t.lance",
-    ...                 "source": {"uri": "c.jsonl", "id_field": "_id"}})
-    >>> actor_layout(s, cpus=16, gpus=4, cores=16)
-    ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1, task_cpus=1.0)
-    >>> actor_layout(s, cpus=2, gpus=0, cores=2)
-    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0)
-    >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=40)  # one batch of work
-    ActorLayout(actors=1, cpus=1.0, gpus=0.0, threads=2, task_cpus=1.0)
-    >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=0).actors  # a finished job
-    1
-    >>> actor_layout(s, cpus=1, gpus=0, cores=1)  # one CPU: actor and tasks share it
-    ActorLayout(actors=1, cpus=0.5, gpus=0.0, threads=1, task_cpus=0.5)
-    >>> lay = actor_layout(s, cpus=3, gpus=0, cores=2, node_cpus=2)  # nodes of 2 and 1 CPU
-    >>> lay.actors, round(lay.actors * lay.cpus, 2)  # all on the 2-CPU node: 1 CPU free
-    (3, 1.0)
-    >>> many = parse_spec({**s.model_dump(), "compute": {"actors": 1000}})
-    >>> actor_layout(many, cpus=2, gpus=0, cores=2).task_cpus  # still a CPU for tasks
-    1.0
-    """
-    if _uses_gpus(spec, gpus):
-        per_gpu = spec.compute.gpus_per_actor or 1.0
-        actors = spec.compute.actors or max(1, int(gpus / per_gpu))
-        return ActorLayout(actors, 1.0, per_gpu, spec.compute.torch_threads or 1)
-    actors = spec.compute.actors
-    if actors is None:
-        batches = int(cpus) if documents is None \
-            else math.ceil(documents / spec.compute.rows_per_batch)
-        actors = max(1, min(int(cpus), batches))
-    room = min(cpus, node_cpus or cpus)
-    per_actor = min(1.0, (room - 1) / actors) if room > 1 else room / (2 * actors)
-    threads = spec.compute.torch_threads or max(1, cores // actors)
-    return ActorLayout(actors, per_actor, 0.0, threads,
-                       task_cpus=round(min(1.0, room - actors * per_actor), 4))
 
 
 def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: float | None,
@@ -430,6 +336,7 @@ class _Planned:
     job: str
     cpus: float
     gpus: float
+    """GPUs up now or, under `model.device: auto`, the ones the autoscaler can start."""
     ray_start: float
 
 
@@ -450,10 +357,14 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
     ensure_ray()
     ray_start = time.perf_counter() - started
     cpus, gpus = cluster_resources()
+    if gpus < 1 and spec.model.device == "auto" and (startable := autoscaler_gpus()) >= 1:
+        progress(f"no GPU is up yet; the autoscaler's node types offer {startable:g}, "
+                 "so the embed actors will ask for them (model.device: cpu opts out)")
+        gpus = startable
     plan = plan_on_cluster(spec.source, task_cpus=min(1.0, cpus), cpus=cpus)
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
-    precision = resolve_precision(spec.model.precision, on_gpu=_uses_gpus(spec, gpus))
+    precision = resolve_precision(spec.model.precision, on_gpu=uses_gpus(spec, gpus))
     manifest = build_manifest(spec, info, precision=precision)
     progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
@@ -548,8 +459,9 @@ def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
         if float(ray.cluster_resources().get("GPU", 0.0)) >= need:
             return
         time.sleep(2.0)
-    raise ClusterError(f"the job asked for {need:g} GPU(s) (model.device / "
-                     "compute.gpus_per_actor) and the cluster offered "
+    raise ClusterError(f"the job asked for {need:g} GPU(s) (model.device, "
+                     "compute.gpus_per_actor, or node types that offer GPUs under "
+                     "model.device: auto) and the cluster offered "
                      f"{cluster_resources()[1]:g} within compute.gpu_wait_s "
                      f"({spec.compute.gpu_wait_s:.0f}s); nothing was embedded")
 
@@ -622,10 +534,11 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                   f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
                   "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
         _wait_for_gpus(spec, layout)
-        ds = ray.data.read_datasource(
-            ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
-                            chosen=plan.chosen, chunker=chunk, keep=keep),
-            override_num_blocks=len(to_read), num_cpus=layout.read_cpus)
+        shards = ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
+                                 chosen=plan.chosen, chunker=chunk, keep=keep,
+                                 tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
+        ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
+                                      num_cpus=layout.read_cpus)
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
                           precision=planned.precision, codebook=codebook,
                           shards=len(to_read))

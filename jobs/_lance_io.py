@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.sources.plan import read_shard
+from operators.sources.plan import read_groups, read_shards
 from operators.timing import EMBEDDED_AT, LOADED_BY, stage_totals, with_stage_seconds
 from operators.write import write_fragments
 from schemas.source import Shard
@@ -33,20 +33,23 @@ WRITTEN_SCHEMA = pa.schema([
 
 
 class ShardDatasource(Datasource):
-    """One read task per planned shard: read, validate, chunk and tokenize it.
+    """Read tasks over planned shards: read, validate, chunk and tokenize each shard.
 
     Chunking runs inside the read task (a CPU task) so token ids, not strings, travel to
-    the embed actors, and the actors spend their cores on inference only.
+    the embed actors, and the actors spend their cores on inference only. Each task
+    yields one block per shard; consecutive shards of a compressed file share a task
+    (`read_groups`), so the file is decompressed once.
     """
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
                  chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
                  keep: Mapping[str, frozenset[str]] | None = None,
-                 hashes_only: bool = False) -> None:
+                 hashes_only: bool = False, tasks: int | None = None) -> None:
         """`keep` limits each shard to those chunk ids (a reindex embeds only changes);
-        `hashes_only` yields just (id, content_hash, shard), the reindex's first pass."""
+        `hashes_only` yields just (id, content_hash, shard), the reindex's first pass;
+        `tasks` is how many read tasks to aim for (None: one per shard)."""
         super().__init__()
-        self._shards = shards
+        self.groups = read_groups(shards, tasks=len(shards) if tasks is None else tasks)
         self._source = source
         self._metadata = metadata
         self._chosen = chosen
@@ -62,30 +65,35 @@ class ShardDatasource(Datasource):
         source, metadata, chunker = self._source, self._metadata, self._chunker
         chosen, keep, hashes_only = self._chosen, self._keep, self._hashes_only
 
-        def make(shard: Shard) -> ReadTask:
+        def block(shard: Shard, docs: pa.Table, read_s: float) -> pa.Table:
+            started = time.perf_counter()
+            chunks = chunker(docs)
+            tokenize_s = time.perf_counter() - started
+            if keep is not None:
+                wanted = pa.array(sorted(keep.get(shard.shard_id, ())), pa.string())
+                chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
+            label = pa.array([shard.shard_id] * chunks.num_rows, pa.string())
+            if hashes_only:
+                return chunks.select(["id", "content_hash"]).append_column("shard", label)
+            chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
+                SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows,
+                                              pa.int64()))
+            return with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
+
+        def make(group: tuple[Shard, ...]) -> ReadTask:
             def read() -> Iterable[pa.Table]:
                 started = time.perf_counter()
-                docs = read_shard(shard, source=source, metadata=metadata, chosen=chosen)
-                read_s = time.perf_counter() - started
-                chunks = chunker(docs)
-                tokenize_s = time.perf_counter() - started - read_s
-                if keep is not None:
-                    wanted = pa.array(sorted(keep.get(shard.shard_id, ())), pa.string())
-                    chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
-                label = pa.array([shard.shard_id] * chunks.num_rows, pa.string())
-                if hashes_only:
-                    yield chunks.select(["id", "content_hash"]).append_column("shard", label)
-                    return
-                chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
-                    SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows,
-                                                  pa.int64()))
-                yield with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
+                for shard, docs in read_shards(group, source=source, metadata=metadata,
+                                               chosen=chosen):
+                    yield block(shard, docs, time.perf_counter() - started)
+                    started = time.perf_counter()
 
-            meta = BlockMetadata(num_rows=shard.records - len(shard.skip), size_bytes=None,
-                                 exec_stats=None, input_files=(shard.path,))
+            rows = sum(s.records - len(s.skip) for s in group)
+            meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None,
+                                 input_files=(group[0].path,))
             return ReadTask(read, meta, per_task_row_limit=per_task_row_limit)
 
-        return [make(s) for s in self._shards]
+        return [make(g) for g in self.groups]
 
     def get_name(self) -> str:
         return "QuiverShards"

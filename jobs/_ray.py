@@ -104,3 +104,31 @@ def largest_node_cpus() -> float:
 
     return max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]),
                default=0.0)
+
+
+def autoscaler_gpus() -> float:
+    """GPUs the cluster's autoscaler could start, summed over the node types it offers.
+
+    The autoscaler publishes its node types to the GCS (the record Ray Data's own
+    autoscaling reads); a type with `max_workers: -1` counts as one node of it, so an
+    unbounded type never asks for more GPUs than one node brings. A cluster with no
+    autoscaler (a local Ray, a fixed cluster) has no such record and offers 0.
+    """
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except (ImportError, AttributeError, RuntimeError, ConnectionError) as err:
+        logging.getLogger(__name__).debug("no autoscaler node types: %s", err)
+        return 0.0
+    if config is None:
+        return 0.0
+    total = 0.0
+    for group in config.node_group_configs:
+        per_node = float(group.resources.get("GPU", 0))
+        if per_node <= 0 or group.max_count == 0:
+            continue
+        total += per_node * (group.max_count if group.max_count > 0 else max(group.min_count, 1))
+    if "GPU" in config.max_resources:
+        total = min(total, float(config.max_resources["GPU"]))
+    return total

@@ -103,7 +103,7 @@ def test_fp16_on_cpu_and_missing_gpu_are_refused(model_info) -> None:
 
 
 def test_actor_layout_gpu_and_cpu() -> None:
-    from jobs._embed_job import actor_layout
+    from jobs._layout import actor_layout
     from schemas.spec import parse_spec
 
     spec = parse_spec({"kind": "embed", "table": "t.lance",
@@ -116,3 +116,4 @@ def test_actor_layout_gpu_and_cpu() -> None:
     assert cpu.threads == 1
     pinned = parse_spec({**spec.model_dump(), "model": {"device": "cpu"}})
     assert actor_layout(pinned, cpus=8, gpus=2, cores=8).gpus == 0.0
+

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.sources.plan import plan_source, read_shard
+from operators.sources.plan import plan_source, read_groups, read_shard, read_shards
 from schemas.errors import SourceChangedError, SourceError
 from schemas.spec import SourceSpec
 
@@ -69,6 +69,26 @@ def test_a_folder_of_compressed_parts_is_read_whole(shards_folder: Path) -> None
     reject = plan.rejects.to_pylist()[0]
     assert reject["position"] == 6 and reject["source"].endswith("part-1.jsonl")
     assert "first at line 4 of" in reject["reason"] and "part-0.jsonl.gz" in reject["reason"]
+
+
+def test_shards_of_a_compressed_file_share_one_read_pass(shards_folder: Path) -> None:
+    """Consecutive shards of a compressed file are read in one task, in one pass, and
+    give exactly what reading each shard alone gives; plain files keep a task each."""
+    source = SourceSpec(uri=str(shards_folder), id_field="id", records_per_shard=2)
+    plan = plan_source(source)
+    groups = read_groups(plan.shards, tasks=1)
+    assert [(g[0].path.rsplit("/", 1)[-1], len(g)) for g in groups] == [
+        ("part-0.jsonl.gz", 4), ("part-1.jsonl", 1), ("part-1.jsonl", 1),
+        ("part-1.jsonl", 1), ("part-2.jsonl.zst", 2)]
+    kw = dict(source=source, metadata=plan.metadata, chosen=plan.chosen)
+    for group in groups:
+        together = list(read_shards(group, **kw))
+        assert [shard for shard, _ in together] == list(group)
+        for shard, docs in together:
+            assert docs.equals(read_shard(shard, **kw))
+    assert len(read_groups(plan.shards, tasks=8)) == 8  # split to fill the read slots
+    with pytest.raises(ValueError, match="does not follow"):
+        list(read_shards([plan.shards[1], plan.shards[0]], **kw))
 
 
 def test_a_glob_picks_its_files(shards_folder: Path) -> None:

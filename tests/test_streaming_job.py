@@ -144,3 +144,39 @@ def test_gpus_asked_for_and_never_offered_fail_clearly(parts, tiny_model, tmp_pa
         run_embed(parse_spec(spec))
     assert time.monotonic() - started < 120
     assert not (tmp_path / "nogpu.lance").exists()  # nothing was embedded
+
+
+def test_auto_device_asks_for_the_gpus_the_autoscaler_offers(parts, tiny_model, tmp_path,
+                                                             ray_local) -> None:
+    """With `model.device: auto` and no GPU up, node types that offer GPUs (as the
+    autoscaler publishes them to the GCS) make the actors ask for GPUs, not plan CPU
+    actors; here none ever comes, so the job fails clearly before embedding anything."""
+    import ray
+    import ray._raylet as raylet
+    from ray.core.generated import autoscaler_pb2
+
+    from jobs._ray import autoscaler_gpus
+    from schemas.errors import ClusterError
+
+    key = raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode()
+    namespace = raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    config = autoscaler_pb2.ClusterConfig()
+    for name, gpus, max_count in (("cpu_worker", 0, 4), ("gpu_worker", 1, 2)):
+        group = config.node_group_configs.add(name=name, min_count=0, max_count=max_count)
+        group.resources["CPU"] = 4
+        if gpus:
+            group.resources["GPU"] = gpus
+    assert autoscaler_gpus() == 0  # a local Ray has no autoscaler
+    gcs = raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+    gcs.internal_kv_put(key, config.SerializeToString(), True, namespace)
+    try:
+        assert autoscaler_gpus() == 2
+        spec = _spec(parts, tmp_path / "auto.lance", tiny_model) | {
+            "compute": {"gpu_wait_s": 1}}
+        with pytest.raises(ClusterError, match=r"asked for 2 GPU\(s\).*offered 0"):
+            run_embed(parse_spec(spec))
+        assert not (tmp_path / "auto.lance").exists()
+        cpu_only = parse_spec({**spec, "model": {"name": tiny_model, "device": "cpu"}})
+        assert run_embed(cpu_only).documents == N_FILES * PER_FILE
+    finally:
+        gcs.internal_kv_del(key, False, namespace)
