@@ -50,6 +50,8 @@ class Checkpointer:
     ready: list[tuple[str, list[FragmentMetadata]]] = field(default_factory=list)
     """Complete shards not yet committed, with their fragments, in completion order."""
     deletions: tuple[list[int], list] = ([], [])
+    carried: list[FragmentMetadata] = field(default_factory=list)
+    """Rows written before the stream (a reindex's kept chunks), in the first commit."""
     total_shards: int = 0
     rows: int = 0
     tokens: int = 0
@@ -115,7 +117,7 @@ class Checkpointer:
         """Commit the first `count` ready shards in one transaction."""
         group, self.ready = self.ready[:count], self.ready[count:]
         shards = [shard for shard, _ in group]
-        fragments = [f for _, frags in group for f in frags]
+        fragments = [*self.carried, *(f for _, frags in group for f in frags)]
         started = time.perf_counter()
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=shards,
@@ -131,7 +133,7 @@ class Checkpointer:
                  f"{self._committed_shards}/{self.total_shards} shards, {self.rows} chunks "
                  "so far")
         self.mode, self.read_version, self.expect_latest = "append", ds.version, ds.version
-        self.deletions = ([], [])
+        self.deletions, self.carried = ([], []), []
         self._last_commit = time.perf_counter()
 
     @property

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from operators.chunk import document_hashes
 from operators.sources.plan import read_groups, read_shards
 from operators.timing import EMBEDDED_AT, LOADED_BY, stage_totals, with_stage_seconds
 from operators.write import write_fragments
@@ -43,11 +44,13 @@ class ShardDatasource(Datasource):
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
                  chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
-                 keep: Mapping[str, frozenset[str]] | None = None,
-                 hashes_only: bool = False, tasks: int | None = None) -> None:
-        """`keep` limits each shard to those chunk ids (a reindex embeds only changes);
-        `hashes_only` yields just (id, content_hash, shard), the reindex's first pass;
-        `tasks` is how many read tasks to aim for (None: one per shard)."""
+                 keep: Mapping[str, tuple[frozenset[str], frozenset[str]]] | None = None,
+                 doc_hashes: str | None = None, tasks: int | None = None) -> None:
+        """`keep` maps a shard to the documents to chunk and the chunk ids of them to
+        embed (a reindex tokenizes and embeds only changes); `doc_hashes` (the embedding
+        fingerprint) makes it yield just (doc_id, doc_hash, shard) without tokenizing,
+        the reindex's first pass; `tasks`
+        is how many read tasks to aim for (None: one per shard)."""
         super().__init__()
         self.groups = read_groups(shards, tasks=len(shards) if tasks is None else tasks)
         self._source = source
@@ -55,7 +58,7 @@ class ShardDatasource(Datasource):
         self._chosen = chosen
         self._chunker = chunker
         self._keep = keep
-        self._hashes_only = hashes_only
+        self._doc_hashes = doc_hashes
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -63,18 +66,26 @@ class ShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         source, metadata, chunker = self._source, self._metadata, self._chunker
-        chosen, keep, hashes_only = self._chosen, self._keep, self._hashes_only
+        chosen, keep, doc_hashes = self._chosen, self._keep, self._doc_hashes
 
         def block(shard: Shard, docs: pa.Table, read_s: float) -> pa.Table:
+            if doc_hashes is not None:
+                hashes = document_hashes(docs, metadata_names=metadata.names,
+                                         config_fingerprint=doc_hashes)
+                return pa.table({"doc_id": docs.column("doc_id"), "doc_hash": hashes,
+                                 "shard": pa.array([shard.shard_id] * docs.num_rows,
+                                                   pa.string())})
+            if keep is not None:
+                doc_ids, chunk_ids = keep.get(shard.shard_id, (frozenset(), frozenset()))
+                docs = docs.filter(pc.is_in(docs.column("doc_id"),
+                                            value_set=pa.array(sorted(doc_ids), pa.string())))
             started = time.perf_counter()
             chunks = chunker(docs)
             tokenize_s = time.perf_counter() - started
             if keep is not None:
-                wanted = pa.array(sorted(keep.get(shard.shard_id, ())), pa.string())
+                wanted = pa.array(sorted(chunk_ids), pa.string())
                 chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
             label = pa.array([shard.shard_id] * chunks.num_rows, pa.string())
-            if hashes_only:
-                return chunks.select(["id", "content_hash"]).append_column("shard", label)
             chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
                 SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows,
                                               pa.int64()))

@@ -73,8 +73,15 @@ def _print_summary(summary: dict) -> None:
     print(f"chunks     {summary['chunks']}")
     if summary.get("reindex"):
         r = summary["reindex"]
-        print(f"reindex    {r['added']} added, {r['changed']} changed, {r['deleted']} deleted, "
-              f"{r['unchanged']} unchanged; {r['embedded']} embedded, in one commit")
+        d = r["documents"]
+        print(f"reindex    documents: {d['added']} added, {d['changed']} changed, "
+              f"{d['deleted']} deleted; chunks: {r['added']} added, {r['changed']} changed, "
+              f"{r['deleted']} deleted, {r['unchanged']} kept their vectors "
+              f"({r['carried']} rewritten with new metadata); {r['embedded']} embedded"
+              + ("" if not (d["added"] or d["changed"] or d["deleted"])
+                 else ", in one commit"))
+        if r.get("schema_change"):
+            print(f"schema     {r['schema_change']}")
     print(f"shards     {summary['shards']} ({summary['shards_skipped']} already committed); "
           f"{summary.get('commits', 0)} checkpoint commit(s)"
           + (f", the first at {summary['first_commit_s']} s"

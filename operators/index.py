@@ -98,10 +98,14 @@ def scalar_index_kind(ds: lance.LanceDataset, column: str, requested: str | None
 
 def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec, *,
                          fulltext_builder: FullTextBuilder | None = None) -> list[str]:
-    """BTREE on `id`, the spec's filterable columns, and the full-text index on `text`."""
+    """BTREE on `id` and `doc_id`, the spec's filterable columns, and the full-text
+    index on `text`."""
     built = []
     ds.create_scalar_index("id", "BTREE", replace=True)
     built.append("id: BTREE")
+    # A reindex looks up the rows of changed documents by doc_id (`jobs._reindex`).
+    ds.create_scalar_index("doc_id", "BTREE", replace=True)
+    built.append("doc_id: BTREE")
     wanted = spec.filterable if isinstance(spec.filterable, dict) \
         else dict.fromkeys(spec.filterable)
     for column, requested in wanted.items():
@@ -171,6 +175,8 @@ def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
         report = build_indices(ds, spec, metric=metric, codecs=codecs, dims=dims)
         return IndexReport(f"{report.vector} (rebuilt: {changed} of {rows} rows changed)",
                            report.scalar)
+    if not any(i["fields"] == ["doc_id"] for i in ds.list_indices()):
+        ds.create_scalar_index("doc_id", "BTREE")  # tables indexed before it existed
     ds.optimize.optimize_indices()
     names = tuple(f"{','.join(i['fields'])}: {i['type']}" for i in ds.list_indices())
     return IndexReport(f"incremental (optimize_indices; {changed} of {rows} rows changed)",

@@ -1,16 +1,20 @@
-"""Incremental reindex: compare fresh chunk hashes with the table's, change only the rest.
+"""Incremental reindex: find what changed, document first, then chunk by chunk.
 
-A chunk's `content_hash` covers its text and the embedding configuration, so a chunk
-whose id and hash are both in the table needs nothing. Everything else is one of:
+Every chunk row carries its document's `doc_hash` (id, text, metadata values and the
+embedding configuration). A reindex first compares those per document, without
+tokenizing anything (`doc_changes`): equal hashes need nothing. Only the documents that
+differ are chunked again, and their fresh chunks are compared with the table's rows of
+the same documents by `content_hash` (text and configuration; `chunk_changes`):
 
-- added:   a new id (a new document, or a document that now has more chunks);
-- changed: a known id with a new hash (edited text);
-- deleted: an id the source no longer produces (a vanished document, or one that now
-  has fewer chunks).
+- a chunk whose id and content hash are both in the table keeps its vector: its row is
+  rewritten with the document's new metadata and hash, the vector copied (a metadata-only
+  edit embeds nothing);
+- a new id, or a known id with a new hash, is embedded;
+- every old row of a changed or deleted document is removed.
 
-Changed and deleted rows are removed with deletion vectors on their fragments (by row
-address, no SQL predicate), and the re-embedded rows arrive as new fragments; both go in
-one Lance `Update` transaction, so a reader sees the old version or the new one.
+Removed rows get deletion vectors on their fragments (by row address, no SQL predicate);
+the new rows arrive as new fragments; both go in one Lance `Update` transaction, so a
+reader sees the old version or the new one.
 """
 
 from __future__ import annotations
@@ -21,73 +25,140 @@ from dataclasses import dataclass, field
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata
 
 ADDRESS_BITS = 32
+IN_TABLE = "_in_table"
+"""Marks the table's side of the document join (its `doc_hash` may be null)."""
 
 
 @dataclass
 class ReindexDiff:
-    """What a reindex must do, chunk by chunk."""
+    """What a reindex must do."""
 
+    docs: dict[str, set[str]] = field(default_factory=dict)
+    """Shard id -> ids of its documents to chunk again (added or changed)."""
     todo: dict[str, set[str]] = field(default_factory=dict)
-    """Shard id -> chunk ids to embed there (added or changed)."""
+    """Shard id -> chunk ids to embed there (added or changed text)."""
     remove: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    """Row addresses of the table rows to drop (changed and deleted chunks)."""
+    """Row addresses of the table rows to drop (every row of changed and deleted docs)."""
+    carried: list[FragmentMetadata] = field(default_factory=list)
+    """Written rows of unchanged chunks of changed documents: new metadata, old vector."""
+    docs_added: int = 0
+    docs_changed: int = 0
+    docs_deleted: int = 0
     added: int = 0
     changed: int = 0
     deleted: int = 0
-    unchanged: int = 0
+    carried_rows: int = 0
+    """Chunks of changed documents that kept their vector (rows rewritten)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of the reindex's own steps (`scan_join`, `chunk_diff`)."""
+    schema_change: dict | None = None
+    """Source fields added (now nullable columns) and gone (columns kept), if evolved."""
 
     @property
     def embed(self) -> int:
         return self.added + self.changed
 
+    @property
+    def nothing(self) -> bool:
+        """No document changed: no model, no commit, no index work."""
+        return not (self.docs or self.docs_deleted)
 
-def diff_chunks(table_rows: pa.Table, fresh: pa.Table) -> ReindexDiff:
-    """Compare the table's (id, content_hash, _rowaddr) with the source's chunks.
+
+def doc_changes(joined: pa.Table) -> pa.Table:
+    """The documents a reindex must touch, from the full outer join on `doc_id` of the
+    source's (doc_id, doc_hash, shard) with the table's (doc_id, doc_hash_old,
+    _in_table): rows (doc_id, shard, status) with status added, changed or deleted.
+
+    A table row whose hash is null (written before `doc_hash` existed) counts as changed:
+    its chunks are compared by content hash, so nothing is embedded again, and its rows
+    get the hash.
+
+    >>> j = pa.table({"doc_id": ["a", "b", "c", "d", "e"],
+    ...               "doc_hash": [b"1", b"2", b"3", None, b"5"],
+    ...               "shard": ["s0", "s0", "s1", None, "s1"],
+    ...               "doc_hash_old": [b"1", b"X", None, b"4", None],
+    ...               "_in_table": [True, True, None, True, True]})
+    >>> doc_changes(j).to_pylist()  # doctest: +NORMALIZE_WHITESPACE
+    [{'doc_id': 'b', 'shard': 's0', 'status': 'changed'},
+     {'doc_id': 'c', 'shard': 's1', 'status': 'added'},
+     {'doc_id': 'd', 'shard': None, 'status': 'deleted'},
+     {'doc_id': 'e', 'shard': 's1', 'status': 'changed'}]
+    """
+    in_table = pc.fill_null(joined.column(IN_TABLE), False)
+    in_source = pc.is_valid(joined.column("shard"))
+    same = pc.fill_null(pc.equal(joined.column("doc_hash").cast(pa.binary()),
+                                 joined.column("doc_hash_old").cast(pa.binary())), False)
+    status = pc.case_when(
+        pc.make_struct(pc.invert(in_table), pc.invert(in_source), pc.invert(same)),
+        "added", "deleted", "changed")
+    out = pa.table({"doc_id": joined.column("doc_id").cast(pa.string()),
+                    "shard": joined.column("shard").cast(pa.string()),
+                    "status": status})
+    return out.filter(pc.is_valid(status))
+
+
+@dataclass
+class ChunkChanges:
+    """One shard's changed documents, chunk by chunk (`chunk_changes`)."""
+
+    embed: list[str]
+    carry: list[str]
+    remove: np.ndarray
+    added: int
+    changed: int
+    deleted: int
+
+
+def chunk_changes(fresh: pa.Table, old: pa.Table) -> ChunkChanges:
+    """Compare the fresh chunks of changed documents with their rows in the table.
 
     Args:
-        table_rows: Every table row's id, content hash and row address.
-        fresh: Every chunk the source yields now: id, content_hash, and the shard it
-            comes from.
+        fresh: The documents' chunks now: `id`, `content_hash`.
+        old: Every table row of the same documents: `id`, `content_hash`, `_rowaddr`.
 
-    >>> t = pa.table({"id": ["a#0", "b#0", "c#0"], "content_hash": [b"1", b"2", b"3"],
-    ...               "_rowaddr": pa.array([0, 1, 2], pa.uint64())})
-    >>> f = pa.table({"id": ["a#0", "b#0", "d#0"], "content_hash": [b"1", b"X", b"4"],
-    ...               "shard": ["s0", "s0", "s1"]})
-    >>> d = diff_chunks(t, f)
-    >>> (d.added, d.changed, d.deleted, d.unchanged), sorted(d.remove.tolist()), d.todo
-    ((1, 1, 1, 1), [1, 2], {'s0': {'b#0'}, 's1': {'d#0'}})
+    >>> f = pa.table({"id": ["a#0", "a#1", "a#2"], "content_hash": [b"1", b"X", b"3"]})
+    >>> o = pa.table({"id": ["a#0", "a#1", "b#0"], "content_hash": [b"1", b"2", b"9"],
+    ...               "_rowaddr": pa.array([4, 5, 6], pa.uint64())})
+    >>> c = chunk_changes(f, o)
+    >>> c.embed, c.carry, c.remove.tolist(), (c.added, c.changed, c.deleted)
+    (['a#1', 'a#2'], ['a#0'], [4, 5, 6], (1, 1, 1))
     """
-    old = dict(zip(table_rows.column("id").to_pylist(),
-                   zip(table_rows.column("content_hash").to_pylist(),
-                       table_rows.column("_rowaddr").to_pylist(), strict=True), strict=True))
-    diff = ReindexDiff()
-    todo: dict[str, set[str]] = defaultdict(set)
-    remove: list[int] = []
-    seen: set[str] = set()
-    for cid, digest, shard in zip(fresh.column("id").to_pylist(),
-                                  fresh.column("content_hash").to_pylist(),
-                                  fresh.column("shard").to_pylist(), strict=True):
-        seen.add(cid)
-        known = old.get(cid)
-        if known is None:
-            diff.added += 1
-            todo[shard].add(cid)
-        elif known[0] != digest:
-            diff.changed += 1
-            todo[shard].add(cid)
-            remove.append(known[1])
+    old_ids = old.select(["id", "content_hash"]).rename_columns(["id", "old_hash"])
+    joined = fresh.select(["id", "content_hash"]).join(old_ids, "id", join_type="left outer")
+    known = pc.is_valid(joined.column("old_hash"))
+    same = pc.fill_null(pc.equal(joined.column("content_hash").cast(pa.binary()),
+                                 joined.column("old_hash").cast(pa.binary())), False)
+    ids = joined.column("id")
+    embed = sorted(ids.filter(pc.invert(same)).to_pylist())
+    carry = sorted(ids.filter(same).to_pylist())
+    added = len(joined) - pc.sum(known.cast(pa.int64())).as_py() if len(joined) else 0
+    gone = pc.invert(pc.is_in(old.column("id"), value_set=fresh.column("id")))
+    return ChunkChanges(
+        embed=embed, carry=carry,
+        remove=np.sort(old.column("_rowaddr").to_numpy(zero_copy_only=False)
+                       .astype(np.uint64)),
+        added=int(added), changed=len(embed) - int(added),
+        deleted=int(pc.sum(gone.cast(pa.int64())).as_py() or 0))
+
+
+def group_by_shard(changes: pa.Table) -> tuple[dict[str, set[str]], list[str], dict[str, int]]:
+    """(shard -> doc ids to chunk again, deleted doc ids, documents per status)."""
+    docs: dict[str, set[str]] = defaultdict(set)
+    deleted: list[str] = []
+    counts: dict[str, int] = defaultdict(int)
+    for doc_id, shard, status in zip(changes.column("doc_id").to_pylist(),
+                                     changes.column("shard").to_pylist(),
+                                     changes.column("status").to_pylist(), strict=True):
+        counts[status] += 1
+        if status == "deleted":
+            deleted.append(doc_id)
         else:
-            diff.unchanged += 1
-    for cid, (_, address) in old.items():
-        if cid not in seen:
-            diff.deleted += 1
-            remove.append(address)
-    diff.todo = dict(todo)
-    diff.remove = np.asarray(sorted(remove), dtype=np.uint64)
-    return diff
+            docs[shard].add(doc_id)
+    return dict(docs), deleted, dict(counts)
 
 
 def deletion_fragments(ds: lance.LanceDataset,

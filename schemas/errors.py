@@ -47,6 +47,11 @@ class FilterError(QueryError):
     """A filter naming a column the table lacks, or a value its column cannot hold."""
 
 
+class SchemaChangeError(TableError):
+    """The source's metadata fields differ from the table's columns (refused before any
+    work: a new or gone field without `write.on_schema_change: evolve`, or a new type)."""
+
+
 class ConcurrentWriteError(TableError):
     """Another writer committed to the table while this job ran."""
 

@@ -12,8 +12,9 @@ CONTENT_HASH_BYTES = 16
 VECTOR_COLUMN = "vector"
 INT8_COLUMN = "vector_i8"
 BITS_COLUMN = "vector_bits"
-RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", VECTOR_COLUMN,
-                    INT8_COLUMN, BITS_COLUMN)
+DOC_HASH_COLUMN = "doc_hash"
+RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", DOC_HASH_COLUMN,
+                    VECTOR_COLUMN, INT8_COLUMN, BITS_COLUMN)
 CODEC_COLUMNS = {"float32": VECTOR_COLUMN, "float16": VECTOR_COLUMN, "int8": INT8_COLUMN,
                  "binary": BITS_COLUMN}
 """Which column each codec fills."""
@@ -48,8 +49,11 @@ def codec_fields(codecs: list[str], dim: int) -> list[pa.Field]:
 def chunk_schema(metadata: pa.Schema) -> pa.Schema:
     """Rows leaving the chunker: text, token ids and pass-through metadata, no vector yet.
 
-    `_truncated_tokens` counts the document tokens `truncate` mode left out (on the
-    document's first chunk), so the job summary can say how much text was not embedded.
+    `doc_hash` (on every chunk of a document) covers the document's id, text, metadata
+    values and the embedding configuration, so a reindex recognises an unchanged
+    document before tokenizing it. `_truncated_tokens` counts the document tokens
+    `truncate` mode left out (on the document's first chunk), so the job summary can say
+    how much text was not embedded.
     """
     return pa.schema(
         [
@@ -58,6 +62,8 @@ def chunk_schema(metadata: pa.Schema) -> pa.Schema:
             pa.field("chunk", pa.int32(), nullable=False),
             pa.field("text", pa.large_string(), nullable=False),
             pa.field("content_hash", pa.binary(CONTENT_HASH_BYTES), nullable=False),
+            # Nullable: tables written before it existed get it added as nulls.
+            pa.field(DOC_HASH_COLUMN, pa.binary(CONTENT_HASH_BYTES)),
             *metadata,
             pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("_truncated_tokens", pa.int32(), nullable=False),

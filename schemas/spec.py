@@ -261,6 +261,12 @@ class WriteSpec(BaseModel):
         "cutover", description="When the spec's model, pooling, chunking or codecs differ "
         "from the table's: 'cutover' writes the new configuration as new versions and moves "
         "the 'current' tag once they are indexed; 'refuse' stops with the differences.")
+    on_schema_change: Literal["refuse", "evolve"] = Field(
+        "refuse", description="When a reindex finds the source's metadata fields changed: "
+        "'refuse' stops before any work, naming each field; 'evolve' adds a new field as a "
+        "nullable column (a Lance schema change) and keeps a gone field's column, null for "
+        "new and changed rows. A field whose type changed is always refused: int to float "
+        "changes what filters mean.")
     compare_queries: str | None = Field(
         None, description="A BEIR folder whose queries measure the top-10 overlap between "
         "the old and the new model at a cut-over.")

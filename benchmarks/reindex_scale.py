@@ -1,0 +1,191 @@
+"""Reindex at scale: a 1% change costs the change plus one cheap scan, with the tiny model.
+
+The corpus is the one `benchmarks/scale.py` builds (synthetic documents cut from
+../shared/eval, several `.jsonl.gz` files). Whole `quiver run` processes, start-up and
+source scan included:
+
+1. the full build;
+2. the change: 0.5% of documents with edited text, 0.5% with edited metadata only,
+   0.25% deleted, 0.25% added, spread over every file; then the reindex;
+3. the same files rewritten unchanged (new mtimes, same content); then the rerun.
+
+For each it prints wall seconds and the parts the summary reports (plan, scan + join,
+chunk diff, embed, commit, index upkeep), so a fixed floor shows as one; the reindex and
+the rerun as shares of the full build. It checks that the chunks embedded equal the
+added and changed chunks (Quiver's chunker run here on just the edited and added
+documents, old and new), and that every metadata value in the table matches the new
+source.
+
+    python benchmarks/reindex_scale.py                  # 1M documents
+    python benchmarks/reindex_scale.py --docs 100000    # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from scale import CACHE, build_corpus, cpu_kind  # noqa: E402
+
+SHARES = {"text": 0.005, "metadata": 0.005, "deleted": 0.0025, "added": 0.0025}
+GOALS = {"reindex": 0.08, "unchanged": 0.04}
+
+
+def read_files(folder: Path) -> dict[str, list[dict]]:
+    return {p.name: [json.loads(line) for line in gzip.open(p, "rt", encoding="utf-8")]
+            for p in sorted(folder.glob("*.jsonl.gz"))}
+
+
+def write_files(folder: Path, files: dict[str, list[dict]]) -> None:
+    for name, docs in files.items():
+        with gzip.open(folder / name, "wt", encoding="utf-8", compresslevel=1) as fh:
+            for doc in docs:
+                fh.write(json.dumps(doc) + "\n")
+
+
+def change(files: dict[str, list[dict]], seed: int) -> tuple[dict, dict]:
+    """The new files, and the ids per kind of change (old and new docs for the edits)."""
+    rng = random.Random(seed)
+    every = [(name, i) for name, docs in files.items() for i in range(len(docs))]
+    n = len(every)
+    counts = {k: max(1, round(n * s)) for k, s in SHARES.items()}
+    picked = rng.sample(every, counts["text"] + counts["metadata"] + counts["deleted"])
+    text = set(picked[:counts["text"]])
+    meta = set(picked[counts["text"]:counts["text"] + counts["metadata"]])
+    gone = set(picked[counts["text"] + counts["metadata"]:])
+    out: dict[str, list[dict]] = {}
+    kinds: dict[str, list] = {"text": [], "metadata": [], "deleted": [], "added": []}
+    for name, docs in files.items():
+        kept = []
+        for i, doc in enumerate(docs):
+            if (name, i) in gone:
+                kinds["deleted"].append(doc["id"])
+                continue
+            if (name, i) in text:
+                new = dict(doc, text=doc["text"] + " An edited closing sentence.")
+                kinds["text"].append((doc, new))
+                doc = new
+            elif (name, i) in meta:
+                doc = dict(doc, year=doc["year"] + 100)
+                kinds["metadata"].append(doc["id"])
+            kept.append(doc)
+        out[name] = kept
+    names = list(out)
+    for k in range(counts["added"]):
+        donor = rng.choice(out[rng.choice(names)])
+        doc = {"id": f"added-{seed}-{k}", "text": f"{donor['text']} (added {k})",
+               "year": 2030}
+        target = out[rng.choice(names)]
+        target.insert(rng.randrange(len(target) + 1), doc)
+        kinds["added"].append(doc)
+    return out, kinds
+
+
+def expected_embedded(model: str, kinds: dict, max_tokens: int, fingerprint: str) -> int:
+    """Chunks of the added documents, plus the edited documents' chunks whose text (so
+    content hash) changed: Quiver's chunker on just those documents, old and new."""
+    import pyarrow as pa
+
+    from operators.chunk import Chunker
+
+    chunker = Chunker(model, max_tokens=max_tokens, overlap=32, document_prefix="",
+                      metadata=pa.schema([]), config_fingerprint=fingerprint)
+
+    def hashes(docs: list[dict]) -> dict[str, bytes]:
+        if not docs:
+            return {}
+        t = chunker(pa.table({"doc_id": [d["id"] for d in docs],
+                              "text": pa.array([d["text"] for d in docs], pa.large_string())}))
+        return dict(zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist(),
+                        strict=True))
+
+    old = hashes([o for o, _ in kinds["text"]])
+    new = hashes([n for _, n in kinds["text"]])
+    return len(hashes(kinds["added"])) + sum(1 for c, h in new.items() if old.get(c) != h)
+
+
+def run(spec: Path) -> tuple[float, dict]:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"],
+                         cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return wall, json.loads(out.stdout)
+
+
+def parts(summary: dict) -> dict:
+    p, r = summary["profile"], summary.get("reindex") or {}
+    return {"ray_start": p.get("ray_start"), **(r.get("seconds") or {}),
+            "embed": summary["embed_seconds"], "commit": p.get("commit"),
+            "index": summary["index_seconds"], "model_loads": summary["model_loads"],
+            "commits": summary["commits"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import lance
+    from tiny_model import make_tiny_model
+
+    from schemas.manifest import TableManifest
+
+    model = str(make_tiny_model(CACHE / "tiny-model"))
+    work = CACHE / f"reindex-{args.docs}"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(build_corpus(args.docs), work / "corpus")
+    table = work / "table.lance"
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({
+        "kind": "embed", "table": str(table), "model": {"name": model},
+        "source": {"uri": str(work / "corpus" / "*.jsonl.gz"), "id_field": "id",
+                   "records_per_shard": 5000},
+        "index": {"ann_min_rows": 10**9, "fts": False}}))
+    print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores; tiny model; {args.docs:,} documents")
+
+    full_s, full = run(spec)
+    print(f"full build: {full_s:.1f}s, {full['chunks']:,} chunks; parts {parts(full)}")
+    files = read_files(work / "corpus")
+    new_files, kinds = change(files, args.seed)
+    write_files(work / "corpus", new_files)
+    manifest = TableManifest.from_schema(lance.dataset(str(table)).schema)
+    want = expected_embedded(model, kinds, manifest.chunking.max_tokens,
+                             manifest.embedding_fingerprint())
+    re_s, re = run(spec)
+    r = re["reindex"]
+    print(f"reindex: {re_s:.1f}s = {re_s / full_s:.1%} of the full build "
+          f"(goal <= {GOALS['reindex']:.0%}); parts {parts(re)}")
+    print(f"  documents {r['documents']}; chunks embedded {r['embedded']}, expected {want} "
+          f"{'OK' if r['embedded'] == want else 'MISMATCH'}; kept with their vectors "
+          f"{r['unchanged']:,} ({r['carried']} rows rewritten)")
+    years = {d["id"]: d["year"] for docs in new_files.values() for d in docs}
+    rows = lance.dataset(str(table)).to_table(columns=["doc_id", "year"])
+    wrong = sum(1 for d, y in zip(rows.column("doc_id").to_pylist(),
+                                  rows.column("year").to_pylist(), strict=True)
+                if years.get(d) != y)
+    ids_ok = set(rows.column("doc_id").to_pylist()) == set(years)
+    print(f"  metadata values that differ from the new source: {wrong}; document ids equal "
+          f"the new source's: {ids_ok}")
+    write_files(work / "corpus", new_files)  # same content, new mtimes
+    un_s, un = run(spec)
+    print(f"unchanged rerun: {un_s:.1f}s = {un_s / full_s:.1%} of the full build "
+          f"(goal <= {GOALS['unchanged']:.0%}); parts {parts(un)}")
+
+
+if __name__ == "__main__":
+    main()
