@@ -129,7 +129,8 @@ def run(spec: Path) -> tuple[float, dict]:
 
 def parts(summary: dict) -> dict:
     p, r = summary["profile"], summary.get("reindex") or {}
-    return {"ray_start": p.get("ray_start"), **(r.get("seconds") or {}),
+    return {"ray_start": p.get("ray_start"), "plan": p.get("plan"),
+            **(r.get("seconds") or {}),
             "embed": summary["embed_seconds"], "commit": p.get("commit"),
             "index": summary["index_seconds"], "model_loads": summary["model_loads"],
             "commits": summary["commits"]}

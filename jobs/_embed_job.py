@@ -168,11 +168,6 @@ def _table_bytes(uri: str) -> int:
     return sum(i.size or 0 for i in infos if i.type == FileType.File)
 
 
-STREAM_BLOCK_BYTES = 8 << 20
-"""Blocks of this job's stream (Ray Data's default is 128 MiB). A read task that reads
-several shards of a compressed file would otherwise hold its shards back until 128 MiB of
-them were read: at 1M documents that put the first commit at 125 s instead of under 60."""
-
 ACTOR_WORKING_MEMORY = 2**30
 """Bytes an embed actor asks for beyond twice its weights: activations, blocks in flight."""
 
@@ -187,6 +182,7 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
                   actors: int, embed_seconds: float) -> dict:
     """The job's time by stage, in seconds.
 
+    `plan` is the wall time of planning the source (listing, validation, duplicates).
     `read`/`tokenize` and `write` are summed over Ray tasks, `forward`/`pool`/`quantize`
     over embed actors (so with two actors they can add up to twice the wall time);
     `commit` is the driver's. `ray_start` and `first_block` are wall time from the job's
@@ -200,8 +196,8 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
     """
     busy = sum(seconds.get(s, 0.0) for s in ("forward", "pool", "quantize"))
     profile = {stage: round(seconds.get(stage, 0.0), 4)
-               for stage in ("read", "tokenize", "forward", "pool", "quantize", "write",
-                             "commit")}
+               for stage in ("plan", "read", "tokenize", "forward", "pool", "quantize",
+                             "write", "commit")}
     return {**profile, "ray_start": round(ray_start, 2),
             "first_block": None if first_block is None else round(first_block, 2),
             "actors": actors, "actor_idle": round(max(0.0, actors * embed_seconds - busy), 2)}
@@ -326,6 +322,8 @@ class _Planned:
     gpus: float
     """GPUs up now or, under `model.device: auto`, the ones the autoscaler can start."""
     ray_start: float
+    plan_seconds: float = 0.0
+    """Wall seconds of listing, validating and deduplicating the source (cluster tasks)."""
 
 
 @dataclass
@@ -349,7 +347,9 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
         progress(f"no GPU is up yet; the autoscaler's node types offer {startable:g}, "
                  "so the embed actors will ask for them (model.device: cpu opts out)")
         gpus = startable
+    plan_started = time.perf_counter()
     plan = plan_on_cluster(spec.source, task_cpus=min(1.0, cpus), cpus=cpus)
+    plan_seconds = time.perf_counter() - plan_started
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
     precision = resolve_precision(spec.model.precision, on_gpu=uses_gpus(spec, gpus))
@@ -358,7 +358,7 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
     return _Planned(info, plan, manifest, precision, _job_fingerprint(plan, manifest, spec),
-                    cpus, gpus, ray_start)
+                    cpus, gpus, ray_start, plan_seconds)
 
 
 def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
@@ -537,7 +537,6 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                                  tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
         ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
                                       num_cpus=layout.read_cpus)
-        ds.context.target_max_block_size = STREAM_BLOCK_BYTES
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
                           precision=planned.precision, codebook=codebook,
                           shards=len(to_read))
@@ -607,6 +606,7 @@ def run_embed(spec: JobSpec) -> JobSummary:
     planned = _plan(spec, started)
     decision = _decide(spec, planned)
     run, layout, diff, embedded, embed_seconds = _execute(spec, planned, decision)
+    run.seconds["plan"] = planned.plan_seconds
     index_started = time.perf_counter()
     report, change_report, cleaned = _finish(spec, planned, decision, run, diff)
     index_seconds = time.perf_counter() - index_started
