@@ -29,7 +29,7 @@ _CLAUSE = re.compile(
     r"^\s*(?P<name>[^\s=!<>]+)\s*(?P<op>>=|<=|!=|=|>|<|\s+in\s+)\s*(?P<value>.*)$", re.DOTALL)
 _CLAUSE_OPS = {"=": "eq", "!=": "ne", ">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
 MAX_IN_VALUES = 10_000
-HIDDEN_COLUMNS = frozenset({"content_hash"})
+HIDDEN_COLUMNS = frozenset({"content_hash", "doc_hash"})
 
 
 def filterable(schema: pa.Schema) -> dict[str, pa.DataType]:

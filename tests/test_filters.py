@@ -36,6 +36,7 @@ def table(tmp_path_factory, model_info):
         "chunk": pa.array([0] * N, pa.int32()),
         "text": pa.array([f"text {i}" for i in range(N)], pa.large_string()),
         "content_hash": pa.array([bytes(16)] * N, pa.binary(16)),
+        "doc_hash": pa.array([bytes(16)] * N, pa.binary(16)),
         "lang": langs, "year": years, "score_f": [i / 10 for i in range(N)],
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 384),
     }, schema=schema)

@@ -44,7 +44,8 @@ def test_small_table_stays_exact(tmp_path: Path, vectors_table: pa.Table) -> Non
     assert report.vector.startswith("exact")
     indexed = sorted(i["fields"] for i in lance.dataset(str(tmp_path / "small.lance"))
                      .list_indices())
-    assert indexed == [["id"], ["text"]]  # BTREE on id, BM25 on text, no vector index
+    # BTREE on id and doc_id (a reindex's lookups), BM25 on text, no vector index
+    assert indexed == [["doc_id"], ["id"], ["text"]]
 
 
 def test_exact_search_equals_numpy_brute_force(tmp_path: Path, vectors_table: pa.Table,

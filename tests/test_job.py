@@ -88,7 +88,7 @@ def test_job_writes_exactly_the_expected_chunks(table, corpus, model_info) -> No
     assert summary.commits >= 2 and summary.model_loads == summary.profile["actors"]
     assert len(ds.versions()) == 1 and summary.versions_cleaned >= summary.commits
     assert ds.config()["quiver.job_done"]
-    assert sorted(i["fields"] for i in ds.list_indices()) == [["id"], ["text"]]
+    assert sorted(i["fields"] for i in ds.list_indices()) == [["doc_id"], ["id"], ["text"]]
 
 
 def test_summary_says_where_the_time_went(table) -> None:
