@@ -9,7 +9,7 @@ source scan included:
    0.25% deleted, 0.25% added, spread over every file; then the reindex;
 3. the same files rewritten unchanged (new mtimes, same content); then the rerun.
 
-For each it prints wall seconds and the parts the summary reports (plan, scan + join,
+For each it prints wall seconds and the parts the summary reports (plan, document diff,
 chunk diff, embed, commit, index upkeep), so a fixed floor shows as one; the reindex and
 the rerun as shares of the full build. It checks that the chunks embedded equal the
 added and changed chunks (Quiver's chunker run here on just the edited and added

@@ -64,7 +64,9 @@ class Checkpointer:
     loads: set[str] = field(default_factory=set)
     """Distinct model loads that embedded rows (bounded by actors and their restarts)."""
     _pending: dict[str, _Pending] = field(default_factory=dict)
-    _last_commit: float = field(default_factory=time.perf_counter)
+    _last_commit: float = float("-inf")
+    """When the last commit landed: none yet, so the first complete shard commits at once
+    (the table exists, and its progress shows, from the first shard on)."""
     _committed_shards: int = 0
 
     def consume(self, written: pa.Table) -> None:

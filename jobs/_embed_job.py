@@ -32,7 +32,7 @@ from jobs._cutover import CURRENT_TAG, cut_over, pin_current
 from jobs._index import distributed_fulltext_index, distributed_vector_index, index_workers
 from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
 from jobs._layout import ActorLayout, actor_layout, uses_gpus
-from jobs._plan import plan_on_cluster, progress, write_rejects
+from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
 from operators.chunk import Chunker
@@ -286,11 +286,12 @@ def _needs_split(shards: int, actors: int) -> bool:
 
 
 def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
-                 precision: Precision, codebook: Codebook, shards: int):
-    """The embed actor pool over chunk rows (token ids in, codec columns out)."""
+                 precision: Precision, codebook: Codebook, split: bool):
+    """The embed actor pool over chunk rows (token ids in, codec columns out); `split`
+    cuts the read blocks into `rows_per_batch` blocks first (see `_needs_split`)."""
     from ray.data import ActorPoolStrategy
 
-    if _needs_split(shards, layout.actors):
+    if split:
         ds = ds.repartition(target_num_rows_per_block=spec.compute.rows_per_batch)
     return ds.map_batches(
         Embedder,
@@ -324,6 +325,8 @@ class _Planned:
     ray_start: float
     plan_seconds: float = 0.0
     """Wall seconds of listing, validating and deduplicating the source (cluster tasks)."""
+    documents: SourceDocuments | None = None
+    """Every document's id and hash, bucketed in the object store, when a table exists."""
 
 
 @dataclass
@@ -348,7 +351,11 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
                  "so the embed actors will ask for them (model.device: cpu opts out)")
         gpus = startable
     plan_started = time.perf_counter()
-    plan = plan_on_cluster(spec.source, task_cpus=min(1.0, cpus), cpus=cpus)
+    # A table to compare with: pass 1 keeps each document's hash for a reindex's diff.
+    compare = spec.write.mode != "overwrite" and \
+        _open_existing(spec.table, spec.write.storage_options) is not None
+    plan, documents = plan_on_cluster(spec.source, task_cpus=min(1.0, cpus), cpus=cpus,
+                                      documents=compare)
     plan_seconds = time.perf_counter() - plan_started
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
@@ -358,7 +365,7 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
     return _Planned(info, plan, manifest, precision, _job_fingerprint(plan, manifest, spec),
-                    cpus, gpus, ray_start, plan_seconds)
+                    cpus, gpus, ray_start, plan_seconds, documents)
 
 
 def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
@@ -415,9 +422,15 @@ def _quiver_cause(err: BaseException) -> QuiverError | None:
 
 
 def _write_rows(spec: JobSpec) -> int:
-    """Rows a write task gathers: about two shards' worth (a shard's rows are committed
-    once all are written, so bigger batches delay checkpoints), at least an actor's
-    block, at most 10,000.
+    """Rows a write task gathers when the read blocks were split into actor-sized ones:
+    about two shards' worth (a shard's rows are committed once all are written, so
+    bigger batches delay checkpoints), at least an actor's block, at most 10,000.
+
+    Unsplit, a write task takes one embedded block as it comes: the rows of one read
+    task, whole shards, so each shard lands in one fragment and is complete as soon as
+    its read task's rows are embedded. Gathering 10,000 rows there merged the first
+    small block with the next read task's four shards and held the first commit at 1M
+    documents back by that task's read.
 
     >>> from schemas.spec import parse_spec
     >>> _write_rows(parse_spec({"kind": "embed", "table": "t.lance",
@@ -495,9 +508,11 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     keep, diff = None, None
     deletions: tuple[list[int], list] = ([], [])
     if decision.action == "reindex":
+        assert planned.documents is not None  # planned with a table to compare with
         diff, reindex_seconds = plan_reindex(
-            existing, plan, spec, chunk=chunk, fingerprint=manifest.embedding_fingerprint(),
-            schema=existing.schema, task_cpus=task_cpus, cpus=planned.cpus)
+            existing, plan, planned.documents, spec, chunk=chunk, schema=existing.schema,
+            task_cpus=task_cpus, cpus=planned.cpus)
+        planned.documents = None  # the buckets can go from the object store
         diff.seconds, diff.schema_change = reindex_seconds, schema_change
         progress(f"reindex: {diff.added} chunks added, {diff.changed} changed, "
                  f"{diff.deleted} deleted, {diff.carried_rows} kept their vectors "
@@ -537,17 +552,19 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                                  tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
         ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
                                       num_cpus=layout.read_cpus)
+        split = _needs_split(len(to_read), layout.actors)
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
-                          precision=planned.precision, codebook=codebook,
-                          shards=len(to_read))
+                          precision=planned.precision, codebook=codebook, split=split)
         written = ds.map_batches(
             write_shard_fragments, fn_kwargs=dict(
                 uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
                 storage_options=opts),
-            batch_size=_write_rows(spec),
+            batch_size=_write_rows(spec) if split else None,
             batch_format="pyarrow", num_cpus=layout.write_cpus)
-        try:
-            for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        try:  # no prefetch: it hands a block over only once the next one is ready,
+            # which held every checkpoint back by one write task (15 s at 1M documents)
+            for block in written.iter_batches(batch_size=None, batch_format="pyarrow",
+                                              prefetch_batches=0):
                 checkpointer.consume(block)
         except Exception as err:
             raise _quiver_cause(err) or err from None
@@ -605,6 +622,8 @@ def run_embed(spec: JobSpec) -> JobSummary:
     started, started_at = time.perf_counter(), time.time()
     planned = _plan(spec, started)
     decision = _decide(spec, planned)
+    if decision.action != "reindex":
+        planned.documents = None  # nothing to compare: the buckets leave the object store
     run, layout, diff, embedded, embed_seconds = _execute(spec, planned, decision)
     run.seconds["plan"] = planned.plan_seconds
     index_started = time.perf_counter()

@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.chunk import document_hashes
 from operators.sources.plan import read_groups, read_shards
 from operators.timing import EMBEDDED_AT, LOADED_BY, stage_totals, with_stage_seconds
 from operators.write import write_fragments
@@ -45,12 +44,10 @@ class ShardDatasource(Datasource):
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
                  chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
                  keep: Mapping[str, tuple[frozenset[str], frozenset[str]]] | None = None,
-                 doc_hashes: str | None = None, tasks: int | None = None) -> None:
+                 tasks: int | None = None) -> None:
         """`keep` maps a shard to the documents to chunk and the chunk ids of them to
-        embed (a reindex tokenizes and embeds only changes); `doc_hashes` (the embedding
-        fingerprint) makes it yield just (doc_id, doc_hash, shard) without tokenizing,
-        the reindex's first pass; `tasks`
-        is how many read tasks to aim for (None: one per shard)."""
+        embed (a reindex tokenizes and embeds only changes); `tasks` is how many read
+        tasks to aim for (None: one per shard)."""
         super().__init__()
         self.groups = read_groups(shards, tasks=len(shards) if tasks is None else tasks)
         self._source = source
@@ -58,7 +55,6 @@ class ShardDatasource(Datasource):
         self._chosen = chosen
         self._chunker = chunker
         self._keep = keep
-        self._doc_hashes = doc_hashes
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -66,15 +62,9 @@ class ShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         source, metadata, chunker = self._source, self._metadata, self._chunker
-        chosen, keep, doc_hashes = self._chosen, self._keep, self._doc_hashes
+        chosen, keep = self._chosen, self._keep
 
         def block(shard: Shard, docs: pa.Table, read_s: float) -> pa.Table:
-            if doc_hashes is not None:
-                hashes = document_hashes(docs, metadata_names=metadata.names,
-                                         config_fingerprint=doc_hashes)
-                return pa.table({"doc_id": docs.column("doc_id"), "doc_hash": hashes,
-                                 "shard": pa.array([shard.shard_id] * docs.num_rows,
-                                                   pa.string())})
             if keep is not None:
                 doc_ids, chunk_ids = keep.get(shard.shard_id, (frozenset(), frozenset()))
                 docs = docs.filter(pc.is_in(docs.column("doc_id"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 
 import lance
 import pyarrow as pa
@@ -19,6 +21,7 @@ from operators.sources.plan import (
     find_duplicates,
     scan_unit,
     shard_rejects,
+    source_documents,
     units_of,
 )
 from operators.write import latest_version, write_fragments
@@ -34,13 +37,35 @@ def progress(message: str) -> None:
     print(f"[quiver] {message}", file=sys.stderr, flush=True)
 
 
-def _scan(unit, source: SourceSpec, buckets: int):
-    scan, tables = scan_unit(unit, source, buckets=buckets)
+def _scan(unit, source: SourceSpec, buckets: int, documents: bool):
+    scan, tables = scan_unit(unit, source, buckets=buckets, documents=documents)
     return (scan, *tables)
 
 
 def _dedup(bad: frozenset, *tables: pa.Table) -> pa.Table:
     return find_duplicates(list(tables), bad=bad)
+
+
+def _dedup_documents(bad: frozenset, *tables: pa.Table) -> tuple[pa.Table, pa.Table]:
+    losers = find_duplicates(list(tables), bad=bad)
+    return losers, source_documents(list(tables), bad=bad, losers=losers)
+
+
+@dataclass
+class SourceDocuments:
+    """The source's documents after planning, split by id into buckets and left in the
+    object store: `refs[b]` holds bucket b's (doc_id, doc_hash, unit, shard) rows
+    (`operators.sources.plan.source_documents`). A reindex compares them with the table
+    bucket by bucket, so the source is read once for the plan and the diff together."""
+
+    refs: list
+    """One Ray object ref per bucket."""
+    shard_ids: pa.Table
+    """(unit, shard, shard_id): the shard id of each (unit, shard number)."""
+
+    @property
+    def buckets(self) -> int:
+        return len(self.refs)
 
 
 def _rejects(shard: Shard, duplicates: dict, source: SourceSpec, chosen: dict[str, str],
@@ -49,13 +74,16 @@ def _rejects(shard: Shard, duplicates: dict, source: SourceSpec, chosen: dict[st
     return write_fragments(rows, uri, schema=REJECTS_SCHEMA, storage_options=storage_options)
 
 
-def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> ReadPlan:
+def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
+                    documents: bool = False) -> tuple[ReadPlan, SourceDocuments | None]:
     """List the source here (file metadata only); validate and dedup it in Ray tasks.
 
     Args:
         source: The spec's source section.
         task_cpus: CPUs each task asks for.
         cpus: The cluster's CPUs, which size the number of dedup buckets.
+        documents: Also keep every document's id and `doc_hash`, bucketed, in the object
+            store (a reindex's diff); otherwise the second value is None.
     """
     import ray
 
@@ -66,7 +94,7 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> Rea
               + (f"; not read: {skipped}" if skipped else "") + f"; {len(units)} unit(s)")
     buckets = max(1, min(MAX_BUCKETS, len(units), int(cpus) * 2))
     scan = ray.remote(_scan).options(num_returns=buckets + 1, num_cpus=task_cpus)
-    refs = [scan.remote(u, source, buckets) for u in units]
+    refs = [scan.remote(u, source, buckets, documents) for u in units]
     heads = [r[0] for r in refs]
     scans_by_ref = {}
     waiting, last = list(heads), time.perf_counter()
@@ -81,15 +109,35 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float) -> Rea
     check_metadata_fields(scans, source)
     chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
     bad = bad_signatures(scans, chosen)
-    dedup = ray.remote(_dedup).options(num_cpus=task_cpus)
-    losers = ray.get([dedup.remote(frozenset(bad), *[r[b + 1] for r in refs])
-                      for b in range(buckets)])
-    del refs  # the bucket tables can go from the object store
+    kept = None
+    if documents:
+        dedup = ray.remote(_dedup_documents).options(num_cpus=task_cpus, num_returns=2)
+        pairs = [dedup.remote(frozenset(bad), *[r[b + 1] for r in refs])
+                 for b in range(buckets)]
+        losers = ray.get([p[0] for p in pairs])
+        kept = [p[1] for p in pairs]
+    else:
+        dedup = ray.remote(_dedup).options(num_cpus=task_cpus)
+        losers = ray.get([dedup.remote(frozenset(bad), *[r[b + 1] for r in refs])
+                          for b in range(buckets)])
+    del refs  # the scans' bucket tables can go from the object store
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
     progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
               f"{plan.documents} documents, {plan.rejected} rejected, "
               f"{len(plan.shards)} shards")
-    return plan
+    return plan, None if kept is None else SourceDocuments(kept, shard_numbers(plan))
+
+
+def shard_numbers(plan: ReadPlan) -> pa.Table:
+    """(unit, shard, shard_id) for every shard: its number within its unit, as pass 1
+    counted them (the plan lists a unit's shards in order)."""
+    units, numbers, seen = [], [], Counter()
+    for shard in plan.shards:
+        units.append(shard.unit.index)
+        numbers.append(seen[shard.unit.index])
+        seen[shard.unit.index] += 1
+    return pa.table({"unit": pa.array(units, pa.int32()), "shard": pa.array(numbers, pa.int32()),
+                     "shard_id": [s.shard_id for s in plan.shards]})
 
 
 def write_rejects(plan: ReadPlan, source: SourceSpec, *, uri: str,

@@ -1,10 +1,14 @@
 """The reindex's cluster side: find what changed without tokenizing what did not.
 
-1. Scan: read tasks hash every document (`doc_hash`), no tokenizer involved.
-2. Join: a Ray Data full outer join on `doc_id` of those hashes with the table's (one row
-   per document: its first chunk), on the cluster. Only the documents that differ come
-   back to the driver, so the driver holds the change, never the table.
-3. Chunk diff: one Ray task per shard with changed documents chunks just those documents,
+1. Scan: the plan's pass 1, which parses every record anyway, hashes every document
+   (`doc_hash`, no tokenizer involved) and leaves (doc_id, doc_hash) in the object store,
+   split by id into buckets (`jobs._plan.SourceDocuments`).
+2. Join: tasks split the table's side (one row per document: its first chunk) into the
+   same buckets, and one task per bucket joins the two on `doc_id` in Arrow. Only the
+   documents that differ come back to the driver, so the driver holds the change, never
+   the table, and the source is read once for the plan and the diff together.
+3. Chunk diff: one Ray task per group of shards with changed documents (consecutive
+   shards of a compressed file are read in one pass) chunks just those documents,
    compares their chunks with the table's rows of the same documents, and writes the rows
    of unchanged chunks again with the new metadata and the old vectors.
 
@@ -24,8 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata
 
-from jobs._lance_io import ShardDatasource
-from jobs._plan import progress
+from jobs._plan import SourceDocuments, progress
 from operators.reindex import (
     IN_TABLE,
     ReindexDiff,
@@ -33,14 +36,11 @@ from operators.reindex import (
     doc_changes,
     group_by_shard,
 )
-from operators.sources.plan import ReadPlan, read_shard
+from operators.sources.plan import ReadPlan, bucket_of, id_key, read_groups, read_shards
 from operators.write import write_fragments
 from schemas.records import CODEC_COLUMNS, CONTENT_HASH_BYTES, DOC_HASH_COLUMN, WORK_COLUMNS
 from schemas.source import Shard
 from schemas.spec import JobSpec
-
-DOC_SIDE = pa.schema([("doc_id", pa.string()), (DOC_HASH_COLUMN, pa.binary(CONTENT_HASH_BYTES)),
-                      ("shard", pa.string())])
 
 
 def with_doc_hash(ds: lance.LanceDataset, storage_options: dict[str, str]) -> lance.LanceDataset:
@@ -55,86 +55,108 @@ def with_doc_hash(ds: lance.LanceDataset, storage_options: dict[str, str]) -> la
     return lance.dataset(ds.uri, storage_options=storage_options or None)
 
 
-def _table_side(batch: pa.Table) -> pa.Table:
-    return batch.append_column(IN_TABLE, pa.array(np.ones(batch.num_rows, bool)))
+TABLE_SIDE = pa.schema([("doc_id", pa.string()),
+                        ("doc_hash_old", pa.binary(CONTENT_HASH_BYTES)), (IN_TABLE, pa.bool_())])
 
 
-def _changed_documents(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec,
-                       *, chunk: Callable[[pa.Table], pa.Table], fingerprint: str,
-                       task_cpus: float, cpus: float) -> pa.Table:
-    """Steps 1 and 2: (doc_id, shard, status) of every document that differs."""
-    import ray.data
-
-    if plan.shards:
-        fresh = ray.data.read_datasource(
-            ShardDatasource(plan.shards, source=spec.source, metadata=plan.metadata,
-                            chosen=plan.chosen, chunker=chunk, doc_hashes=fingerprint,
-                            tasks=2 * max(1, int(cpus))),
-            num_cpus=task_cpus)
-    else:
-        fresh = ray.data.from_arrow(DOC_SIDE.empty_table())
-    if existing.count_rows():
-        old = ray.data.read_lance(
-            existing.uri, version=existing.version, columns=["doc_id", DOC_HASH_COLUMN],
-            filter="chunk = 0",  # a constant: one row per document, its first chunk
-            storage_options=spec.write.storage_options or None, num_cpus=task_cpus)
-    else:
-        old = ray.data.from_arrow(DOC_SIDE.select(["doc_id", DOC_HASH_COLUMN]).empty_table())
-    joined = fresh.join(old.map_batches(_table_side, batch_format="pyarrow"), "full_outer",
-                        num_partitions=max(1, min(64, int(cpus))), on=("doc_id",),
-                        right_suffix="_old")
-    changes = joined.map_batches(doc_changes, batch_format="pyarrow")
-    parts = list(changes.iter_batches(batch_size=None, batch_format="pyarrow"))
-    return pa.concat_tables(parts) if parts else pa.table(
-        {"doc_id": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
-         "status": pa.array([], pa.string())})
+def _table_buckets(uri: str, version: int, fragment_ids: list[int], buckets: int,
+                   storage_options: dict[str, str]) -> pa.Table | tuple[pa.Table, ...]:
+    """The table's side of the diff for some fragments: one row per document (its first
+    chunk) with its `doc_hash`, split into the plan's id buckets (one Ray return each)."""
+    ds = lance.dataset(uri, version=version, storage_options=storage_options or None)
+    rows = ds.scanner(columns=["doc_id", DOC_HASH_COLUMN], filter=pc.field("chunk") == 0,
+                      fragments=[ds.get_fragment(i) for i in fragment_ids]).to_table()
+    rows = pa.table([rows.column("doc_id"), rows.column(DOC_HASH_COLUMN),
+                     pa.array(np.ones(rows.num_rows, bool))], schema=TABLE_SIDE)
+    of = np.array([bucket_of(id_key(d)[1], buckets) for d in rows.column("doc_id").to_pylist()],
+                  np.int64)
+    parts = tuple(rows.take(np.flatnonzero(of == b)) for b in range(buckets))
+    return parts[0] if buckets == 1 else parts
 
 
-def _shard_changes(shard: Shard, doc_ids: list[str], *, spec: JobSpec, metadata: pa.Schema,
-                   chosen: dict[str, str], chunk: Callable[[pa.Table], pa.Table], uri: str,
-                   version: int, schema: pa.Schema) -> dict:
-    """Step 3 for one shard: chunk its changed documents, diff their chunks with the
-    table's, and write the unchanged chunks' rows with new metadata and old vectors."""
+def _bucket_diff(shard_ids: pa.Table, source: pa.Table, *table: pa.Table) -> pa.Table:
+    """One bucket's documents that differ: the source's against the table's, joined on
+    `doc_id` in Arrow (`doc_changes`)."""
+    fresh = source.join(shard_ids, keys=["unit", "shard"]).select(
+        ["doc_id", DOC_HASH_COLUMN, "shard_id"]).rename_columns(["doc_id", "doc_hash", "shard"])
+    old = pa.concat_tables(table) if table else TABLE_SIDE.empty_table()
+    return doc_changes(fresh.join(old, keys="doc_id", join_type="full outer"))
+
+
+def _changed_documents(existing: lance.LanceDataset, documents: SourceDocuments,
+                       spec: JobSpec, *, task_cpus: float, cpus: float) -> pa.Table:
+    """Steps 1 and 2: (doc_id, shard, status) of every document that differs.
+
+    The source's side was bucketed by the plan's pass 1; tasks here bucket the table's
+    side the same way (by id), and one task per bucket joins the two. Only the
+    differences come back to the driver.
+    """
+    import ray
+
+    buckets = documents.buckets
+    fragments = [f.fragment_id for f in existing.get_fragments()]
+    tasks = max(1, min(len(fragments), 2 * int(cpus)))
+    read = ray.remote(_table_buckets).options(num_cpus=task_cpus, num_returns=buckets)
+    parts = [read.remote(existing.uri, existing.version, fragments[t::tasks], buckets,
+                         spec.write.storage_options) for t in range(tasks)] if fragments else []
+    if buckets == 1:
+        parts = [[p] for p in parts]
+    diff = ray.remote(_bucket_diff).options(num_cpus=task_cpus)
+    shard_ids = ray.put(documents.shard_ids)
+    changes = ray.get([diff.remote(shard_ids, documents.refs[b], *[p[b] for p in parts])
+                       for b in range(buckets)])
+    return pa.concat_tables(changes)
+
+
+def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
+                   spec: JobSpec, metadata: pa.Schema, chosen: dict[str, str],
+                   chunk: Callable[[pa.Table], pa.Table], uri: str, version: int,
+                   schema: pa.Schema) -> list[dict]:
+    """Step 3 for consecutive shards, read in one pass (`read_shards`): chunk each one's
+    changed documents, diff their chunks with the table's, and write the unchanged
+    chunks' rows with new metadata and old vectors."""
     opts = spec.write.storage_options
-    wanted = pa.array(sorted(doc_ids), pa.string())
-    docs = read_shard(shard, source=spec.source, metadata=metadata, chosen=chosen)
-    fresh = chunk(docs.filter(pc.is_in(docs.column("doc_id"), value_set=wanted)))
-    vectors = [c for c in dict.fromkeys(CODEC_COLUMNS.values()) if c in schema.names]
     ds = lance.dataset(uri, version=version, storage_options=opts or None)
-    old = ds.to_table(columns=["id", "content_hash", *vectors],
-                      filter=pc.field("doc_id").isin(wanted), with_row_address=True)
-    changes = chunk_changes(fresh, old)
-    carried = fresh.filter(pc.is_in(fresh.column("id"),
-                                    value_set=pa.array(changes.carry, pa.string())))
-    carried = carried.drop_columns([c for c in WORK_COLUMNS if c in carried.column_names])
-    at = pc.index_in(carried.column("id"), value_set=old.column("id"))
-    for name in vectors:
-        carried = carried.append_column(name, old.column(name).take(at))
-    fragments = write_fragments(carried, uri, schema=schema,
-                                max_rows_per_file=spec.write.max_rows_per_file,
-                                storage_options=opts)
-    return {"shard": shard.shard_id, "embed": changes.embed, "remove": changes.remove,
-            "fragments": [json.dumps(f.to_json()) for f in fragments],
-            "carried": carried.num_rows, "added": changes.added,
-            "changed": changes.changed, "deleted": changes.deleted}
+    vectors = [c for c in dict.fromkeys(CODEC_COLUMNS.values()) if c in schema.names]
+    out = []
+    for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
+                                   chosen=chosen):
+        wanted = pa.array(sorted(doc_ids[shard.shard_id]), pa.string())
+        fresh = chunk(docs.filter(pc.is_in(docs.column("doc_id"), value_set=wanted)))
+        old = ds.to_table(columns=["id", "content_hash", *vectors],
+                          filter=pc.field("doc_id").isin(wanted), with_row_address=True)
+        changes = chunk_changes(fresh, old)
+        carried = fresh.filter(pc.is_in(fresh.column("id"),
+                                        value_set=pa.array(changes.carry, pa.string())))
+        carried = carried.drop_columns([c for c in WORK_COLUMNS if c in carried.column_names])
+        at = pc.index_in(carried.column("id"), value_set=old.column("id"))
+        for name in vectors:
+            carried = carried.append_column(name, old.column(name).take(at))
+        fragments = write_fragments(carried, uri, schema=schema,
+                                    max_rows_per_file=spec.write.max_rows_per_file,
+                                    storage_options=opts)
+        out.append({"shard": shard.shard_id, "embed": changes.embed, "remove": changes.remove,
+                    "fragments": [json.dumps(f.to_json()) for f in fragments],
+                    "carried": carried.num_rows, "added": changes.added,
+                    "changed": changes.changed, "deleted": changes.deleted})
+    return out
 
 
-def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec, *,
-                 chunk: Callable[[pa.Table], pa.Table], fingerprint: str,
-                 schema: pa.Schema, task_cpus: float, cpus: float) -> tuple[ReindexDiff, dict]:
-    """What a reindex must do, and the seconds each step took (`scan_join`, `chunk_diff`)."""
+def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: SourceDocuments,
+                 spec: JobSpec, *, chunk: Callable[[pa.Table], pa.Table], schema: pa.Schema,
+                 task_cpus: float, cpus: float) -> tuple[ReindexDiff, dict]:
+    """What a reindex must do, and the seconds each step took (`doc_diff`, `chunk_diff`)."""
     import ray
 
     started = time.perf_counter()
-    changes = _changed_documents(existing, plan, spec, chunk=chunk, fingerprint=fingerprint,
-                                 task_cpus=task_cpus, cpus=cpus)
+    changes = _changed_documents(existing, documents, spec, task_cpus=task_cpus, cpus=cpus)
     docs, deleted, counts = group_by_shard(changes)
-    seconds = {"scan_join": time.perf_counter() - started}
+    seconds = {"doc_diff": time.perf_counter() - started}
     diff = ReindexDiff(docs=docs, docs_added=counts.get("added", 0),
                        docs_changed=counts.get("changed", 0), docs_deleted=len(deleted))
     progress(f"reindex scan: {diff.docs_added} documents added, {diff.docs_changed} changed, "
              f"{diff.docs_deleted} deleted, the rest unchanged "
-             f"({seconds['scan_join']:.1f}s, nothing tokenized)")
+             f"({seconds['doc_diff']:.1f}s, nothing tokenized)")
     started = time.perf_counter()
     remove = []
     if deleted:
@@ -142,15 +164,16 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec, *,
                                  filter=pc.field("doc_id").isin(pa.array(deleted, pa.string())))
         diff.deleted += gone.num_rows
         remove.append(gone.column("_rowaddr").to_numpy().astype(np.uint64))
-    by_id = {s.shard_id: s for s in plan.shards}
-    task = ray.remote(_shard_changes).options(num_cpus=task_cpus)
+    task = ray.remote(_group_changes).options(num_cpus=task_cpus)
     shared = {k: ray.put(v) for k, v in (("spec", spec), ("metadata", plan.metadata),
                                          ("chosen", plan.chosen), ("chunk", chunk),
                                          ("schema", schema))}
-    refs = [task.remote(by_id[sid], sorted(ids), uri=existing.uri, version=existing.version,
-                        **shared)
-            for sid, ids in docs.items()]
-    for part in ray.get(refs):
+    groups = read_groups([s for s in plan.shards if s.shard_id in docs],
+                         tasks=2 * max(1, int(cpus)))
+    refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group},
+                        uri=existing.uri, version=existing.version, **shared)
+            for group in groups]
+    for part in (p for parts in ray.get(refs) for p in parts):
         if part["embed"]:
             diff.todo[part["shard"]] = set(part["embed"])
         remove.append(part["remove"])

@@ -9,7 +9,6 @@ would embed after truncation, so short documents get identical vectors.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.model import load_tokenizer
-from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN, chunk_schema
+from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN, chunk_schema, hash_document
 from schemas.spec import ChunkMode
 
 
@@ -57,35 +56,22 @@ def content_hash(text: str, *, config_fingerprint: str) -> bytes:
     return h.digest()
 
 
-def document_hashes(docs: pa.Table, *, metadata_names: Sequence[str],
-                    config_fingerprint: str) -> pa.Array:
-    """One hash per document over its id, text, metadata values and the embedding
-    configuration: equal hashes mean the document's rows need nothing, so a reindex
-    skips it before tokenizing.
-
-    Metadata enters as a JSON object of its non-null values, so a field that is new to
-    the source changes only the documents that have a value for it.
+def document_hashes(docs: pa.Table, *, metadata_names: Sequence[str]) -> pa.Array:
+    """`doc_hash` of documents that came without one (a table made by hand, not read by
+    `read_shards`), from their typed metadata values.
 
     >>> d = pa.table({"doc_id": ["a", "b"], "text": ["x", "x"], "year": [1, None]})
-    >>> h = document_hashes(d, metadata_names=["year"], config_fingerprint="f")
+    >>> h = document_hashes(d, metadata_names=["year"])
     >>> h.type, h[0] != h[1]
     (FixedSizeBinaryType(fixed_size_binary[16]), True)
-    >>> h[1] == document_hashes(d.drop_columns(["year"]), metadata_names=[],
-    ...                         config_fingerprint="f")[1]
+    >>> h[1] == document_hashes(d.drop_columns(["year"]), metadata_names=[])[1]
     True
     """
     columns = {n: docs.column(n).to_pylist() for n in metadata_names}
-    out = []
-    for row, (doc_id, text) in enumerate(zip(docs.column("doc_id").to_pylist(),
-                                             docs.column("text").to_pylist(), strict=True)):
-        meta = {n: v[row] for n, v in columns.items() if v[row] is not None}
-        h = hashlib.blake2b(digest_size=CONTENT_HASH_BYTES)
-        for part in (config_fingerprint, doc_id, text,
-                     json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)):
-            h.update(part.encode("utf-8", "surrogatepass"))
-            h.update(b"\0")
-        out.append(h.digest())
-    return pa.array(out, pa.binary(CONTENT_HASH_BYTES))
+    return pa.array([hash_document(doc_id, text, {n: v[row] for n, v in columns.items()})
+                     for row, (doc_id, text) in enumerate(zip(
+                         docs.column("doc_id").to_pylist(), docs.column("text").to_pylist(),
+                         strict=True))], pa.binary(CONTENT_HASH_BYTES))
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -181,9 +167,9 @@ class Chunker:
                     len(ids) - stop if self._truncate and n == 0 else 0)
                 take.append(row)
         indices = pa.array(take, type=pa.int64())
-        out[DOC_HASH_COLUMN] = pc.take(document_hashes(
-            docs, metadata_names=self._metadata_names,
-            config_fingerprint=self._fingerprint), indices)
+        hashes = docs.column(DOC_HASH_COLUMN) if DOC_HASH_COLUMN in docs.column_names \
+            else document_hashes(docs, metadata_names=self._metadata_names)
+        out[DOC_HASH_COLUMN] = pc.take(hashes, indices)
         for name in self._metadata_names:
             out[name] = pc.take(docs.column(name), indices)
         return pa.table({f.name: out[f.name] for f in self._schema}, schema=self._schema)

@@ -54,7 +54,7 @@ class ReindexDiff:
     carried_rows: int = 0
     """Chunks of changed documents that kept their vector (rows rewritten)."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall seconds of the reindex's own steps (`scan_join`, `chunk_diff`)."""
+    """Wall seconds of the reindex's own steps (`doc_diff`, `chunk_diff`)."""
     schema_change: dict | None = None
     """Source fields added (now nullable columns) and gone (columns kept), if evolved."""
 

@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 
 from operators.filesystems import resolve
 from schemas.errors import SourceChangedError, SourceError
+from schemas.records import hash_document
 from schemas.source import PositionKind, ShardKind, SourceFile, Unit
 from schemas.spec import SourceSpec
 
@@ -328,6 +329,29 @@ def metadata_names(value: dict[str, Any], source: SourceSpec, kind: ShardKind) -
         return []
     taken = {source.id_field, *source.text_fields}
     return [k for k in value if k not in taken]
+
+
+def document_hash(doc_id: str, text: str, value: dict[str, Any], source: SourceSpec,
+                  kind: ShardKind) -> bytes:
+    """The record's `doc_hash` (`schemas.records.hash_document`) over its metadata values
+    as the source holds them: equal hashes mean the document's rows need nothing, so a
+    reindex skips it before tokenizing.
+
+    Planning and reading both compute it from the raw record, so the plan's pass 1 can
+    compare documents with the table without reading the source a second time. The
+    embedding configuration is not in it: a configuration change is a cut-over, which
+    embeds every document anyway, so hashes are only ever compared under one
+    configuration.
+
+    >>> s = SourceSpec(uri="c.jsonl", id_field="id")
+    >>> a = document_hash("a", "x", {"id": "a", "text": "x", "year": 1}, s, "jsonl")
+    >>> a == document_hash("a", "x", {"id": "a", "text": "x", "year": None}, s, "jsonl")
+    False
+    >>> a == document_hash("a", "y", {"id": "a", "text": "y", "year": 1}, s, "jsonl")
+    False
+    """
+    return hash_document(doc_id, text, {n: value.get(n)
+                                        for n in metadata_names(value, source, kind)})
 
 
 def record_kinds(rec: RawRecord, source: SourceSpec, kind: ShardKind

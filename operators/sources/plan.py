@@ -2,7 +2,8 @@
 
 1. `scan_unit`, once per unit: parse and validate every record, cut the unit into
    shards, count rejects and metadata type signatures per shard, and hash every valid
-   id into one of `buckets` tables.
+   id into one of `buckets` tables (for a reindex, with the id and the document's
+   `doc_hash`, so `source_documents` can compare the source with the table from them).
 2. `find_duplicates`, once per bucket: every record whose id an earlier record (in file,
    position order) already has is a duplicate; records rejected for their types never
    count as the first.
@@ -34,6 +35,7 @@ from operators.sources.base import (
     RawRecord,
     coerce_json,
     compression_of,
+    document_hash,
     id_and_text,
     list_source,
     metadata_names,
@@ -42,7 +44,12 @@ from operators.sources.base import (
     record_kinds,
 )
 from schemas.errors import SourceChangedError, SourceError
-from schemas.records import REJECTS_SCHEMA, check_metadata_names
+from schemas.records import (
+    CONTENT_HASH_BYTES,
+    DOC_HASH_COLUMN,
+    REJECTS_SCHEMA,
+    check_metadata_names,
+)
 from schemas.source import Shard, ShardKind, Unit
 from schemas.spec import SourceSpec
 
@@ -50,6 +57,11 @@ Signature = tuple[tuple[str, str], ...]
 BUCKET_SCHEMA = pa.schema([("hi", pa.uint64()), ("lo", pa.uint64()), ("unit", pa.int32()),
                            ("shard", pa.int32()), ("ordinal", pa.int64()),
                            ("position", pa.int64()), ("sig", pa.int32())])
+DOCUMENT_FIELDS = [pa.field("doc_id", pa.string()),
+                   pa.field(DOC_HASH_COLUMN, pa.binary(CONTENT_HASH_BYTES))]
+"""Bucket columns a reindex's plan adds: each document's id and hash."""
+SOURCE_DOCUMENTS_SCHEMA = pa.schema([*DOCUMENT_FIELDS, ("unit", pa.int32()),
+                                     ("shard", pa.int32())])
 LOSERS_SCHEMA = pa.schema([("unit", pa.int32()), ("ordinal", pa.int64()),
                            ("w_unit", pa.int32()), ("w_position", pa.int64())])
 
@@ -97,17 +109,24 @@ def validate(rec: RawRecord, source: SourceSpec, kind: ShardKind) -> tuple[str |
     return (None, got) if isinstance(got, str) else got
 
 
-def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int
+def bucket_of(lo: int, buckets: int) -> int:
+    """The bucket of an id, from the low word of its `id_key`."""
+    return lo % buckets
+
+
+def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool = False
               ) -> tuple[UnitScan, list[pa.Table]]:
     """Pass 1 over one unit: shards, reject counts, type signatures, hashed ids.
 
-    Returns the summary and `buckets` tables of BUCKET_SCHEMA rows, one per valid record.
+    Returns the summary and `buckets` tables of BUCKET_SCHEMA rows, one per valid record;
+    with `documents`, each row also holds the id and the `document_hash`.
     """
     fmt = FORMATS[unit.kind]
     per = source.records_per_shard
     shards: list[ShardScan] = []
     fields: dict[str, None] = {}
-    cols: list[list[list[Any]]] = [[[] for _ in BUCKET_SCHEMA] for _ in range(buckets)]
+    schema = pa.schema([*BUCKET_SCHEMA, *(DOCUMENT_FIELDS if documents else [])])
+    cols: list[list[list[Any]]] = [[[] for _ in schema] for _ in range(buckets)]
     current: ShardScan | None = None
     for rec in fmt.iter_records(unit, source):
         if current is None or current.records >= per or rec.part != current.part:
@@ -115,9 +134,9 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int
             shards.append(current)
             sig_index: dict[Signature, int] = {}
         current.records += 1
-        doc_id, reason = validate(rec, source, unit.kind)
+        doc_id, text = validate(rec, source, unit.kind)
         if doc_id is None:
-            current.rejects[reason] += 1
+            current.rejects[text] += 1  # the reason
             continue
         kinds = record_kinds(rec, source, unit.kind)
         if not fmt.typed:
@@ -125,13 +144,14 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int
         sig = sig_index.setdefault(kinds, len(sig_index))  # its place in `signatures`
         current.signatures[kinds] = current.signatures.get(kinds, 0) + 1
         hi, lo = id_key(doc_id)
-        row = cols[lo % buckets]
-        for column, value in zip(row, (hi, lo, unit.index, len(shards) - 1, rec.ordinal,
-                                       rec.position, sig), strict=True):
+        values: tuple = (hi, lo, unit.index, len(shards) - 1, rec.ordinal, rec.position, sig)
+        if documents:
+            assert rec.value is not None
+            values += (doc_id, document_hash(doc_id, text, rec.value, source, unit.kind))
+        for column, value in zip(cols[bucket_of(lo, buckets)], values, strict=True):
             column.append(value)
-    tables = [pa.table([pa.array(c, f.type) for c, f in zip(cols[b], BUCKET_SCHEMA,
-                                                            strict=True)],
-                       schema=BUCKET_SCHEMA) for b in range(buckets)]
+    tables = [pa.table([pa.array(c, f.type) for c, f in zip(cols[b], schema, strict=True)],
+                       schema=schema) for b in range(buckets)]
     file_kinds = fmt.file_kinds(unit, source) if fmt.typed and shards else None
     return UnitScan(unit, shards, list(fields), file_kinds), tables
 
@@ -159,7 +179,7 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
     rows = pa.concat_tables(tables) if tables else BUCKET_SCHEMA.empty_table()
     if rows.num_rows == 0:
         return LOSERS_SCHEMA.empty_table()
-    col = {name: rows.column(name).to_numpy() for name in rows.column_names}
+    col = {name: rows.column(name).to_numpy() for name in BUCKET_SCHEMA.names}
     if bad:
         keys = (col["unit"].astype(np.int64) << 40) | (col["shard"].astype(np.int64) << 16) \
             | col["sig"].astype(np.int64)
@@ -177,6 +197,41 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
     return pa.table({"unit": col["unit"][losers], "ordinal": col["ordinal"][losers],
                      "w_unit": col["unit"][winners], "w_position": col["position"][winners]},
                     schema=LOSERS_SCHEMA)
+
+
+def source_documents(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]],
+                     losers: pa.Table) -> pa.Table:
+    """One bucket's documents, as the job will read them: its rows (scanned with
+    `documents`) less the ill-typed records and the duplicates `find_duplicates` found.
+
+    Returns SOURCE_DOCUMENTS_SCHEMA rows: id, `doc_hash`, unit and shard (its number
+    in the unit).
+
+    >>> t = pa.table({"unit": pa.array([0, 0, 1], pa.int32()), "shard": pa.array([0, 1,
+    ...   0], pa.int32()), "ordinal": pa.array([0, 9, 0], pa.int64()), "sig": pa.array([0,
+    ...   0, 1], pa.int32()), "doc_id": ["a", "b", "a"], "doc_hash": pa.array([b"1" * 16,
+    ...   b"2" * 16, b"3" * 16], pa.binary(16))})
+    >>> out = source_documents([t], bad=frozenset({(1, 0, 1)}), losers=pa.table({"unit":
+    ...   pa.array([0], pa.int32()), "ordinal": pa.array([9], pa.int64())}))
+    >>> out.column("doc_id").to_pylist(), out.schema == SOURCE_DOCUMENTS_SCHEMA
+    (['a'], True)
+    """
+    if not tables:
+        return SOURCE_DOCUMENTS_SCHEMA.empty_table()
+    rows = pa.concat_tables(tables)
+    unit = rows.column("unit").to_numpy().astype(np.int64)
+    drop = np.zeros(rows.num_rows, bool)
+    if bad:
+        keys = (unit << 40) | (rows.column("shard").to_numpy().astype(np.int64) << 16) \
+            | rows.column("sig").to_numpy().astype(np.int64)
+        drop |= np.isin(keys, np.array([(u << 40) | (s << 16) | g for u, s, g in bad],
+                                       np.int64))
+    if losers.num_rows:
+        keys = (unit << 40) | rows.column("ordinal").to_numpy()
+        drop |= np.isin(keys, (losers.column("unit").to_numpy().astype(np.int64) << 40)
+                        | losers.column("ordinal").to_numpy())
+    return rows.filter(pa.array(~drop)).select(SOURCE_DOCUMENTS_SCHEMA.names).cast(
+        SOURCE_DOCUMENTS_SCHEMA)
 
 
 # ---------------------------------------------------------------- the plan
@@ -391,7 +446,7 @@ class _ShardDocuments:
         self.shard, self._metadata, self._chosen = shard, metadata, chosen
         self._as_json = {n for n, k in chosen.items() if k == "json"}
         self._as_float = {n for n, k in chosen.items() if k == "float"}
-        self._columns: dict[str, list[Any]] = {"doc_id": [], "text": [],
+        self._columns: dict[str, list[Any]] = {"doc_id": [], "text": [], DOC_HASH_COLUMN: [],
                                                **{n: [] for n in metadata.names}}
 
     def add(self, rec: RawRecord, source: SourceSpec) -> None:
@@ -404,6 +459,8 @@ class _ShardDocuments:
         assert rec.value is not None
         self._columns["doc_id"].append(doc_id)
         self._columns["text"].append(text)
+        self._columns[DOC_HASH_COLUMN].append(document_hash(doc_id, text, rec.value, source,
+                                                            shard.kind))
         for name in self._metadata.names:
             v = rec.value.get(name)
             if name in self._as_json:
@@ -420,7 +477,9 @@ class _ShardDocuments:
                                      f"{shard.shard_id}, but {shard.documents} when the job "
                                      "was planned; the source changed. Run the job again.")
         schema = pa.schema([pa.field("doc_id", pa.string()),
-                            pa.field("text", pa.large_string()), *self._metadata])
+                            pa.field("text", pa.large_string()),
+                            pa.field(DOC_HASH_COLUMN, pa.binary(CONTENT_HASH_BYTES)),
+                            *self._metadata])
         return pa.table(self._columns, schema=schema)
 
 
@@ -433,7 +492,8 @@ def follows(before: Shard, shard: Shard) -> bool:
 MAX_GROUP_SHARDS = 4
 """Shards of one compressed file read by one task, at most. Four keep a task's blocks
 under Ray Data's 128 MiB block buffer (so they leave when the task ends, seconds after
-it starts) while cutting the decompression of skipped bytes by about three quarters."""
+it starts) while cutting the decompression of skipped bytes by about three quarters (an
+estimate from the decompression speed, not a measurement)."""
 
 
 def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...]]:
@@ -442,8 +502,9 @@ def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...
     A shard of a plain file, a Parquet row group or a Lance range is read from where it
     starts, so it is a task of its own. A compressed file cannot seek: a task that starts
     at its k-th shard decompresses and drops everything before it, which made reading
-    the k-th shard cost k shards' decompression (measured at 1M documents in 8
-    `.jsonl.gz` files: about 74 CPU-seconds of the job's reading). So the consecutive
+    the k-th shard cost k shards' decompression (at 1M documents in 8 `.jsonl.gz` files,
+    an estimated 74 CPU-seconds: 0.77 CPU-s to decompress a 118 MB file, times the
+    bytes dropped). So the consecutive
     shards of one compressed file after its first share one task (up to
     `MAX_GROUP_SHARDS`), read in one pass (`read_shards`), and a group is split in
     halves (longest first) only while there are fewer than `tasks` tasks, so that a few
@@ -481,7 +542,7 @@ def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...
         heap.append((-len(group), first, group))
         first += len(group)
     heapq.heapify(heap)  # the longest group on top
-    while len(heap) < tasks and -heap[0][0] > 1:
+    while heap and len(heap) < tasks and -heap[0][0] > 1:
         _, first, group = heapq.heappop(heap)
         half = len(group) // 2
         heapq.heappush(heap, (-half, first, group[:half]))
@@ -495,7 +556,8 @@ def _groupable(shard: Shard) -> bool:
 
 def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Schema,
                 chosen: dict[str, str]) -> Iterator[tuple[Shard, pa.Table]]:
-    """Each shard with its documents (`doc_id`, `text`, typed metadata), in one pass.
+    """Each shard with its documents (`doc_id`, `text`, `doc_hash`, typed metadata), in
+    one pass.
 
     The shards follow each other in one unit (`follows`), so the file is opened once at
     the first shard and read straight through: a compressed file is decompressed once,
