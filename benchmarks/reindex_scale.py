@@ -140,6 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", type=float, metavar="FULL_S",
+                        help="keep the table and corpus a previous run left (the table "
+                        "in step with the corpus), and take FULL_S as its full build's "
+                        "wall seconds; give another --seed so the added ids are new")
     args = parser.parse_args()
     import lance
     from tiny_model import make_tiny_model
@@ -148,9 +152,12 @@ def main() -> None:
 
     model = str(make_tiny_model(CACHE / "tiny-model"))
     work = CACHE / f"reindex-{args.docs}"
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(build_corpus(args.docs), work / "corpus")
     table = work / "table.lance"
+    if args.reuse is None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(build_corpus(args.docs), work / "corpus")
+    elif not table.is_dir():
+        raise SystemExit(f"--reuse: no table at {table}; run once without it")
     spec = work / "spec.json"
     spec.write_text(json.dumps({
         "kind": "embed", "table": str(table), "model": {"name": model},
@@ -159,8 +166,12 @@ def main() -> None:
         "index": {"ann_min_rows": 10**9, "fts": False}}))
     print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores; tiny model; {args.docs:,} documents")
 
-    full_s, full = run(spec)
-    print(f"full build: {full_s:.1f}s, {full['chunks']:,} chunks; parts {parts(full)}")
+    if args.reuse is None:
+        full_s, full = run(spec)
+        print(f"full build: {full_s:.1f}s, {full['chunks']:,} chunks; parts {parts(full)}")
+    else:
+        full_s = args.reuse
+        print(f"full build: reused the table, {full_s:.1f}s as measured when it was built")
     files = read_files(work / "corpus")
     new_files, kinds = change(files, args.seed)
     write_files(work / "corpus", new_files)

@@ -505,7 +505,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize)
     appending = decision.action in ("resume", "finished", "reindex")
     pending = [s for s in plan.shards if s.shard_id not in decision.done]
-    keep, diff = None, None
+    diff = None
     deletions: tuple[list[int], list] = ([], [])
     if decision.action == "reindex":
         assert planned.documents is not None  # planned with a table to compare with
@@ -518,8 +518,6 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                  f"{diff.deleted} deleted, {diff.carried_rows} kept their vectors "
                  f"({diff.seconds['chunk_diff']:.1f}s)")
         pending = [s for s in plan.shards if s.shard_id in diff.todo]
-        keep = {sid: (frozenset(diff.docs[sid]), frozenset(ids))
-                for sid, ids in diff.todo.items()}
         deletions = deletion_fragments(existing, diff.remove)
     if appending:  # rows must match the table as it is (a column added later sits last)
         schema = existing.schema
@@ -547,11 +545,14 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                   f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
                   "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
         _wait_for_gpus(spec, layout)
-        shards = ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
-                                 chosen=plan.chosen, chunker=chunk, keep=keep,
-                                 tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
-        ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
-                                      num_cpus=layout.read_cpus)
+        if diff is not None:  # the chunk diff left the changed chunks, tokenized
+            ds = ray.data.from_arrow_refs(diff.chunks)
+        else:
+            shards = ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
+                                     chosen=plan.chosen, chunker=chunk,
+                                     tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
+            ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
+                                          num_cpus=layout.read_cpus)
         split = _needs_split(len(to_read), layout.actors)
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
                           precision=planned.precision, codebook=codebook, split=split)
@@ -587,9 +588,12 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         return None, None, 0  # a reindex that found no change: no index work, no commit
     progress(f"indexing {final.count_rows()} rows")
     if diff is not None:
+        before = decision.existing  # the table as the reindex found it
         report = maintain_indices(final, spec.index, metric=manifest.metric,
                                   codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
-                                  changed=diff.embed + diff.carried_rows + diff.deleted)
+                                  changed=diff.embed + diff.carried_rows + diff.deleted,
+                                  settled={f.fragment_id for f in before.get_fragments()}
+                                  if before is not None else set())
     else:
         builders = {}
         if final.count_rows() >= spec.index.distributed_min_rows:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,18 +43,14 @@ class ShardDatasource(Datasource):
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
                  chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
-                 keep: Mapping[str, tuple[frozenset[str], frozenset[str]]] | None = None,
                  tasks: int | None = None) -> None:
-        """`keep` maps a shard to the documents to chunk and the chunk ids of them to
-        embed (a reindex tokenizes and embeds only changes); `tasks` is how many read
-        tasks to aim for (None: one per shard)."""
+        """`tasks` is how many read tasks to aim for (None: one per shard)."""
         super().__init__()
         self.groups = read_groups(shards, tasks=len(shards) if tasks is None else tasks)
         self._source = source
         self._metadata = metadata
         self._chosen = chosen
         self._chunker = chunker
-        self._keep = keep
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -62,24 +58,13 @@ class ShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         source, metadata, chunker = self._source, self._metadata, self._chunker
-        chosen, keep = self._chosen, self._keep
+        chosen = self._chosen
 
         def block(shard: Shard, docs: pa.Table, read_s: float) -> pa.Table:
-            if keep is not None:
-                doc_ids, chunk_ids = keep.get(shard.shard_id, (frozenset(), frozenset()))
-                docs = docs.filter(pc.is_in(docs.column("doc_id"),
-                                            value_set=pa.array(sorted(doc_ids), pa.string())))
             started = time.perf_counter()
             chunks = chunker(docs)
             tokenize_s = time.perf_counter() - started
-            if keep is not None:
-                wanted = pa.array(sorted(chunk_ids), pa.string())
-                chunks = chunks.filter(pc.is_in(chunks.column("id"), value_set=wanted))
-            label = pa.array([shard.shard_id] * chunks.num_rows, pa.string())
-            chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
-                SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows,
-                                              pa.int64()))
-            return with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
+            return label_chunks(chunks, shard.shard_id, read_s=read_s, tokenize_s=tokenize_s)
 
         def make(group: tuple[Shard, ...]) -> ReadTask:
             def read() -> Iterable[pa.Table]:
@@ -98,6 +83,17 @@ class ShardDatasource(Datasource):
 
     def get_name(self) -> str:
         return "QuiverShards"
+
+
+def label_chunks(chunks: pa.Table, shard_id: str, *, read_s: float,
+                 tokenize_s: float) -> pa.Table:
+    """A shard's chunk rows as the embed stream carries them: with the shard they belong
+    to and how many rows that shard has in all (the driver commits a shard once all are
+    written), and the row's share of the read and tokenize seconds."""
+    label = pa.array([shard_id] * chunks.num_rows, pa.string())
+    chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
+        SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows, pa.int64()))
+    return with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
 
 
 MIN_ROWS_PER_WRITE = 10_000

@@ -12,8 +12,9 @@
    compares their chunks with the table's rows of the same documents, and writes the rows
    of unchanged chunks again with the new metadata and the old vectors.
 
-The embed step then tokenizes and embeds only the changed chunks, and everything lands
-in one Lance `Update` commit (`jobs._checkpoint`).
+The chunk-diff tasks also return the changed chunks, tokenized; the embed step embeds
+just those (it does not read the source again), and everything lands in one Lance
+`Update` commit (`jobs._checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata
 
+from jobs._lance_io import label_chunks
 from jobs._plan import SourceDocuments, progress
 from operators.reindex import (
     IN_TABLE,
@@ -111,21 +113,33 @@ def _changed_documents(existing: lance.LanceDataset, documents: SourceDocuments,
 def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
                    spec: JobSpec, metadata: pa.Schema, chosen: dict[str, str],
                    chunk: Callable[[pa.Table], pa.Table], uri: str, version: int,
-                   schema: pa.Schema) -> list[dict]:
+                   schema: pa.Schema) -> tuple[list[dict], pa.Table]:
     """Step 3 for consecutive shards, read in one pass (`read_shards`): chunk each one's
     changed documents, diff their chunks with the table's, and write the unchanged
-    chunks' rows with new metadata and old vectors."""
+    chunks' rows with new metadata and old vectors.
+
+    Returns a summary per shard, and the chunks to embed (tokenized, labelled with their
+    shard as the embed stream carries them), so the source is not read again for them.
+    """
     opts = spec.write.storage_options
     ds = lance.dataset(uri, version=version, storage_options=opts or None)
     vectors = [c for c in dict.fromkeys(CODEC_COLUMNS.values()) if c in schema.names]
-    out = []
+    out, to_embed = [], []
+    started = time.perf_counter()
     for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
                                    chosen=chosen):
+        read_s = time.perf_counter() - started
         wanted = pa.array(sorted(doc_ids[shard.shard_id]), pa.string())
         fresh = chunk(docs.filter(pc.is_in(docs.column("doc_id"), value_set=wanted)))
+        tokenize_s = time.perf_counter() - started - read_s
         old = ds.to_table(columns=["id", "content_hash", *vectors],
                           filter=pc.field("doc_id").isin(wanted), with_row_address=True)
         changes = chunk_changes(fresh, old)
+        if changes.embed:
+            to_embed.append(label_chunks(
+                fresh.filter(pc.is_in(fresh.column("id"),
+                                      value_set=pa.array(changes.embed, pa.string()))),
+                shard.shard_id, read_s=read_s, tokenize_s=tokenize_s))
         carried = fresh.filter(pc.is_in(fresh.column("id"),
                                         value_set=pa.array(changes.carry, pa.string())))
         carried = carried.drop_columns([c for c in WORK_COLUMNS if c in carried.column_names])
@@ -135,11 +149,14 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
         fragments = write_fragments(carried, uri, schema=schema,
                                     max_rows_per_file=spec.write.max_rows_per_file,
                                     storage_options=opts)
-        out.append({"shard": shard.shard_id, "embed": changes.embed, "remove": changes.remove,
+        out.append({"shard": shard.shard_id, "embed": len(changes.embed),
+                    "remove": changes.remove,
                     "fragments": [json.dumps(f.to_json()) for f in fragments],
                     "carried": carried.num_rows, "added": changes.added,
                     "changed": changes.changed, "deleted": changes.deleted})
-    return out
+        started = time.perf_counter()
+    embed = pa.concat_tables(to_embed) if to_embed else pa.table({})
+    return out, embed
 
 
 def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: SourceDocuments,
@@ -164,7 +181,7 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
                                  filter=pc.field("doc_id").isin(pa.array(deleted, pa.string())))
         diff.deleted += gone.num_rows
         remove.append(gone.column("_rowaddr").to_numpy().astype(np.uint64))
-    task = ray.remote(_group_changes).options(num_cpus=task_cpus)
+    task = ray.remote(_group_changes).options(num_cpus=task_cpus, num_returns=2)
     shared = {k: ray.put(v) for k, v in (("spec", spec), ("metadata", plan.metadata),
                                          ("chosen", plan.chosen), ("chunk", chunk),
                                          ("schema", schema))}
@@ -173,9 +190,12 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
     refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group},
                         uri=existing.uri, version=existing.version, **shared)
             for group in groups]
-    for part in (p for parts in ray.get(refs) for p in parts):
+    summaries = ray.get([r[0] for r in refs])
+    diff.chunks = [r[1] for r, parts in zip(refs, summaries, strict=True)
+                   if any(part["embed"] for part in parts)]
+    for part in (p for parts in summaries for p in parts):
         if part["embed"]:
-            diff.todo[part["shard"]] = set(part["embed"])
+            diff.todo[part["shard"]] = part["embed"]
         remove.append(part["remove"])
         diff.carried.extend(FragmentMetadata.from_json(f) for f in part["fragments"])
         diff.carried_rows += part["carried"]

@@ -17,7 +17,7 @@ chunks (98 partitions, 41 probes) and 0.969 on 1M embedding-like vectors (20 pro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -156,17 +156,22 @@ COMPACT_MIN_FRAGMENTS = 8
 
 
 def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
-                     codecs: list[str], dims: int, changed: int) -> IndexReport:
+                     codecs: list[str], dims: int, changed: int,
+                     settled: Collection[int] = ()) -> IndexReport:
     """Index upkeep after an incremental reindex.
 
-    Small fragments are compacted first (once the table has more than
-    `COMPACT_MIN_FRAGMENTS`; Lance rewrites only the small ones and remaps indices). Then,
-    if the rows touched (embedded + deleted) exceed `spec.retrain_share` of the table,
-    or the table just crossed `ann_min_rows`, every index is rebuilt; otherwise Lance's
-    `optimize_indices` adds the new rows to the existing indices incrementally.
+    The fragments the reindex added are compacted into few (once there are more than
+    `COMPACT_MIN_FRAGMENTS` of them); the `settled` ones, which the table held before,
+    are left as they are, so the rewrite costs the change, not the table (Lance's default
+    target of a million rows per fragment would otherwise rewrite every fragment of a
+    table built shard by shard). Then, if the rows touched (embedded + deleted) exceed
+    `spec.retrain_share` of the table, or the table just crossed `ann_min_rows`, every
+    index is rebuilt; otherwise Lance's `optimize_indices` adds the new rows to the
+    existing indices incrementally.
     """
-    if len(ds.get_fragments()) > COMPACT_MIN_FRAGMENTS:
-        ds.optimize.compact_files()
+    fragments = [f.fragment_id for f in ds.get_fragments()]
+    if sum(f not in settled for f in fragments) > COMPACT_MIN_FRAGMENTS:
+        ds.optimize.compact_files(excluded_fragment_ids=[f for f in fragments if f in settled])
         ds = ds.checkout_version(ds.latest_version)
     rows = ds.count_rows()
     has_ann = any(i["fields"] in ([VECTOR_COLUMN], [BITS_COLUMN]) for i in ds.list_indices())

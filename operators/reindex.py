@@ -39,8 +39,11 @@ class ReindexDiff:
 
     docs: dict[str, set[str]] = field(default_factory=dict)
     """Shard id -> ids of its documents to chunk again (added or changed)."""
-    todo: dict[str, set[str]] = field(default_factory=dict)
-    """Shard id -> chunk ids to embed there (added or changed text)."""
+    todo: dict[str, int] = field(default_factory=dict)
+    """Shard id -> how many of its chunks to embed (added or changed text)."""
+    chunks: list = field(default_factory=list)
+    """Ray object refs of the chunks to embed, tokenized and labelled with their shard
+    (`jobs._lance_io.label_chunks`), as the chunk diff left them in the object store."""
     remove: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     """Row addresses of the table rows to drop (every row of changed and deleted docs)."""
     carried: list[FragmentMetadata] = field(default_factory=list)
