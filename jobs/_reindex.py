@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import lance
@@ -124,16 +125,22 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
     opts = spec.write.storage_options
     ds = lance.dataset(uri, version=version, storage_options=opts or None)
     vectors = [c for c in dict.fromkeys(CODEC_COLUMNS.values()) if c in schema.names]
+    wanted = {sid: frozenset(ids) for sid, ids in doc_ids.items()}
+    seconds: Counter[str] = Counter()
+    started = time.perf_counter()
+    everyone = pa.array(sorted(i for ids in doc_ids.values() for i in ids), pa.string())
+    old_rows = ds.to_table(columns=["id", "doc_id", "content_hash", *vectors],
+                           filter=pc.field("doc_id").isin(everyone), with_row_address=True)
+    seconds["table"] += time.perf_counter() - started
     out, to_embed = [], []
     started = time.perf_counter()
     for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
-                                   chosen=chosen):
+                                   chosen=chosen, only=wanted):
         read_s = time.perf_counter() - started
-        wanted = pa.array(sorted(doc_ids[shard.shard_id]), pa.string())
-        fresh = chunk(docs.filter(pc.is_in(docs.column("doc_id"), value_set=wanted)))
+        fresh = chunk(docs)
         tokenize_s = time.perf_counter() - started - read_s
-        old = ds.to_table(columns=["id", "content_hash", *vectors],
-                          filter=pc.field("doc_id").isin(wanted), with_row_address=True)
+        old = old_rows.filter(pc.is_in(old_rows.column("doc_id"), value_set=docs.column(
+            "doc_id"))) if docs.num_rows else old_rows.slice(0, 0)
         changes = chunk_changes(fresh, old)
         if changes.embed:
             to_embed.append(label_chunks(
@@ -146,15 +153,18 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
         at = pc.index_in(carried.column("id"), value_set=old.column("id"))
         for name in vectors:
             carried = carried.append_column(name, old.column(name).take(at))
+        written = time.perf_counter()
         fragments = write_fragments(carried, uri, schema=schema,
                                     max_rows_per_file=spec.write.max_rows_per_file,
                                     storage_options=opts)
+        seconds.update(read=read_s, chunk=tokenize_s, write=time.perf_counter() - written)
         out.append({"shard": shard.shard_id, "embed": len(changes.embed),
                     "remove": changes.remove,
                     "fragments": [json.dumps(f.to_json()) for f in fragments],
                     "carried": carried.num_rows, "added": changes.added,
                     "changed": changes.changed, "deleted": changes.deleted})
         started = time.perf_counter()
+    out[0]["seconds"] = dict(seconds)  # the group's, once
     embed = pa.concat_tables(to_embed) if to_embed else pa.table({})
     return out, embed
 
@@ -162,7 +172,9 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
 def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: SourceDocuments,
                  spec: JobSpec, *, chunk: Callable[[pa.Table], pa.Table], schema: pa.Schema,
                  task_cpus: float, cpus: float) -> tuple[ReindexDiff, dict]:
-    """What a reindex must do, and the seconds each step took (`doc_diff`, `chunk_diff`)."""
+    """What a reindex must do, and the seconds each step took: `doc_diff` and
+    `chunk_diff` (wall), and `chunk_diff_tasks_*` (read, chunk, table, write: summed over
+    the chunk-diff tasks)."""
     import ray
 
     started = time.perf_counter()
@@ -193,7 +205,9 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
     summaries = ray.get([r[0] for r in refs])
     diff.chunks = [r[1] for r, parts in zip(refs, summaries, strict=True)
                    if any(part["embed"] for part in parts)]
+    tasks: Counter[str] = Counter()
     for part in (p for parts in summaries for p in parts):
+        tasks.update(part.get("seconds", {}))
         if part["embed"]:
             diff.todo[part["shard"]] = part["embed"]
         remove.append(part["remove"])
@@ -204,6 +218,8 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
         diff.deleted += part["deleted"]
     diff.remove = np.sort(np.concatenate(remove)) if remove else np.zeros(0, np.uint64)
     seconds["chunk_diff"] = time.perf_counter() - started
+    for step, spent in sorted(tasks.items()):  # summed over the tasks, not wall time
+        seconds[f"chunk_diff_tasks_{step}"] = spent
     return diff, seconds
 
 

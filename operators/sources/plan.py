@@ -21,7 +21,7 @@ import hashlib
 import re
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -442,8 +442,10 @@ def shard_rejects(shard: Shard, source: SourceSpec, *, chosen: dict[str, str],
 class _ShardDocuments:
     """The columns of one shard's valid documents, filled record by record."""
 
-    def __init__(self, shard: Shard, metadata: pa.Schema, chosen: dict[str, str]) -> None:
-        self.shard, self._metadata, self._chosen = shard, metadata, chosen
+    def __init__(self, shard: Shard, metadata: pa.Schema, chosen: dict[str, str],
+                 only: Collection[str] | None = None) -> None:
+        self.shard, self._metadata, self._chosen, self._only = shard, metadata, chosen, only
+        self._found = 0
         self._as_json = {n for n, k in chosen.items() if k == "json"}
         self._as_float = {n for n, k in chosen.items() if k == "float"}
         self._columns: dict[str, list[Any]] = {"doc_id": [], "text": [], DOC_HASH_COLUMN: [],
@@ -456,6 +458,9 @@ class _ShardDocuments:
         if doc_id is None or rec.ordinal in shard.skip \
                 or mismatch(record_kinds(rec, source, shard.kind), self._chosen) is not None:
             return
+        self._found += 1
+        if self._only is not None and doc_id not in self._only:
+            return  # counted (the plan's count still checks the file), not kept
         assert rec.value is not None
         self._columns["doc_id"].append(doc_id)
         self._columns["text"].append(text)
@@ -471,7 +476,7 @@ class _ShardDocuments:
 
     def table(self) -> pa.Table:
         """The documents, after checking their number against the plan's."""
-        shard, found = self.shard, len(self._columns["doc_id"])
+        shard, found = self.shard, self._found
         if shard.documents is not None and found != shard.documents:
             raise SourceChangedError(f"{shard.path}: {found} valid records in shard "
                                      f"{shard.shard_id}, but {shard.documents} when the job "
@@ -555,9 +560,11 @@ def _groupable(shard: Shard) -> bool:
 
 
 def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                chosen: dict[str, str]) -> Iterator[tuple[Shard, pa.Table]]:
+                chosen: dict[str, str], only: Mapping[str, Collection[str]] | None = None
+                ) -> Iterator[tuple[Shard, pa.Table]]:
     """Each shard with its documents (`doc_id`, `text`, `doc_hash`, typed metadata), in
-    one pass.
+    one pass; with `only`, just the documents it names for each shard id (a reindex's
+    changed ones), the others validated and counted but not built.
 
     The shards follow each other in one unit (`follows`), so the file is opened once at
     the first shard and read straight through: a compressed file is decompressed once,
@@ -573,7 +580,12 @@ def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Sch
     first, last = shards[0], shards[-1]
     end = last.start + last.records
     todo = iter(shards)
-    current = _ShardDocuments(next(todo), metadata, chosen)
+
+    def documents(shard: Shard) -> _ShardDocuments:
+        return _ShardDocuments(shard, metadata, chosen,
+                               None if only is None else only.get(shard.shard_id, ()))
+
+    current = documents(next(todo))
     for rec in FORMATS[first.kind].iter_records(
             first.unit, source, start=first.start, offset=first.offset,
             position=first.first_position, part=first.part):
@@ -581,11 +593,11 @@ def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Sch
             break
         while rec.ordinal >= current.shard.start + current.shard.records:
             yield current.shard, current.table()
-            current = _ShardDocuments(next(todo), metadata, chosen)
+            current = documents(next(todo))
         current.add(rec, source)
     yield current.shard, current.table()
     for shard in todo:  # records the file no longer has: the count check names it
-        yield shard, _ShardDocuments(shard, metadata, chosen).table()
+        yield shard, documents(shard).table()
 
 
 def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
