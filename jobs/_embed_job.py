@@ -560,7 +560,9 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             write_shard_fragments, fn_kwargs=dict(
                 uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
                 storage_options=opts),
-            batch_size=_write_rows(spec) if split else None,
+            # A reindex commits once at the end, so its writes gather rows (few tasks
+            # for the many small blocks of changed chunks); a build writes as blocks come.
+            batch_size=_write_rows(spec) if split or diff is not None else None,
             batch_format="pyarrow", num_cpus=layout.write_cpus)
         try:  # no prefetch: it hands a block over only once the next one is ready,
             # which held every checkpoint back by one write task (15 s at 1M documents)
