@@ -298,6 +298,9 @@ def benchmark(work: Path, args: argparse.Namespace) -> list[str]:
         f"reindex:  {re_run['chunks']} chunks, {re_run['tokens']} tokens, "
         f"{re_run['seconds']} s (embed {re_run['embed_seconds']} s, index "
         f"{re_run['index_seconds']} s); index: {re_run['index']}",
+        f"reindex parts: ray start {(re_run.get('profile') or {}).get('ray_start')} s, plan "
+        f"{(re_run.get('profile') or {}).get('plan')} s, "
+        + ", ".join(f"{k} {v} s" for k, v in (diff.get("seconds") or {}).items()),
         f"reindex / full job: {share_of_full:.1%} (goal <= {GOAL_SHARE:.0%})  "
         + ("OK" if share_of_full <= GOAL_SHARE else "ABOVE GOAL"),
         compare("chunker reproduces the full job's table (chunks)",
