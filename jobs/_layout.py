@@ -55,13 +55,19 @@ def uses_gpus(spec: JobSpec, gpus: float) -> bool:
     return gpus >= 1
 
 
+MIN_BATCHES_PER_ACTOR = 8
+"""Batches of work an extra CPU actor must get to be worth its model load."""
+
+
 def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
                  documents: int | None = None, node_cpus: float | None = None) -> ActorLayout:
     """Place the embed actors.
 
     One actor per GPU when the cluster has GPUs (unless the spec pins the CPU). On CPU,
-    one single-threaded actor per logical CPU, but no more actors than there are batches
-    of work (`documents` / `rows_per_batch`): each model copy costs a few seconds to load.
+    one single-threaded actor per logical CPU, but each actor gets at least
+    `MIN_BATCHES_PER_ACTOR` batches of work (`documents` / `rows_per_batch`): each model
+    copy costs a few seconds to load, which a small reindex would mostly spend loading
+    (scifact's 164 changed chunks: two MiniLM loads for two batches).
     One thread per actor beats one actor with every thread: measured with bf16 on two
     cores, two 1-thread processes run the forward pass 8% faster together than one
     2-thread process, and a core taken by a read task or a Ray daemon stalls one actor
@@ -81,6 +87,10 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=40).threads  # one batch of work
     2
+    >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=1000).actors  # 8 batches: one
+    1
+    >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=10_000).actors
+    2
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=0).actors  # a finished job
     1
     >>> actor_layout(s, cpus=1, gpus=0, cores=1).cpus  # one CPU: actor and tasks share it
@@ -98,9 +108,9 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
         return ActorLayout(actors, 1.0, per_gpu, spec.compute.torch_threads or 1)
     actors = spec.compute.actors
     if actors is None:
-        batches = int(cpus) if documents is None \
-            else math.ceil(documents / spec.compute.rows_per_batch)
-        actors = max(1, min(int(cpus), batches))
+        worth = int(cpus) if documents is None else \
+            math.ceil(documents / spec.compute.rows_per_batch) // MIN_BATCHES_PER_ACTOR
+        actors = max(1, min(int(cpus), worth))
     room = min(cpus, node_cpus or cpus)
     per_actor = min(1.0, (room - 1) / actors) if room > 1 else room / (2 * actors)
     threads = spec.compute.torch_threads or max(1, cores // actors)
