@@ -1,10 +1,11 @@
 """Incremental reindex: find what changed, document first, then chunk by chunk.
 
-Every chunk row carries its document's `doc_hash` (id, text, metadata values and the
-embedding configuration). A reindex first compares those per document, without
-tokenizing anything (`doc_changes`): equal hashes need nothing. Only the documents that
-differ are chunked again, and their fresh chunks are compared with the table's rows of
-the same documents by `content_hash` (text and configuration; `chunk_changes`):
+Every chunk row carries its document's `doc_hash` (id, text and metadata values as the
+source holds them; `schemas.records.hash_document`). A reindex first compares those per
+document, without tokenizing anything (`doc_changes`): equal hashes need nothing. Only
+the documents that differ are chunked again, and their fresh chunks are compared with
+the table's rows of the same documents by `content_hash` (text and configuration;
+`chunk_changes`):
 
 - a chunk whose id and content hash are both in the table keeps its vector: its row is
   rewritten with the document's new metadata and hash, the vector copied (a metadata-only

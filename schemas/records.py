@@ -76,9 +76,9 @@ def codec_fields(codecs: list[str], dim: int) -> list[pa.Field]:
 def chunk_schema(metadata: pa.Schema) -> pa.Schema:
     """Rows leaving the chunker: text, token ids and pass-through metadata, no vector yet.
 
-    `doc_hash` (on every chunk of a document) covers the document's id, text, metadata
-    values and the embedding configuration, so a reindex recognises an unchanged
-    document before tokenizing it. `_truncated_tokens` counts the document tokens
+    `doc_hash` (on every chunk of a document) covers the document's id, text and
+    metadata values (`hash_document`), so a reindex recognises an unchanged document
+    before tokenizing it. `_truncated_tokens` counts the document tokens
     `truncate` mode left out (on the document's first chunk), so the job summary can say
     how much text was not embedded.
     """
