@@ -99,8 +99,17 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
+ST_MODULES = ("Transformer", "Pooling", "Normalize")
+"""The sentence-transformers modules Quiver reproduces; a model with any other (Dense,
+LayerNorm, a router, ...) would get vectors of another shape or meaning without them."""
+
+
 def _st_pooling(folder: Path) -> tuple[Pooling | None, bool]:
-    """Pooling mode and whether a Normalize module follows, from modules.json."""
+    """Pooling mode and whether a Normalize module follows, from modules.json.
+
+    Raises:
+        ModelError: a module other than Transformer, Pooling and Normalize.
+    """
     modules = _read_json(folder / "modules.json")
     if not isinstance(modules, list):
         return None, False
@@ -108,6 +117,12 @@ def _st_pooling(folder: Path) -> tuple[Pooling | None, bool]:
     normalize = False
     for module in modules:
         kind = str(module.get("type", ""))
+        if not kind.endswith(ST_MODULES):
+            raise ModelError(
+                f"{folder}/modules.json: module {module.get('name', '?')!r} is {kind!r}, "
+                f"which Quiver does not implement (it runs {', '.join(ST_MODULES)} only), "
+                "so its vectors would differ from sentence-transformers'; pick a model "
+                "without it")
         if kind.endswith("Pooling"):
             cfg = _read_json(folder / module.get("path", "") / "config.json")
             for key, mode in _POOLING_KEYS.items():

@@ -117,3 +117,24 @@ def test_actor_layout_gpu_and_cpu() -> None:
     pinned = parse_spec({**spec.model_dump(), "model": {"device": "cpu"}})
     assert actor_layout(pinned, cpus=8, gpus=2, cores=8).gpus == 0.0
 
+
+
+def test_a_model_with_a_module_quiver_cannot_run_is_refused(tiny_model, tmp_path) -> None:
+    """A sentence-transformers model with a Dense layer after pooling: Quiver would give
+    vectors of the wrong size without it, so describing the model fails, naming it."""
+    import json
+    import shutil
+
+    from operators.model import describe_model
+    from schemas.errors import ModelError
+    from schemas.spec import ModelSpec
+
+    folder = tmp_path / "with-dense"
+    shutil.copytree(tiny_model, folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense",
+                       "type": "sentence_transformers.models.Dense"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert describe_model(ModelSpec(name=tiny_model)).dim == 32  # the tiny model itself runs
+    with pytest.raises(ModelError, match=r"'2' is 'sentence_transformers\.models\.Dense'"):
+        describe_model(ModelSpec(name=str(folder)))
