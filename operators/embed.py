@@ -10,6 +10,7 @@ padding stays small.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -129,6 +130,17 @@ def resolve_precision(requested: PrecisionChoice, *, on_gpu: bool,
     return "bf16" if any(f in flags for f in BF16_CPU_FLAGS) else "fp32"
 
 
+def gpu_half_precision(precision: Precision, *, bf16_supported: bool) -> Precision:
+    """The half precision a GPU actor loads its weights in: bf16 where the GPU has it
+    (Ampere and later), else fp16, which every CUDA GPU runs.
+
+    >>> gpu_half_precision("bf16", bf16_supported=False), gpu_half_precision("fp16",
+    ...     bf16_supported=True), gpu_half_precision("bf16", bf16_supported=True)
+    ('fp16', 'fp16', 'bf16')
+    """
+    return "bf16" if precision == "bf16" and bf16_supported else "fp16"
+
+
 def pick_device(device: Device) -> str:
     """'auto' means CUDA when torch sees a GPU, else CPU."""
     import torch
@@ -145,7 +157,8 @@ class Embedder:
 
     Args:
         info: The resolved model (folder, pooling, normalisation, dim).
-        precision: fp32, or bf16/fp16 autocast (fp16 only on GPU).
+        precision: fp32, or bf16/fp16: on a GPU the weights load in that precision (bf16
+            falls back to fp16 where the GPU lacks it); on CPU bf16 runs as autocast.
         device: 'auto', 'cpu' or 'cuda'.
         batch_tokens: Padded tokens per forward pass; None picks the device's default.
         torch_threads: CPU threads for this process; None leaves torch's default.
@@ -169,21 +182,37 @@ class Embedder:
         self.device = pick_device(device)
         if precision == "fp16" and self.device == "cpu":
             raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        half = self.device == "cuda" and precision in ("bf16", "fp16")
+        if half:  # weights in half precision: half the memory, no autocast casts
+            chosen = gpu_half_precision(precision, bf16_supported=torch.cuda.is_bf16_supported())
+            if chosen != precision:
+                print(f"[quiver] embed: this GPU has no bf16; running {chosen} instead",
+                      file=sys.stderr, flush=True)
+            precision = chosen
         self.precision = precision
         self.batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS[self.device]
         self.codebook = codebook or Codebook(("float32",), info.dim, renormalize=False)
         has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(info.path))
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         self.model = AutoModel.from_pretrained(
             info.path, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors,
+            **({"dtype": dtypes[precision]} if half else {}),
         )
         self.model.eval().to(self.device)
+        self.attention = getattr(self.model.config, "_attn_implementation", None)
+        """The attention kernel transformers chose (SDPA by default where the model has
+        it): its fused kernels are the fast path, so another one is said in the log."""
+        if self.attention != "sdpa":
+            print(f"[quiver] embed: {info.name} runs {self.attention!r} attention, not "
+                  "SDPA; expect it slower on a GPU", file=sys.stderr, flush=True)
         # Padded positions are masked out, so any id works; the config saves loading a
         # tokenizer in every actor.
         pad_id = getattr(self.model.config, "pad_token_id", None)
         if pad_id is None:
             pad_id = load_tokenizer(info.path, trust_remote_code).pad_token_id
         self.pad_id = pad_id if pad_id is not None else 0
-        self._autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # On CPU, bf16 runs as autocast over fp32 weights (fast where the CPU has bf16).
+        self._autocast_dtype = None if half else dtypes.get(precision)
         self.seconds = {"forward": 0.0, "pool": 0.0}
         """Seconds spent in the forward pass and in pooling since the last `__call__`."""
         self.load_id = f"{os.getpid()}:{time.time_ns()}"
@@ -201,42 +230,72 @@ class Embedder:
         """Yield (row indices, pooled vectors on the device) per token-budget batch.
 
         Padded (batch, width) tensors are cut straight from the list column's offsets and
-        values: a Python loop per row is what a GPU would wait on.
+        values: a Python loop per row is what a GPU would wait on. A batch that runs out
+        of GPU memory is halved and retried, and the budget halved for the batches after
+        it (`_halve_budget`); a single row that does not fit still fails.
         """
         import torch
 
         offsets, values = _offsets_and_values(input_ids)
         lengths = np.diff(offsets)  # (rows,)
-        pin = self.device == "cuda"
         with torch.inference_mode():
             for batch in token_budget_batches(lengths.tolist(), batch_tokens=self.batch_tokens):
-                started = time.perf_counter()
-                rows = np.asarray(batch)
-                width = int(lengths[rows[0]])
-                mask_np = np.arange(width) < lengths[rows][:, None]  # (batch, width)
-                ids_np = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-                where = offsets[rows][:, None] + np.arange(width)  # (batch, width)
-                ids_np[mask_np] = values[where[mask_np]]
-                ids = torch.from_numpy(ids_np)
-                mask = torch.from_numpy(mask_np.astype(np.int64))
-                if pin:
-                    ids, mask = ids.pin_memory(), mask.pin_memory()
-                ids = ids.to(self.device, non_blocking=pin)
-                mask = mask.to(self.device, non_blocking=pin)
-                with torch.autocast(
-                    device_type=self.device, dtype=self._autocast_dtype or torch.float32,
-                    enabled=self._autocast_dtype is not None,
-                ):
-                    hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                self._sync()
-                forwarded = time.perf_counter()
-                vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
-                if self.info.normalize:
-                    vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-                self._sync()
-                self.seconds["forward"] += forwarded - started
-                self.seconds["pool"] += time.perf_counter() - forwarded
-                yield batch, vectors
+                todo = [batch]
+                while todo:
+                    rows = todo.pop()
+                    try:
+                        vectors = self._batch(np.asarray(rows), offsets, values, lengths)
+                    except torch.cuda.OutOfMemoryError:
+                        if len(rows) == 1:
+                            raise
+                        self._halve_budget(len(rows))
+                        half = len(rows) // 2
+                        todo += [rows[half:], rows[:half]]  # the first half runs first
+                        continue
+                    yield rows, vectors
+
+    def _halve_budget(self, rows: int) -> None:
+        """After an out-of-memory error: free the cache and halve the token budget."""
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        self.batch_tokens = max(1, self.batch_tokens // 2)
+        print(f"[quiver] embed: out of GPU memory on a batch of {rows} rows; retrying it in "
+              f"halves, batch_tokens now {self.batch_tokens}", file=sys.stderr, flush=True)
+
+    def _batch(self, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
+               lengths: np.ndarray):
+        """Pooled (and normalised) vectors of some rows, on the device, in fp32."""
+        import torch
+
+        started = time.perf_counter()
+        pin = self.device == "cuda"
+        width = int(lengths[rows].max())
+        mask_np = np.arange(width) < lengths[rows][:, None]  # (batch, width)
+        ids_np = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        where = offsets[rows][:, None] + np.arange(width)  # (batch, width)
+        ids_np[mask_np] = values[where[mask_np]]
+        ids = torch.from_numpy(ids_np)
+        mask = torch.from_numpy(mask_np.astype(np.int64))
+        if pin:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        ids = ids.to(self.device, non_blocking=pin)
+        mask = mask.to(self.device, non_blocking=pin)
+        with torch.autocast(
+            device_type=self.device, dtype=self._autocast_dtype or torch.float32,
+            enabled=self._autocast_dtype is not None,
+        ):
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        self._sync()
+        forwarded = time.perf_counter()
+        vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
+        if self.info.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        self._sync()
+        self.seconds["forward"] += forwarded - started
+        self.seconds["pool"] += time.perf_counter() - forwarded
+        return vectors
 
     def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Embed token id lists; returns (n, dim) float32 in input order, full size."""

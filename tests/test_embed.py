@@ -138,3 +138,45 @@ def test_a_model_with_a_module_quiver_cannot_run_is_refused(tiny_model, tmp_path
     assert describe_model(ModelSpec(name=tiny_model)).dim == 32  # the tiny model itself runs
     with pytest.raises(ModelError, match=r"'2' is 'sentence_transformers\.models\.Dense'"):
         describe_model(ModelSpec(name=str(folder)))
+
+
+def test_out_of_gpu_memory_halves_the_batch_and_gives_the_same_vectors(tiny_model,
+                                                                       capsys) -> None:
+    """The model raises CUDA's out-of-memory error on batches of more than 3 rows (as a
+    GPU would on a batch too wide for it): the embedder halves such batches until they
+    fit, halves its budget for the rest, says so, and returns exactly the vectors an
+    unconstrained run gives."""
+    from operators.embed import Embedder
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    info = describe_model(ModelSpec(name=tiny_model))
+    ids = [[101, *range(1000, 1000 + n), 102] for n in (30, 5, 17, 2, 9, 40, 11, 3)]
+    free = Embedder(info, device="cpu", batch_tokens=4096).embed_ids(ids)
+
+    tight = Embedder(info, device="cpu", batch_tokens=4096)
+    model, calls = tight.model, []
+
+    def small_gpu(**inputs):
+        calls.append(inputs["input_ids"].shape[0])
+        if inputs["input_ids"].shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return model(**inputs)
+
+    tight.model = small_gpu
+    out = tight.embed_ids(ids)
+    np.testing.assert_allclose(out, free, rtol=1e-5, atol=1e-6)
+    assert calls[0] == 8 and max(c for c in calls if c <= 3) <= 3
+    assert tight.batch_tokens < 4096
+    assert "out of GPU memory on a batch of 8 rows" in capsys.readouterr().err
+
+
+def test_the_embedder_runs_sdpa_attention(tiny_model) -> None:
+    """The attention kernel is the one a GPU needs (transformers' SDPA path), and it is
+    the same code the CPU runs, so the CPU tests cover it."""
+    from operators.embed import Embedder
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    assert Embedder(describe_model(ModelSpec(name=tiny_model)), device="cpu").attention \
+        == "sdpa"
