@@ -47,8 +47,9 @@ def _dedup(bad: frozenset, *tables: pa.Table) -> pa.Table:
 
 
 def _dedup_documents(bad: frozenset, *tables: pa.Table) -> tuple[pa.Table, pa.Table]:
-    losers = find_duplicates(list(tables), bad=bad)
-    return losers, source_documents(list(tables), bad=bad, losers=losers)
+    rows = [pa.concat_tables(tables)] if tables else []  # concatenated once, for both
+    losers = find_duplicates(rows, bad=bad)
+    return losers, source_documents(rows, bad=bad, losers=losers)
 
 
 @dataclass

@@ -248,19 +248,22 @@ class Embedder:
                     except torch.cuda.OutOfMemoryError:
                         if len(rows) == 1:
                             raise
-                        self._halve_budget(len(rows))
+                        self._halve_budget(len(rows), int(lengths[rows].max()) * len(rows))
                         half = len(rows) // 2
                         todo += [rows[half:], rows[:half]]  # the first half runs first
                         continue
                     yield rows, vectors
 
-    def _halve_budget(self, rows: int) -> None:
-        """After an out-of-memory error: free the cache and halve the token budget."""
+    def _halve_budget(self, rows: int, tokens: int) -> None:
+        """After an out-of-memory error on a batch of `tokens` padded tokens: free the
+        cache, and keep the budget under half of that batch. Batches cut under the old
+        budget that fail the same way leave it as it is, so it shrinks with what fails,
+        not with how often."""
         import torch
 
         if self.device == "cuda":
             torch.cuda.empty_cache()
-        self.batch_tokens = max(1, self.batch_tokens // 2)
+        self.batch_tokens = max(1, min(self.batch_tokens, tokens // 2))
         print(f"[quiver] embed: out of GPU memory on a batch of {rows} rows; retrying it in "
               f"halves, batch_tokens now {self.batch_tokens}", file=sys.stderr, flush=True)
 

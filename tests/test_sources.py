@@ -182,12 +182,20 @@ def test_planning_and_reading_hash_each_document_alike(tmp_path: Path) -> None:
     with those the table got at write time), even where the typed value differs from the
     raw one (an int widened to float, a nested value stored as JSON). Duplicates and
     ill-typed records never reach the diff."""
-    from operators.sources.plan import find_duplicates, scan_unit, source_documents, units_of
+    from operators.sources.plan import (
+        bad_signatures,
+        choose_kinds,
+        find_duplicates,
+        scan_unit,
+        source_documents,
+        units_of,
+    )
 
-    rows = [{"id": "a", "text": "one", "score": 1, "tags": {"k": [1, 2]}},
-            {"id": "b", "text": "two", "score": 2.5, "tags": None},
-            {"id": "c", "text": "three"},
+    rows = [{"id": "a", "text": "one", "score": 1, "tags": {"k": [1, 2]}, "year": 2020},
+            {"id": "b", "text": "two", "score": 2.5, "tags": None, "year": 2021},
+            {"id": "c", "text": "three", "year": 2022},
             {"id": "a", "text": "dup of a", "score": 3},
+            {"id": "e", "text": "ill-typed", "year": "soon"},
             {"id": "d", "text": "four", "score": 4, "tags": {"k": []}, "extra": "x"}]
     source = SourceSpec(uri=str(_write(tmp_path / "c.jsonl", rows)), id_field="id",
                         records_per_shard=2)
@@ -195,9 +203,12 @@ def test_planning_and_reading_hash_each_document_alike(tmp_path: Path) -> None:
     assert plan.chosen["score"] == "float" and plan.chosen["tags"] == "json"
     read = _docs(plan, source)
     _, units = units_of(source)
-    tables = [t for u in units for t in scan_unit(u, source, buckets=2, documents=True)[1]]
-    losers = find_duplicates(tables, bad=frozenset())
-    planned = source_documents(tables, bad=frozenset(), losers=losers)
+    scanned = [scan_unit(u, source, buckets=2, documents=True) for u in units]
+    chosen, _ = choose_kinds([scan for scan, _ in scanned], typed=False)
+    bad = frozenset(bad_signatures([scan for scan, _ in scanned], chosen))
+    assert bad  # the record whose year is a string
+    tables = [t for _, bucket in scanned for t in bucket]
+    planned = source_documents(tables, bad=bad, losers=find_duplicates(tables, bad=bad))
     assert sorted(planned.column("doc_id").to_pylist()) == ["a", "b", "c", "d"]
     by_id = dict(zip(planned.column("doc_id").to_pylist(),
                      planned.column("doc_hash").to_pylist(), strict=True))

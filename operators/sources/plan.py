@@ -156,6 +156,14 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
     return UnitScan(unit, shards, list(fields), file_kinds), tables
 
 
+def _ill_typed(rows: pa.Table, bad: frozenset[tuple[int, int, int]]) -> np.ndarray:
+    """Which bucket rows have a (unit, shard, sig) signature rejected for its types."""
+    keys = (rows.column("unit").to_numpy().astype(np.int64) << 40) \
+        | (rows.column("shard").to_numpy().astype(np.int64) << 16) \
+        | rows.column("sig").to_numpy().astype(np.int64)
+    return np.isin(keys, np.array([(u << 40) | (s << 16) | g for u, s, g in bad], np.int64))
+
+
 def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]]
                     ) -> pa.Table:
     """Pass 2 over one bucket: every record whose id an earlier valid record already has.
@@ -181,10 +189,7 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
         return LOSERS_SCHEMA.empty_table()
     col = {name: rows.column(name).to_numpy() for name in BUCKET_SCHEMA.names}
     if bad:
-        keys = (col["unit"].astype(np.int64) << 40) | (col["shard"].astype(np.int64) << 16) \
-            | col["sig"].astype(np.int64)
-        wanted = np.array([(u << 40) | (s << 16) | g for u, s, g in bad], np.int64)
-        keep = ~np.isin(keys, wanted)
+        keep = ~_ill_typed(rows, bad)
         col = {name: values[keep] for name, values in col.items()}
     order = np.lexsort((col["ordinal"], col["unit"], col["lo"], col["hi"]))
     hi, lo = col["hi"][order], col["lo"][order]
@@ -219,14 +224,9 @@ def source_documents(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, i
     if not tables:
         return SOURCE_DOCUMENTS_SCHEMA.empty_table()
     rows = pa.concat_tables(tables)
-    unit = rows.column("unit").to_numpy().astype(np.int64)
-    drop = np.zeros(rows.num_rows, bool)
-    if bad:
-        keys = (unit << 40) | (rows.column("shard").to_numpy().astype(np.int64) << 16) \
-            | rows.column("sig").to_numpy().astype(np.int64)
-        drop |= np.isin(keys, np.array([(u << 40) | (s << 16) | g for u, s, g in bad],
-                                       np.int64))
+    drop = _ill_typed(rows, bad) if bad else np.zeros(rows.num_rows, bool)
     if losers.num_rows:
+        unit = rows.column("unit").to_numpy().astype(np.int64)
         keys = (unit << 40) | rows.column("ordinal").to_numpy()
         drop |= np.isin(keys, (losers.column("unit").to_numpy().astype(np.int64) << 40)
                         | losers.column("ordinal").to_numpy())
@@ -509,12 +509,11 @@ def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...
     at its k-th shard decompresses and drops everything before it, which made reading
     the k-th shard cost k shards' decompression (at 1M documents in 8 `.jsonl.gz` files,
     an estimated 74 CPU-seconds: 0.77 CPU-s to decompress a 118 MB file, times the
-    bytes dropped). So the consecutive
-    shards of one compressed file after its first share one task (up to
-    `MAX_GROUP_SHARDS`), read in one pass (`read_shards`), and a group is split in
-    halves (longest first) only while there are fewer than `tasks` tasks, so that a few
-    big files still keep every read slot busy.
-    Groups keep source order.
+    bytes dropped). So the consecutive shards of one compressed file after its first
+    share one task (up to `MAX_GROUP_SHARDS`), read in one pass (`read_shards`), and a
+    group is split in halves (longest first) only while there are fewer than `tasks`
+    tasks, so that a few big files still keep every read slot busy. Groups keep source
+    order.
 
     >>> from schemas.source import SourceFile, Unit
     >>> gz = Unit(0, "jsonl", SourceFile("a.jsonl.gz", 1, None))
