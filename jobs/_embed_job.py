@@ -565,7 +565,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             batch_size=_write_rows(spec) if split or diff is not None else None,
             batch_format="pyarrow", num_cpus=layout.write_cpus)
         try:  # no prefetch: it hands a block over only once the next one is ready,
-            # which held every checkpoint back by one write task (15 s at 1M documents)
+            # which held every checkpoint back by one write task (15-18 s at 1M docs)
             for block in written.iter_batches(batch_size=None, batch_format="pyarrow",
                                               prefetch_batches=0):
                 checkpointer.consume(block)
