@@ -198,7 +198,7 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
                                          ("chosen", plan.chosen), ("chunk", chunk),
                                          ("schema", schema))}
     groups = read_groups([s for s in plan.shards if s.shard_id in docs],
-                         tasks=2 * max(1, int(cpus)))
+                         tasks=2 * max(1, int(cpus)), stream=False)
     refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group},
                         uri=existing.uri, version=existing.version, **shared)
             for group in groups]
