@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _cpu_profile import CpuProfile  # noqa: E402
 
-from schemas.spec import ComputeSpec  # noqa: E402
+from jobs._layout import CPU_ROWS_PER_BLOCK  # noqa: E402
 
 
 def cpu_kind() -> str:
@@ -242,7 +242,7 @@ def main() -> None:
                         help="also run N documents on a 3-node loopback cluster and compare "
                         "with the local table of the same size")
     parser.add_argument("--rows-per-batch", type=int,
-                        default=ComputeSpec.model_fields["rows_per_batch"].default,
+                        default=CPU_ROWS_PER_BLOCK,
                         help="compute.rows_per_batch of the job, and the batches of the "
                         "bare forward it is compared with")
     args = parser.parse_args()

@@ -119,6 +119,7 @@ def _quiver_batches(corpus: Path, n: int | None):
     """Quiver's token batches: same chunker, same blocks, same token budget."""
     import pyarrow as pa
 
+    from jobs._layout import CPU_ROWS_PER_BLOCK
     from operators.chunk import Chunker
     from operators.embed import DEFAULT_BATCH_TOKENS, token_budget_batches
     from operators.model import describe_model
@@ -129,7 +130,7 @@ def _quiver_batches(corpus: Path, n: int | None):
     info = describe_model(ModelSpec())
     ids, texts = _texts(corpus, n)
     per_shard = defaults.source.records_per_shard
-    rows_per_batch = defaults.compute.rows_per_batch
+    rows_per_batch = defaults.compute.rows_per_batch or CPU_ROWS_PER_BLOCK
     budget = defaults.compute.batch_tokens or DEFAULT_BATCH_TOKENS["cpu"]
     chunker = Chunker(info.path, max_tokens=info.max_tokens, overlap=32, document_prefix="",
                       metadata=pa.schema([]), config_fingerprint="bench", mode="truncate")

@@ -42,7 +42,7 @@ def cut_over(ds: lance.LanceDataset, manifest: TableManifest, *,
     report = None
     if previous is not None and previous != ds.version:
         old = TableManifest.from_schema(ds.checkout_version(previous).schema)
-        if old.embedding_fingerprint() != manifest.embedding_fingerprint():
+        if old.embedding_settings() != manifest.embedding_settings():
             report = {"from_version": previous, "to_version": ds.version,
                       "from_model": old.model.name, "to_model": manifest.model.name}
             if compare:

@@ -267,7 +267,7 @@ def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
 
 
 SHARDS_PER_ACTOR_TO_SPLIT = 8
-"""Below this many shards per actor, shard blocks are cut into rows_per_batch blocks."""
+"""Below this many shards per actor, shard blocks are cut into actor-sized blocks."""
 
 
 def _needs_split(shards: int, actors: int) -> bool:
@@ -288,11 +288,12 @@ def _needs_split(shards: int, actors: int) -> bool:
 def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
                  precision: Precision, codebook: Codebook, split: bool):
     """The embed actor pool over chunk rows (token ids in, codec columns out); `split`
-    cuts the read blocks into `rows_per_batch` blocks first (see `_needs_split`)."""
+    cuts the read blocks into the layout's `rows_per_block` blocks first (see
+    `_needs_split`)."""
     from ray.data import ActorPoolStrategy
 
     if split:
-        ds = ds.repartition(target_num_rows_per_block=spec.compute.rows_per_batch)
+        ds = ds.repartition(target_num_rows_per_block=layout.rows_per_block)
     return ds.map_batches(
         Embedder,
         fn_constructor_args=(info,),
@@ -305,7 +306,7 @@ def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
         num_cpus=layout.cpus,
         num_gpus=layout.gpus,
         memory=2 * _model_bytes(info) + ACTOR_WORKING_MEMORY,
-        batch_size=spec.compute.rows_per_batch,
+        batch_size=layout.rows_per_block,
         batch_format="pyarrow",
     )
 
@@ -385,7 +386,11 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
                   f"versions; tag '{CURRENT_TAG}' stays on version {pinned} until the new "
                   "table is complete and indexed")
         return _Decision("cutover", existing, manifest)
-    manifest = manifest.model_copy(update={"vectors": old.vectors})  # keep its ranges
+    # The table's own int8 ranges, and its manifest version and precision, so chunks
+    # hash in the form the table's rows were written in (`embedding_fingerprint`).
+    manifest = manifest.model_copy(update={
+        "vectors": old.vectors, "schema_version": old.schema_version,
+        "model": manifest.model.model_copy(update={"precision": old.model.precision})})
     if job_finished(existing, job=planned.job):
         return _Decision("finished", existing, manifest,
                          {s.shard_id for s in planned.plan.shards})
@@ -421,7 +426,7 @@ def _quiver_cause(err: BaseException) -> QuiverError | None:
     return None
 
 
-def _write_rows(spec: JobSpec) -> int:
+def _write_rows(spec: JobSpec, block_rows: int) -> int:
     """Rows a write task gathers when the read blocks were split into actor-sized ones:
     about two shards' worth (a shard's rows are committed once all are written, so
     bigger batches delay checkpoints), at least an actor's block, at most 10,000.
@@ -434,10 +439,10 @@ def _write_rows(spec: JobSpec) -> int:
 
     >>> from schemas.spec import parse_spec
     >>> _write_rows(parse_spec({"kind": "embed", "table": "t.lance",
-    ...                         "source": {"uri": "c.jsonl", "id_field": "_id"}}))
+    ...                         "source": {"uri": "c.jsonl", "id_field": "_id"}}), 128)
     2000
     """
-    wanted = max(spec.compute.rows_per_batch, 2 * spec.source.records_per_shard)
+    wanted = max(block_rows, 2 * spec.source.records_per_shard)
     return min(spec.write.max_rows_per_file, MIN_ROWS_PER_WRITE, wanted)
 
 
@@ -525,7 +530,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                                                    for s in pending)
     layout = actor_layout(spec, cpus=planned.cpus, gpus=planned.gpus,
                           cores=int(largest_node_cpus()) or 1, documents=work,
-                          node_cpus=largest_node_cpus())
+                          node_cpus=largest_node_cpus(),
+                          chunk_tokens=manifest.chunking.max_tokens)
     seen = existing.version if existing is not None else 0  # guards against other writers
     checkpointer = Checkpointer(
         uri, schema=schema, mode="update" if diff is not None else
@@ -562,7 +568,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                 storage_options=opts),
             # A reindex commits once at the end, so its writes gather rows (few tasks
             # for the many small blocks of changed chunks); a build writes as blocks come.
-            batch_size=_write_rows(spec) if split or diff is not None else None,
+            batch_size=_write_rows(spec, layout.rows_per_block)
+            if split or diff is not None else None,
             batch_format="pyarrow", num_cpus=layout.write_cpus)
         try:  # no prefetch: it hands a block over only once the next one is ready,
             # which held every checkpoint back by one write task (15-18 s at 1M docs)

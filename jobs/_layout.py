@@ -5,7 +5,36 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from operators.embed import DEFAULT_BATCH_TOKENS
 from schemas.spec import JobSpec
+
+CPU_ROWS_PER_BLOCK = 128
+"""Chunks a CPU actor gets at once: small blocks keep every actor busy to the end, and
+128 still leaves padding at 3-5% on SciFact."""
+GPU_BATCHES_PER_BLOCK = 8
+"""Full-width token budgets in a GPU actor's block: the host pads batch k+1 while the
+device runs batch k, and the block's one sync and one copy back are spread over many
+forward passes (at 256-token chunks and the 32,768-token GPU budget: 1,024 rows)."""
+
+
+def rows_per_block(spec: JobSpec, *, gpu: bool, chunk_tokens: int) -> int:
+    """Chunks handed to one actor at once: `compute.rows_per_batch` when the spec sets
+    it, else `CPU_ROWS_PER_BLOCK` on CPU, and on a GPU `GPU_BATCHES_PER_BLOCK` budgets'
+    worth of full-length chunks, so the number follows the token budget.
+
+    >>> from schemas.spec import parse_spec
+    >>> s = parse_spec({"kind": "embed", "table": "t.lance",
+    ...                 "source": {"uri": "c.jsonl", "id_field": "_id"}})
+    >>> rows_per_block(s, gpu=False, chunk_tokens=256), rows_per_block(s, gpu=True,
+    ...     chunk_tokens=256), rows_per_block(s, gpu=True, chunk_tokens=512)
+    (128, 1024, 512)
+    """
+    if spec.compute.rows_per_batch is not None:
+        return spec.compute.rows_per_batch
+    if not gpu:
+        return CPU_ROWS_PER_BLOCK
+    budget = spec.compute.batch_tokens or DEFAULT_BATCH_TOKENS["cuda"]
+    return max(1, GPU_BATCHES_PER_BLOCK * budget // max(1, chunk_tokens))
 
 
 @dataclass(frozen=True)
@@ -20,6 +49,8 @@ class ActorLayout:
     """torch threads inside each actor."""
     task_cpus: float = 1.0
     """Logical CPUs the actors leave free on a node, for read/chunk and write tasks."""
+    rows_per_block: int = CPU_ROWS_PER_BLOCK
+    """Chunks handed to an actor at once (`rows_per_block`)."""
 
     @property
     def read_cpus(self) -> float:
@@ -60,12 +91,13 @@ MIN_BATCHES_PER_ACTOR = 8
 
 
 def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
-                 documents: int | None = None, node_cpus: float | None = None) -> ActorLayout:
+                 documents: int | None = None, node_cpus: float | None = None,
+                 chunk_tokens: int = 256) -> ActorLayout:
     """Place the embed actors.
 
     One actor per GPU when the cluster has GPUs (unless the spec pins the CPU). On CPU,
     one single-threaded actor per logical CPU, but each actor gets at least
-    `MIN_BATCHES_PER_ACTOR` batches of work (`documents` / `rows_per_batch`): each model
+    `MIN_BATCHES_PER_ACTOR` blocks of work (`documents` / `rows_per_block`): each model
     copy costs a few seconds to load, which a small reindex would mostly spend loading
     (scifact's 164 changed chunks: two MiniLM loads for two batches).
     One thread per actor beats one actor with every thread: measured with bf16 on two
@@ -82,9 +114,9 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     >>> s = parse_spec({"kind": "embed", "table": "t.lance",
     ...                 "source": {"uri": "c.jsonl", "id_field": "_id"}})
     >>> actor_layout(s, cpus=16, gpus=4, cores=16)
-    ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1, task_cpus=1.0)
+    ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1, task_cpus=1.0, rows_per_block=1024)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2)
-    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0)
+    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0, rows_per_block=128)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=40).threads  # one batch of work
     2
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=1000).actors  # 8 batches: one
@@ -105,14 +137,18 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     if uses_gpus(spec, gpus):
         per_gpu = spec.compute.gpus_per_actor or 1.0
         actors = spec.compute.actors or max(1, int(gpus / per_gpu))
-        return ActorLayout(actors, 1.0, per_gpu, spec.compute.torch_threads or 1)
+        return ActorLayout(actors, 1.0, per_gpu, spec.compute.torch_threads or 1,
+                           rows_per_block=rows_per_block(spec, gpu=True,
+                                                         chunk_tokens=chunk_tokens))
+    block = rows_per_block(spec, gpu=False, chunk_tokens=chunk_tokens)
     actors = spec.compute.actors
     if actors is None:
         worth = int(cpus) if documents is None else \
-            math.ceil(documents / spec.compute.rows_per_batch) // MIN_BATCHES_PER_ACTOR
+            math.ceil(documents / block) // MIN_BATCHES_PER_ACTOR
         actors = max(1, min(int(cpus), worth))
     room = min(cpus, node_cpus or cpus)
     per_actor = min(1.0, (room - 1) / actors) if room > 1 else room / (2 * actors)
     threads = spec.compute.torch_threads or max(1, cores // actors)
     return ActorLayout(actors, per_actor, 0.0, threads,
-                       task_cpus=round(min(1.0, room - actors * per_actor), 4))
+                       task_cpus=round(min(1.0, room - actors * per_actor), 4),
+                       rows_per_block=block)

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.model import load_tokenizer
+from schemas.kinds import ChunkMode
 from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN, chunk_schema, hash_document
-from schemas.spec import ChunkMode
 
 
 def window_spans(n_tokens: int, *, window: int, overlap: int) -> list[tuple[int, int]]:

@@ -14,9 +14,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from schemas.errors import ModelError
-from schemas.spec import ModelSpec, Pooling
+from schemas.kinds import Pooling
+
+if TYPE_CHECKING:  # a spec is only read here, so the model loads without pydantic
+    from schemas.spec import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

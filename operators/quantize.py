@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from schemas.manifest import VectorsManifest
 from schemas.records import CODEC_COLUMNS, codec_type
 
 if TYPE_CHECKING:
     import torch
+
+    from schemas.manifest import VectorsManifest
 
 INT8_LEVELS = 255
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)

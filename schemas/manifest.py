@@ -14,10 +14,15 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import ManifestMismatchError, TableError
-from schemas.spec import ChunkMode, Codec, Pooling, Precision
+from schemas.kinds import ChunkMode, Codec, Pooling, Precision
 
 MANIFEST_KEY = b"quiver.manifest"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""3: precision is recorded but no longer part of the embedding fingerprint."""
+PRECISION_FINGERPRINTED_BEFORE = 3
+"""Manifests older than this folded `model.precision` into the fingerprint, so every
+chunk hash in their tables did too: their fingerprint keeps that form (see
+`TableManifest.embedding_fingerprint`)."""
 Metric = Literal["dot", "cosine"]
 
 
@@ -35,6 +40,9 @@ class ModelManifest(BaseModel):
     query_prefix: str = ""
     document_prefix: str = ""
     precision: Precision = "fp32"
+    """What the table was first embedded with; recorded, not compared: bf16 and fp16
+    agree with fp32 to cosine 0.9999 (tests/test_embed.py), so a spec run from a machine
+    that resolves `auto` differently is the same configuration."""
 
 
 class ChunkingManifest(BaseModel):
@@ -91,10 +99,38 @@ class TableManifest(BaseModel):
     vectors: VectorsManifest
     metric: Metric = Field(description="'dot' for normalised vectors, else 'cosine'.")
 
+    def embedding_settings(self) -> dict[str, dict]:
+        """What decides whether two embeddings are the same configuration: model,
+        chunking and stored vectors, without the precision the model ran in."""
+        return {"model": self.model.model_dump(exclude={"precision"}),
+                "chunking": self.chunking.model_dump(), "vectors": self.vectors.settings()}
+
     def embedding_fingerprint(self) -> str:
-        """Hash of everything that shapes a chunk's vector; part of every content hash."""
-        shaping = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump(),
-                   "vectors": self.vectors.settings()}
+        """Hash of `embedding_settings`; part of every content hash.
+
+        A table whose manifest predates `PRECISION_FINGERPRINTED_BEFORE` hashed its
+        chunks with the precision included, so its fingerprint keeps that form: a reindex
+        compares its chunks in the form they were written in, and nothing is embedded
+        again because the precision left the fingerprint. Continuing a table keeps its
+        manifest's version and precision (`jobs._embed_job._decide`).
+
+        >>> from schemas.manifest import ChunkingManifest, ModelManifest, SourceManifest
+        >>> m = TableManifest(quiver_version="0", lance_version="0", metric="dot",
+        ...     model=ModelManifest(name="m", weights_sha256="w", pooling="mean",
+        ...                         normalize=True, max_tokens=8, dim=4, precision="bf16"),
+        ...     chunking=ChunkingManifest(max_tokens=8, overlap=0), vectors=VectorsManifest(
+        ...     dims=4), source=SourceManifest(uri="c", id_field="id", text_fields=["t"]))
+        >>> fp32 = m.model_copy(update={"model": m.model.model_copy(update={"precision":
+        ...     "fp32"})})
+        >>> m.embedding_fingerprint() == fp32.embedding_fingerprint()
+        True
+        >>> old = lambda x: x.model_copy(update={"schema_version": 2})
+        >>> old(m).embedding_fingerprint() == old(fp32).embedding_fingerprint()
+        False
+        """
+        shaping = self.embedding_settings()
+        if self.schema_version < PRECISION_FINGERPRINTED_BEFORE:
+            shaping["model"] = self.model.model_dump()
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
@@ -119,10 +155,7 @@ class TableManifest(BaseModel):
         Raises:
             ManifestMismatchError: listing every field that differs, old and new.
         """
-        mine = {"model": self.model.model_dump(), "chunking": self.chunking.model_dump(),
-                "vectors": self.vectors.settings()}
-        theirs = {"model": other.model.model_dump(), "chunking": other.chunking.model_dump(),
-                  "vectors": other.vectors.settings()}
+        mine, theirs = self.embedding_settings(), other.embedding_settings()
         diffs = [
             f"{section}.{key}: table has {mine[section][key]!r}, got {theirs[section][key]!r}"
             for section in mine

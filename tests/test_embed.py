@@ -182,3 +182,47 @@ def test_the_embedder_runs_sdpa_attention(tiny_model) -> None:
 
     assert Embedder(describe_model(ModelSpec(name=tiny_model)), device="cpu").attention \
         == "sdpa"
+
+
+def test_staged_batches_give_the_same_vectors_and_reuse_two_buffers(tiny_model) -> None:
+    """The GPU path's host side, run on CPU: batches are padded into two alternating
+    staging buffers (grown when a batch needs more room) and the block comes back in one
+    piece, with exactly the vectors the unstaged path gives, in input order, and the
+    stage clocks read once per block."""
+    from operators.embed import Embedder, PinnedStaging
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    info = describe_model(ModelSpec(name=tiny_model))
+    rng = np.random.default_rng(3)
+    ids = [[101, *rng.integers(1000, 2000, size=n).tolist(), 102]
+           for n in rng.integers(1, 200, size=60)]
+    plain = Embedder(info, device="cpu", batch_tokens=1024)
+    want = plain.embed_ids(ids)
+    staged = Embedder(info, device="cpu", batch_tokens=1024)
+    staged._staging = staging = PinnedStaging("cpu")
+    column = pa.array(ids, pa.list_(pa.int32()))
+    out = staged.encode_ids(column)["vector"]
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert all(b is not None for b in staging._ids)  # both buffers used
+    assert max(b.numel() for b in staging._ids) >= 1024 - 202  # grown to a full batch
+    assert staged.seconds["forward"] > 0 and staged._marks == []
+    again = staged.encode_ids(column)["vector"]  # reused buffers, same answer
+    np.testing.assert_array_equal(again, out)
+
+
+def test_gpu_blocks_follow_the_token_budget() -> None:
+    """A GPU actor's block is an explicit number of rows derived from the token budget;
+    CPU actors keep small blocks; a spec's rows_per_batch wins over both."""
+    from jobs._layout import actor_layout
+    from schemas.spec import parse_spec
+
+    base = {"kind": "embed", "table": "t.lance", "source": {"uri": "c.jsonl", "id_field": "i"}}
+    spec = parse_spec(base)
+    gpu = actor_layout(spec, cpus=8, gpus=1, cores=8, chunk_tokens=256)
+    assert gpu.rows_per_block == 1024 and actor_layout(
+        spec, cpus=8, gpus=0, cores=8).rows_per_block == 128
+    wide = parse_spec({**base, "compute": {"batch_tokens": 65536}})
+    assert actor_layout(wide, cpus=8, gpus=1, cores=8, chunk_tokens=512).rows_per_block == 1024
+    pinned = parse_spec({**base, "compute": {"rows_per_batch": 300}})
+    assert actor_layout(pinned, cpus=8, gpus=1, cores=8).rows_per_block == 300

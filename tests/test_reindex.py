@@ -269,3 +269,43 @@ def test_reindex_killed_then_rerun_equals_a_fresh_build(tmp_path, yearly, tiny_m
         columns=["id", "content_hash"]).to_pylist()}
     expected = [c for c, row in want.items() if old_hashes.get(c) != row["content_hash"]]
     assert summary.reindex["embedded"] == len(expected) >= 4
+
+
+@pytest.mark.parametrize("manifest_version", [3, 2])
+def test_precision_is_recorded_not_compared(tmp_path, yearly, tiny_model, ray_local,
+                                            monkeypatch, manifest_version) -> None:
+    """A table built in bf16 (what `auto` gives on a CPU with AVX-512 BF16), rerun from a
+    machine that runs fp32: the same configuration, so a reindex, not a cut-over, and
+    only the edited document's chunks are embedded. Version 2 is a table written before
+    precision left the fingerprint (its chunk hashes include it): compared in the form it
+    was written in, it embeds nothing more either."""
+    import jobs._embed_job as embed_job
+    from schemas.manifest import TableManifest
+
+    built = embed_job.build_manifest
+    with monkeypatch.context() as patch:  # the build writes a manifest of that version
+        patch.setattr(embed_job, "build_manifest", lambda *a, **k: built(*a, **k).model_copy(
+            update={"schema_version": manifest_version}))
+        long = dict(yearly[4], text="alpha " + " ".join(d["text"] for d in yearly[:12]))
+        docs = [long if i == 4 else d for i, d in enumerate(yearly)]
+        corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+        table = tmp_path / "t.lance"
+        run_embed(parse_spec({**_tiny_spec(corpus, table, tiny_model),
+                              "model": {"name": tiny_model, "precision": "bf16"}}))
+    before = TableManifest.from_schema(lance.dataset(str(table)).schema)
+    assert (before.schema_version, before.model.precision) == (manifest_version, "bf16")
+    chunks = len([c for c in _rows(table, []) if c.startswith(long["id"] + "#")])
+    assert chunks >= 5
+    edited = [dict(d, text="gamma" + d["text"][len("alpha"):]) if i == 4 else d
+              for i, d in enumerate(docs)]  # one token of the first window
+    write_jsonl(corpus, edited)
+    fp32 = parse_spec({**_tiny_spec(corpus, table, tiny_model),
+                       "model": {"name": tiny_model, "precision": "fp32"}})
+    summary = run_embed(fp32)
+    assert summary.cutover is None and summary.reindex is not None
+    assert summary.reindex["documents"] == {"added": 0, "changed": 1, "deleted": 0}
+    assert summary.reindex["embedded"] == 1 < chunks  # that window, no other
+    after = TableManifest.from_schema(lance.dataset(str(table)).schema)
+    assert after.embedding_fingerprint() == before.embedding_fingerprint()
+    again = run_embed(fp32)
+    assert again.model_loads == 0 and again.commits == 0 and again.tokens == 0
