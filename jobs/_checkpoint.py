@@ -13,6 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import lance
 import pyarrow as pa
@@ -53,6 +54,8 @@ class Checkpointer:
     carried: list[FragmentMetadata] = field(default_factory=list)
     """Rows written before the stream (a reindex's kept chunks), in the first commit."""
     total_shards: int = 0
+    lease: Any = None
+    """The run's table lease (`operators.lease.Lease`), checked before every commit."""
     rows: int = 0
     tokens: int = 0
     truncated_tokens: int = 0
@@ -125,7 +128,8 @@ class Checkpointer:
                     read_version=self.read_version, job=self.job, shards=shards,
                     storage_options=self.storage_options,
                     removed_fragment_ids=self.deletions[0],
-                    updated_fragments=self.deletions[1], expect_latest=self.expect_latest)
+                    updated_fragments=self.deletions[1], expect_latest=self.expect_latest,
+                    lease=self.lease)
         self.seconds["commit"] += time.perf_counter() - started
         self._committed_shards += len(shards)
         self.versions.append(ds.version)

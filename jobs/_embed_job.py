@@ -38,6 +38,7 @@ from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.index import IndexReport, build_indices, cleanup_versions, maintain_indices
+from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
 from operators.reindex import ReindexDiff, deletion_fragments
@@ -328,6 +329,8 @@ class _Planned:
     """Wall seconds of listing, validating and deduplicating the source (cluster tasks)."""
     documents: SourceDocuments | None = None
     """Every document's id and hash, bucketed in the object store, when a table exists."""
+    lease: Lease | None = None
+    """This run's hold on the table (set before anything is decided or written)."""
 
 
 @dataclass
@@ -396,7 +399,9 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
                          {s.shard_id for s in planned.plan.shards})
     done = committed_shards(existing, job=planned.job)
     if done:
-        orphans = remove_orphans(existing, spec.write.storage_options)
+        orphans = remove_orphans(  # only what no live run can still commit
+            existing, spec.write.storage_options,
+            older_than=planned.lease.orphans_before() if planned.lease else None)
         progress(f"resuming: {len(done)} of {len(planned.plan.shards)} shards already "
                   "committed" + (f"; removed {orphans} data files an interrupted run left "
                                  "uncommitted" if orphans else ""))
@@ -540,7 +545,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
         storage_options=opts, expect_latest=seen,
         shards_per_commit=spec.write.shards_per_commit,
         commit_interval_s=spec.write.commit_interval_s, deletions=deletions,
-        carried=diff.carried if diff is not None else [], total_shards=len(pending))
+        carried=diff.carried if diff is not None else [], total_shards=len(pending),
+        lease=planned.lease)
     if diff is None:  # shards whose every record was rejected have nothing to write
         checkpointer.add_empty([s.shard_id for s in pending
                                 if not s.documents])
@@ -595,6 +601,8 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         return None, None, 0  # nothing new: a finished job's rerun touches nothing
     if diff is not None and diff.nothing:
         return None, None, 0  # a reindex that found no change: no index work, no commit
+    if planned.lease is not None:
+        planned.lease.check()  # a run that was taken over leaves the indices alone
     progress(f"indexing {final.count_rows()} rows")
     if diff is not None:
         before = decision.existing  # the table as the reindex found it
@@ -625,15 +633,33 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     return report, change_report, cleaned
 
 
-def run_embed(spec: JobSpec) -> JobSummary:
-    """Run an embed job to completion (or resume one) and index the table.
+def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
+    """Run an embed job to completion (or resume one) and index the table, holding the
+    table's lease throughout (`operators.lease`).
+
+    Args:
+        spec: The job.
+        wait: When another run holds the table's lease, wait for it instead of failing.
 
     Raises:
         SpecError, SourceError, ModelError: before any work starts.
         TableError: when the table exists and was made by another job.
+        LeaseHeldError: another live run is writing the table (and `wait` is off).
+        LeaseLostError: this run stalled past the lease timeout and was taken over; it
+            committed nothing after that.
     """
     started, started_at = time.perf_counter(), time.time()
+    lease = Lease.acquire(spec.table, spec.write.storage_options, wait=wait,
+                          purpose=f"a quiver run of {spec.source.uri}")
+    try:
+        return _run_embed(spec, lease, started, started_at)
+    finally:
+        lease.release()
+
+
+def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:
     planned = _plan(spec, started)
+    planned.lease = lease
     decision = _decide(spec, planned)
     if decision.action != "reindex":
         planned.documents = None  # nothing to compare: the buckets leave the object store

@@ -24,7 +24,7 @@ import numpy as np
 from operators.evaluate import BeirQueries, score_runs
 from operators.index import build_vector_index
 from operators.quantize import bytes_per_vector, column_matrix, truncate_query
-from operators.search import DEFAULT_RESCORE, VectorSearcher, fold_to_documents
+from operators.search import DEFAULT_RESCORE, VectorSearcher, top_documents
 from schemas.records import VECTOR_COLUMN
 from schemas.spec import IndexSpec
 
@@ -53,9 +53,9 @@ def _measure(name: str, nbytes: float, search: ChunkSearch, vectors: np.ndarray,
     latencies = []
     for qid, v in zip(queries.ids, vectors, strict=True):
         started = time.perf_counter()
-        _, doc_ids, scores = search(v, chunks)
+        ranked = top_documents(lambda n, v=v: search(v, n)[1:], k=100, chunks=chunks)
         latencies.append(1000 * (time.perf_counter() - started))
-        runs[qid] = [d for d, _ in fold_to_documents(doc_ids, scores)[:100]]
+        runs[qid] = [d for d, _ in ranked]
     metrics = score_runs(runs, queries.qrels)
     return WayResult(name, nbytes, round(metrics["ndcg@10"], 4), round(metrics["recall@100"], 4),
                      None, round(float(np.percentile(latencies, 50)), 2),

@@ -10,6 +10,7 @@ Usage (see the README for a runnable walk-through)::
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from operators.evaluate import load_beir, score_runs
 from operators.filters import compile_filter
 from operators.fulltext import HYBRID_CANDIDATES, RRF_K, fts_candidates, rrf_fuse
 from operators.model import describe_model
-from operators.search import DEFAULT_COLUMNS, VectorSearcher, fold_to_documents, take_rows
+from operators.search import DEFAULT_COLUMNS, VectorSearcher, take_rows, top_documents
 from schemas.errors import ManifestMismatchError, QueryError, TableError
 from schemas.manifest import TableManifest
+from schemas.records import CODEC_COLUMNS, DOC_HASH_COLUMN
 from schemas.spec import JobSpec, ModelSpec, load_spec
 
 SEARCH_MODES = ("dense", "fts", "hybrid")
@@ -41,11 +43,12 @@ Where = Mapping[str, Any] | pc.Expression | None
 __all__ = ["Hit", "JobSummary", "Table", "evaluate", "info", "open_table", "quality", "run"]
 
 
-def run(spec: JobSpec | str | Path) -> JobSummary:
-    """Run a job spec (a `JobSpec` or a YAML path) locally on Ray and return its summary."""
+def run(spec: JobSpec | str | Path, *, wait: bool = False) -> JobSummary:
+    """Run a job spec (a `JobSpec` or a YAML path) locally on Ray and return its summary;
+    with `wait`, wait for another run that holds the table's lease instead of failing."""
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
-    return run_embed(spec)
+    return run_embed(spec, wait=wait)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class Table:
             raise ManifestMismatchError(
                 f"{self.uri} holds {m.dim}-d vectors but the model gives {model_info.dim}-d"
             )
-        self._encoder = TextEncoder(Embedder(model_info, precision="fp32"))
+        self._encoder = shared_encoder(model_info)
         self.searcher = VectorSearcher(self.ds, self.manifest)
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
@@ -137,9 +140,19 @@ class Table:
         text_ids, _ = fts_candidates(self.ds, text, k=n, where=expr)
         return rrf_fuse([dense_ids, text_ids], k=k, rrf_k=rrf_k)
 
+    def _check_columns(self, columns: Sequence[str]) -> None:
+        """Refuse, by name, a requested column the table does not have (or that holds
+        vectors or hashes, which hits do not carry)."""
+        names = set(self.ds.schema.names) - set(HIDDEN_COLUMNS)
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise QueryError(f"unknown column {unknown[0]!r} in columns; this table returns "
+                             + ", ".join(sorted(names)))
+
     def _search(self, text: str | None, vector: np.ndarray | None, *, k: int,
                 columns: Sequence[str] = DEFAULT_COLUMNS, mode: str = "dense",
                 where: Where = None, **options) -> list[Hit]:
+        self._check_columns(columns)
         if mode == "dense":  # one Lance call for float search, no row-id round trip
             expr = self._filter(mode, k, where)
             rows = self.searcher.search(vector, k=k, columns=columns, where=expr, **options)
@@ -205,16 +218,43 @@ class Table:
         out = []
         for i, v in enumerate(vectors):
             text = texts[i] if texts is not None else None
-            ids, scores = self._candidates(text, v, k=chunks_per_query, mode=mode, **options)
-            hits = take_rows(self.ds, ids, scores, ("doc_id",))
-            folded = fold_to_documents(hits.column("doc_id").to_pylist(),
-                                       hits.column("score").to_pylist())
-            out.append(folded[:k])
+
+            def fetch(n: int, text=text, v=v) -> tuple[list[str], list[float]]:
+                ids, scores = self._candidates(text, v, k=n, mode=mode, **options)
+                hits = take_rows(self.ds, ids, scores, ("doc_id",))
+                return hits.column("doc_id").to_pylist(), hits.column("score").to_pylist()
+
+            out.append(top_documents(fetch, k=k, chunks=chunks_per_query))
         return out
 
 
 def _with_defaults(columns: Sequence[str]) -> tuple[str, ...]:
     return (*DEFAULT_COLUMNS, *(c for c in columns if c not in DEFAULT_COLUMNS))
+
+
+HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), "content_hash", DOC_HASH_COLUMN)
+"""Columns a hit never carries: vectors and hashes (bytes, not answers)."""
+
+_ENCODERS: dict[tuple, TextEncoder] = {}
+_ENCODER_LOCKS: dict[tuple, threading.Lock] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def shared_encoder(info) -> TextEncoder:
+    """The query encoder for a model, loaded once per process and weights hash however
+    many tables or versions use it (a server that follows reindexes would otherwise
+    gain a model copy per version). Concurrent first requests wait for one load; loads
+    of different models do not wait for each other."""
+    key = (info.path, info.weights_sha256, info.pooling, info.normalize, info.max_tokens,
+           info.query_prefix, info.document_prefix)
+    with _ENCODERS_LOCK:
+        if key in _ENCODERS:
+            return _ENCODERS[key]
+        lock = _ENCODER_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        if key not in _ENCODERS:
+            _ENCODERS[key] = TextEncoder(Embedder(info, precision="fp32"))
+        return _ENCODERS[key]
 
 
 def open_table(uri: str | Path, *, model: str | None = None,

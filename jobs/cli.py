@@ -48,11 +48,14 @@ def _emit(data: object) -> None:
 def run(
     spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     as_json: JsonOpt = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="If another run is writing the table, wait for it (default: fail "
+        "at once, naming it).")] = False,
 ) -> None:
     """Run a job spec on a local Ray (started in-process)."""
     from jobs import api
 
-    summary = api.run(spec).to_dict()
+    summary = api.run(spec, wait=wait).to_dict()
     if as_json:
         _emit(summary)
         return

@@ -7,8 +7,11 @@ Safety, by default: binds 127.0.0.1; binding anything else requires a bearer tok
 (compared in constant time); table names are plain names matched against the
 warehouse's own `*.lance` folders, so no path ever comes from a request; bodies, query
 texts, batch sizes and k are bounded; filters go through `operators.filters` (typed
-`pyarrow.compute` expressions, never pasted text). Each table's model is loaded once and
-reused across requests.
+`pyarrow.compute` expressions, never pasted text). Open tables are kept in a small LRU
+(`OPEN_TABLES`), and the query model is loaded once per weights hash however many tables
+or versions use it (`jobs.api.shared_encoder`), so a server that follows months of
+reindexes holds one model, not one per version. Opening a table (and loading a model)
+happens outside the warehouse's lock: one slow first request does not stall the others.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import hmac
 import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs._net import is_loopback
@@ -28,6 +33,11 @@ from operators.fulltext import RRF_K
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
 
 MAX_BODY_BYTES = 1_000_000
+BEARER = HTTPBearer(auto_error=False, description="The server's --token (QUIVER_TOKEN).")
+"""The bearer scheme, declared so the OpenAPI document (/docs) shows it; checked in
+`create_app` (a missing token is a 401 there, not FastAPI's 403)."""
+OPEN_TABLES = 8
+"""Table versions kept open; the least recently used one is closed past this."""
 MAX_K = 1000
 MAX_BATCH = 256
 MAX_QUERY_CHARS = 10_000
@@ -79,14 +89,16 @@ class BatchRequest(SearchOptions):
 
 
 class Warehouse:
-    """The tables under one folder, opened lazily and kept (model loaded once per table)."""
+    """The tables under one folder, opened lazily and kept in an LRU of `OPEN_TABLES`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, open_tables: int = OPEN_TABLES) -> None:
         self.root = root.resolve()
         if not self.root.is_dir():
             raise SpecError(f"--warehouse {root}: not a folder")
-        self._tables: dict[tuple[str, int | str | None], Any] = {}
+        self._tables: OrderedDict[tuple[str, int | str | None], Any] = OrderedDict()
+        self._opening: dict[tuple[str, int | str | None], threading.Lock] = {}
         self._lock = threading.Lock()
+        self._open_tables = open_tables
 
     def names(self) -> list[str]:
         """Quiver tables in the folder (rejects datasets left out)."""
@@ -112,10 +124,27 @@ class Warehouse:
             ds = lance.dataset(str(self.path(name)))
             version = current_version(ds) or ds.version
         key = (name, version)
+        with self._lock:  # held for dict work only, never for I/O or a model load
+            if key in self._tables:
+                self._tables.move_to_end(key)
+                return self._tables[key]
+            opening = self._opening.setdefault(key, threading.Lock())
+        with opening:  # concurrent first requests for one version open it once
+            with self._lock:
+                if key in self._tables:
+                    return self._tables[key]
+            table = open_table(self.path(name), version=version)
+            with self._lock:
+                self._tables[key] = table
+                self._opening.pop(key, None)
+                while len(self._tables) > self._open_tables:
+                    self._tables.popitem(last=False)
+            return table
+
+    def open_count(self) -> int:
+        """Table versions open now (at most `OPEN_TABLES`)."""
         with self._lock:
-            if key not in self._tables:
-                self._tables[key] = open_table(self.path(name), version=version)
-            return self._tables[key]
+            return len(self._tables)
 
 
 def create_app(warehouse: Path, *, token: str | None = None) -> FastAPI:
@@ -124,22 +153,30 @@ def create_app(warehouse: Path, *, token: str | None = None) -> FastAPI:
     app = FastAPI(title="Quiver", version="1",
                   description="Search Quiver tables: dense, full-text and hybrid.")
 
+    too_big = {"detail": f"request body over {MAX_BODY_BYTES} bytes"}
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
+            return JSONResponse(too_big, 413)
         if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"},
-                                    413)
+            # A chunked body: read it as it streams and stop at the limit, so a client
+            # cannot make the server hold more than MAX_BODY_BYTES of it.
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return JSONResponse(too_big, 413)
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # what the endpoint's body read returns
         return await call_next(request)
 
-    def authorised(request: Request) -> None:
+    def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                          Depends(BEARER)]) -> None:
         if token is None:
             return
-        given = request.headers.get("authorization", "")
+        given = f"Bearer {credentials.credentials}" if credentials is not None else ""
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise HTTPException(401, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})

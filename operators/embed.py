@@ -76,9 +76,10 @@ def pool(hidden, mask, *, mode: Pooling):
     import torch
 
     hidden = hidden.float()  # accumulate in fp32 whatever the model ran in
-    if mode == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    if mode == "mean":  # one batched matmul: (batch, 1, seq) @ (batch, seq, dim)
+        m = mask.to(hidden.dtype)
+        summed = torch.bmm(m.unsqueeze(1), hidden).squeeze(1)
+        return summed / m.sum(dim=1, keepdim=True).clamp(min=1e-9)
     if mode == "cls":
         return hidden[:, 0]
     if mode == "lasttoken":
@@ -157,13 +158,15 @@ def pick_device(device: Device) -> str:
 
 def pad_rows(rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
              lengths: np.ndarray, width: int, *, pad_id: int,
-             out: np.ndarray | None = None) -> np.ndarray:
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Some rows of a list column as one right-padded (rows, width) int64 matrix, cut
-    from its offsets and values in a few numpy steps (into `out` when given).
+    from its offsets and values in a few numpy steps (into `out` when given), and the
+    (rows, width) mask of real tokens.
 
     >>> o, v = _offsets_and_values([[1, 2, 3], [4], [5, 6]])
-    >>> pad_rows(np.array([0, 2]), o, v, np.diff(o), 3, pad_id=0).tolist()
-    [[1, 2, 3], [5, 6, 0]]
+    >>> ids, real = pad_rows(np.array([0, 2]), o, v, np.diff(o), 3, pad_id=0)
+    >>> ids.tolist(), real.sum(axis=1).tolist()
+    ([[1, 2, 3], [5, 6, 0]], [3, 2])
     """
     real = np.arange(width) < lengths[rows][:, None]  # (rows, width)
     ids = np.full((len(rows), width), pad_id, np.int64) if out is None else out
@@ -171,7 +174,7 @@ def pad_rows(rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
         ids.fill(pad_id)
     where = offsets[rows][:, None] + np.arange(width)
     ids[real] = values[where[real]]
-    return ids
+    return ids, real
 
 
 class PinnedStaging:
@@ -209,6 +212,7 @@ class PinnedStaging:
             self._lengths[slot] = self._buffer(len(rows))
         host_ids = self._ids[slot][:size].view(len(rows), width)
         pad_rows(rows, offsets, values, lengths, width, pad_id=pad_id, out=host_ids.numpy())
+        # (the mask is not copied: the caller builds it on the device from the lengths)
         host_lengths = self._lengths[slot][:len(rows)]
         host_lengths.numpy()[:] = lengths[rows]
         if not self._cuda:  # the buffer is the tensor: hand out copies it can outlive
@@ -341,7 +345,7 @@ class Embedder:
 
     def _batch(self, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
                lengths: np.ndarray):
-        """Pooled (and normalised) vectors of some rows, on the device, in fp32.
+        """Pooled vectors of some rows, on the device, in fp32.
 
         On CPU the stage clocks are read here; on a GPU the work is only queued, and
         CUDA events mark the stages (`_clock`), read once the block is done.
@@ -349,24 +353,22 @@ class Embedder:
         import torch
 
         width = int(lengths[rows].max())
-        if self._staging is not None:  # pinned host buffers, copied without waiting
+        if self._staging is not None:  # pinned host buffers, copied without waiting; the
+            # mask is built on the device from the lengths (a fraction of the bytes)
             ids, row_lengths = self._staging.put(self.pad_id, rows, offsets, values, lengths,
                                                  width)
+            mask = (torch.arange(width, device=ids.device) < row_lengths[:, None]).long()
         else:
-            ids = torch.from_numpy(pad_rows(rows, offsets, values, lengths, width,
-                                            pad_id=self.pad_id))
-            row_lengths = torch.from_numpy(lengths[rows])
+            ids_np, real = pad_rows(rows, offsets, values, lengths, width, pad_id=self.pad_id)
+            ids, mask = torch.from_numpy(ids_np), torch.from_numpy(real)  # bool mask
         self._clock("start")
-        mask = (torch.arange(width, device=ids.device) < row_lengths[:, None]).long()
-        with torch.autocast(
-            device_type=self.device, dtype=self._autocast_dtype or torch.float32,
-            enabled=self._autocast_dtype is not None,
-        ):
+        if self._autocast_dtype is None:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            with torch.autocast(device_type=self.device, dtype=self._autocast_dtype):
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         self._clock("forward")
         vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
-        if self.info.normalize:
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
         self._clock("pool")
         return vectors
 
@@ -393,7 +395,8 @@ class Embedder:
         self._marks = []
 
     def _block_vectors(self, input_ids) -> tuple[np.ndarray, Any]:
-        """Every row's pooled vector, on the device, with the row order they come in."""
+        """Every row's pooled (and normalised) vector, on the device, with the row order
+        they come in."""
         import torch
 
         order, parts = [], []
@@ -402,7 +405,10 @@ class Embedder:
             parts.append(vectors)
         if not parts:
             return np.zeros(0, np.int64), torch.zeros((0, self.info.dim), device=self.device)
-        return np.concatenate(order), torch.cat(parts)
+        vectors = torch.cat(parts)
+        if self.info.normalize:  # row-wise, so once per block rather than per batch
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return np.concatenate(order), vectors
 
     def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Embed token id lists; returns (n, dim) float32 in input order, full size."""

@@ -60,12 +60,15 @@ def load_beir(folder: str | Path, *, split: str = "test") -> BeirQueries:
 
 
 def ndcg_at(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
-    """nDCG@k with linear gains.
+    """nDCG@k with linear gains; a grade below 0 gains 0, in the DCG as in the ideal DCG
+    (as trec_eval does), so the score stays within [0, 1].
 
     >>> round(ndcg_at(["a", "b"], {"b": 1}, 10), 4)
     0.6309
+    >>> ndcg_at(["a", "b"], {"a": -1, "c": 1}, 10)
+    0.0
     """
-    dcg = sum(rels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    dcg = sum(max(rels.get(d, 0), 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
     ideal = sorted((g for g in rels.values() if g > 0), reverse=True)[:k]
     idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg else 0.0

@@ -14,7 +14,7 @@ sign-random-projection hashing.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import lance
@@ -261,13 +261,38 @@ def take_rows(ds: lance.LanceDataset, row_ids: np.ndarray, scores: np.ndarray,
 
 
 def fold_to_documents(doc_ids: Sequence[str], scores: Sequence[float]) -> list[tuple[str, float]]:
-    """Keep each document's best chunk score, best first.
+    """Keep each document's best chunk score, best first; equal scores in document id
+    order, so a ranking never depends on the order chunks came back in.
 
-    >>> fold_to_documents(["a", "b", "a"], [0.9, 0.8, 0.95])
-    [('a', 0.95), ('b', 0.8)]
+    >>> fold_to_documents(["a", "b", "a", "c"], [0.9, 0.8, 0.95, 0.8])
+    [('a', 0.95), ('b', 0.8), ('c', 0.8)]
     """
     best: dict[str, float] = {}
     for d, s in zip(doc_ids, scores, strict=True):
         if d not in best or s > best[d]:
             best[d] = s
-    return sorted(best.items(), key=lambda kv: -kv[1])
+    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+MAX_CHUNKS_PER_QUERY = 100_000
+"""The most chunks `top_documents` fetches for one query."""
+
+
+def top_documents(fetch: Callable[[int], tuple[Sequence[str], Sequence[float]]], *, k: int,
+                  chunks: int) -> list[tuple[str, float]]:
+    """The top k documents from chunk hits: `fetch(n)` returns the best n chunks'
+    (doc_ids, scores); folding can leave fewer than k documents when documents have many
+    chunks, so while it does and the search returned all it was asked for, ask for
+    twice as many.
+
+    >>> hits = [("a", 0.9), ("a", 0.8), ("a", 0.7), ("b", 0.6), ("c", 0.5)]
+    >>> fetch = lambda n: ([d for d, _ in hits[:n]], [s for _, s in hits[:n]])
+    >>> [d for d, _ in top_documents(fetch, k=3, chunks=2)]
+    ['a', 'b', 'c']
+    """
+    while True:
+        doc_ids, scores = fetch(chunks)
+        folded = fold_to_documents(doc_ids, scores)
+        if len(folded) >= k or len(doc_ids) < chunks or chunks >= MAX_CHUNKS_PER_QUERY:
+            return folded[:k]
+        chunks = min(2 * chunks, MAX_CHUNKS_PER_QUERY)

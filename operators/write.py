@@ -72,7 +72,7 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
            storage_options: Mapping[str, str] | None = None,
            removed_fragment_ids: Iterable[int] = (),
            updated_fragments: Iterable[FragmentMetadata] = (),
-           expect_latest: int | None = None) -> lance.LanceDataset:
+           expect_latest: int | None = None, lease=None) -> lance.LanceDataset:
     """Commit fragments in one transaction that records the job and shards it covers.
 
     Args:
@@ -91,9 +91,13 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
             table has moved on, another writer is at work: nothing is committed and
             `ConcurrentWriteError` says so. (Lance would happily merge two appends, which
             for two runs of one job would mean every row twice.)
+        lease: The run's `operators.lease.Lease`: checked first, so a run whose lease
+            was taken over commits nothing (`LeaseLostError`).
     """
     fragments = list(fragments)
     with _writers_lock(uri):
+        if lease is not None:
+            lease.check()
         if expect_latest is not None:
             latest = latest_version(uri, storage_options)
             if latest != expect_latest:
@@ -223,13 +227,19 @@ def orphan_data_files(ds: lance.LanceDataset,
 
 
 def remove_orphans(ds: lance.LanceDataset,
-                   storage_options: Mapping[str, str] | None = None) -> int:
-    """Delete `orphan_data_files`; call it only when no other writer can be mid-commit
-    (Quiver does on resuming its own killed run). Returns how many were removed."""
+                   storage_options: Mapping[str, str] | None = None, *,
+                   older_than: float | None = None) -> int:
+    """Delete `orphan_data_files` last modified before `older_than` (Unix seconds; None:
+    all). Call it only under the table's lease (`operators.lease`), with the time its
+    `orphans_before` gives, so no other run's uncommitted files can be among them.
+    Returns how many were removed."""
     from operators.filesystems import resolve
 
     fs, _ = resolve(ds.uri, storage_options)
     orphans = orphan_data_files(ds, storage_options)
+    if older_than is not None and orphans:
+        orphans = [i.path for i in fs.get_file_info(orphans)
+                   if i.mtime is not None and i.mtime.timestamp() < older_than]
     for path in orphans:
         fs.delete_file(path)
     return len(orphans)

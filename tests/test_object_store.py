@@ -6,6 +6,7 @@ fails the job with nothing half-committed, and the next run resumes to exact row
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -151,3 +152,36 @@ def test_commit_that_keeps_failing_fails_cleanly_then_resumes(
     ids = ds.to_table(columns=["id"]).column("id").to_pylist()
     assert sorted(ids) == chunk_ids(model_info, docs)  # none lost, none twice
     assert not orphan_data_files(ds, s3_options)
+
+
+def test_the_table_lease_on_s3_is_a_conditional_write(moto_port) -> None:
+    """On S3 the lease object is created with If-None-Match and replaced with If-Match:
+    a second run is refused while the first beats, a racing writer that read the same
+    version loses, a dead holder is taken over at the next epoch, and the stalled holder
+    then cannot pass its pre-commit check."""
+    from operators.lease import Lease, LeaseHeldError, LeaseLostError, LeaseRecord, _S3Store
+
+    options = {"aws_endpoint": f"http://127.0.0.1:{moto_port}", "allow_http": "true",
+               "aws_region": "us-east-1", "aws_access_key_id": "testing",
+               "aws_secret_access_key": "testing"}
+    uri = f"s3://{BUCKET}/lease-{time.time_ns()}/t.lance"
+    first = Lease.acquire(uri, options)
+    with pytest.raises(LeaseHeldError, match=f"pid {os.getpid()}"):
+        Lease.acquire(uri, options)
+    store = _S3Store(uri, options)
+    held, token = store.read()
+    assert held.epoch == 1
+    store.swap(LeaseRecord(**{**held.__dict__, "heartbeat": held.heartbeat - 1}), token)
+    from operators.lease import _Conflict
+
+    with pytest.raises(_Conflict):  # a second writer that read the same version loses
+        store.swap(LeaseRecord(**{**held.__dict__, "holder": "racer"}), token)
+    time.sleep(0.3)
+    taker = Lease.acquire(uri, options, timeout_s=0.2)  # first's beat is over 0.2 s old
+    assert taker.record.epoch == 2 and taker.previous.holder == first.record.holder
+    with pytest.raises(LeaseLostError):
+        first.check()
+    taker.release()
+    again = Lease.acquire(uri, options)
+    assert again.record.epoch == 3  # epochs only rise, across releases too
+    again.release()

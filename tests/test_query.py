@@ -244,3 +244,81 @@ def test_server_will_not_bind_beyond_loopback_without_a_token(warehouse) -> None
     root, _ = warehouse
     with pytest.raises(SpecError, match="token"):
         serve(root, host="0.0.0.0", port=free_port(), token=None)
+
+
+def _chunked_post(server: str, path: str, body: bytes) -> int:
+    """POST `body` with Transfer-Encoding: chunked (no Content-Length), 64 KiB at a time;
+    the server may answer before it has read everything."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(server).netloc, timeout=60)
+    conn.putrequest("POST", path)
+    for name, value in (("Content-Type", "application/json"),
+                        ("Authorization", "Bearer s3cret"), ("Transfer-Encoding", "chunked")):
+        conn.putheader(name, value)
+    conn.endheaders()
+    try:
+        for i in range(0, len(body), 1 << 16):
+            piece = body[i:i + (1 << 16)]
+            conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused mid-stream: the answer is already there
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_server_bounds_streamed_bodies_and_names_bad_columns(server) -> None:
+    """A chunked body is read only up to the limit (413 past it, served below it); an
+    unknown or hidden column in `columns` is a 400 naming it, not a 500; the OpenAPI
+    document shows the bearer scheme."""
+    small = json.dumps({"query": "sockets", "k": 2}).encode()
+    assert _chunked_post(server, "/tables/docs/search", small) == 200
+    huge = json.dumps({"query": "x", "columns": ["lang"] * 10, "pad": "y" * 1_500_000}).encode()
+    assert _chunked_post(server, "/tables/docs/search", huge) == 413
+    for column in ("nope", "vector", "content_hash"):
+        status, body = _call(f"{server}/tables/docs/search",
+                             {"query": "x", "columns": [column]}, token="s3cret")
+        assert status == 400 and f"unknown column {column!r}" in body["detail"], body
+    status, body = _call(f"{server}/openapi.json")
+    schemes = body["components"]["securitySchemes"]
+    assert any(s == {"type": "http", "scheme": "bearer", **({"description": s[
+        "description"]} if "description" in s else {})} for s in schemes.values()), schemes
+
+
+def test_warehouse_keeps_an_lru_of_tables_and_one_model(warehouse, monkeypatch) -> None:
+    """Versions opened past the LRU's size close the oldest; every version shares one
+    query model; concurrent first requests for one version open it once."""
+    import threading
+
+    import jobs.server as server_module
+    from jobs.server import Warehouse
+
+    root, _ = warehouse
+    versions = [v["version"] for v in lance.dataset(str(root / "docs.lance")).versions()]
+    assert len(versions) >= 2
+    store = Warehouse(root, open_tables=len(versions) - 1)
+    tables = [store.table("docs", v) for v in versions]
+    assert store.open_count() == len(versions) - 1
+    assert len({id(t._encoder) for t in tables}) == 1  # one model for every version
+    import jobs.api as api
+
+    opened, original = [], api.open_table
+    assert "open_table" not in vars(server_module)  # imported at call time, from jobs.api
+
+    def counting(*args, **kwargs):
+        opened.append(kwargs.get("version"))
+        time.sleep(0.2)  # a slow open: the other threads arrive meanwhile
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "open_table", counting)
+    fresh = Warehouse(root)
+    threads = [threading.Thread(target=fresh.table, args=("docs", versions[0]))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opened == [versions[0]]

@@ -1,0 +1,325 @@
+"""One writer per table: a lease with a heartbeat and an epoch.
+
+Two runs writing one table at once break it in ways Lance's conflict detection does not
+see: Lance rebases two Appends over each other (every row twice), and a resuming run's
+orphan removal deletes the other run's written-but-uncommitted files (the table then
+names files that are gone). So every writing run holds the table's lease:
+
+- a second run fails at once, naming the holder's host, pid and start time, or with
+  `wait` polls until the lease is free;
+- a holder on this machine whose process has exited (a killed driver) is known dead at
+  once (host name, boot id and pid), so its rerun goes ahead without waiting;
+- the holder rewrites its heartbeat every `HEARTBEAT_S`; a lease whose heartbeat is
+  older than `TIMEOUT_S` belongs to a dead run and can be taken over, which raises the
+  epoch;
+- before each commit the holder checks that the lease still names it at its epoch
+  (`Lease.check`), so a run that stalled past the timeout and was taken over never
+  commits again (the check and the commit are milliseconds apart; a takeover needs
+  `TIMEOUT_S` of silence);
+- orphan files may be removed only under the lease, and after a takeover only those
+  older than the dead holder's last heartbeat (`Lease.orphans_before`).
+
+The lease is one small JSON object beside the table (`t.lance` → `.t.lance.lease.json`
+on disk, `t.lance.quiver-lease.json` on S3), outside Lance's own folders. Each change is
+a compare-and-swap: on a local or NFS disk under an `flock` of a lock file, on S3 by
+conditional writes (`If-None-Match: *` to create, `If-Match: <etag>` to replace), which
+S3 and S3-compatible servers enforce. Other object stores are refused for writing until
+they have one (GCS's generation match is the same idea, not written yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import ConcurrentWriteError, TableError
+
+HEARTBEAT_S = 10.0
+"""How often the holder rewrites its heartbeat."""
+TIMEOUT_S = 60.0
+"""A lease whose heartbeat is older than this is a dead run's: six missed heartbeats, long
+beyond a Python pause or a slow object-store write, short enough that a crashed nightly
+run does not hold the next one back for long."""
+POLL_S = 1.0
+"""How often a waiting run looks at the lease again."""
+
+
+class LeaseHeldError(ConcurrentWriteError):
+    """Another live run holds the table's lease."""
+
+
+class LeaseLostError(ConcurrentWriteError):
+    """This run's lease was taken over (it stalled past `TIMEOUT_S`): it must not commit."""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """What the lease object holds."""
+
+    holder: str
+    """A fresh id per run."""
+    host: str
+    pid: int
+    started: float
+    """When the holder took the lease (Unix seconds)."""
+    heartbeat: float
+    epoch: int
+    """Raised by every acquisition; a commit checks it."""
+    purpose: str = ""
+    boot: str = ""
+    """The holder machine's boot id: with the host name, what tells that a holder on this
+    machine has exited (its pid is gone), so its lease goes at once."""
+
+    def exited(self) -> bool:
+        """Whether the holder is known to be gone: it ran on this machine (same host
+        name and boot id) and its pid no longer exists. A reused pid reads as alive, and
+        a holder elsewhere is never known gone: both wait for the timeout."""
+        if not self.holder or self.host != socket.gethostname() or self.boot != _boot_id():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return (f"pid {self.pid} on {self.host}, since {started} (epoch {self.epoch}, "
+                f"last heartbeat {time.time() - self.heartbeat:.0f}s ago)")
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class _Conflict(Exception):
+    """A compare-and-swap lost the race; read again."""
+
+
+class _LocalStore:
+    """The lease file beside a local table; swaps under an `flock` of a lock file."""
+
+    def __init__(self, table: Path) -> None:
+        self.path = table.parent / f".{table.name}.lease.json"
+        self._lock = table.parent / f".{table.name}.lease-lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def read(self) -> tuple[LeaseRecord | None, Any]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return LeaseRecord(**json.loads(raw)), raw
+
+    def swap(self, record: LeaseRecord, token: Any) -> Any:
+        """Write `record` if the lease is still what `token` says."""
+        with self._locked():
+            _, now = self.read()
+            if now != token:
+                raise _Conflict
+            raw = json.dumps(asdict(record)).encode()
+            tmp = self.path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, self.path)
+            return raw
+
+
+class _S3Store:
+    """The lease object beside an S3 table, swapped with conditional writes."""
+
+    def __init__(self, uri: str, options: Mapping[str, str]) -> None:
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        self.bucket, self.key = bucket, key.rstrip("/") + ".quiver-lease.json"
+        self.client = boto3.client(
+            "s3", endpoint_url=options.get("aws_endpoint") or options.get("endpoint"),
+            region_name=options.get("aws_region") or options.get("region") or "us-east-1",
+            aws_access_key_id=options.get("aws_access_key_id"),
+            aws_secret_access_key=options.get("aws_secret_access_key"),
+            aws_session_token=options.get("aws_session_token"),
+            config=Config(retries={"max_attempts": 3}))
+
+    def read(self) -> tuple[LeaseRecord | None, Any]:
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return LeaseRecord(**json.loads(got["Body"].read())), got["ETag"]
+
+    def swap(self, record: LeaseRecord, token: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = json.dumps(asdict(record)).encode()
+            condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                          **condition)["ETag"]
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise _Conflict from None
+            raise
+
+
+def _store(uri: str, options: Mapping[str, str]):
+    if uri.startswith("s3://"):
+        return _S3Store(uri, options)
+    if "://" in uri and not uri.startswith("file://"):
+        raise TableError(f"{uri}: Quiver writes tables on local disks and S3 only, where a "
+                         "run can hold the table's lease (conditional writes); "
+                         f"{uri.split('://')[0]}:// has none yet")
+    return _LocalStore(Path(uri.removeprefix("file://")).absolute())
+
+
+class Lease:
+    """This run's hold on one table's lease (see the module docstring)."""
+
+    def __init__(self, store, record: LeaseRecord, token: Any,
+                 previous: LeaseRecord | None, *, gone: bool = False) -> None:
+        self._store, self.record, self._token = store, record, token
+        self.previous = previous
+        """The dead holder this lease was taken over from, if any."""
+        self._previous_gone = gone
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeats, daemon=True,
+                                      name="quiver-lease-heartbeat")
+        self._beat.start()
+
+    @classmethod
+    def acquire(cls, uri: str, storage_options: Mapping[str, str] | None = None, *,
+                purpose: str = "", wait: bool = False,
+                timeout_s: float = TIMEOUT_S) -> Lease:
+        """Take the table's lease, taking over one whose holder stopped beating.
+
+        Raises:
+            LeaseHeldError: a live run holds it (and `wait` is off), naming that run.
+        """
+        store = _store(str(uri), storage_options or {})
+        me = uuid.uuid4().hex
+        said = False
+        while True:
+            held, token = store.read()
+            now = time.time()
+            exited = held is not None and held.exited()
+            if held is None or not held.holder or exited or now - held.heartbeat > timeout_s:
+                record = LeaseRecord(me, socket.gethostname(), os.getpid(), now, now,
+                                     (held.epoch if held else 0) + 1, purpose, _boot_id())
+                try:
+                    new = store.swap(record, token)
+                except _Conflict:
+                    continue  # someone else moved first: look again
+                if held is not None and held.holder:
+                    print(f"[quiver] took over the table's lease from a run that "
+                          f"{'exited' if exited else 'stopped beating'}: {held.describe()}",
+                          file=sys.stderr, flush=True)
+                return cls(store, record, new, held if held and held.holder else None,
+                           gone=exited)
+            if not wait:
+                raise LeaseHeldError(
+                    f"{uri} is being written by another run: {held.describe()}"
+                    + (f", {held.purpose}" if held.purpose else "") + ". Wait for it (quiver "
+                    "run --wait), or if that run is dead, run again once its heartbeat is "
+                    f"{timeout_s:.0f}s old")
+            if not said:
+                print(f"[quiver] waiting for the table's lease: {held.describe()}",
+                      flush=True, file=sys.stderr)
+                said = True
+            time.sleep(POLL_S)
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._renew()
+            except LeaseLostError as err:
+                self._lost = str(err)
+                return
+            except Exception:  # noqa: BLE001 - a failed beat is retried at the next one
+                continue
+
+    def _renew(self) -> None:
+        held, token = self._store.read()
+        if not self._mine(held):
+            raise LeaseLostError(self._lost_message(held))
+        record = LeaseRecord(**{**asdict(self.record), "heartbeat": time.time()})
+        try:
+            self._token = self._store.swap(record, token)
+        except _Conflict:
+            raise LeaseLostError(self._lost_message(self._store.read()[0])) from None
+        self.record = record
+
+    def _mine(self, held: LeaseRecord | None) -> bool:
+        return held is not None and held.holder == self.record.holder \
+            and held.epoch == self.record.epoch
+
+    def _lost_message(self, held: LeaseRecord | None) -> str:
+        who = held.describe() if held and held.holder else "nobody (it was freed)"
+        return (f"this run's lease on the table (epoch {self.record.epoch}) was taken over; "
+                f"it is now held by {who}. Nothing more is committed by this run")
+
+    def check(self) -> None:
+        """Before a commit: the lease still names this run at its epoch.
+
+        Raises:
+            LeaseLostError: it was taken over.
+        """
+        if self._lost:
+            raise LeaseLostError(self._lost)
+        held, _ = self._store.read()
+        if not self._mine(held):
+            self._lost = self._lost_message(held)
+            raise LeaseLostError(self._lost)
+
+    def orphans_before(self) -> float:
+        """Files older than this may be removed as orphans: everything when the lease
+        was free (its last holder released it) or its holder is known to have exited,
+        since nothing of theirs is in flight; after a takeover by timeout, only what the
+        silent holder wrote before its last heartbeat."""
+        if self.previous is None or self._previous_gone:
+            return time.time()
+        return self.previous.heartbeat
+
+    def release(self) -> None:
+        """Stop beating and free the lease if it is still this run's."""
+        self._stop.set()
+        self._beat.join(timeout=HEARTBEAT_S)
+        if self._lost:
+            return
+        with contextlib.suppress(_Conflict):  # freed, epoch kept: epochs only ever rise
+            held, token = self._store.read()
+            if held is not None and held.holder == self.record.holder:
+                self._store.swap(LeaseRecord("", "", 0, 0.0, 0.0, self.record.epoch), token)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,119 @@
+"""The table lease: one writing run per table, dead holders taken over, stalled holders
+kept from committing, and orphan removal limited to what no live run can still commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import lance
+import pyarrow as pa
+import pytest
+
+from operators.lease import Lease, LeaseHeldError, LeaseLostError, LeaseRecord
+from operators.write import commit, orphan_data_files, remove_orphans, write_fragments
+
+
+def _lease_file(table) -> str:
+    return str(table.parent / f".{table.name}.lease.json")
+
+
+def _pretend_held(table, *, heartbeat: float, epoch: int, pid: int = 4242) -> None:
+    """Write a lease as another run on another host would have left it."""
+    record = LeaseRecord("someone-else", "other-host", pid, heartbeat - 30, heartbeat, epoch,
+                         boot="another-boot")
+    with open(_lease_file(table), "w") as f:
+        json.dump(record.__dict__, f)
+
+
+def test_a_second_run_is_refused_with_the_holder_named(tmp_path) -> None:
+    table = tmp_path / "t.lance"
+    first = Lease.acquire(str(table), purpose="a quiver run of c.jsonl")
+    with pytest.raises(LeaseHeldError) as err:
+        Lease.acquire(str(table))
+    said = str(err.value)
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in said and "since 20" in said
+    assert "quiver run --wait" in said
+    first.release()
+    second = Lease.acquire(str(table))  # released: free again, next epoch
+    assert second.record.epoch == 2 and second.previous is None
+    second.release()
+
+
+def test_a_dead_holder_is_taken_over_and_its_late_files_are_kept(tmp_path) -> None:
+    """A holder whose heartbeat stopped more than the timeout ago is dead: the lease goes
+    to the next run at the next epoch, and orphan removal then spares every file written
+    after the dead holder's last heartbeat (it may be a stalled run's, still in flight)."""
+    table = tmp_path / "t.lance"
+    schema = pa.schema([("id", pa.string())])
+    lance.write_dataset(pa.table({"id": ["a"]}, schema=schema), str(table))
+    early = write_fragments(pa.table({"id": ["b"]}, schema=schema), str(table), schema=schema)
+    time.sleep(0.05)
+    beat = time.time()
+    time.sleep(0.05)
+    late = write_fragments(pa.table({"id": ["c"]}, schema=schema), str(table), schema=schema)
+    assert early and late and len(orphan_data_files(lance.dataset(str(table)))) == 2
+    _pretend_held(table, heartbeat=beat, epoch=7)
+    with pytest.raises(LeaseHeldError, match="pid 4242 on other-host"):
+        Lease.acquire(str(table), timeout_s=3600)  # still within its timeout
+    with Lease.acquire(str(table), timeout_s=0.01) as lease:  # long silent: taken over
+        assert lease.record.epoch == 8 and lease.previous.heartbeat == beat
+        assert remove_orphans(lance.dataset(str(table)),
+                              older_than=lease.orphans_before()) == 1
+    left = orphan_data_files(lance.dataset(str(table)))
+    assert [f.rsplit("/", 1)[-1] for f in left] == [late[0].data_files()[0].path]
+
+
+def test_a_stalled_holder_that_was_taken_over_commits_nothing(tmp_path) -> None:
+    """Run A stalls past the timeout; run B takes the lease over. A's next commit checks
+    its lease first and fails, so the table never gets A's rows."""
+    table = tmp_path / "t.lance"
+    schema = pa.schema([("id", pa.string())])
+    lance.write_dataset(pa.table({"id": ["a"]}, schema=schema), str(table))
+    stalled = Lease.acquire(str(table))
+    time.sleep(0.2)
+    taker = Lease.acquire(str(table), timeout_s=0.1)  # A's heartbeat is 0.2 s old
+    assert taker.record.epoch == stalled.record.epoch + 1
+    rows = write_fragments(pa.table({"id": ["x"]}, schema=schema), str(table), schema=schema)
+    with pytest.raises(LeaseLostError, match="was taken over"):
+        commit(str(table), rows, mode="append", schema=schema, read_version=1, job="j",
+               shards=["s"], lease=stalled)
+    assert lance.dataset(str(table)).version == 1
+    stalled.release()  # a lost lease is not released on the new holder's behalf
+    with pytest.raises(LeaseHeldError):
+        Lease.acquire(str(table))
+    commit(str(table), rows, mode="append", schema=schema, read_version=1, job="j",
+           shards=["s"], lease=taker)
+    assert lance.dataset(str(table)).count_rows() == 2
+    taker.release()
+
+
+def test_object_stores_without_conditional_writes_are_refused(tmp_path) -> None:
+    from schemas.errors import TableError
+
+    with pytest.raises(TableError, match="gs:// has none yet"):
+        Lease.acquire("gs://bucket/t.lance")
+
+
+def test_a_holder_on_this_machine_that_exited_is_taken_over_at_once(tmp_path) -> None:
+    """A killed driver on this machine leaves a fresh heartbeat but no process: its rerun
+    takes the lease at once, and every orphan may go (nothing of the dead run is in
+    flight)."""
+    import subprocess
+    import sys
+
+    from operators.lease import _boot_id
+
+    table = tmp_path / "t.lance"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    record = LeaseRecord("killed-run", socket.gethostname(), pid, time.time(), time.time(),
+                         3, boot=_boot_id())
+    with open(_lease_file(table), "w") as f:
+        json.dump(record.__dict__, f)
+    with Lease.acquire(str(table)) as lease:
+        assert lease.record.epoch == 4 and lease.previous.pid == pid
+        assert lease.orphans_before() >= record.heartbeat
