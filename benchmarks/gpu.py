@@ -273,6 +273,11 @@ def agreement(info, fp32, half, chunks, ids: list[str]) -> dict:
     a, b = fp32.embed_ids(column), half.embed_ids(column)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     beir = load_beir(_eval_folder())
+    have = set(ids)  # on a subset (the CPU fallback), the queries it can answer
+    keep = [i for i, q in enumerate(beir.ids)
+            if any(g > 0 and d in have for d, g in beir.qrels[q].items())]
+    beir = type(beir)([beir.ids[i] for i in keep], [beir.texts[i] for i in keep],
+                      {beir.ids[i]: beir.qrels[beir.ids[i]] for i in keep})
     queries = TextEncoder(fp32).encode(beir.texts)  # queries in fp32, as Quiver serves them
     doc_of = np.array(chunks.column("doc_id").to_pylist())
     scores = {}
@@ -291,7 +296,7 @@ def agreement(info, fp32, half, chunks, ids: list[str]) -> dict:
         scores[name] = score_runs(runs, beir.qrels)["ndcg@10"]
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
             "ndcg10_fp32": scores["fp32"], "ndcg10_half": scores["half"],
-            "documents": len(ids)}
+            "documents": len(ids), "queries": len(beir.ids)}
 
 
 def main() -> None:
@@ -406,7 +411,8 @@ def report(r: dict) -> None:
         lines.append((f"agreement {r['half_precision']} vs fp32",
                       f"cos {r['cosine_mean']:.6f}",
                       f"min {r['cosine_min']:.5f}; nDCG@10 {r['ndcg10_half']:.4f} vs "
-                      f"{r['ndcg10_fp32']:.4f} on {r['documents']} docs"))
+                      f"{r['ndcg10_fp32']:.4f} ({r['queries']} queries, "
+                      f"{r['documents']} docs)"))
     if r.get("gpu_memory_gib") is not None:
         lines.append(("peak GPU memory, (b)", f"{r['gpu_memory_gib']:.2f} GiB", ""))
     width = max(len(a) for a, _, _ in lines)

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=400)
     args = parser.parse_args()
     import psutil
-    from conftest import free_port, write_jsonl
+    from conftest import start_server, write_jsonl
     from tiny_model import make_tiny_model
 
     from jobs._demo import build_stdlib_corpus
@@ -72,17 +72,9 @@ def main() -> None:
                        cwd=REPO, env=env, check=True, capture_output=True)
 
     quiver_run()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--warehouse",
-                               str(work), "--port", str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/tables/docs/search"
-    for _ in range(240):
-        try:
-            _post(url, {"query": "warm up", "k": 3})
-            break
-        except OSError:
-            time.sleep(0.5)
+    server, base = start_server(work, env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    url = f"{base}/tables/docs/search"
     stop, tally = threading.Event(), {"ok": 0, "failed": 0, "errors": []}
 
     def client() -> None:

@@ -346,9 +346,12 @@ def schedule_add(
     cron: Annotated[str, typer.Option("--cron", help="5-field cron, UTC: '0 2 * * *'.")],
     warehouse: WarehouseOpt = Path("warehouse"),
     address: AddressOpt = None,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="Stop a run still going after this many seconds (recorded as "
+        "timed out; the next slot runs).")] = None,
 ) -> None:
     """Run SPEC on a cron schedule (fired by `quiver scheduler`)."""
-    s = _store(warehouse).add(name, cron, spec, address=address)
+    s = _store(warehouse).add(name, cron, spec, address=address, timeout_s=timeout)
     print(f"schedule {s.name}: '{s.cron}' runs {s.spec}"
           + (f" on {s.address}" if s.address else " locally"))
 

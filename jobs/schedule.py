@@ -8,9 +8,19 @@ the scheduler.
 Policy:
 - Cron expressions are parsed by `croniter` (5 fields, the scheduler's local time zone
   is not used: times are UTC).
-- One schedule never runs twice at once: a run holds `<name>.lock` (created with
-  O_EXCL); a due slot that finds the lock held is recorded as `skipped (still running)`.
-  A lock whose process is gone is stale and is taken over.
+- One table is never written by two schedules at once: a run holds its table's lock
+  (`table-<hash of the table path>.lock`, created with O_EXCL), so a schedule whose
+  table is busy, its own earlier run or another schedule's, records the slot as
+  `skipped (table busy)`. A lock whose process is gone is stale and is taken over. (Each
+  run also holds the table's lease, `operators.lease`, against runs from elsewhere.)
+- A slot is marked fired only once its run has started (a `started` line in the
+  history), and recorded done only with its outcome: a scheduler that dies before the
+  run starts runs that slot after its restart; one that dies mid-run leaves a `started`
+  line that the restart records as `interrupted`, and that slot runs again (a job
+  resumes exactly, so a second run of a slot is safe).
+- `timeout_s` (per schedule): a run still going then is stopped (its process group
+  killed, or the Ray job stopped), recorded as `timed out`, and the table's lock is
+  freed, so the next slot runs.
 - Missed runs: when the scheduler starts (or wakes) and one or more slots passed since the
   last one fired, the schedule runs once, not once per missed slot.
 """
@@ -25,7 +35,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from schemas.errors import SpecError
@@ -50,6 +60,18 @@ class Schedule:
     """ISO time of the last cron slot that fired (None: never)."""
     workdir: str = ""
     """Where `schedule add` ran: relative paths inside the spec resolve against it."""
+    timeout_s: float | None = None
+    """Stop a run still going after this many seconds (None: no limit)."""
+    table: str = ""
+    """The spec's table, absolute: what the run lock is taken on."""
+
+    def lock_name(self) -> str:
+        """The run lock's name: per table, so two schedules of one table never overlap."""
+        import hashlib
+
+        if not self.table:
+            return self.name
+        return "table-" + hashlib.sha256(self.table.encode()).hexdigest()[:16]
 
 
 def _now() -> datetime:
@@ -99,14 +121,18 @@ class ScheduleStore:
         os.replace(tmp, self._schedules_path)
 
     def add(self, name: str, cron: str, spec: Path, *, address: str | None = None,
-            now: datetime | None = None) -> Schedule:
+            now: datetime | None = None, timeout_s: float | None = None) -> Schedule:
         if not NAME.match(name):
             raise SpecError(f"schedule name {name!r}: use letters, digits, '.', '_', '-'")
         if not spec.is_file():
             raise SpecError(f"{spec}: spec file not found")
         from schemas.spec import load_spec
 
-        load_spec(spec)  # a bad spec fails now, not at 2 a.m.
+        table = load_spec(spec).table  # a bad spec fails now, not at 2 a.m.
+        if "://" not in table:
+            table = str((Path.cwd() / table).resolve())
+        if timeout_s is not None and timeout_s <= 0:
+            raise SpecError(f"--timeout {timeout_s}: must be a positive number of seconds")
         with self._lock:
             schedules = self.load()
             if name in schedules:
@@ -114,7 +140,7 @@ class ScheduleStore:
             created = _iso(now or _now())
             schedules[name] = Schedule(name, check_cron(cron), str(spec.resolve()), address,
                                        created=created, last_slot=created,
-                                       workdir=os.getcwd())
+                                       workdir=os.getcwd(), timeout_s=timeout_s, table=table)
             self._save(schedules)
             return schedules[name]
 
@@ -143,6 +169,12 @@ class ScheduleStore:
             return []
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
+        # A run writes a `started` line, then its outcome; once the outcome is there, the
+        # run is that one line (a `started` line alone is a run still going, or cut off).
+        done = {(r["schedule"], r["slot"], r.get("pid")) for r in rows
+                if r.get("status") != "started"}
+        rows = [r for r in rows if r.get("status") != "started"
+                or (r["schedule"], r["slot"], r.get("pid")) not in done]
         return [r for r in rows if name is None or r["schedule"] == name]
 
     # -- the per-schedule run lock --------------------------------------------------------
@@ -218,31 +250,57 @@ class Scheduler:
         self.runner = runner
         self.clock = clock
         self.threads: list[threading.Thread] = []
+        self._recovered = False
 
     def tick(self) -> list[str]:
         """Start every due schedule; returns the names started."""
         now = self.clock()
         started = []
+        if not self._recovered:
+            self._record_interrupted()
         for schedule in self.store.load().values():
             slot = due_slot(schedule, now)
             if slot is None:
                 continue
-            self.store.mark_fired(schedule.name, slot)
-            if not self.store.try_lock(schedule.name):
+            if not self.store.try_lock(schedule.lock_name()):
+                self.store.mark_fired(schedule.name, slot)  # this slot is over: skipped
                 self.store.record({"schedule": schedule.name, "slot": _iso(slot),
-                                   "started": _iso(now), "status": "skipped (still running)"})
+                                   "started": _iso(now), "status": "skipped (table busy)"})
                 continue
             thread = threading.Thread(target=self._run, args=(schedule, slot), daemon=True)
             self.threads.append(thread)
-            thread.start()
+            try:
+                thread.start()
+            except BaseException:
+                self.store.unlock(schedule.lock_name())  # not started: the slot stays due
+                raise
             started.append(schedule.name)
         return started
 
+    def _record_interrupted(self) -> None:
+        """Runs a previous scheduler process started but never finished (it died): their
+        `started` lines get an `interrupted` outcome, once."""
+        self._recovered = True
+        for h in self.store.history():  # `started` lines left have no outcome
+            if h.get("status") == "started" and h.get("pid") != os.getpid():
+                self.store.record({**h, "status": "interrupted",
+                                   "error": "the scheduler stopped while this run was going; "
+                                            "its slot runs again"})
+                # due again: the job resumes exactly, so running the slot once more is safe
+                self.store.mark_fired(h["schedule"], datetime.fromisoformat(h["slot"])
+                                      - timedelta(seconds=1))
+
     def _run(self, schedule: Schedule, slot: datetime) -> None:
-        entry = {"schedule": schedule.name, "slot": _iso(slot), "started": _iso(self.clock())}
+        entry = {"schedule": schedule.name, "slot": _iso(slot), "started": _iso(self.clock()),
+                 "pid": os.getpid()}
         try:
+            self.store.record({**entry, "status": "started"})
+            self.store.mark_fired(schedule.name, slot)  # only now that the run has begun
             entry["summary"] = self.runner(schedule)
             entry["status"] = "succeeded"
+        except TimeoutError as err:
+            entry["status"] = "timed out"
+            entry["error"] = str(err)
         except Exception as err:  # noqa: BLE001 - a failed run is history, not a crash
             entry["status"] = "failed"
             entry["error"] = f"{type(err).__name__}: {err}"
@@ -250,7 +308,7 @@ class Scheduler:
         finally:
             entry["ended"] = _iso(self.clock())
             self.store.record(entry)
-            self.store.unlock(schedule.name)
+            self.store.unlock(schedule.lock_name())
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the runs started so far (tests, and a clean shutdown)."""
@@ -266,30 +324,54 @@ class Scheduler:
             stop.wait(poll_s)
 
 
-def default_runner(default_address: str | None = None) -> Runner:
-    """Run locally in a subprocess (`quiver run`), or submit to the schedule's address."""
+def default_runner(default_address: str | None = None, *,
+                   command: Callable[[Schedule], list[str]] | None = None) -> Runner:
+    """Run locally in a subprocess (`quiver run`), or submit to the schedule's address.
+    `command` replaces the local command line (tests: a run that hangs)."""
     import subprocess
     import sys
 
     def run(schedule: Schedule) -> dict:
         address = schedule.address or default_address
+        limit = schedule.timeout_s
         if address:
+            import time
+
             from jobs import submit as sub
 
-            job_id = sub.submit(schedule.spec, address=address)
+            job_id = sub.submit(schedule.spec, address=address,
+                                base=Path(schedule.workdir) if schedule.workdir else None)
+            deadline = None if limit is None else time.monotonic() + limit
             for _ in sub.follow(address, job_id, poll_s=5.0):
-                pass
+                if deadline is not None and time.monotonic() > deadline:
+                    sub.stop(address, job_id)
+                    raise TimeoutError(f"job {job_id} ran past its timeout of {limit:g}s; "
+                                       "stopped")
             status = sub.status(address, job_id)
             if status["status"] != "SUCCEEDED":
                 raise RuntimeError(f"job {job_id} ended {status['status']}: "
                                    f"{status['message']}")
             return status
-        out = subprocess.run([sys.executable, "-m", "jobs.cli", "run", schedule.spec, "--json"],
-                             capture_output=True, text=True, check=False,
-                             cwd=schedule.workdir or None)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip()
-                               else f"exit code {out.returncode}")
-        return json.loads(out.stdout)
+        import signal
+
+        argv = command(schedule) if command else [sys.executable, "-m", "jobs.cli", "run",
+                                                   schedule.spec, "--json"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=schedule.workdir or None,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # the run and the Ray it started
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+            raise TimeoutError(f"ran past its timeout of {limit:g}s; stopped") from None
+        if proc.returncode != 0:
+            raise RuntimeError(stderr.strip().splitlines()[-1] if stderr.strip()
+                               else f"exit code {proc.returncode}")
+        return json.loads(stdout)
 
     return run

@@ -78,10 +78,11 @@ def entry_python(address: str, python: str | None = None) -> str:
 
 
 def submit(spec_path: str | Path, *, address: str, submission_id: str | None = None,
-           python: str | None = None) -> str:
-    """Submit a spec; returns the job's submission id."""
+           python: str | None = None, base: Path | None = None) -> str:
+    """Submit a spec; returns the job's submission id. Relative source and table paths
+    resolve against `base` (a schedule's workdir), else this process's directory."""
     spec = load_spec(spec_path)
-    data = resolved_spec(spec, base=Path.cwd())
+    data = resolved_spec(spec, base=base or Path.cwd())
     workdir = Path(tempfile.mkdtemp(prefix="quiver-submit-"))
     (workdir / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     runtime_env = {"working_dir": str(workdir),

@@ -126,6 +126,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_server(warehouse: Path, env: dict[str, str], **popen) -> tuple[object, str]:
+    """`quiver serve --warehouse DIR` on a free 127.0.0.1 port, once `/health` answers:
+    (the process, its base URL). Fails with the server's output if it never does."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--warehouse",
+                             str(warehouse), "--port", str(port)], cwd=REPO, env=env,
+                            **({"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+                               | popen))
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return proc, base
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    out = proc.stdout.read().decode()[-2000:] if proc.stdout else ""
+    raise RuntimeError(f"quiver serve never answered /health: {out}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The random one-layer model folder (hidden 32) with MiniLM's tokenizer."""

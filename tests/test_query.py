@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lance
 import pytest
-from conftest import REPO, free_port, write_jsonl
+from conftest import REPO, free_port, start_server, write_jsonl
 
 from jobs._embed_job import run_embed
 from jobs.api import info, open_table
@@ -168,21 +168,11 @@ def _call(url: str, body: object | None = None, token: str | None = None,
 @pytest.fixture(scope="module")
 def server(warehouse):
     root, _ = warehouse
-    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUIVER_TOKEN": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--warehouse",
-                             str(root), "--port", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if _call(f"{base}/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(proc.stdout.read().decode()[-2000:])
+    try:
+        proc, base = start_server(root, env)
+    except RuntimeError as err:
+        pytest.fail(str(err))
     yield base
     proc.terminate()
     proc.wait(timeout=30)

@@ -68,10 +68,12 @@ def test_a_running_schedule_is_not_started_again(tmp_path, spec) -> None:
     assert sched.tick() == ["often"]
     clock.t += timedelta(minutes=5)
     assert sched.tick() == []                       # still running: skipped, recorded
+    assert [h["status"] for h in store.history("often")] == ["started",
+                                                             "skipped (table busy)"]
     release.set()
     sched.wait()
     statuses = [h["status"] for h in store.history("often")]
-    assert statuses == ["skipped (still running)", "succeeded"]
+    assert statuses == ["skipped (table busy)", "succeeded"]
     clock.t += timedelta(minutes=5)
     assert sched.tick() == ["often"]                # the lock was released
     sched.wait()
@@ -80,7 +82,7 @@ def test_a_running_schedule_is_not_started_again(tmp_path, spec) -> None:
 def test_failures_are_history_and_stale_locks_are_taken_over(tmp_path, spec) -> None:
     store = ScheduleStore(tmp_path / "wh")
     store.add("flaky", "0 * * * *", spec, now=T0)
-    (store.root / "flaky.lock").write_text("999999999")  # a crashed run's lock
+    (store.root / f"{store.load()['flaky'].lock_name()}.lock").write_text("999999999")
     clock = Clock(T0 + timedelta(hours=1))
 
     def boom(_):
@@ -142,3 +144,74 @@ def test_a_schedule_runs_a_real_job(tmp_path, stdlib_docs, tiny_model) -> None:
     assert entry["summary"]["chunks"] == lance.dataset(str(tmp_path / "out/t.lance")).count_rows()
     listed = json.loads(cli("schedule", "history", "docs", "--warehouse", "wh", "--json").stdout)
     assert listed[0]["status"] == "succeeded"
+
+
+def test_a_scheduler_killed_as_a_run_starts_runs_that_slot_after_restart(tmp_path,
+                                                                          spec) -> None:
+    """The scheduler process is SIGKILLed at the moment its run starts (after the slot
+    was marked): the restarted scheduler records the run as interrupted and runs the
+    slot again, taking over the dead process's lock."""
+    from conftest import REPO
+
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("nightly", "0 2 * * *", spec, now=T0)
+    due = T0 + timedelta(minutes=31)
+    script = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from datetime import datetime\n"
+        "from pathlib import Path\n"
+        "from jobs.schedule import Scheduler, ScheduleStore\n"
+        f"store = ScheduleStore(Path({str(tmp_path / 'wh')!r}))\n"
+        "def die(_):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"sched = Scheduler(store, die, lambda: datetime.fromisoformat({due.isoformat()!r}))\n"
+        "sched.tick(); sched.wait()\n")
+    killed = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert killed.returncode == -9
+    assert [h["status"] for h in store.history("nightly")] == ["started"]
+    ran = []
+    restarted = Scheduler(ScheduleStore(tmp_path / "wh"),
+                          lambda s: ran.append(s.name) or {"ok": 1}, Clock(due))
+    assert restarted.tick() == ["nightly"]
+    restarted.wait()
+    assert ran == ["nightly"]
+    assert [h["status"] for h in store.history("nightly")] == ["interrupted", "succeeded"]
+    assert restarted.tick() == []  # and only once
+
+
+def test_a_run_past_its_timeout_is_stopped_and_the_next_slot_runs(tmp_path, spec) -> None:
+    """A run that hangs is killed at the schedule's timeout and recorded as timed out; the
+    table's lock is free again, so the next slot runs."""
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("hourly", "0 * * * *", spec, now=T0, timeout_s=1.0)
+    hang = [sys.executable, "-c", "import time; time.sleep(120)"]
+    quick = [sys.executable, "-c", "print('{\"ok\": 1}')"]
+    commands = iter([hang, quick])
+    clock = Clock(T0 + timedelta(hours=1))
+    sched = Scheduler(store, default_runner(command=lambda s: next(commands)), clock)
+    started = datetime.now(UTC)
+    assert sched.tick() == ["hourly"]
+    sched.wait(60)
+    assert (datetime.now(UTC) - started).total_seconds() < 30
+    clock.t += timedelta(hours=1)
+    assert sched.tick() == ["hourly"]  # not "skipped": the hung run's lock was freed
+    sched.wait(60)
+    history = store.history("hourly")
+    assert [h["status"] for h in history] == ["timed out", "succeeded"]
+    assert "timeout of 1s" in history[0]["error"] and history[1]["summary"] == {"ok": 1}
+
+
+def test_two_schedules_of_one_table_never_overlap(tmp_path, spec) -> None:
+    """The run lock is per table: a second schedule writing the same table skips its slot
+    while the first one runs."""
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("a", "*/5 * * * *", spec, now=T0)
+    store.add("b", "*/5 * * * *", spec, now=T0)
+    release = threading.Event()
+    sched = Scheduler(store, lambda s: release.wait(30) and {}, Clock(T0 + timedelta(minutes=5)))
+    assert len(sched.tick()) == 1
+    release.set()
+    sched.wait()
+    statuses = sorted(h["status"] for h in store.history())
+    assert statuses == ["skipped (table busy)", "succeeded"]
