@@ -17,9 +17,9 @@ words. It prints tokens/s of each, b/a, b/c, t, the actor's own time outside the
 per million tokens ((b) - (c)), peak GPU memory, and agreement with fp32: cosine by chunk
 id and SciFact nDCG@10 (documents scored by their best chunk, exact search).
 
-Without CUDA it runs its CPU fallback (fp32 against bf16 autocast, one torch thread as
-in a CPU actor, 100 documents and 200 synthetic ones, one run each) in about a minute,
-so it cannot rot.
+Without CUDA it runs its CPU fallback (fp32 against bf16 autocast, 60 documents and 100
+synthetic ones, one run each) in about a minute, so it cannot rot; `--speed-only` runs
+one torch thread, as a CPU actor does.
 
     python benchmarks/gpu.py                    # the bundled all-MiniLM-L6-v2
     python benchmarks/gpu.py --random-weights   # same architecture from its config
@@ -207,7 +207,7 @@ def bare_batches(embedder, blocks: list) -> list:
         for batch in token_budget_batches(lengths.tolist(), batch_tokens=embedder.batch_tokens):
             width = int(lengths[batch].max())
             ids = np.full((len(batch), width), embedder.pad_id, np.int64)
-            mask = np.zeros((len(batch), width), np.int64)
+            mask = np.zeros((len(batch), width), bool)  # the embedder's mask: bool
             for row, i in enumerate(batch):  # setup, not timed
                 ids[row, :lengths[i]] = values[offsets[i]:offsets[i + 1]]
                 mask[row, :lengths[i]] = 1
@@ -306,9 +306,9 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=REPO,
                         help="the Quiver checkout whose operators are measured")
     parser.add_argument("--limit", type=int, help="SciFact documents (default: all on a "
-                        "GPU, 100 on CPU)")
+                        "GPU, 60 on CPU)")
     parser.add_argument("--synthetic", type=int, help="synthetic chunks (default: 200000 "
-                        "on a GPU, 200 on CPU)")
+                        "on a GPU, 100 on CPU)")
     parser.add_argument("--runs", type=int, help="runs per measure, median (default: 3 on "
                         "a GPU, 1 on CPU)")
     parser.add_argument("--speed-only", action="store_true",
@@ -324,10 +324,10 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    if not cuda:
-        torch.set_num_threads(1)  # a CPU actor runs one torch thread
-    limit = args.limit if args.limit is not None else (None if cuda else 100)
-    n_synth = args.synthetic if args.synthetic is not None else (200_000 if cuda else 200)
+    if not cuda and args.speed_only:
+        torch.set_num_threads(1)  # the actor's own time, as in a one-thread CPU actor
+    limit = args.limit if args.limit is not None else (None if cuda else 60)
+    n_synth = args.synthetic if args.synthetic is not None else (200_000 if cuda else 100)
     runs = args.runs or (3 if cuda else 1)
     info = describe_model(_spec(args.model))
     if args.random_weights:

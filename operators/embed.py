@@ -357,7 +357,7 @@ class Embedder:
             # mask is built on the device from the lengths (a fraction of the bytes)
             ids, row_lengths = self._staging.put(self.pad_id, rows, offsets, values, lengths,
                                                  width)
-            mask = (torch.arange(width, device=ids.device) < row_lengths[:, None]).long()
+            mask = torch.arange(width, device=ids.device) < row_lengths[:, None]  # bool
         else:
             ids_np, real = pad_rows(rows, offsets, values, lengths, width, pad_id=self.pad_id)
             ids, mask = torch.from_numpy(ids_np), torch.from_numpy(real)  # bool mask
