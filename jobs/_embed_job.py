@@ -571,7 +571,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
         written = ds.map_batches(
             write_shard_fragments, fn_kwargs=dict(
                 uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
-                storage_options=opts),
+                storage_options=opts, replace=not appending),
             # A reindex commits once at the end, so its writes gather rows (few tasks
             # for the many small blocks of changed chunks); a build writes as blocks come.
             batch_size=_write_rows(spec, layout.rows_per_block)

@@ -100,9 +100,10 @@ MIN_ROWS_PER_WRITE = 10_000
 
 
 def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
-                          max_rows_per_file: int,
-                          storage_options: dict[str, str]) -> pa.Table:
-    """Write a batch of embedded rows as uncommitted fragments, one set per shard.
+                          max_rows_per_file: int, storage_options: dict[str, str],
+                          replace: bool = False) -> pa.Table:
+    """Write a batch of embedded rows as uncommitted fragments, one set per shard
+    (`replace`: for a table the job's commit replaces, whose schema may differ).
 
     A fragment never holds rows of two shards, so the driver can commit a shard's
     fragments as soon as all of that shard's rows are written, and a resumed job that
@@ -115,7 +116,7 @@ def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
         started = time.perf_counter()
         fragments = write_fragments(rows.select(schema.names).cast(schema), uri,
                                     schema=schema, max_rows_per_file=max_rows_per_file,
-                                    storage_options=storage_options)
+                                    storage_options=storage_options, replace=replace)
         seconds: Counter[str] = Counter(stage_totals(rows))
         seconds["write"] = time.perf_counter() - started
         out.append({

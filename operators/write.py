@@ -29,10 +29,15 @@ SHARDS_KEY = "quiver.shards"
 
 def write_fragments(table: pa.Table, uri: str | Path, *, schema: pa.Schema,
                     max_rows_per_file: int = 200_000,
-                    storage_options: Mapping[str, str] | None = None) -> list[FragmentMetadata]:
+                    storage_options: Mapping[str, str] | None = None,
+                    replace: bool = False) -> list[FragmentMetadata]:
     """Write rows as uncommitted Lance fragments and return their metadata.
 
     The table is cast to `schema` first so every fragment matches the dataset exactly.
+    `replace` is for fragments an Overwrite will commit (a new table, `write.mode:
+    overwrite`, a cut-over): they take `schema`'s own field ids rather than being checked
+    against the table that is there now, whose schema may differ (an older layout, other
+    codecs).
     """
     if table.num_rows == 0:
         return []
@@ -40,6 +45,7 @@ def write_fragments(table: pa.Table, uri: str | Path, *, schema: pa.Schema,
     return lance.fragment.write_fragments(
         table, str(uri), schema=schema, max_rows_per_file=max_rows_per_file,
         storage_options=dict(storage_options) if storage_options else None,
+        mode="overwrite" if replace else "append",
     )
 
 

@@ -309,3 +309,21 @@ def test_precision_is_recorded_not_compared(tmp_path, yearly, tiny_model, ray_lo
     assert after.embedding_fingerprint() == before.embedding_fingerprint()
     again = run_embed(fp32)
     assert again.model_loads == 0 and again.commits == 0 and again.tokens == 0
+
+
+def test_overwrite_replaces_a_table_of_another_layout(tmp_path, yearly, tiny_model,
+                                                      ray_local) -> None:
+    """`write.mode: overwrite` over a table whose schema differs (here one written before
+    `doc_hash` existed, as `make demo` found on a machine that had run an older Quiver):
+    the new fragments are written against the new schema, not checked against the old
+    table's, and the table is replaced whole."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", yearly)
+    table = tmp_path / "t.lance"
+    run_embed(parse_spec(_tiny_spec(corpus, table, tiny_model)))
+    before = sorted(_rows(table, []))
+    lance.dataset(str(table)).drop_columns(["doc_hash"])  # the old layout
+    summary = run_embed(parse_spec(_tiny_spec(corpus, table, tiny_model, mode="overwrite")))
+    ds = lance.dataset(str(table))
+    assert "doc_hash" in ds.schema.names and summary.chunks == len(before)
+    assert sorted(_rows(table, ["doc_hash"])) == before
+    assert all(r["doc_hash"] is not None for r in _rows(table, ["doc_hash"]).values())
