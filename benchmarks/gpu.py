@@ -319,7 +319,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from operators.embed import Embedder
+    from operators.embed import CPU_ROWS_PER_BLOCK, GPU_BATCHES_PER_BLOCK, Embedder
     from operators.model import describe_model
 
     cuda = torch.cuda.is_available()
@@ -352,7 +352,8 @@ def main() -> None:
     tokens = int(pc.sum(pc.list_value_length(chunks.column("input_ids"))).as_py())
     precision = "bf16"  # on a GPU: bf16 weights where supported, else fp16
     embedder = Embedder(info, precision=precision if cuda else "fp32", device=device)
-    rows = 8 * embedder.batch_tokens // info.max_tokens if cuda else 128  # jobs._layout
+    rows = GPU_BATCHES_PER_BLOCK * embedder.batch_tokens // info.max_tokens if cuda \
+        else CPU_ROWS_PER_BLOCK  # as jobs._layout.rows_per_block sizes an actor's blocks
     blocks = blocks_of(chunks, rows)
     time_embedder(embedder, blocks[:2])  # warm-up
     if cuda:

@@ -5,16 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from operators.embed import DEFAULT_BATCH_TOKENS
+from operators.embed import CPU_ROWS_PER_BLOCK, DEFAULT_BATCH_TOKENS, GPU_BATCHES_PER_BLOCK
 from schemas.spec import JobSpec
-
-CPU_ROWS_PER_BLOCK = 128
-"""Chunks a CPU actor gets at once: small blocks keep every actor busy to the end, and
-128 still leaves padding at 3-5% on SciFact."""
-GPU_BATCHES_PER_BLOCK = 8
-"""Full-width token budgets in a GPU actor's block: the host pads batch k+1 while the
-device runs batch k, and the block's one sync and one copy back are spread over many
-forward passes (at 256-token chunks and the 32,768-token GPU budget: 1,024 rows)."""
 
 
 def rows_per_block(spec: JobSpec, *, gpu: bool, chunk_tokens: int) -> int:

@@ -113,6 +113,19 @@ class _Conflict(Exception):
     """A compare-and-swap lost the race; read again."""
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if missing; its folder too), across
+    processes on a local or NFS disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class _LocalStore:
     """The lease file beside a local table; swaps under an `flock` of a lock file."""
 
@@ -120,15 +133,8 @@ class _LocalStore:
         self.path = table.parent / f".{table.name}.lease.json"
         self._lock = table.parent / f".{table.name}.lease-lock"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self):
+        return file_lock(self._lock)
 
     def read(self) -> tuple[LeaseRecord | None, Any]:
         try:

@@ -9,9 +9,7 @@ is what lets a killed job resume without redoing or duplicating work.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
@@ -62,14 +60,11 @@ def _writers_lock(uri: str | Path) -> Iterator[None]:
     if "://" in uri and not uri.startswith("file://"):
         yield
         return
+    from operators.lease import file_lock
+
     path = Path(uri.removeprefix("file://")).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent / f".{path.name}.commit-lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(path.parent / f".{path.name}.commit-lock"):
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
