@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -43,26 +43,35 @@ def _offsets_and_values(input_ids) -> tuple[np.ndarray, np.ndarray]:
     return offsets, input_ids.values.to_numpy(zero_copy_only=False)
 
 
-def token_budget_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
-    """Group row indices, longest first, so each batch's padded size fits the budget.
+def budget_cuts(lengths: np.ndarray, *, batch_tokens: int
+                ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Row order, longest first, and the (start, stop) of each batch in that order, so
+    each batch's padded size fits the budget. Sorted, a batch led by a row of width w
+    holds budget // w rows, so the loop runs once per batch, not per row; a single row
+    longer than the budget still gets a batch of its own.
 
-    A single input longer than the budget still gets a batch of its own.
+    >>> budget_cuts(np.array([5, 1, 3, 4]), batch_tokens=8)
+    (array([0, 3, 2, 1]), [(0, 1), (1, 3), (3, 4)])
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    widths = np.asarray(lengths)[order]
+    cuts, start, n = [], 0, len(order)
+    while start < n:
+        width = int(widths[start])
+        stop = n if width == 0 else min(n, start + max(1, batch_tokens // width))
+        cuts.append((start, stop))
+        start = stop
+    return order, cuts
+
+
+def token_budget_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[list[int]]:
+    """Row indices per batch, longest first (`budget_cuts` as lists).
 
     >>> token_budget_batches([5, 1, 3, 4], batch_tokens=8)
     [[0], [3, 2], [1]]
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]  # longest comes first
-        if current and (len(current) + 1) * width > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    order, cuts = budget_cuts(np.asarray(lengths, np.int64), batch_tokens=batch_tokens)
+    return [order[a:b].tolist() for a, b in cuts]
 
 
 def pool(hidden, mask, *, mode: Pooling):
@@ -166,79 +175,101 @@ def pick_device(device: Device) -> str:
     return device
 
 
-def pad_rows(rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
-             lengths: np.ndarray, width: int, *, pad_id: int,
-             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Some rows of a list column as one right-padded (rows, width) int64 matrix, cut
-    from its offsets and values in a few numpy steps (into `out` when given), and the
-    (rows, width) mask of real tokens.
+class PaddedBlock:
+    """A block's token ids padded once, for all its batches: each batch's right-padded
+    (rows, width) matrix lies in one flat buffer after the previous one, with a flat
+    mask of real tokens beside it. Built in a fixed number of numpy steps over the whole
+    block (no loop per row, none per batch), so a batch is two views; a GPU actor copies
+    the whole block to the device in one go.
 
     >>> o, v = _offsets_and_values([[1, 2, 3], [4], [5, 6]])
-    >>> ids, real = pad_rows(np.array([0, 2]), o, v, np.diff(o), 3, pad_id=0)
-    >>> ids.tolist(), real.sum(axis=1).tolist()
-    ([[1, 2, 3], [5, 6, 0]], [3, 2])
+    >>> b = PaddedBlock(o, v, batch_tokens=4, pad_id=0)
+    >>> [(rows.tolist(), ids.tolist()) for rows, ids, _ in b.batches(b.ids, b.real)]
+    [([0], [[1, 2, 3]]), ([2, 1], [[5, 6], [4, 0]])]
     """
-    real = np.arange(width) < lengths[rows][:, None]  # (rows, width)
-    ids = np.full((len(rows), width), pad_id, np.int64) if out is None else out
-    if out is not None:
-        ids.fill(pad_id)
-    where = offsets[rows][:, None] + np.arange(width)
-    ids[real] = values[where[real]]
-    return ids, real
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray, *, batch_tokens: int,
+                 pad_id: int,
+                 buffers: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+                 ) -> None:
+        lengths = np.diff(offsets)
+        self.order, self.cuts = budget_cuts(lengths, batch_tokens=batch_tokens)
+        sorted_lengths = lengths[self.order]
+        first = np.array([a for a, _ in self.cuts], np.int64)
+        rows_in = np.array([b - a for a, b in self.cuts], np.int64)
+        self.widths = sorted_lengths[first] if len(first) else first
+        self.starts = np.concatenate([[0], np.cumsum(rows_in * self.widths)])
+        size = int(self.starts[-1])
+        batch_of = np.repeat(np.arange(len(self.cuts)), rows_in)  # per sorted row
+        row_start = (self.starts[:-1][batch_of]
+                     + (np.arange(len(self.order)) - first[batch_of]) * self.widths[batch_of])
+        total = int(sorted_lengths.sum())
+        within = np.arange(total) - np.repeat(np.cumsum(sorted_lengths) - sorted_lengths,
+                                              sorted_lengths)
+        dest = np.repeat(row_start, sorted_lengths) + within
+        ids, real = ((np.empty(size, np.int64), np.empty(size, bool)) if buffers is None
+                     else buffers(size))
+        self.ids, self.real = ids[:size], real[:size]
+        self.ids.fill(pad_id)
+        self.real.fill(False)
+        self.ids[dest] = values[np.repeat(offsets[self.order], sorted_lengths) + within]
+        self.real[dest] = True
+
+    def batches(self, ids, real) -> Iterator[tuple[np.ndarray, Any, Any]]:
+        """(row indices, (rows, width) ids, mask) per batch, as views of flat `ids` and
+        `real` laid out as this block's (numpy arrays, or their copies on a device)."""
+        for (a, b), width, start in zip(self.cuts, self.widths, self.starts[:-1], strict=True):
+            shape = (b - a, int(width))
+            stop = start + shape[0] * shape[1]
+            yield self.order[a:b], ids[start:stop].reshape(shape), real[start:stop].reshape(shape)
 
 
 class PinnedStaging:
-    """Two pinned host buffers that batches are padded into and copied to the GPU from
-    without waiting (`non_blocking`), so the next batch is built while the device runs
-    the current one. A buffer is reused only once its last copy has finished (a CUDA
-    event), and grows when a batch needs more room.
+    """The pinned host buffer a GPU actor pads each block into, and the block's copy to
+    the device: ids and mask go over in one `non_blocking` copy each per block, and the
+    batches are views of them there. The buffer is reused for the next block only once
+    its copy has finished (a CUDA event), and grows when a block needs more room.
 
-    The copies stay on the compute stream: a 32k-token batch is 256 KB, microseconds
-    over PCIe, so a side stream would overlap almost nothing. What matters is that the
-    host never waits for the device inside a block. On a CPU device (the tests) the
-    same code runs with plain buffers and no events.
+    One copy per block, on the compute stream: a 1,024-row block of 256-token chunks is
+    2 MB of ids, well under a millisecond over PCIe, against the block's forward passes
+    that follow it, so a side stream would overlap almost nothing. What matters is that
+    the host never waits for the device inside a block. On a CPU device (the tests) the
+    same code runs with a plain buffer and no events.
     """
 
     def __init__(self, device: str) -> None:
         self.device = device
         self._cuda = device.startswith("cuda")
-        self._ids: list[Any] = [None, None]
-        self._lengths: list[Any] = [None, None]
-        self._copied: list[Any] = [None, None]
-        self._next = 0
+        self._ids: Any = None
+        self._real: Any = None
+        self._copied: Any = None
 
-    def put(self, pad_id: int, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
-            lengths: np.ndarray, width: int) -> tuple[Any, Any]:
-        """The rows' padded ids and their lengths, on the device (copies queued)."""
+    def buffers(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host buffers for at least `size` ids and mask values, free to write into."""
         import torch
 
-        slot, self._next = self._next, 1 - self._next
-        if self._copied[slot] is not None:
-            self._copied[slot].synchronize()  # its previous batch has left the buffer
-        size = len(rows) * width
-        if self._ids[slot] is None or self._ids[slot].numel() < size:
-            self._ids[slot] = self._buffer(size)
-        if self._lengths[slot] is None or self._lengths[slot].numel() < len(rows):
-            self._lengths[slot] = self._buffer(len(rows))
-        host_ids = self._ids[slot][:size].view(len(rows), width)
-        pad_rows(rows, offsets, values, lengths, width, pad_id=pad_id, out=host_ids.numpy())
-        # (the mask is not copied: the caller builds it on the device from the lengths)
-        host_lengths = self._lengths[slot][:len(rows)]
-        host_lengths.numpy()[:] = lengths[rows]
-        if not self._cuda:  # the buffer is the tensor: hand out copies it can outlive
-            return host_ids.clone(), host_lengths.clone()
-        ids = host_ids.to(self.device, non_blocking=True)
-        row_lengths = host_lengths.to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._copied[slot] = event
-        return ids, row_lengths
+        if self._copied is not None:
+            self._copied.synchronize()  # the last block's copies have left the buffers
+            self._copied = None
+        if self._ids is None or self._ids.numel() < size:
+            self._ids = torch.empty(max(size, 1), dtype=torch.int64)
+            self._real = torch.empty(max(size, 1), dtype=torch.bool)
+            if self._cuda:
+                self._ids, self._real = self._ids.pin_memory(), self._real.pin_memory()
+        return self._ids.numpy(), self._real.numpy()
 
-    def _buffer(self, size: int):
+    def to_device(self, ids: np.ndarray, real: np.ndarray) -> tuple[Any, Any]:
+        """The block's flat ids and mask (views of `buffers`), on the device (queued)."""
         import torch
 
-        buffer = torch.empty(max(size, 1), dtype=torch.int64)
-        return buffer.pin_memory() if self._cuda else buffer
+        host_ids, host_real = torch.from_numpy(ids), torch.from_numpy(real)
+        if not self._cuda:  # the buffers are the tensors: hand out copies they outlive
+            return host_ids.clone(), host_real.clone()
+        on_device = (host_ids.to(self.device, non_blocking=True),
+                     host_real.to(self.device, non_blocking=True))
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return on_device
 
 
 class Embedder:
@@ -313,30 +344,38 @@ class Embedder:
                  ) -> Iterator[tuple[np.ndarray, Any]]:
         """Yield (row indices, pooled vectors on the device) per token-budget batch.
 
-        Padded (batch, width) ids are cut straight from the list column's offsets and
-        values: a Python loop per row is what a GPU would wait on. Nothing here waits
-        for the GPU: batches queue on the device while the next one is padded, and the
-        caller syncs once per block. A batch that runs out of GPU memory is halved and
-        retried, and the budget halved for the batches after it (`_halve_budget`); a
-        single row that does not fit still fails.
+        The block is padded once, straight from the list column's offsets and values
+        (`PaddedBlock`): a Python loop per row, or numpy work per batch, is what a GPU
+        would wait on. On a GPU the padded block goes over in one copy, and nothing here
+        waits for the device: batches queue on it and the caller syncs once per block. A
+        batch that runs out of GPU memory is halved and retried, and the budget halved
+        for the blocks after it (`_halve_budget`); a single row that does not fit still
+        fails.
         """
         import torch
 
         offsets, values = _offsets_and_values(input_ids)
-        lengths = np.diff(offsets)  # (rows,)
+        staging = self._staging
+        block = PaddedBlock(offsets, values, batch_tokens=self.batch_tokens, pad_id=self.pad_id,
+                            buffers=None if staging is None else staging.buffers)
+        if staging is None:
+            ids, real = torch.from_numpy(block.ids), torch.from_numpy(block.real)
+        else:
+            ids, real = staging.to_device(block.ids, block.real)
         with torch.inference_mode():
-            for batch in token_budget_batches(lengths.tolist(), batch_tokens=self.batch_tokens):
-                todo = [np.asarray(batch)]
+            for batch in block.batches(ids, real):
+                todo = [batch]
                 while todo:
-                    rows = todo.pop()
+                    rows, batch_ids, mask = todo.pop()
                     try:
-                        vectors = self._batch(rows, offsets, values, lengths)
+                        vectors = self._batch(batch_ids, mask)
                     except torch.cuda.OutOfMemoryError:
                         if len(rows) == 1:
                             raise
-                        self._halve_budget(len(rows), int(lengths[rows].max()) * len(rows))
-                        half = len(rows) // 2
-                        todo += [rows[half:], rows[:half]]  # the first half runs first
+                        self._halve_budget(len(rows), batch_ids.numel())
+                        h = len(rows) // 2  # the first half runs first
+                        todo += [(rows[h:], batch_ids[h:], mask[h:]),
+                                 (rows[:h], batch_ids[:h], mask[:h])]
                         continue
                     yield rows, vectors
 
@@ -353,24 +392,14 @@ class Embedder:
         print(f"[quiver] embed: out of GPU memory on a batch of {rows} rows; retrying it in "
               f"halves, batch_tokens now {self.batch_tokens}", file=sys.stderr, flush=True)
 
-    def _batch(self, rows: np.ndarray, offsets: np.ndarray, values: np.ndarray,
-               lengths: np.ndarray):
-        """Pooled vectors of some rows, on the device, in fp32.
+    def _batch(self, ids, mask):
+        """Pooled vectors of one padded batch (ids and bool mask on the device), in fp32.
 
         On CPU the stage clocks are read here; on a GPU the work is only queued, and
         CUDA events mark the stages (`_clock`), read once the block is done.
         """
         import torch
 
-        width = int(lengths[rows].max())
-        if self._staging is not None:  # pinned host buffers, copied without waiting; the
-            # mask is built on the device from the lengths (a fraction of the bytes)
-            ids, row_lengths = self._staging.put(self.pad_id, rows, offsets, values, lengths,
-                                                 width)
-            mask = torch.arange(width, device=ids.device) < row_lengths[:, None]  # bool
-        else:
-            ids_np, real = pad_rows(rows, offsets, values, lengths, width, pad_id=self.pad_id)
-            ids, mask = torch.from_numpy(ids_np), torch.from_numpy(real)  # bool mask
         self._clock("start")
         if self._autocast_dtype is None:
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -461,8 +490,8 @@ class Embedder:
                                   quantize=spent - sum(self.seconds.values()))
         keep = keep.append_column(
             EMBEDDED_AT, pa.array(np.full(keep.num_rows, time.time()), pa.float64()))
-        return keep.append_column(LOADED_BY, pa.array([self.load_id] * keep.num_rows,
-                                                      pa.string()).dictionary_encode())
+        return keep.append_column(LOADED_BY, pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(keep.num_rows, np.int32)), pa.array([self.load_id])))
 
 
 QueryKind = Literal["query", "document"]
