@@ -319,8 +319,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from operators.embed import CPU_ROWS_PER_BLOCK, GPU_BATCHES_PER_BLOCK, Embedder
+    from operators import embed
+    from operators.embed import Embedder
     from operators.model import describe_model
+
+    # (trees from before these constants existed used the same values)
+    CPU_ROWS_PER_BLOCK = getattr(embed, "CPU_ROWS_PER_BLOCK", 128)
+    GPU_BATCHES_PER_BLOCK = getattr(embed, "GPU_BATCHES_PER_BLOCK", 8)
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

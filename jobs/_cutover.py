@@ -16,12 +16,21 @@ import lance
 from schemas.manifest import TableManifest
 
 CURRENT_TAG = "current"
+HELD_TAG = "current-held"
+"""Set by `quiver table restore`: `current` was moved by hand (a rollback), and jobs
+leave it where it is until `quiver table promote` moves it and drops this tag."""
 COMPARE_QUERIES = 200
 
 
 def current_version(ds: lance.LanceDataset) -> int | None:
     """The version the `current` tag names, or None for a table without it."""
     tag = ds.tags.list().get(CURRENT_TAG)
+    return None if tag is None else int(tag["version"])
+
+
+def held_version(ds: lance.LanceDataset) -> int | None:
+    """The version a rollback holds `current` at, or None when jobs may move it."""
+    tag = ds.tags.list().get(HELD_TAG)
     return None if tag is None else int(tag["version"])
 
 
@@ -37,8 +46,17 @@ def pin_current(ds: lance.LanceDataset) -> int:
 def cut_over(ds: lance.LanceDataset, manifest: TableManifest, *,
              compare: str | None = None) -> dict | None:
     """Move `current` to `ds.version`; when that changes the embedding configuration,
-    return a report (versions, and the top-10 overlap on `compare`'s queries)."""
+    return a report (versions, and the top-10 overlap on `compare`'s queries).
+
+    A held table (`HELD_TAG`, after a rollback) keeps `current` where it is: the report
+    then says so, and readers stay on the version the user chose.
+    """
     previous = current_version(ds)
+    held = held_version(ds)
+    if held is not None and previous is not None:
+        return {"held": True, "current": previous, "latest": ds.version,
+                "hint": f"'{CURRENT_TAG}' is held at version {previous} (quiver table "
+                        f"restore); readers stay there until `quiver table promote`"}
     report = None
     if previous is not None and previous != ds.version:
         old = TableManifest.from_schema(ds.checkout_version(previous).schema)

@@ -37,12 +37,13 @@ from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_no
 from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
+from operators.exclusions import excluded_ids
 from operators.index import IndexReport, build_indices, cleanup_versions, maintain_indices
 from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
 from operators.reindex import ReindexDiff, deletion_fragments
-from operators.sources.plan import ReadPlan
+from operators.sources.plan import ReadPlan, excluded_keys
 from operators.write import (
     cleanup_checkpoints,
     committed_shards,
@@ -110,6 +111,8 @@ class JobSummary:
     """Model copies loaded by embed actors (one per actor; more means actors restarted)."""
     profile: dict | None = None
     """Where the time went (see `stage_profile`)."""
+    excluded: int = 0
+    """Valid source documents left out because the table's exclusion list holds them."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,9 +149,14 @@ def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> T
     )
 
 
-def _job_fingerprint(plan: ReadPlan, manifest: TableManifest, spec: JobSpec) -> str:
+def _job_fingerprint(plan: ReadPlan, manifest: TableManifest, spec: JobSpec, *,
+                     excluded: list[str]) -> str:
+    """Names the job: the same source files, configuration and exclusion list give the
+    same job, whose rerun is a no-op once it finished (`job_finished`)."""
     parts = [plan.fingerprint, manifest.embedding_fingerprint(),
              str(spec.source.records_per_shard), str(len(plan.shards))]
+    if excluded:  # taking an id off the list (or adding one) makes it another job
+        parts.append(hashlib.sha256("\n".join(sorted(excluded)).encode()).hexdigest())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -358,8 +366,10 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
     # A table to compare with: pass 1 keeps each document's hash for a reindex's diff.
     compare = spec.write.mode != "overwrite" and \
         _open_existing(spec.table, spec.write.storage_options) is not None
-    plan, documents = plan_on_cluster(spec.source, task_cpus=min(1.0, cpus), cpus=cpus,
-                                      documents=compare)
+    excluded = excluded_ids(spec.table, spec.write.storage_options).column("doc_id").to_pylist()
+    plan, documents = plan_on_cluster(
+        spec.source, task_cpus=min(1.0, cpus), cpus=cpus, documents=compare,
+        excluded=excluded_keys(excluded) if excluded else None)
     plan_seconds = time.perf_counter() - plan_started
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
@@ -368,7 +378,8 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
     progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
-    return _Planned(info, plan, manifest, precision, _job_fingerprint(plan, manifest, spec),
+    job = _job_fingerprint(plan, manifest, spec, excluded=excluded)
+    return _Planned(info, plan, manifest, precision, job,
                     cpus, gpus, ray_start, plan_seconds, documents)
 
 
@@ -622,7 +633,9 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
                                **builders)
     mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
-    if change_report:
+    if change_report and change_report.get("held"):
+        progress(change_report["hint"])
+    elif change_report:
         progress(f"cut over: {change_report}")
     final = run.table()
     cleaned = 0
@@ -679,6 +692,7 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         documents=plan.documents,
         chunks=final.count_rows(),
         rejects=plan.rejected,
+        excluded=plan.excluded,
         reject_reasons=dict(plan.reject_reasons),
         shards=len(plan.shards),
         shards_skipped=len(plan.shards) - pending if diff is None else

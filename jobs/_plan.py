@@ -42,13 +42,14 @@ def _scan(unit, source: SourceSpec, buckets: int, documents: bool):
     return (scan, *tables)
 
 
-def _dedup(bad: frozenset, *tables: pa.Table) -> pa.Table:
-    return find_duplicates(list(tables), bad=bad)
+def _dedup(bad: frozenset, excluded: pa.Table | None, *tables: pa.Table) -> pa.Table:
+    return find_duplicates(list(tables), bad=bad, excluded=excluded)
 
 
-def _dedup_documents(bad: frozenset, *tables: pa.Table) -> tuple[pa.Table, pa.Table]:
+def _dedup_documents(bad: frozenset, excluded: pa.Table | None, *tables: pa.Table
+                     ) -> tuple[pa.Table, pa.Table]:
     rows = [pa.concat_tables(tables)] if tables else []  # concatenated once, for both
-    losers = find_duplicates(rows, bad=bad)
+    losers = find_duplicates(rows, bad=bad, excluded=excluded)
     return losers, source_documents(rows, bad=bad, losers=losers)
 
 
@@ -76,7 +77,8 @@ def _rejects(shard: Shard, duplicates: dict, source: SourceSpec, chosen: dict[st
 
 
 def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
-                    documents: bool = False) -> tuple[ReadPlan, SourceDocuments | None]:
+                    documents: bool = False, excluded: pa.Table | None = None
+                    ) -> tuple[ReadPlan, SourceDocuments | None]:
     """List the source here (file metadata only); validate and dedup it in Ray tasks.
 
     Args:
@@ -85,6 +87,8 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
         cpus: The cluster's CPUs, which size the number of dedup buckets.
         documents: Also keep every document's id and `doc_hash`, bucketed, in the object
             store (a reindex's diff); otherwise the second value is None.
+        excluded: The table's excluded ids (`excluded_keys`), left out like duplicates;
+            put in the object store once and read by every dedup task.
     """
     import ray
 
@@ -111,21 +115,23 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
     chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
     bad = bad_signatures(scans, chosen)
     kept = None
+    gone = None if excluded is None or not excluded.num_rows else ray.put(excluded)
     if documents:
         dedup = ray.remote(_dedup_documents).options(num_cpus=task_cpus, num_returns=2)
-        pairs = [dedup.remote(frozenset(bad), *[r[b + 1] for r in refs])
+        pairs = [dedup.remote(frozenset(bad), gone, *[r[b + 1] for r in refs])
                  for b in range(buckets)]
         losers = ray.get([p[0] for p in pairs])
         kept = [p[1] for p in pairs]
     else:
         dedup = ray.remote(_dedup).options(num_cpus=task_cpus)
-        losers = ray.get([dedup.remote(frozenset(bad), *[r[b + 1] for r in refs])
+        losers = ray.get([dedup.remote(frozenset(bad), gone, *[r[b + 1] for r in refs])
                           for b in range(buckets)])
     del refs  # the scans' bucket tables can go from the object store
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
     progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
               f"{plan.documents} documents, {plan.rejected} rejected, "
-              f"{len(plan.shards)} shards")
+              + (f"{plan.excluded} excluded (the table's exclusion list), "
+                 if plan.excluded else "") + f"{len(plan.shards)} shards")
     return plan, None if kept is None else SourceDocuments(kept, shard_numbers(plan))
 
 

@@ -23,6 +23,17 @@ import pyarrow.compute as pc
 
 from jobs._cutover import current_version
 from jobs._embed_job import JobSummary, rejects_uri, run_embed
+from jobs._maintenance import (
+    delete_documents,
+    export_table,
+    list_tags,
+    optimize,
+    promote,
+    rejects_summary,
+    restore,
+    set_tag,
+    table_stats,
+)
 from jobs._quality import quality_report
 from operators.embed import Embedder, TextEncoder
 from operators.evaluate import load_beir, score_runs
@@ -40,7 +51,9 @@ MAX_K = 10_000
 MAX_BATCH = 1_000
 Where = Mapping[str, Any] | pc.Expression | None
 
-__all__ = ["Hit", "JobSummary", "Table", "evaluate", "info", "open_table", "quality", "run"]
+__all__ = ["Hit", "JobSummary", "Table", "delete_documents", "evaluate", "export_table",
+           "include", "info", "list_tags", "open_table", "optimize", "promote", "quality",
+           "rejects_summary", "restore", "run", "set_tag", "table_stats"]
 
 
 def run(spec: JobSpec | str | Path, *, wait: bool = False) -> JobSummary:
@@ -265,12 +278,13 @@ def open_table(uri: str | Path, *, model: str | None = None,
 
 
 def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,
-             mode: str = "dense", using: str = "auto", rescore: int | None = None) -> dict:
+             mode: str = "dense", using: str = "auto", rescore: int | None = None,
+             storage_options: dict[str, str] | None = None) -> dict:
     """nDCG@10, recall@10, recall@100 and MRR@10 of a table on a BEIR folder's test queries.
 
     Queries are embedded with the table's own model; chunk hits are folded to documents.
     """
-    table = open_table(uri, model=model)
+    table = open_table(uri, model=model, storage_options=storage_options)
     queries = load_beir(beir)
     started = time.perf_counter()
     vectors = table.embed_queries(queries.texts) if mode != "fts" \
@@ -292,12 +306,13 @@ def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,
 
 
 def quality(uri: str | Path, beir: str | Path, *, model: str | None = None,
-            chunks_per_query: int = 300) -> dict:
+            chunks_per_query: int = 300,
+            storage_options: dict[str, str] | None = None) -> dict:
     """The quality report of a table: every way it can be searched, on a BEIR folder.
 
     See `jobs._quality` for the ways, and `quiver eval --report` for the command.
     """
-    table = open_table(uri, model=model)
+    table = open_table(uri, model=model, storage_options=storage_options)
     queries = load_beir(beir)
     vectors = table.embed_queries(queries.texts)
     report = quality_report(table.searcher, vectors, queries, chunks_per_query=chunks_per_query)
@@ -334,3 +349,15 @@ def info(uri: str | Path, *, storage_options: dict[str, str] | None = None) -> d
         "rejects": n_rejects,
         "manifest": manifest.model_dump(),
     }
+
+
+def include(uri: str | Path, doc_ids: Sequence[str], *,
+            storage_options: dict[str, str] | None = None) -> dict:
+    """Take documents off the table's exclusion list: the next job embeds them again if
+    the source has them. Returns how many were on it, and what stays excluded."""
+    from operators.exclusions import excluded_ids
+    from operators.exclusions import include as take_off
+
+    removed = take_off(str(uri), doc_ids, storage_options=storage_options)
+    left = excluded_ids(str(uri), storage_options).num_rows
+    return {"table": str(uri), "removed": removed, "still_excluded": left}

@@ -38,6 +38,22 @@ ModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Local model folder to use instead of the manifest's name."),
 ]
+StorageOpt = Annotated[list[str] | None, typer.Option(
+    "--storage-option", "-S", help="Object-store option KEY=VALUE for an s3://, gs:// or "
+    "az:// table (repeatable): aws_endpoint, aws_region, aws_access_key_id, allow_http...")]
+WaitOpt = Annotated[bool, typer.Option(
+    "--wait", help="If a job is writing the table, wait for it (default: fail at once).")]
+
+
+def _storage(options: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE pairs as Lance's storage_options; a malformed one is a usage error."""
+    out = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--storage-option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out
 
 
 def _emit(data: object) -> None:
@@ -66,7 +82,9 @@ def _print_summary(summary: dict) -> None:
     mb = summary["table_bytes"] / 1e6
     print(f"table      {summary['table']} (version {summary['version']}, {mb:.1f} MB)")
     print(f"documents  {summary['documents']} valid, {summary['rejects']} rejected"
-          + (f" -> {summary['rejects_table']}" if summary["rejects_table"] else ""))
+          + (f" -> {summary['rejects_table']}" if summary["rejects_table"] else "")
+          + (f"; {summary['excluded']} left out by the table's exclusion list"
+             if summary.get("excluded") else ""))
     for reason, count in summary["reject_reasons"].items():
         print(f"             {count:6d}  {reason}")
     if summary.get("files"):
@@ -150,6 +168,7 @@ def query(
         "--where", help="Filter clause, repeatable (AND): year>=2020, lang=en, "
         "'lang in en,de', x!=y; columns and values are checked against the table.")] = None,
     version: VersionOpt = None,
+    storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search a table with a text query; prints id, score and a snippet per hit."""
@@ -158,7 +177,8 @@ def query(
 
     filters = parse_clauses(where or [])
     columns = tuple(filters)
-    hits = api.open_table(table, model=model, version=_version(version)).search(
+    hits = api.open_table(table, model=model, version=_version(version),
+                          storage_options=_storage(storage_option)).search(
         text, k=k, mode=mode, using=using, rescore=rescore, exact=exact, where=filters,
         columns=columns)
     if as_json:
@@ -193,15 +213,19 @@ def eval_(
     html_out: Annotated[Path | None, typer.Option(
         "--html", help="With --report: also write an HTML page with a quality/bytes plot.",
         dir_okay=False)] = None,
+    storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a table on a BEIR folder: nDCG@10, recall@10, recall@100, MRR@10."""
     from jobs import api
 
+    opts = _storage(storage_option)
     if report or html_out:
-        _quality(table, beir, model=model, html_out=html_out, as_json=as_json)
+        _quality(table, beir, model=model, html_out=html_out, as_json=as_json,
+                 storage_options=opts)
         return
-    result = api.evaluate(table, beir, model=model, mode=mode, using=using, rescore=rescore)
+    result = api.evaluate(table, beir, model=model, mode=mode, using=using, rescore=rescore,
+                          storage_options=opts)
     if as_json:
         _emit(result)
         return
@@ -414,11 +438,11 @@ def scheduler(
 
 
 def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None,
-             as_json: bool) -> None:
+             as_json: bool, storage_options: dict[str, str]) -> None:
     from jobs import api
     from jobs._quality import format_report, report_html
 
-    result = api.quality(table, beir, model=model)
+    result = api.quality(table, beir, model=model, storage_options=storage_options)
     if html_out:
         html_out.write_text(report_html(result, title=f"{table} on {beir}"), encoding="utf-8")
     if as_json:
@@ -430,11 +454,11 @@ def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None
 
 
 @app.command()
-def info(table: TableArg, as_json: JsonOpt = False) -> None:
+def info(table: TableArg, storage_option: StorageOpt = None, as_json: JsonOpt = False) -> None:
     """Show a table's manifest, rows, versions and indices."""
     from jobs import api
 
-    data = api.info(table)
+    data = api.info(table, storage_options=_storage(storage_option))
     if as_json:
         _emit(data)
         return
@@ -456,6 +480,218 @@ def info(table: TableArg, as_json: JsonOpt = False) -> None:
     print("indices    " + (", ".join(f"{i['name']} ({i['type']} on {','.join(i['fields'])})"
                                      for i in data["indices"]) or "none"))
     print("columns    " + "; ".join(data["columns"]))
+
+
+table_app = typer.Typer(no_args_is_help=True, help="Maintain a table: stats, optimize, "
+                        "delete, export, tags and rollback, rejects.")
+app.add_typer(table_app, name="table")
+
+
+@table_app.command("stats")
+def table_stats(table: TableArg, storage_option: StorageOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Fragments, versions, rows not yet indexed, bytes per column; says when to optimize."""
+    from jobs import api
+
+    data = api.table_stats(table, _storage(storage_option))
+    if as_json:
+        _emit(data)
+        return
+    print(f"table      {data['table']} (version {data['version']}, current "
+          f"{data['current']}{', held' if data['held'] else ''})")
+    print(f"rows       {data['rows']} in {data['fragments']} fragments "
+          f"({data['small_fragments']} small); {data['deleted_rows']} deleted rows stored")
+    print(f"versions   {data['versions']}")
+    print("unindexed  " + (", ".join(f"{k} {v}" for k, v in data["unindexed_rows"].items())
+                          or "no indices"))
+    print("bytes      " + ", ".join(f"{k} {v / 1e6:.2f} MB"
+                                    for k, v in data["column_bytes"].items()))
+    print(f"hint       {data['hint']}")
+
+
+@table_app.command("optimize")
+def table_optimize(
+    table: TableArg,
+    retention_days: Annotated[float | None, typer.Option(
+        "--retention-days", min=0, help="Drop versions older than this (tagged ones stay); "
+        "the spec's write.retention_days default.")] = 7.0,
+    keep_versions: Annotated[bool, typer.Option(
+        "--keep-versions", help="Drop no version.")] = False,
+    storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Compact small fragments, update indices incrementally, drop old versions."""
+    from jobs import api
+    from jobs._plan import progress
+
+    data = api.optimize(table, storage_options=_storage(storage_option),
+                        retention_days=None if keep_versions else retention_days, wait=wait,
+                        progress=progress)
+    if as_json:
+        _emit(data)
+        return
+    b, a = data["before"], data["after"]
+    print(f"fragments  {b['fragments']} -> {a['fragments']} "
+          f"({data['fragments_rewritten']} rewritten)")
+    print(f"versions   {b['versions']} -> {a['versions']} ({data['versions_removed']} removed)")
+    print("unindexed  " + (", ".join(f"{k} {v}" for k, v in a["unindexed_rows"].items())
+                          or "no indices"))
+    print(f"current    {'moved to ' + str(a['current']) if data['current_moved'] else 'unchanged'}")
+
+
+@table_app.command("delete")
+def table_delete(
+    table: TableArg,
+    doc_id: Annotated[list[str] | None, typer.Option(
+        "--doc-id", help="A document to remove (repeatable).")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", help="Or remove every document with a chunk this matches (repeatable, "
+        "AND): year<2000, lang=xx.")] = None,
+    allow_return: Annotated[bool, typer.Option(
+        "--allow-return", help="Do not put the documents on the exclusion list: the next "
+        "reindex embeds them again while the source has them.")] = False,
+    storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Remove documents (all their chunks) in one commit; they stay out of later jobs."""
+    from jobs import api
+    from operators.filters import compile_filter, parse_clauses
+
+    opts = _storage(storage_option)
+    expr = None
+    if where:
+        from jobs._maintenance import open_dataset
+
+        expr = compile_filter(parse_clauses(where), open_dataset(table, opts).schema)
+    data = api.delete_documents(table, doc_ids=doc_id or (), where=expr,
+                                keep_out=not allow_return, storage_options=opts, wait=wait)
+    if as_json:
+        _emit(data)
+        return
+    print(f"deleted    {data['documents']} documents, {data['chunks_deleted']} chunks "
+          f"(version {data['version_before']} -> {data['version']})")
+    print(f"excluded   {data['note']}")
+
+
+@table_app.command("include")
+def table_include(
+    table: TableArg,
+    doc_id: Annotated[list[str], typer.Option("--doc-id", help="A document to let back in "
+                                               "(repeatable).")],
+    storage_option: StorageOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Take documents off the exclusion list; the next job embeds them again."""
+    from jobs import api
+
+    data = api.include(table, doc_id, storage_options=_storage(storage_option))
+    if as_json:
+        _emit(data)
+        return
+    print(f"included   {data['removed']} documents ({data['still_excluded']} stay excluded)")
+
+
+@table_app.command("export")
+def table_export(
+    table: TableArg,
+    out: Annotated[Path, typer.Argument(help="The Parquet file to write.", dir_okay=False)],
+    columns: Annotated[str | None, typer.Option(
+        "--columns", help="Comma-separated columns (default: all).")] = None,
+    version: VersionOpt = None, storage_option: StorageOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Write the table (its `current` version by default) to a Parquet file."""
+    from jobs import api
+    from jobs._plan import progress
+
+    data = api.export_table(table, out, columns=columns.split(",") if columns else None,
+                            version=_version(version), storage_options=_storage(storage_option),
+                            progress=progress)
+    if as_json:
+        _emit(data)
+        return
+    print(f"exported   {data['rows']} rows of version {data['version']} to {data['out']} "
+          f"({data['bytes'] / 1e6:.1f} MB; {', '.join(data['columns'])})")
+
+
+@table_app.command("tags")
+def table_tags(table: TableArg, storage_option: StorageOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Tags and versions; `current` is what readers see."""
+    from jobs import api
+
+    data = api.list_tags(table, _storage(storage_option))
+    if as_json:
+        _emit(data)
+        return
+    print(f"latest     {data['latest']}; current {data['current']}"
+          + (" (held by a restore: jobs leave it until promote)" if data["held"] else ""))
+    for name, v in data["tags"].items():
+        print(f"tag        {name:<20} {v}")
+    for v in data["versions"]:
+        print(f"version    {v['version']:<6} {v['timestamp']}")
+
+
+@table_app.command("tag")
+def table_tag(table: TableArg, name: str, version: str, storage_option: StorageOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """Create or move a tag: `quiver table tag T.lance before-migration 12`."""
+    from jobs import api
+
+    data = api.set_tag(table, name, _version(version), storage_options=_storage(storage_option))
+    if as_json:
+        _emit(data)
+        return
+    print(f"tag        {data['tag']} -> version {data['version']}")
+
+
+@table_app.command("restore")
+def table_restore(table: TableArg, version: str, storage_option: StorageOpt = None,
+                  wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
+    """Point readers (`current`) at an older version or tag and hold them there."""
+    from jobs import api
+
+    data = api.restore(table, _version(version), storage_options=_storage(storage_option),
+                       wait=wait)
+    if as_json:
+        _emit(data)
+        return
+    print(f"current    {data['was']} -> {data['current']} (held: {data['hint']})")
+
+
+@table_app.command("promote")
+def table_promote(
+    table: TableArg,
+    version: Annotated[str | None, typer.Argument(help="Version or tag (default: latest).")]
+    = None,
+    storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Point `current` at a version (default: the latest) and release a restore's hold."""
+    from jobs import api
+
+    data = api.promote(table, _version(version), storage_options=_storage(storage_option),
+                       wait=wait)
+    if as_json:
+        _emit(data)
+        return
+    print(f"current    {data['was']} -> {data['current']} (jobs move it again as they finish)")
+
+
+@table_app.command("rejects")
+def table_rejects(
+    table: TableArg,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="First rows to show.")] = 10,
+    storage_option: StorageOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Records the jobs rejected: a count per reason, and the first ones with file and line."""
+    from jobs import api
+
+    data = api.rejects_summary(table, limit=limit, storage_options=_storage(storage_option))
+    if as_json:
+        _emit(data)
+        return
+    print(f"rejects    {data['rejects']}")
+    for reason, n in data["by_reason"].items():
+        print(f"  {n:8d}  {reason}")
+    for r in data["first"]:
+        print(f"  {r['source']}:{r['position_kind']} {r['position']}  {r['record_id'] or '-'}"
+              f"  {r['reason']}")
 
 
 def main() -> None:

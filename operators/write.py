@@ -178,20 +178,28 @@ def committed_shards(ds: lance.LanceDataset, *, job: str) -> set[str]:
             shards.update(json.loads(props[SHARDS_KEY]))
         if isinstance(txn.operation, lance.LanceOperation.Restore):
             ceiling = txn.operation.version
-        elif isinstance(txn.operation, lance.LanceOperation.Overwrite):
-            break
+        elif isinstance(txn.operation, (lance.LanceOperation.Overwrite,
+                                        lance.LanceOperation.Delete)):
+            break  # a delete (`quiver table delete`) ends the run before it
     return shards
 
 
+DONE_ROWS_KEY = "quiver.job_done_rows"
+"""The table's row count when the job was marked done: a delete since then undoes it."""
+
+
 def job_finished(ds: lance.LanceDataset, *, job: str) -> bool:
-    """Whether this job already ran to completion on the table (see `mark_finished`)."""
-    return ds.config().get(DONE_KEY) == job
+    """Whether this job already ran to completion on the table (see `mark_finished`) and
+    no rows were deleted since (compaction and index upkeep keep it finished)."""
+    config = ds.config()
+    rows = config.get(DONE_ROWS_KEY)
+    return config.get(DONE_KEY) == job and (rows is None or int(rows) == ds.count_rows())
 
 
 def mark_finished(ds: lance.LanceDataset, *, job: str) -> None:
     """Record in the table's config that `job` is complete, so a rerun is a no-op even
     after its checkpoint versions (and the shard lists they carry) are cleaned up."""
-    ds.update_config({DONE_KEY: job})
+    ds.update_config({DONE_KEY: job, DONE_ROWS_KEY: str(ds.count_rows())})
 
 
 def cleanup_checkpoints(ds: lance.LanceDataset, versions: Iterable[int]) -> int:

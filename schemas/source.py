@@ -47,7 +47,8 @@ class Shard:
 
     A shard is `records` consecutive records of one unit starting at record `start`
     (0-based, counted over the unit's non-blank records). `skip` holds the record numbers
-    the plan rejected as duplicates; readers find the other rejects again themselves.
+    the plan rejected as duplicates or left out as excluded ids (the table's exclusion
+    list); readers find the other rejects again themselves.
     """
 
     shard_id: str

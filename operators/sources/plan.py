@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from operators.sources import FORMATS
 from operators.sources.base import (
@@ -164,18 +165,38 @@ def _ill_typed(rows: pa.Table, bad: frozenset[tuple[int, int, int]]) -> np.ndarr
     return np.isin(keys, np.array([(u << 40) | (s << 16) | g for u, s, g in bad], np.int64))
 
 
-def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]]
-                    ) -> pa.Table:
-    """Pass 2 over one bucket: every record whose id an earlier valid record already has.
+EXCLUDED_UNIT = -1
+"""`w_unit` of a loser that lost to the table's exclusion list, not to another record."""
+EXCLUDED_SCHEMA = pa.schema([("hi", pa.uint64()), ("lo", pa.uint64())])
+"""Excluded document ids, as their `id_key` words."""
+
+
+def excluded_keys(doc_ids: Sequence[str]) -> pa.Table:
+    """Document ids as EXCLUDED_SCHEMA rows, for `find_duplicates`.
+
+    >>> excluded_keys(["a"]).num_rows
+    1
+    """
+    keys = [id_key(d) for d in doc_ids]
+    return pa.table([pa.array([k[0] for k in keys], pa.uint64()),
+                     pa.array([k[1] for k in keys], pa.uint64())], schema=EXCLUDED_SCHEMA)
+
+
+def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]],
+                    excluded: pa.Table | None = None) -> pa.Table:
+    """Pass 2 over one bucket: every record whose id an earlier valid record already has,
+    and every record whose id the table's exclusion list holds.
 
     Args:
         tables: This bucket's rows from every unit.
         bad: (unit, shard, sig) signatures rejected for their metadata types; those
             records are not documents, so they never win an id.
+        excluded: EXCLUDED_SCHEMA rows (`excluded_keys`): ids deleted from the table
+            that must stay out. Their records lose with `w_unit` EXCLUDED_UNIT.
 
     Returns:
         LOSERS_SCHEMA rows: the duplicate's unit and record, and the first record's unit
-        and position.
+        and position (EXCLUDED_UNIT and -1 for an excluded id).
 
     >>> t = pa.table({"hi": pa.array([1, 1, 2], pa.uint64()), "lo": pa.array([5, 5, 6],
     ...   pa.uint64()), "unit": pa.array([1, 0, 0], pa.int32()), "shard": pa.array([0, 0,
@@ -187,21 +208,32 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
     rows = pa.concat_tables(tables) if tables else BUCKET_SCHEMA.empty_table()
     if rows.num_rows == 0:
         return LOSERS_SCHEMA.empty_table()
-    col = {name: rows.column(name).to_numpy() for name in BUCKET_SCHEMA.names}
     if bad:
-        keep = ~_ill_typed(rows, bad)
-        col = {name: values[keep] for name, values in col.items()}
+        rows = rows.filter(pa.array(~_ill_typed(rows, bad)))
+    out = LOSERS_SCHEMA.empty_table()
+    if excluded is not None and excluded.num_rows and rows.num_rows:
+        key = pc.add(pc.multiply(pc.cast(rows.column("unit"), pa.int64()), 1 << 40),
+                     rows.column("ordinal"))
+        rows = rows.append_column("_key", key)
+        gone = rows.join(excluded, keys=["hi", "lo"], join_type="left semi")
+        out = pa.table({"unit": gone.column("unit"), "ordinal": gone.column("ordinal"),
+                        "w_unit": pa.array(np.full(gone.num_rows, EXCLUDED_UNIT), pa.int32()),
+                        "w_position": pa.array(np.full(gone.num_rows, -1), pa.int64())},
+                       schema=LOSERS_SCHEMA)
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("_key"), gone.column("_key"))))
+    col = {name: rows.column(name).to_numpy() for name in BUCKET_SCHEMA.names}
     order = np.lexsort((col["ordinal"], col["unit"], col["lo"], col["hi"]))
     hi, lo = col["hi"][order], col["lo"][order]
     same = np.zeros(len(order), bool)
     same[1:] = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
     if not same.any():
-        return LOSERS_SCHEMA.empty_table()
+        return out
     first = np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))
     losers, winners = order[same], order[first[same]]
-    return pa.table({"unit": col["unit"][losers], "ordinal": col["ordinal"][losers],
-                     "w_unit": col["unit"][winners], "w_position": col["position"][winners]},
-                    schema=LOSERS_SCHEMA)
+    return pa.concat_tables([out, pa.table(
+        {"unit": col["unit"][losers], "ordinal": col["ordinal"][losers],
+         "w_unit": col["unit"][winners], "w_position": col["position"][winners]},
+        schema=LOSERS_SCHEMA)])
 
 
 def source_documents(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]],
@@ -258,10 +290,12 @@ class ReadPlan:
     """Shards with rejects, each with its duplicates: record -> (first file, position)."""
     rejects: pa.Table | None = None
     """The reject rows, when the plan was made in this process (`plan_source`)."""
+    excluded: int = 0
+    """Valid records left out because the table's exclusion list holds their id."""
 
     @property
     def documents(self) -> int:
-        return self.records - self.rejected
+        return self.records - self.rejected - self.excluded
 
 
 def reason_key(reason: str) -> str:
@@ -338,10 +372,14 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
     except ValueError as err:
         raise SourceError(str(err)) from None
     by_unit: dict[int, list[tuple[int, int, int]]] = {}
+    excluded_by_unit: dict[int, list[int]] = {}
     for table in losers:
         for unit, ordinal, w_unit, w_pos in zip(*(table.column(n).to_pylist()
                                                   for n in LOSERS_SCHEMA.names), strict=True):
-            by_unit.setdefault(unit, []).append((ordinal, w_unit, w_pos))
+            if w_unit == EXCLUDED_UNIT:
+                excluded_by_unit.setdefault(unit, []).append(ordinal)
+            else:
+                by_unit.setdefault(unit, []).append((ordinal, w_unit, w_pos))
     paths = {s.unit.index: s.unit.file.path for s in scans}
     bad_here: dict[tuple[int, int], list[tuple[str, int]]] = {}
     for (u, i, _), found in bad.items():
@@ -349,19 +387,24 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
     reasons: Counter[str] = Counter()
     shards: list[Shard] = []
     dirty: list[tuple[Shard, dict[int, tuple[str, int]]]] = []
-    records = rejected = 0
+    records = rejected = excluded = 0
     for scan in scans:
         starts = [s.start for s in scan.shards]
         dups: list[dict[int, tuple[str, int]]] = [{} for _ in scan.shards]
         for ordinal, w_unit, w_pos in by_unit.get(scan.unit.index, []):
             dups[bisect_right(starts, ordinal) - 1][ordinal] = (paths[w_unit], w_pos)
+        gone: list[set[int]] = [set() for _ in scan.shards]
+        for ordinal in excluded_by_unit.get(scan.unit.index, []):
+            gone[bisect_right(starts, ordinal) - 1].add(ordinal)
         for s, info in enumerate(scan.shards):
             typed = bad_here.get((scan.unit.index, s), [])
             typed_out = sum(n for _, n in typed)
             out = sum(info.rejects.values()) + typed_out + len(dups[s])
             shard = Shard(shard_id_for(scan.unit, info.start), scan.unit.kind, scan.unit,
                           info.start, info.records, info.first_position, info.offset,
-                          info.part, frozenset(dups[s]), info.records - out)
+                          info.part, frozenset(dups[s]) | frozenset(gone[s]),
+                          info.records - out - len(gone[s]))
+            excluded += len(gone[s])
             for reason, n in typed:
                 reasons[reason_key(reason)] += n
             for reason, n in info.rejects.items():
@@ -376,7 +419,7 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
     digest = hashlib.sha256("|".join(
         f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing.files).encode()).hexdigest()[:16]
     return ReadPlan(listing.kind, shards, metadata, chosen, records, rejected, reasons,
-                    digest, len(listing.files), listing.skipped, dirty)
+                    digest, len(listing.files), listing.skipped, dirty, excluded=excluded)
 
 
 def units_of(source: SourceSpec) -> tuple[Listing, list[Unit]]:
@@ -617,8 +660,10 @@ def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
 # ---------------------------------------------------------------- in this process
 
 
-def plan_source(source: SourceSpec, *, buckets: int = 4) -> ReadPlan:
-    """Plan a source with all three passes in this process (tests, small sources).
+def plan_source(source: SourceSpec, *, buckets: int = 4,
+                excluded: Sequence[str] = ()) -> ReadPlan:
+    """Plan a source with all three passes in this process (tests, small sources), less
+    the `excluded` document ids.
 
     Raises:
         SourceError: when the source is missing or unreadable as a whole.
@@ -629,7 +674,8 @@ def plan_source(source: SourceSpec, *, buckets: int = 4) -> ReadPlan:
     check_metadata_fields(scans, source)
     chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
     bad = bad_signatures(scans, chosen)
-    losers = [find_duplicates([r[1][b] for r in results], bad=frozenset(bad))
+    keys = excluded_keys(excluded) if excluded else None
+    losers = [find_duplicates([r[1][b] for r in results], bad=frozenset(bad), excluded=keys)
               for b in range(buckets)]
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
     tables = [shard_rejects(s, source, chosen=chosen, duplicates=d) for s, d in plan.dirty]
