@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,8 @@ class Checkpointer:
     """When the last commit landed: none yet, so the first complete shard commits at once
     (the table exists, and its progress shows, from the first shard on)."""
     _committed_shards: int = 0
+    on_shard_written: Callable[[str], None] | None = None
+    """Called with each shard id once all its rows are written (progress)."""
 
     def consume(self, written: pa.Table) -> None:
         """Take a block of write-task rows (`jobs._lance_io.WRITTEN_SCHEMA`)."""
@@ -92,6 +95,8 @@ class Checkpointer:
                                   f"{shard.chunks} chunks; refusing to commit duplicates")
             if shard.written == shard.chunks:
                 self.ready.append((row["shard"], self._pending.pop(row["shard"]).fragments))
+                if self.on_shard_written is not None:
+                    self.on_shard_written(row["shard"])
         if self.mode == "update":
             return  # a reindex is one commit: readers see the old table or the new one
         while len(self.ready) >= self.shards_per_commit:

@@ -33,6 +33,7 @@ from jobs._index import distributed_fulltext_index, distributed_vector_index, in
 from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
 from jobs._layout import ActorLayout, actor_layout, uses_gpus
 from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
+from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
 from operators.chunk import Chunker
@@ -497,6 +498,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     """
     import ray.data
 
+    route_ray_logs()  # Ray Data sets up its loggers on import
     plan, info, uri = planned.plan, planned.info, spec.table
     opts = spec.write.storage_options
     manifest = decision.manifest
@@ -576,6 +578,16 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                                      tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
             ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
                                           num_cpus=layout.read_cpus)
+        meter = JobProgress(work, unit="chunks" if diff is not None else "documents",
+                            label="reindex" if diff is not None else "embedding")
+        if diff is None:
+            documents_of = {s.shard_id: s.documents or 0 for s in to_read}
+            done = [0]
+
+            def shard_written(shard_id: str) -> None:
+                done[0] += documents_of.get(shard_id, 0)
+
+            checkpointer.on_shard_written = shard_written
         split = _needs_split(len(to_read), layout.actors)
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
                           precision=planned.precision, codebook=codebook, split=split)
@@ -593,8 +605,12 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             for block in written.iter_batches(batch_size=None, batch_format="pyarrow",
                                               prefetch_batches=0):
                 checkpointer.consume(block)
+                meter.update(documents=checkpointer.rows if diff is not None else done[0],
+                             chunks=checkpointer.rows)
         except Exception as err:
             raise _quiver_cause(err) or err from None
+        finally:
+            meter.close()
     if diff is None or not diff.nothing:  # an unchanged source commits nothing
         checkpointer.finish(always=existing is None or decision.action in ("overwrite",
                                                                             "cutover"))

@@ -19,6 +19,7 @@ from operators.sources.plan import (
     check_metadata_fields,
     choose_kinds,
     find_duplicates,
+    first_documents,
     scan_unit,
     shard_rejects,
     source_documents,
@@ -99,7 +100,18 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
               + (f"; not read: {skipped}" if skipped else "") + f"; {len(units)} unit(s)")
     buckets = max(1, min(MAX_BUCKETS, len(units), int(cpus) * 2))
     scan = ray.remote(_scan).options(num_returns=buckets + 1, num_cpus=task_cpus)
-    refs = [scan.remote(u, source, buckets, documents) for u in units]
+    if source.limit is not None:  # only the units the first documents need, in order
+        refs = []
+        seen = 0
+        for unit in units:
+            refs.append(scan.remote(unit, source, buckets, documents))
+            found = ray.get(refs[-1][0])
+            seen += sum(s.records - sum(s.rejects.values()) for s in found.shards)
+            if seen >= source.limit:
+                break
+        units = units[:len(refs)]
+    else:
+        refs = [scan.remote(u, source, buckets, documents) for u in units]
     heads = [r[0] for r in refs]
     scans_by_ref = {}
     waiting, last = list(heads), time.perf_counter()
@@ -128,6 +140,8 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
                           for b in range(buckets)])
     del refs  # the scans' bucket tables can go from the object store
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
+    if source.limit is not None:
+        plan = first_documents(plan, source.limit, source)
     progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
               f"{plan.documents} documents, {plan.rejected} rejected, "
               + (f"{plan.excluded} excluded (the table's exclusion list), "

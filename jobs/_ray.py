@@ -8,6 +8,8 @@ import os
 import warnings
 from collections.abc import Iterator
 
+from jobs._progress import route_ray_logs
+
 # Ray starts its workers as fresh processes, so Lance's fork warning is noise here.
 warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
@@ -70,9 +72,11 @@ def ensure_ray(address: str | None = None) -> None:
         # only; without the switch Ray rewrites the address to the host's IP and hangs.
         with ray_on_loopback():
             ray.init(address=address, logging_level=logging.WARNING)
+        route_ray_logs()
         return
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        route_ray_logs()
         return
     # "local" stops Ray from joining whatever cluster `ray start` left on this machine:
     # without an address Quiver promises a private, in-process run.
@@ -84,6 +88,7 @@ def ensure_ray(address: str | None = None) -> None:
             configure_logging=True,
             _node_ip_address=LOOPBACK,
         )
+    route_ray_logs()
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:  # a Ray release that ignores the switch: say so, don't hide it
         warnings.warn(f"local Ray listens on {node_ip}, not only on {LOOPBACK}",

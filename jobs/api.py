@@ -52,8 +52,17 @@ MAX_BATCH = 1_000
 Where = Mapping[str, Any] | pc.Expression | None
 
 __all__ = ["Hit", "JobSummary", "Table", "delete_documents", "evaluate", "export_table",
-           "include", "info", "list_tags", "open_table", "optimize", "promote", "quality",
+           "include", "info", "list_tags", "load_spec", "open_table", "optimize", "plan",
+           "promote", "quality",
            "rejects_summary", "restore", "run", "set_tag", "table_stats"]
+
+
+def plan(spec: JobSpec | str | Path) -> dict:
+    """A dry run of a job spec (`quiver plan`): files, records, rejects with a sample,
+    metadata schema, actor layout, and an estimated time. Writes nothing."""
+    from jobs._dryrun import dry_run
+
+    return dry_run(spec if isinstance(spec, JobSpec) else load_spec(spec))
 
 
 def run(spec: JobSpec | str | Path, *, wait: bool = False) -> JobSummary:

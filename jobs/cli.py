@@ -45,6 +45,32 @@ WaitOpt = Annotated[bool, typer.Option(
     "--wait", help="If a job is writing the table, wait for it (default: fail at once).")]
 
 
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Show Ray's and Ray Data's own logs on stderr (default: in a "
+    "log file next to the table, named at the end).")]
+
+
+def _quiet(table: str, verbose: bool) -> Path | None:
+    """Unless `verbose`, send Ray's logs to `logs/` beside a local table (or under
+    ~/.cache/quiver for an object-store one); returns the file."""
+    if verbose:
+        return None
+    import time
+
+    from jobs._progress import quiet_ray_logs
+
+    folder = Path.home() / ".cache" / "quiver" / "logs" if "://" in table \
+        else Path(table).resolve().parent / "logs"
+    path = folder / f"quiver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    quiet_ray_logs(path)
+    return path
+
+
+def _said_logs(path: Path | None) -> None:
+    if path is not None:
+        print(f"[quiver] Ray's own logs: {path}", file=sys.stderr)
+
+
 def _storage(options: list[str] | None) -> dict[str, str]:
     """KEY=VALUE pairs as Lance's storage_options; a malformed one is a usage error."""
     out = {}
@@ -67,11 +93,26 @@ def run(
     wait: Annotated[bool, typer.Option(
         "--wait", help="If another run is writing the table, wait for it (default: fail "
         "at once, naming it).")] = False,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Try the spec: embed only the source's first N documents "
+        "into a scratch table next to the spec's (X.lance -> X.try.lance), overwritten "
+        "each time.")] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a job spec on a local Ray (started in-process)."""
     from jobs import api
 
-    summary = api.run(spec, wait=wait).to_dict()
+    job = api.load_spec(spec)
+    logs = _quiet(job.table, verbose)
+    if limit is not None:
+        from jobs._dryrun import limited
+
+        base = job.table[: -len(".lance")] if job.table.endswith(".lance") else job.table
+        job = limited(job, limit, f"{base}.try.lance")
+        print(f"[quiver] --limit {limit}: the first {limit} documents into {job.table}",
+              file=sys.stderr)
+    summary = api.run(job, wait=wait).to_dict()
+    _said_logs(logs)
     if as_json:
         _emit(summary)
         return
@@ -131,15 +172,67 @@ def _profile_line(p: dict) -> str:
 
 
 @app.command()
+def plan(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run: the files, records, rejects, schema and actor layout a job would use, and
+    its time estimated from a short calibration on a sample. Writes nothing."""
+    from jobs import api
+
+    job = api.load_spec(spec)
+    _said_logs(_quiet(job.table, verbose))
+    data = api.plan(job)
+    if as_json:
+        _emit(data)
+        return
+    print(f"action     {data['action']}")
+    skipped = ", ".join(f"{n} {s}" for s, n in data["files_skipped"].items())
+    print(f"source     {data['source']} ({data['format']}): {data['files_found']} file(s)"
+          + (f"; not read: {skipped}" if skipped else ""))
+    for path in data["files"][:5]:
+        print(f"             {path}")
+    print(f"records    {data['records']}: {data['documents']} documents, "
+          f"{data['rejected']} rejected" + (f", {data['excluded']} excluded"
+                                             if data["excluded"] else "")
+          + f"; {data['shards']} shards")
+    for reason, n in data["reject_reasons"].items():
+        print(f"             {n:6d}  {reason}")
+    for r in data["reject_sample"]:
+        print(f"             e.g. {r['source']}:{r['position_kind']} {r['position']}: "
+              f"{r['reason']}")
+    print("metadata   " + (", ".join(f"{k}: {v}" for k, v in data["metadata_schema"].items())
+                          or "none"))
+    lay, m = data["layout"], data["model"]
+    print(f"model      {m['name']} ({m['dim']}-d, {m['precision']}, {m['max_tokens']} tokens)")
+    print(f"layout     {lay['actors']} actor(s) x {lay['threads']} thread(s), "
+          f"{lay['cpus_per_actor']:g} CPU" + (f" + {lay['gpus_per_actor']:g} GPU"
+                                              if lay["gpus_per_actor"] else "")
+          + f" each, {lay['rows_per_block']} chunks per block; cluster "
+          f"{lay['cluster']['cpus']:g} CPUs, {lay['cluster']['gpus']:g} GPUs")
+    e = data["estimate"]
+    if e.get("total_seconds") is not None:
+        sec = e["seconds"]
+        print(f"estimate   {e['total_seconds']:.0f} s: about {e['chunks']} chunks, "
+              f"{e['tokens']} tokens at {e['actor_tokens_per_s']} tokens/s per actor "
+              f"(calibrated on {e['documents_sampled']} documents)")
+        print("             " + ", ".join(f"{k} {v:g} s" for k, v in sec.items()))
+
+
+@app.command()
 def demo(
     warehouse: Annotated[Path, typer.Option(help="Folder for the corpus and the table.")] = Path(
         "warehouse"
     ),
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed the Python standard library's docstrings into a local table and query it."""
     from jobs import api
     from jobs._demo import DEMO_QUERIES, build_stdlib_corpus, demo_spec
     from schemas.spec import parse_spec
+
+    logs = _quiet(str(warehouse / "stdlib.lance"), verbose)
 
     corpus = warehouse / "demo" / "stdlib-docs.jsonl"
     n = build_stdlib_corpus(corpus)
@@ -147,6 +240,7 @@ def demo(
           f"-> {corpus}", file=sys.stderr)
     spec = parse_spec(demo_spec(corpus, warehouse / "stdlib.lance"), origin="demo")
     summary = api.run(spec)
+    _said_logs(logs)
     _print_summary(summary.to_dict())
     table = api.open_table(summary.table)
     for text in DEMO_QUERIES:
@@ -236,18 +330,22 @@ def eval_(
 
 @app.command()
 def serve(
-    warehouse: Annotated[Path, typer.Option("--warehouse", help="Folder of *.lance tables.")],
+    warehouse: Annotated[str, typer.Option(
+        "--warehouse", help="Folder or object-store prefix (s3://bucket/path, gs://…) of "
+        "*.lance tables.")],
     host: Annotated[str, typer.Option("--host", help="Bind address; beyond loopback a "
                                       "token is required.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     token: Annotated[str | None, typer.Option(
         "--token", envvar="QUIVER_TOKEN", help="Bearer token every request must carry "
         "(also read from QUIVER_TOKEN).")] = None,
+    storage_option: StorageOpt = None,
 ) -> None:
     """Serve the warehouse's tables over HTTP (OpenAPI docs at /docs)."""
     from jobs.server import serve as run_server
 
-    run_server(warehouse, host=host, port=port, token=token)
+    run_server(warehouse, host=host, port=port, token=token,
+               storage_options=_storage(storage_option))
 
 
 AddressOpt = Annotated[str | None, typer.Option(

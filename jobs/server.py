@@ -89,11 +89,21 @@ class BatchRequest(SearchOptions):
 
 
 class Warehouse:
-    """The tables under one folder, opened lazily and kept in an LRU of `OPEN_TABLES`."""
+    """The tables under one folder or object-store prefix (`s3://bucket/path`,
+    `gs://…`), opened lazily and kept in an LRU of `OPEN_TABLES`."""
 
-    def __init__(self, root: Path, *, open_tables: int = OPEN_TABLES) -> None:
-        self.root = root.resolve()
-        if not self.root.is_dir():
+    def __init__(self, root: str | Path, *, open_tables: int = OPEN_TABLES,
+                 storage_options: dict[str, str] | None = None) -> None:
+        import pyarrow.fs as pafs
+
+        from operators.filesystems import resolve
+
+        root = str(root)
+        self.storage_options = storage_options or {}
+        self._fs, self._prefix = resolve(root, self.storage_options)
+        self.root = root.rstrip("/") if "://" in root else str(Path(root).resolve())
+        if self._fs.get_file_info(self._prefix).type != pafs.FileType.Directory and \
+                "://" not in root:
             raise SpecError(f"--warehouse {root}: not a folder")
         self._tables: OrderedDict[tuple[str, int | str | None], Any] = OrderedDict()
         self._opening: dict[tuple[str, int | str | None], threading.Lock] = {}
@@ -101,16 +111,26 @@ class Warehouse:
         self._open_tables = open_tables
 
     def names(self) -> list[str]:
-        """Quiver tables in the folder (rejects datasets left out)."""
-        return sorted(p.name[: -len(".lance")] for p in self.root.glob("*.lance")
-                      if p.is_dir() and not p.name.endswith(".rejects.lance")
-                      and TABLE_NAME.match(p.name[: -len(".lance")]))
+        """Quiver tables in the warehouse (rejects and exclusion lists left out)."""
+        import pyarrow.fs as pafs
 
-    def path(self, name: str) -> Path:
-        """The folder of a listed table; anything else is a 404, never a path lookup."""
+        try:
+            found = self._fs.get_file_info(pafs.FileSelector(self._prefix, allow_not_found=True))
+        except OSError as err:
+            raise TableError(f"{self.root}: cannot list the warehouse: {err}") from None
+        names = []
+        for info in found:
+            base = info.base_name
+            if info.type == pafs.FileType.Directory and base.endswith(".lance") and \
+                    TABLE_NAME.match(base[: -len(".lance")]):
+                names.append(base[: -len(".lance")])
+        return sorted(names)
+
+    def path(self, name: str) -> str:
+        """The URI of a listed table; anything else is a 404, never a path lookup."""
         if not TABLE_NAME.match(name) or name not in self.names():
             raise HTTPException(404, f"no table named {name!r} in this warehouse")
-        return self.root / f"{name}.lance"
+        return f"{self.root}/{name}.lance"
 
     def table(self, name: str, version: int | str | None = None):
         """The table at `version`; by default the one its `current` tag names now, so a
@@ -121,7 +141,7 @@ class Warehouse:
         from jobs.api import open_table
 
         if version is None:
-            ds = lance.dataset(str(self.path(name)))
+            ds = lance.dataset(self.path(name), storage_options=self.storage_options or None)
             version = current_version(ds) or ds.version
         key = (name, version)
         with self._lock:  # held for dict work only, never for I/O or a model load
@@ -133,7 +153,8 @@ class Warehouse:
             with self._lock:
                 if key in self._tables:
                     return self._tables[key]
-            table = open_table(self.path(name), version=version)
+            table = open_table(self.path(name), version=version,
+                               storage_options=self.storage_options or None)
             with self._lock:
                 self._tables[key] = table
                 self._opening.pop(key, None)
@@ -147,9 +168,11 @@ class Warehouse:
             return len(self._tables)
 
 
-def create_app(warehouse: Path, *, token: str | None = None) -> FastAPI:
-    """The ASGI app over `warehouse`; `token` (if set) is required on every request."""
-    store = Warehouse(warehouse)
+def create_app(warehouse: str | Path, *, token: str | None = None,
+               storage_options: dict[str, str] | None = None) -> FastAPI:
+    """The ASGI app over `warehouse` (a folder or an object-store prefix, reached with
+    `storage_options`); `token` (if set) is required on every request."""
+    store = Warehouse(warehouse, storage_options=storage_options)
     app = FastAPI(title="Quiver", version="1",
                   description="Search Quiver tables: dense, full-text and hybrid.")
 
@@ -207,7 +230,7 @@ def create_app(warehouse: Path, *, token: str | None = None) -> FastAPI:
     def table_info(name: str) -> dict:
         from jobs.api import info
 
-        return info(store.path(name))
+        return info(store.path(name), storage_options=store.storage_options or None)
 
     def _options(req: SearchOptions) -> dict:
         opts = dict(k=req.k, mode=req.mode, using=req.using, rescore=req.rescore,
@@ -235,8 +258,8 @@ def create_app(warehouse: Path, *, token: str | None = None) -> FastAPI:
     return app
 
 
-def serve(warehouse: Path, *, host: str = "127.0.0.1", port: int = 8000,
-          token: str | None = None) -> None:
+def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+          token: str | None = None, storage_options: dict[str, str] | None = None) -> None:
     """Run the server until interrupted.
 
     Raises:
@@ -247,4 +270,5 @@ def serve(warehouse: Path, *, host: str = "127.0.0.1", port: int = 8000,
     if not is_loopback(host) and not token:
         raise SpecError(f"--host {host} exposes the server beyond this machine; set a bearer "
                         "token with --token or QUIVER_TOKEN")
-    uvicorn.run(create_app(warehouse, token=token), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(warehouse, token=token, storage_options=storage_options),
+                host=host, port=port, log_level="info")

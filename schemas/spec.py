@@ -59,6 +59,10 @@ class SourceSpec(BaseModel):
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options passed to pyarrow / Lance."
     )
+    limit: int | None = Field(
+        None, ge=1, description="Read only the source's first N documents, in file order "
+        "(to try a spec on a few; `quiver run --limit N` sets it). Only the files needed "
+        "are validated.")
     max_reject_rate: float | None = Field(
         None, ge=0, le=1, description="Fail the job, writing nothing, when a larger share of "
         "records is rejected; None accepts any number (they all go to the rejects table).")

@@ -126,9 +126,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(warehouse: Path, env: dict[str, str], **popen) -> tuple[object, str]:
-    """`quiver serve --warehouse DIR` on a free 127.0.0.1 port, once `/health` answers:
-    (the process, its base URL). Fails with the server's output if it never does."""
+def start_server(warehouse: Path | str, env: dict[str, str], *, extra: list[str] = (),
+                 **popen) -> tuple[object, str]:
+    """`quiver serve --warehouse DIR [extra flags]` on a free 127.0.0.1 port, once
+    `/health` answers: (the process, its base URL). Fails with the server's output if it
+    never does."""
     import subprocess
     import sys
     import time
@@ -136,7 +138,7 @@ def start_server(warehouse: Path, env: dict[str, str], **popen) -> tuple[object,
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--warehouse",
-                             str(warehouse), "--port", str(port)], cwd=REPO, env=env,
+                             str(warehouse), "--port", str(port), *extra], cwd=REPO, env=env,
                             **({"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
                                | popen))
     base = f"http://127.0.0.1:{port}"

@@ -185,3 +185,60 @@ def test_the_table_lease_on_s3_is_a_conditional_write(moto_port) -> None:
     again = Lease.acquire(uri, options)
     assert again.record.epoch == 3  # epochs only rise, across releases too
     again.release()
+
+
+def test_cli_commands_and_the_server_on_an_s3_warehouse(moto_port, tiny_model, ray_local,
+                                                        tmp_path) -> None:
+    """`--storage-option` reaches a table on S3 for info, query and the table commands
+    (a delete there takes the S3 lease), and `quiver serve` lists and searches an
+    s3:// warehouse."""
+    import urllib.request
+
+    from conftest import start_server, write_jsonl
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    options = {"aws_endpoint": f"http://127.0.0.1:{moto_port}", "allow_http": "true",
+               "aws_region": "us-east-1", "aws_access_key_id": "testing",
+               "aws_secret_access_key": "testing"}
+    prefix = f"s3://{BUCKET}/warehouse-{time.time_ns()}"
+    docs = [{"id": f"d{i}", "text": f"document {i} about topic {i % 3}"} for i in range(12)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    run_embed(parse_spec({"kind": "embed", "table": f"{prefix}/docs.lance",
+                          "model": {"name": tiny_model},
+                          "source": {"uri": str(corpus), "id_field": "id"},
+                          "write": {"storage_options": options}}))
+    flags = [x for k, v in options.items() for x in ("--storage-option", f"{k}={v}")]
+    runner = CliRunner()
+
+    def cli(*args: str) -> dict:
+        result = runner.invoke(app, [*args, *flags, "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    table = f"{prefix}/docs.lance"
+    assert cli("info", table)["rows"] == 12
+    assert len(cli("query", table, "topic 1", "-k", "3")["hits"]) == 3
+    assert cli("table", "stats", table)["rows"] == 12
+    deleted = cli("table", "delete", table, "--doc-id", "d3")
+    assert deleted["chunks_deleted"] == 1 and deleted["version"] == deleted["version_before"] + 1
+    assert cli("info", table)["rows"] == 11
+    assert "current" in cli("table", "tags", table)["tags"]
+    bad = runner.invoke(app, ["info", table, "--storage-option", "no-equals-sign"])
+    assert bad.exit_code != 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc, base = start_server(prefix, env, extra=flags)
+    try:
+        with urllib.request.urlopen(f"{base}/tables", timeout=30) as resp:
+            assert json.load(resp)["tables"] == ["docs"]
+        request = urllib.request.Request(
+            f"{base}/tables/docs/search", data=json.dumps({"query": "topic 2", "k": 4})
+            .encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            hits = json.load(resp)["hits"]
+        assert len(hits) == 4 and all(h["doc_id"] != "d3" for h in hits)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

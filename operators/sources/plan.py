@@ -422,6 +422,32 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
                     digest, len(listing.files), listing.skipped, dirty, excluded=excluded)
 
 
+def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
+    """The plan cut to its first shards holding `n` documents (`source.limit`): the
+    shards after them are dropped, and the kept shards' rejects are counted again (they
+    are few: the cut is for trying a spec on a few documents)."""
+    kept: list[Shard] = []
+    documents = 0
+    for shard in plan.shards:
+        if documents >= n:
+            break
+        kept.append(shard)
+        documents += shard.documents or 0
+    if len(kept) == len(plan.shards):
+        return plan
+    ids = {s.shard_id for s in kept}
+    dirty = [(s, d) for s, d in plan.dirty if s.shard_id in ids]
+    reasons: Counter[str] = Counter()
+    for shard, duplicates in dirty:
+        rows = shard_rejects(shard, source, chosen=plan.chosen, duplicates=duplicates)
+        reasons.update(reason_key(r) for r in rows.column("reason").to_pylist())
+    records = sum(s.records for s in kept)
+    rejected = sum(reasons.values())
+    return ReadPlan(plan.kind, kept, plan.metadata, plan.chosen, records, rejected, reasons,
+                    plan.fingerprint, plan.files, plan.skipped, dirty,
+                    excluded=records - rejected - documents)
+
+
 def units_of(source: SourceSpec) -> tuple[Listing, list[Unit]]:
     """List the source (file metadata only) and cut it into validation units."""
     listing = list_source(source, FORMATS)
