@@ -162,11 +162,8 @@ def dry_run(spec: JobSpec) -> dict:
 
 def limited(spec: JobSpec, documents: int, table: str) -> JobSpec:
     """The spec cut to its source's first `documents` documents, into `table` (a scratch
-    table, overwritten): `quiver run --limit N`. Shards are made no larger than N records
-    so the cut falls on a shard boundary."""
-    source = spec.source.model_copy(update={
-        "limit": documents, "records_per_shard": min(spec.source.records_per_shard,
-                                                     max(1, documents))})
+    table, overwritten): `quiver run --limit N`."""
+    source = spec.source.model_copy(update={"limit": documents})
     write = spec.write.model_copy(update={"mode": "overwrite", "retention_days": 0.0})
     return spec.model_copy(update={"source": source, "table": table, "write": write})
 

@@ -4,9 +4,12 @@ elsewhere, and Ray's own logs in a file instead of on the screen.
 The bar counts documents of shards fully written, against the plan's document count
 (known exactly before embedding starts: the plan's pass counted them), so the ETA is
 the remaining documents at the rate so far. Ray Data's per-operator progress, its
-execution logs, Lance's write warnings from the workers and Ray's C++ notices need no
-action from the user; with `quiet_ray_logs` they go to a log file, and `--verbose`
-keeps them on stderr.
+execution logs, Ray's start-up warnings and Lance's write warnings from the workers
+need no action from the user; with `quiet_ray_logs` they go to a log file (or stay
+quiet), and `--verbose` keeps them on stderr. One line is left: Ray's C++ core worker
+prints a notice about actor constructor arguments straight to stderr when Ray Data
+starts its actor pool; silencing it (`RAY_BACKEND_LOG_LEVEL`) makes every Ray process
+print a line saying so, which is worse.
 """
 
 from __future__ import annotations
@@ -57,25 +60,26 @@ class JobProgress:
         self.documents = self.chunks = 0
         self.started = time.perf_counter()
         self._last_line = self.started
-        self._bar = None
-        if self.live:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+        self._bar = None  # started with the first update, after Ray's start-up output
 
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn(unit), TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(file=self.stream), transient=False)
-            self._task = self._bar.add_task(label, total=self.total or None, rate="")
-            self._bar.start()
+    def _start_bar(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(self.unit), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"), console=Console(file=self.stream),
+            transient=False)
+        self._task = self._bar.add_task(self.label, total=self.total or None, rate="",
+                                        eta="-")
+        self._bar.start()
 
     def rate(self) -> float:
         """Chunks per second so far."""
@@ -104,23 +108,31 @@ class JobProgress:
 
     def update(self, *, documents: int, chunks: int) -> None:
         """Set the counts (documents of fully written shards, chunks written)."""
+        if (documents, chunks) == (self.documents, self.chunks):
+            return
         self.documents, self.chunks = documents, chunks
-        if self._bar is not None:
-            self._bar.update(self._task, completed=documents,
-                             rate=f"{self.rate():.0f} chunks/s")
+        if self.live:
+            if self._bar is None:
+                self._start_bar()
+            eta = self.eta()
+            self._bar.update(self._task, completed=documents, rate=f"{self.rate():.0f} "
+                             "chunks/s", eta="-" if eta is None else _duration(eta))
             return
         now = time.perf_counter()
         if now - self._last_line >= PLAIN_EVERY_S:
-            self._last_line = now
-            print(self.line(), file=self.stream, flush=True)
+            self._say(now)
+
+    def _say(self, now: float) -> None:
+        self._last_line, self._said = now, (self.documents, self.chunks)
+        print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
-        """Stop the bar (a terminal) or print the last line (elsewhere)."""
+        """Stop the bar (a terminal) or print the last line (elsewhere) if not said yet."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        elif self.documents:
-            print(self.line(), file=self.stream, flush=True)
+        elif self.documents and getattr(self, "_said", None) != (self.documents, self.chunks):
+            self._say(time.perf_counter())
 
 
 class _State:
@@ -129,12 +141,11 @@ class _State:
 
 def quiet_ray_logs(log_file: Path) -> None:
     """Send Ray's and Ray Data's logs to `log_file` instead of stderr from now on, hide
-    Ray Data's own progress bars, and keep Lance's Rust warnings and Ray's C++ notices
-    off the screen (they land in Ray's session log files). Call before Ray starts."""
+    Ray Data's own progress bars, and keep Lance's Rust warnings from the workers off
+    the screen. Call before Ray starts."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     _State.log_file = log_file
     os.environ.setdefault("LANCE_LOG", "error")  # workers inherit it through the raylet
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     route_ray_logs()
 

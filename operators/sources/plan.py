@@ -22,7 +22,7 @@ import re
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -424,13 +424,19 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
 
 def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
     """The plan cut to its first shards holding `n` documents (`source.limit`): the
-    shards after them are dropped, and the kept shards' rejects are counted again (they
-    are few: the cut is for trying a spec on a few documents)."""
+    shards after them are dropped, the last one is cut to the records needed (when all
+    its records are documents; else it is kept whole, a few documents over), and the
+    kept shards' rejects are counted again (they are few: the cut is for trying a spec
+    on a few documents)."""
     kept: list[Shard] = []
     documents = 0
     for shard in plan.shards:
         if documents >= n:
             break
+        need = n - documents
+        if (shard.documents or 0) > need and shard.documents == shard.records:
+            # every record of the shard is a document: its first `need` records are them
+            shard = replace(shard, records=need, documents=need)
         kept.append(shard)
         documents += shard.documents or 0
     if len(kept) == len(plan.shards):
