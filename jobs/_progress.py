@@ -69,16 +69,15 @@ class JobProgress:
             MofNCompleteColumn,
             Progress,
             TextColumn,
-            TimeElapsedColumn,
         )
 
         self._bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn(self.unit), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-            TextColumn("ETA {task.fields[eta]}"), console=Console(file=self.stream),
-            transient=False)
+            TextColumn(self.unit), TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[spent]}"), TextColumn("ETA {task.fields[eta]}"),
+            console=Console(file=self.stream), transient=False)
         self._task = self._bar.add_task(self.label, total=self.total or None, rate="",
-                                        eta="-")
+                                        eta="-", spent="")
         self._bar.start()
 
     def rate(self) -> float:
@@ -116,7 +115,8 @@ class JobProgress:
                 self._start_bar()
             eta = self.eta()
             self._bar.update(self._task, completed=documents, rate=f"{self.rate():.0f} "
-                             "chunks/s", eta="-" if eta is None else _duration(eta))
+                             "chunks/s", eta="-" if eta is None else _duration(eta),
+                             spent=_duration(time.perf_counter() - self.started))
             return
         now = time.perf_counter()
         if now - self._last_line >= PLAIN_EVERY_S:
