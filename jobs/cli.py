@@ -40,7 +40,8 @@ ModelOpt = Annotated[
 ]
 StorageOpt = Annotated[list[str] | None, typer.Option(
     "--storage-option", "-S", help="Object-store option KEY=VALUE for an s3://, gs:// or "
-    "az:// table (repeatable): aws_endpoint, aws_region, aws_access_key_id, allow_http...")]
+    "az:// table (repeatable): aws_endpoint, aws_region, aws_access_key_id, allow_http...; "
+    "@FILE reads a profile: a YAML mapping of such options.")]
 WaitOpt = Annotated[bool, typer.Option(
     "--wait", help="If a job is writing the table, wait for it (default: fail at once).")]
 
@@ -71,10 +72,28 @@ def _said_logs(path: Path | None) -> None:
         print(f"[quiver] Ray's own logs: {path}", file=sys.stderr)
 
 
+def _profile(path: Path) -> dict[str, str]:
+    """A storage profile file: a YAML mapping of option names to values."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"--storage-option @{path}: cannot read it as YAML: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise SpecError(f"--storage-option @{path}: expected a mapping of option names to "
+                        "values")
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
+
+
 def _storage(options: list[str] | None) -> dict[str, str]:
-    """KEY=VALUE pairs as Lance's storage_options; a malformed one is a usage error."""
-    out = {}
+    """KEY=VALUE pairs (and @FILE profiles, YAML mappings) as Lance's storage_options, in
+    the order given (later ones win); a malformed one is a usage error."""
+    out: dict[str, str] = {}
     for item in options or []:
+        if item.startswith("@"):
+            out.update(_profile(Path(item[1:])))
+            continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(f"--storage-option {item!r}: expected KEY=VALUE")
@@ -84,6 +103,13 @@ def _storage(options: list[str] | None) -> dict[str, str]:
 
 def _emit(data: object) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _emitted(data: object, as_json: bool) -> bool:
+    """With `--json`, print the one document and say so (the caller renders otherwise)."""
+    if as_json:
+        _emit(data)
+    return as_json
 
 
 @app.command()
@@ -592,8 +618,7 @@ def table_stats(table: TableArg, storage_option: StorageOpt = None,
     from jobs import api
 
     data = api.table_stats(table, _storage(storage_option))
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"table      {data['table']} (version {data['version']}, current "
           f"{data['current']}{', held' if data['held'] else ''})")
@@ -624,8 +649,7 @@ def table_optimize(
     data = api.optimize(table, storage_options=_storage(storage_option),
                         retention_days=None if keep_versions else retention_days, wait=wait,
                         progress=progress)
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     b, a = data["before"], data["after"]
     print(f"fragments  {b['fragments']} -> {a['fragments']} "
@@ -661,8 +685,7 @@ def table_delete(
         expr = compile_filter(parse_clauses(where), open_dataset(table, opts).schema)
     data = api.delete_documents(table, doc_ids=doc_id or (), where=expr,
                                 keep_out=not allow_return, storage_options=opts, wait=wait)
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"deleted    {data['documents']} documents, {data['chunks_deleted']} chunks "
           f"(version {data['version_before']} -> {data['version']})")
@@ -680,8 +703,7 @@ def table_include(
     from jobs import api
 
     data = api.include(table, doc_id, storage_options=_storage(storage_option))
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"included   {data['removed']} documents ({data['still_excluded']} stay excluded)")
 
@@ -701,8 +723,7 @@ def table_export(
     data = api.export_table(table, out, columns=columns.split(",") if columns else None,
                             version=_version(version), storage_options=_storage(storage_option),
                             progress=progress)
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"exported   {data['rows']} rows of version {data['version']} to {data['out']} "
           f"({data['bytes'] / 1e6:.1f} MB; {', '.join(data['columns'])})")
@@ -715,8 +736,7 @@ def table_tags(table: TableArg, storage_option: StorageOpt = None,
     from jobs import api
 
     data = api.list_tags(table, _storage(storage_option))
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"latest     {data['latest']}; current {data['current']}"
           + (" (held by a restore: jobs leave it until promote)" if data["held"] else ""))
@@ -733,8 +753,7 @@ def table_tag(table: TableArg, name: str, version: str, storage_option: StorageO
     from jobs import api
 
     data = api.set_tag(table, name, _version(version), storage_options=_storage(storage_option))
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"tag        {data['tag']} -> version {data['version']}")
 
@@ -747,8 +766,7 @@ def table_restore(table: TableArg, version: str, storage_option: StorageOpt = No
 
     data = api.restore(table, _version(version), storage_options=_storage(storage_option),
                        wait=wait)
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"current    {data['was']} -> {data['current']} (held: {data['hint']})")
 
@@ -765,8 +783,7 @@ def table_promote(
 
     data = api.promote(table, _version(version), storage_options=_storage(storage_option),
                        wait=wait)
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"current    {data['was']} -> {data['current']} (jobs move it again as they finish)")
 
@@ -781,8 +798,7 @@ def table_rejects(
     from jobs import api
 
     data = api.rejects_summary(table, limit=limit, storage_options=_storage(storage_option))
-    if as_json:
-        _emit(data)
+    if _emitted(data, as_json):
         return
     print(f"rejects    {data['rejects']}")
     for reason, n in data["by_reason"].items():

@@ -221,6 +221,11 @@ def test_cli_commands_and_the_server_on_an_s3_warehouse(moto_port, tiny_model, r
     assert cli("info", table)["rows"] == 12
     assert len(cli("query", table, "topic 1", "-k", "3")["hits"]) == 3
     assert cli("table", "stats", table)["rows"] == 12
+    profile = tmp_path / "store.yaml"  # the same options from a profile file
+    profile.write_text("".join(f"{k}: {v!r}\n" for k, v in options.items()))
+    via_profile = runner.invoke(app, ["table", "stats", table, "-S", f"@{profile}", "--json"],
+                                catch_exceptions=False)
+    assert via_profile.exit_code == 0 and json.loads(via_profile.stdout)["rows"] == 12
     deleted = cli("table", "delete", table, "--doc-id", "d3")
     assert deleted["chunks_deleted"] == 1 and deleted["version"] == deleted["version_before"] + 1
     assert cli("info", table)["rows"] == 11

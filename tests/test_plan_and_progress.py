@@ -61,7 +61,7 @@ def test_plan_reports_the_job_and_writes_nothing(tmp_path, stdlib_docs, tiny_mod
     assert e["documents_sampled"] > 0 and e["tokens"] > 0 and e["actor_tokens_per_s"] > 0
     assert e["total_seconds"] == pytest.approx(sum(e["seconds"].values()),
                                                              abs=0.5)
-    assert e["seconds"]["plan"] > 0 and e["seconds"]["actor_start"] > 0
+    assert e["seconds"]["plan"] >= 0 and e["seconds"]["actor_start"] > 0  # rounded to 0.1 s
     assert not table.exists()  # a dry run writes nothing
 
 
