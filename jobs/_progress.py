@@ -175,8 +175,3 @@ def route_ray_logs() -> None:
         DataContext.get_current().enable_progress_bars = False
     except ImportError:
         pass
-
-
-def log_file() -> Path | None:
-    """Where Ray's logs go, when they are off the screen."""
-    return _State.log_file

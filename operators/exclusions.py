@@ -62,10 +62,9 @@ def exclude(table_uri: str, doc_ids: Sequence[str], *, reason: str,
     fresh = sorted(set(doc_ids) - set(have.column("doc_id").to_pylist()))
     if not fresh:
         return 0
-    now = pa.scalar(int(time.time()), pa.timestamp("s", tz="UTC"))
-    rows = pa.table({"doc_id": fresh, "excluded_at": pa.array([now.value] * len(fresh),
-                                                              EXCLUDED_SCHEMA.field(1).type),
-                     "reason": [reason] * len(fresh)}, schema=EXCLUDED_SCHEMA)
+    now = pa.array([int(time.time())] * len(fresh), EXCLUDED_SCHEMA.field("excluded_at").type)
+    rows = pa.table({"doc_id": fresh, "excluded_at": now, "reason": [reason] * len(fresh)},
+                    schema=EXCLUDED_SCHEMA)
     lance.write_dataset(rows, exclusions_uri(table_uri), schema=EXCLUDED_SCHEMA,
                         mode="append" if _open(table_uri, storage_options) else "create",
                         storage_options=dict(storage_options) if storage_options else None)
