@@ -21,7 +21,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
 from operators.quantize import Codebook, empty_matrix, encode, to_arrow
-from operators.timing import EMBEDDED_AT, LOADED_BY, with_stage_seconds
+from operators.timing import EMBEDDED_AT, LOADED_BY, STAGE_COLUMNS, stage_arrays
 from schemas.kinds import Device, Pooling, Precision, PrecisionChoice
 from schemas.records import CODEC_COLUMNS, codec_fields
 
@@ -84,17 +84,40 @@ def pool(hidden, mask, *, mode: Pooling):
     """
     import torch
 
+    weights = mask.to(torch.float32)
+    counts = weights.sum(dim=1)
+    out = torch.empty((hidden.shape[0], 1, hidden.shape[2]), dtype=torch.float32,
+                      device=hidden.device)
+    pool_into(out, hidden, weights.unsqueeze(1), counts, mode=mode)
+    return mean_of_sums(out.squeeze(1), counts) if mode == "mean" else out.squeeze(1)
+
+
+def pool_into(out, hidden, weights, counts, *, mode: Pooling) -> None:
+    """Pool one batch into `out`, its (batch, 1, dim) float32 rows of the block's result.
+
+    Mean pooling writes the *sum* over real tokens: one batched matmul of the mask as
+    float32 (`weights`, (batch, 1, seq)) with the states. The division by the token
+    `counts` is left to `mean_of_sums`, once per block, or skipped where the model
+    normalises, since the direction is the same. After a forward pass every call runs
+    with cold caches, so one kernel per batch beats a cast, a sum and a division.
+    """
+    import torch
+
     hidden = hidden.float()  # accumulate in fp32 whatever the model ran in
-    if mode == "mean":  # one batched matmul: (batch, 1, seq) @ (batch, seq, dim)
-        m = mask.to(hidden.dtype)
-        summed = torch.bmm(m.unsqueeze(1), hidden).squeeze(1)
-        return summed / m.sum(dim=1, keepdim=True).clamp(min=1e-9)
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "lasttoken":
-        last = mask.sum(dim=1).long() - 1  # right padding: last real token per row
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"Got {mode!r} for pooling. Must be one of mean, cls, lasttoken.")
+    if mode == "mean":  # (batch, 1, seq) @ (batch, seq, dim)
+        torch.bmm(weights, hidden, out=out)
+    elif mode == "cls":
+        out.copy_(hidden[:, :1])
+    elif mode == "lasttoken":  # right padding: the last real token of each row
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        out[:, 0] = hidden[rows, counts.long() - 1]
+    else:
+        raise ValueError(f"Got {mode!r} for pooling. Must be one of mean, cls, lasttoken.")
+
+
+def mean_of_sums(sums, counts):
+    """Mean-pooled vectors from `pool_into`'s sums, (n, dim), and each row's token count."""
+    return sums / counts.clamp(min=1e-9).unsqueeze(1)
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -179,13 +202,18 @@ class PaddedBlock:
     """A block's token ids padded once, for all its batches: each batch's right-padded
     (rows, width) matrix lies in one flat buffer after the previous one, with a flat
     mask of real tokens beside it. Built in a fixed number of numpy steps over the whole
-    block (no loop per row, none per batch), so a batch is two views; a GPU actor copies
+    block (no loop per row, none per batch), so a batch is a few views; a GPU actor copies
     the whole block to the device in one go.
+
+    Rows are sorted longest first (`order`); `lengths` holds their token counts in that
+    order, and a batch is a run of positions in it.
 
     >>> o, v = _offsets_and_values([[1, 2, 3], [4], [5, 6]])
     >>> b = PaddedBlock(o, v, batch_tokens=4, pad_id=0)
-    >>> [(rows.tolist(), ids.tolist()) for rows, ids, _ in b.batches(b.ids, b.real)]
+    >>> [(b.order[i:j].tolist(), ids.tolist()) for i, j, ids in b.batches(b.ids)]
     [([0], [[1, 2, 3]]), ([2, 1], [[5, 6], [4, 0]])]
+    >>> b.real.astype(int).tolist(), b.lengths.tolist()
+    ([1, 1, 1, 1, 1, 1, 0], [3, 2, 1])
     """
 
     def __init__(self, offsets: np.ndarray, values: np.ndarray, *, batch_tokens: int,
@@ -194,34 +222,36 @@ class PaddedBlock:
                  ) -> None:
         lengths = np.diff(offsets)
         self.order, self.cuts = budget_cuts(lengths, batch_tokens=batch_tokens)
-        sorted_lengths = lengths[self.order]
-        first = np.array([a for a, _ in self.cuts], np.int64)
-        rows_in = np.array([b - a for a, b in self.cuts], np.int64)
-        self.widths = sorted_lengths[first] if len(first) else first
+        self.lengths = lengths[self.order]
+        n = len(self.order)
+        bounds = np.array([a for a, _ in self.cuts] + [n], np.int64)
+        rows_in = np.diff(bounds)
+        self.widths = self.lengths[bounds[:-1]]
         self.starts = np.concatenate([[0], np.cumsum(rows_in * self.widths)])
         size = int(self.starts[-1])
-        batch_of = np.repeat(np.arange(len(self.cuts)), rows_in)  # per sorted row
-        row_start = (self.starts[:-1][batch_of]
-                     + (np.arange(len(self.order)) - first[batch_of]) * self.widths[batch_of])
-        total = int(sorted_lengths.sum())
-        within = np.arange(total) - np.repeat(np.cumsum(sorted_lengths) - sorted_lengths,
-                                              sorted_lengths)
-        dest = np.repeat(row_start, sorted_lengths) + within
         ids, real = ((np.empty(size, np.int64), np.empty(size, bool)) if buffers is None
                      else buffers(size))
         self.ids, self.real = ids[:size], real[:size]
+        # Each sorted row is a run of real tokens, then a run of padding to its batch's
+        # width: the mask is one repeat over those alternating runs.
+        runs = np.empty(2 * n, np.int64)
+        runs[0::2] = self.lengths
+        runs[1::2] = np.repeat(self.widths, rows_in) - self.lengths
+        self.real[:] = np.repeat(np.tile(np.array([True, False]), n), runs)
+        # The ids of the sorted rows, one after the other, fill the real positions in order.
+        skip = offsets[self.order] - (np.cumsum(self.lengths) - self.lengths)
+        source = np.arange(int(self.lengths.sum())) + np.repeat(skip, self.lengths)
         self.ids.fill(pad_id)
-        self.real.fill(False)
-        self.ids[dest] = values[np.repeat(offsets[self.order], sorted_lengths) + within]
-        self.real[dest] = True
+        self.ids[self.real] = values[source]
 
-    def batches(self, ids, real) -> Iterator[tuple[np.ndarray, Any, Any]]:
-        """(row indices, (rows, width) ids, mask) per batch, as views of flat `ids` and
-        `real` laid out as this block's (numpy arrays, or their copies on a device)."""
+    def batches(self, *flats) -> Iterator[tuple[Any, ...]]:
+        """(start, stop, one view per flat) per batch: positions start:stop of the sorted
+        rows, and each flat array laid out as this block's ids (numpy arrays, or tensors
+        on a device) as that batch's (rows, width) matrix."""
         for (a, b), width, start in zip(self.cuts, self.widths, self.starts[:-1], strict=True):
             shape = (b - a, int(width))
             stop = start + shape[0] * shape[1]
-            yield self.order[a:b], ids[start:stop].reshape(shape), real[start:stop].reshape(shape)
+            yield (a, b, *(flat[start:stop].reshape(shape) for flat in flats))
 
 
 class PinnedStaging:
@@ -339,45 +369,82 @@ class Embedder:
         self._staging = PinnedStaging(self.device) if self.device == "cuda" else None
         self.load_id = f"{os.getpid()}:{time.time_ns()}"
         """Names this model load; the job counts distinct ones (model loads per job)."""
+        self._load_dictionary = pa.array([self.load_id])
+        codecs = self.codebook.codecs
+        self._codec_fields = [(f, next(c for c in codecs if CODEC_COLUMNS[c] == f.name))
+                              for f in codec_fields(list(codecs), self.codebook.dims)]
+        """(field, codec) of each stored vector column, in the table's order."""
+        self._added_fields = [f for f, _ in self._codec_fields] + [
+            pa.field("_tokens", pa.int32()),
+            *(pa.field(STAGE_COLUMNS[s], pa.float64()) for s in ("forward", "pool", "quantize")),
+            pa.field(EMBEDDED_AT, pa.float64()),
+            pa.field(LOADED_BY, pa.dictionary(pa.int32(), pa.string()))]
+        """The columns `__call__` adds after the block's own, in order."""
 
-    def _forward(self, input_ids: Sequence[Sequence[int]] | pa.Array | pa.ChunkedArray
-                 ) -> Iterator[tuple[np.ndarray, Any]]:
-        """Yield (row indices, pooled vectors on the device) per token-budget batch.
+    def _block_vectors(self, input_ids: Sequence[Sequence[int]] | pa.Array | pa.ChunkedArray
+                       ) -> tuple[np.ndarray, Any]:
+        """Every row's pooled (and normalised) vector, on the device, longest row first,
+        and the row order they come in.
 
         The block is padded once, straight from the list column's offsets and values
         (`PaddedBlock`): a Python loop per row, or numpy work per batch, is what a GPU
         would wait on. On a GPU the padded block goes over in one copy, and nothing here
-        waits for the device: batches queue on it and the caller syncs once per block. A
-        batch that runs out of GPU memory is halved and retried, and the budget halved
-        for the blocks after it (`_halve_budget`); a single row that does not fit still
-        fails.
+        waits for the device: batches queue on it and pool into one block-sized result,
+        and the caller syncs once per block. A batch that runs out of GPU memory is
+        halved and retried, and the budget halved for the blocks after it
+        (`_halve_budget`); a single row that does not fit still fails.
         """
         import torch
 
         offsets, values = _offsets_and_values(input_ids)
-        staging = self._staging
+        staging, mode = self._staging, self.info.pooling
         block = PaddedBlock(offsets, values, batch_tokens=self.batch_tokens, pad_id=self.pad_id,
                             buffers=None if staging is None else staging.buffers)
         if staging is None:
             ids, real = torch.from_numpy(block.ids), torch.from_numpy(block.real)
         else:
             ids, real = staging.to_device(block.ids, block.real)
+        counts = None  # real tokens per sorted row, where pooling needs them on the device
+        if mode == "lasttoken" or (mode == "mean" and not self.info.normalize):
+            counts = torch.from_numpy(block.lengths.astype(np.float32)).to(self.device)
         with torch.inference_mode():
-            for batch in block.batches(ids, real):
-                todo = [batch]
-                while todo:
-                    rows, batch_ids, mask = todo.pop()
-                    try:
-                        vectors = self._batch(batch_ids, mask)
-                    except torch.cuda.OutOfMemoryError:
-                        if len(rows) == 1:
-                            raise
-                        self._halve_budget(len(rows), batch_ids.numel())
-                        h = len(rows) // 2  # the first half runs first
-                        todo += [(rows[h:], batch_ids[h:], mask[h:]),
-                                 (rows[:h], batch_ids[:h], mask[:h])]
-                        continue
-                    yield rows, vectors
+            out = torch.empty((len(block.order), 1, self.info.dim), dtype=torch.float32,
+                              device=self.device)
+            weights = real.to(torch.float32) if mode == "mean" else real  # once per block
+            # Every batch's views at once, before the first forward: made in a burst they
+            # run warm, where between forward passes each call would run cold.
+            batches = [(batch_ids, mask, w.unsqueeze(1), None if counts is None
+                        else counts[a:b], out[a:b])
+                       for a, b, batch_ids, mask, w in block.batches(ids, real, weights)]
+            for batch in batches:
+                try:
+                    self._batch(*batch)
+                except torch.cuda.OutOfMemoryError as error:
+                    self._in_halves(batch, error)
+            out = out.squeeze(1)
+            if mode == "mean" and counts is not None:
+                out = mean_of_sums(out, counts)
+            if self.info.normalize:  # row-wise, so once per block rather than per batch
+                out = torch.nn.functional.normalize(out, p=2, dim=1)
+        return block.order, out
+
+    def _in_halves(self, batch: tuple, error: Exception) -> None:
+        """Run a batch that ran out of GPU memory as two halves (each halved again if it
+        fails too), after halving the budget for the blocks to come; a single row that
+        does not fit fails with the original error."""
+        import torch
+
+        rows = len(batch[0])
+        if rows == 1:
+            raise error
+        self._halve_budget(rows, batch[0].numel())
+        h = rows // 2  # the first half runs first
+        for half in ([None if x is None else x[:h] for x in batch],
+                     [None if x is None else x[h:] for x in batch]):
+            try:
+                self._batch(*half)
+            except torch.cuda.OutOfMemoryError as again:
+                self._in_halves(tuple(half), again)
 
     def _halve_budget(self, rows: int, tokens: int) -> None:
         """After an out-of-memory error on a batch of `tokens` padded tokens: free the
@@ -392,8 +459,9 @@ class Embedder:
         print(f"[quiver] embed: out of GPU memory on a batch of {rows} rows; retrying it in "
               f"halves, batch_tokens now {self.batch_tokens}", file=sys.stderr, flush=True)
 
-    def _batch(self, ids, mask):
-        """Pooled vectors of one padded batch (ids and bool mask on the device), in fp32.
+    def _batch(self, ids, mask, weights, counts, out) -> None:
+        """Run one padded batch (ids and bool mask on the device) and pool it into `out`,
+        its rows of the block's result (`pool_into`: `weights` and `counts` as it needs).
 
         On CPU the stage clocks are read here; on a GPU the work is only queued, and
         CUDA events mark the stages (`_clock`), read once the block is done.
@@ -407,9 +475,8 @@ class Embedder:
             with torch.autocast(device_type=self.device, dtype=self._autocast_dtype):
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         self._clock("forward")
-        vectors = pool(hidden, mask, mode=self.info.pooling)  # (batch, dim) fp32
+        pool_into(out, hidden, weights, counts, mode=self.info.pooling)
         self._clock("pool")
-        return vectors
 
     def _clock(self, stage: str) -> None:
         """Mark the end of a stage: a host clock on CPU, a CUDA event on a GPU (reading
@@ -432,22 +499,6 @@ class Embedder:
                 self.seconds[stage] += spent
             last = mark
         self._marks = []
-
-    def _block_vectors(self, input_ids) -> tuple[np.ndarray, Any]:
-        """Every row's pooled (and normalised) vector, on the device, with the row order
-        they come in."""
-        import torch
-
-        order, parts = [], []
-        for rows, vectors in self._forward(input_ids):
-            order.append(rows)
-            parts.append(vectors)
-        if not parts:
-            return np.zeros(0, np.int64), torch.zeros((0, self.info.dim), device=self.device)
-        vectors = torch.cat(parts)
-        if self.info.normalize:  # row-wise, so once per block rather than per batch
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-        return np.concatenate(order), vectors
 
     def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Embed token id lists; returns (n, dim) float32 in input order, full size."""
@@ -473,25 +524,27 @@ class Embedder:
 
         Work columns for the job summary ride along, and the writer drops them: `_tokens`
         (each row's token count), the row's share of this block's forward, pool and
-        quantize seconds, and when the block left this actor.
+        quantize seconds, and when the block left this actor. The output table is built
+        in one step: after a forward pass every Arrow call runs cold, so an
+        `append_column` per column cost more than the whole table.
         """
         started = time.perf_counter()
         self.seconds = {"forward": 0.0, "pool": 0.0}
-        encoded = self.encode_ids(batch.column("input_ids"))
-        tokens = pa.compute.list_value_length(batch.column("input_ids")).cast(pa.int32())
+        column = batch.column("input_ids")
+        encoded = self.encode_ids(column)
         keep = batch.drop_columns(["input_ids"])
-        for field in codec_fields(list(self.codebook.codecs), self.codebook.dims):
-            codec = next(c for c in self.codebook.codecs if CODEC_COLUMNS[c] == field.name)
-            keep = keep.append_column(field, to_arrow(encoded[field.name], codec,
-                                                      self.codebook.dims))
-        keep = keep.append_column("_tokens", tokens)
+        rows, dims = keep.num_rows, self.codebook.dims
+        fields = list(keep.schema) + self._added_fields
+        arrays = list(keep.columns) + [to_arrow(encoded[f.name], c, dims)
+                                       for f, c in self._codec_fields]
+        arrays.append(pa.compute.list_value_length(column).cast(pa.int32()))
         spent = time.perf_counter() - started
-        keep = with_stage_seconds(keep, **self.seconds,
-                                  quantize=spent - sum(self.seconds.values()))
-        keep = keep.append_column(
-            EMBEDDED_AT, pa.array(np.full(keep.num_rows, time.time()), pa.float64()))
-        return keep.append_column(LOADED_BY, pa.DictionaryArray.from_arrays(
-            pa.array(np.zeros(keep.num_rows, np.int32)), pa.array([self.load_id])))
+        stages = stage_arrays(rows, **self.seconds, quantize=spent - sum(self.seconds.values()))
+        arrays += stages.values()
+        arrays.append(pa.array(np.full(rows, time.time())))
+        arrays.append(pa.DictionaryArray.from_arrays(
+            pa.array(np.zeros(rows, np.int32)), self._load_dictionary, safe=False))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 QueryKind = Literal["query", "document"]

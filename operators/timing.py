@@ -22,6 +22,18 @@ EMBEDDED_AT = "_embedded_at"
 """Unix time at which the row's block left the embed actor (the same for the block)."""
 
 
+def stage_arrays(rows: int, **seconds: float) -> dict[str, pa.Array]:
+    """One float64 column per named stage, each of its `rows` holding `seconds / rows`
+    (made in one numpy step for all stages: they ride on every block).
+
+    >>> {k: v.to_pylist() for k, v in stage_arrays(2, read=1.0, pool=3.0).items()}
+    {'_read_s': [0.5, 0.5], '_pool_s': [1.5, 1.5]}
+    """
+    shares = np.repeat(np.array(list(seconds.values()), np.float64) / max(rows, 1), rows)
+    return {STAGE_COLUMNS[stage]: pa.array(shares[i * rows:(i + 1) * rows])
+            for i, stage in enumerate(seconds)}
+
+
 def with_stage_seconds(table: pa.Table, **seconds: float) -> pa.Table:
     """Append one column per named stage, each row holding `seconds / num_rows`.
 
@@ -29,10 +41,8 @@ def with_stage_seconds(table: pa.Table, **seconds: float) -> pa.Table:
     >>> t.column("_forward_s").to_pylist()
     [0.5, 0.5, 0.5, 0.5]
     """
-    rows = table.num_rows
-    for stage, spent in seconds.items():
-        table = table.append_column(
-            STAGE_COLUMNS[stage], pa.array(np.full(rows, spent / max(rows, 1)), pa.float64()))
+    for name, array in stage_arrays(table.num_rows, **seconds).items():
+        table = table.append_column(name, array)
     return table
 
 
