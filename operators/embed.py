@@ -20,46 +20,48 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
-from operators.quantize import Codebook, empty_matrix, encode, to_arrow
-from operators.timing import EMBEDDED_AT, LOADED_BY, STAGE_COLUMNS, stage_arrays
+from operators.quantize import Codebook, encode
+from operators.timing import EMBEDDED_AT, LOADED_BY, STAGE_COLUMNS, constant_columns
 from schemas.kinds import Device, Pooling, Precision, PrecisionChoice
-from schemas.records import CODEC_COLUMNS, codec_fields
+from schemas.records import codec_fields
 
 
 def _offsets_and_values(input_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of token id lists: an Arrow list column, or Python lists.
+    """(offsets, values) of token id lists: an Arrow list column, or Python lists. The
+    offsets index `values` as they are (a sliced column's start included).
 
     >>> o, v = _offsets_and_values([[1, 2], [3]])
     >>> o.tolist(), v.tolist()
     ([0, 2, 3], [1, 2, 3])
     """
     if isinstance(input_ids, pa.ChunkedArray):
-        input_ids = input_ids.combine_chunks()
+        input_ids = (input_ids.chunk(0) if input_ids.num_chunks == 1
+                     else input_ids.combine_chunks())
     if not isinstance(input_ids, pa.Array):
         input_ids = pa.array(list(input_ids), pa.list_(pa.int64()))
     if len(input_ids) == 0:
         return np.zeros(1, np.int64), np.zeros(0, np.int64)
-    offsets = input_ids.offsets.to_numpy().astype(np.int64)
-    return offsets, input_ids.values.to_numpy(zero_copy_only=False)
+    return input_ids.offsets.to_numpy(), input_ids.values.to_numpy(zero_copy_only=False)
 
 
 def budget_cuts(lengths: np.ndarray, *, batch_tokens: int
-                ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Row order, longest first, and the (start, stop) of each batch in that order, so
-    each batch's padded size fits the budget. Sorted, a batch led by a row of width w
-    holds budget // w rows, so the loop runs once per batch, not per row; a single row
-    longer than the budget still gets a batch of its own.
+                ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Row order, longest first, and the (start, stop, width) of each batch in that
+    order, so each batch's padded size fits the budget. Sorted, a batch led by a row of
+    width w holds budget // w rows, so the loop runs once per batch, not per row, on
+    Python ints; a single row longer than the budget still gets a batch of its own.
 
     >>> budget_cuts(np.array([5, 1, 3, 4]), batch_tokens=8)
-    (array([0, 3, 2, 1]), [(0, 1), (1, 3), (3, 4)])
+    (array([0, 3, 2, 1]), [(0, 1, 5), (1, 3, 4), (3, 4, 1)])
     """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    widths = np.asarray(lengths)[order]
-    cuts, start, n = [], 0, len(order)
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    widths = lengths[order].tolist()
+    cuts, start, n = [], 0, len(widths)
     while start < n:
-        width = int(widths[start])
+        width = widths[start]
         stop = n if width == 0 else min(n, start + max(1, batch_tokens // width))
-        cuts.append((start, stop))
+        cuts.append((start, stop, width))
         start = stop
     return order, cuts
 
@@ -71,7 +73,7 @@ def token_budget_batches(lengths: Sequence[int], *, batch_tokens: int) -> list[l
     [[0], [3, 2], [1]]
     """
     order, cuts = budget_cuts(np.asarray(lengths, np.int64), batch_tokens=batch_tokens)
-    return [order[a:b].tolist() for a, b in cuts]
+    return [order[a:b].tolist() for a, b, _ in cuts]
 
 
 def pool(hidden, mask, *, mode: Pooling):
@@ -198,60 +200,74 @@ def pick_device(device: Device) -> str:
     return device
 
 
+_ALTERNATING = np.tile(np.array([True, False]), 1024)
+"""True, False, ...: the real/padding pattern of `PaddedBlock`'s mask runs (grown when a
+block has more rows)."""
+
+
 class PaddedBlock:
     """A block's token ids padded once, for all its batches: each batch's right-padded
     (rows, width) matrix lies in one flat buffer after the previous one, with a flat
     mask of real tokens beside it. Built in a fixed number of numpy steps over the whole
-    block (no loop per row, none per batch), so a batch is a few views; a GPU actor copies
-    the whole block to the device in one go.
+    block (no loop per row; the loop per batch runs on Python ints), so a batch is a few
+    views, and a GPU actor copies the whole block to the device in one go. After a
+    forward pass every call runs with cold caches, so the count of steps is the cost.
 
     Rows are sorted longest first (`order`); `lengths` holds their token counts in that
-    order, and a batch is a run of positions in it.
+    order, and batch k is positions `cuts[k][0]:cuts[k][1]` of it, `shapes[k]` padded.
 
     >>> o, v = _offsets_and_values([[1, 2, 3], [4], [5, 6]])
     >>> b = PaddedBlock(o, v, batch_tokens=4, pad_id=0)
     >>> [(b.order[i:j].tolist(), ids.tolist()) for i, j, ids in b.batches(b.ids)]
     [([0], [[1, 2, 3]]), ([2, 1], [[5, 6], [4, 0]])]
-    >>> b.real.astype(int).tolist(), b.lengths.tolist()
-    ([1, 1, 1, 1, 1, 1, 0], [3, 2, 1])
+    >>> b.real.astype(int).tolist(), b.lengths.tolist(), b.shapes
+    ([1, 1, 1, 1, 1, 1, 0], [3, 2, 1], [(1, 3), (2, 2)])
     """
 
     def __init__(self, offsets: np.ndarray, values: np.ndarray, *, batch_tokens: int,
                  pad_id: int,
                  buffers: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
                  ) -> None:
-        lengths = np.diff(offsets)
-        self.order, self.cuts = budget_cuts(lengths, batch_tokens=batch_tokens)
-        self.lengths = lengths[self.order]
-        n = len(self.order)
-        bounds = np.array([a for a, _ in self.cuts] + [n], np.int64)
-        rows_in = np.diff(bounds)
-        self.widths = self.lengths[bounds[:-1]]
-        self.starts = np.concatenate([[0], np.cumsum(rows_in * self.widths)])
-        size = int(self.starts[-1])
-        ids, real = ((np.empty(size, np.int64), np.empty(size, bool)) if buffers is None
-                     else buffers(size))
-        self.ids, self.real = ids[:size], real[:size]
+        global _ALTERNATING
+        self.row_lengths = np.diff(offsets)
+        """Each row's token count, in the block's order."""
+        self.order, self.cuts = budget_cuts(self.row_lengths, batch_tokens=batch_tokens)
+        self.lengths = self.row_lengths[self.order]
+        self.shapes = [(b - a, w) for a, b, w in self.cuts]
+        self.sizes = [r * w for r, w in self.shapes]
+        """Padded tokens of each batch, one after the other in the flat buffers."""
+        size, n = sum(self.sizes), len(self.order)
+        ids, real = ((np.empty(size, np.int64), None) if buffers is None else buffers(size))
         # Each sorted row is a run of real tokens, then a run of padding to its batch's
         # width: the mask is one repeat over those alternating runs.
         runs = np.empty(2 * n, np.int64)
         runs[0::2] = self.lengths
-        runs[1::2] = np.repeat(self.widths, rows_in) - self.lengths
-        self.real[:] = np.repeat(np.tile(np.array([True, False]), n), runs)
+        runs[1::2] = np.repeat([w for _, w in self.shapes], [r for r, _ in self.shapes])
+        runs[1::2] -= self.lengths
+        if len(_ALTERNATING) < 2 * n:
+            _ALTERNATING = np.tile(np.array([True, False]), n)
+        mask = np.repeat(_ALTERNATING[:2 * n], runs)
+        if real is None:
+            self.real = mask
+        else:
+            self.real = real[:size]
+            self.real[:] = mask
         # The ids of the sorted rows, one after the other, fill the real positions in order.
-        skip = offsets[self.order] - (np.cumsum(self.lengths) - self.lengths)
-        source = np.arange(int(self.lengths.sum())) + np.repeat(skip, self.lengths)
+        ends = np.cumsum(self.lengths)
+        source = np.arange(int(ends[-1]) if n else 0)
+        source += np.repeat(offsets[self.order] - ends + self.lengths, self.lengths)
+        self.ids = ids[:size]
         self.ids.fill(pad_id)
-        self.ids[self.real] = values[source]
+        self.ids[mask] = values[source]
 
     def batches(self, *flats) -> Iterator[tuple[Any, ...]]:
         """(start, stop, one view per flat) per batch: positions start:stop of the sorted
         rows, and each flat array laid out as this block's ids (numpy arrays, or tensors
         on a device) as that batch's (rows, width) matrix."""
-        for (a, b), width, start in zip(self.cuts, self.widths, self.starts[:-1], strict=True):
-            shape = (b - a, int(width))
-            stop = start + shape[0] * shape[1]
-            yield (a, b, *(flat[start:stop].reshape(shape) for flat in flats))
+        start = 0
+        for (a, b, _), shape, size in zip(self.cuts, self.shapes, self.sizes, strict=True):
+            yield (a, b, *(flat[start:start + size].reshape(shape) for flat in flats))
+            start += size
 
 
 class PinnedStaging:
@@ -370,11 +386,17 @@ class Embedder:
         self.load_id = f"{os.getpid()}:{time.time_ns()}"
         """Names this model load; the job counts distinct ones (model loads per job)."""
         self._load_dictionary = pa.array([self.load_id])
-        codecs = self.codebook.codecs
-        self._codec_fields = [(f, next(c for c in codecs if CODEC_COLUMNS[c] == f.name))
-                              for f in codec_fields(list(codecs), self.codebook.dims)]
-        """(field, codec) of each stored vector column, in the table's order."""
-        self._added_fields = [f for f, _ in self._codec_fields] + [
+        self._zeros = pa.array(np.zeros(0, np.int32))
+        """Dictionary indices of `LOADED_BY` (all 0), sliced for each block."""
+        vector_fields = codec_fields(list(self.codebook.codecs), self.codebook.dims)
+        self._stored = [(f.name, f.type) for f in vector_fields]
+        """(name, fixed-size list type) of each stored vector column, in the table's order."""
+        self._schema_in: pa.Schema | None = None
+        self._schema_out: pa.Schema | None = None
+        self._drop = -1
+        """The last block's schema, the output schema it gives, and where its `input_ids`
+        column is."""
+        self._added_fields = [*vector_fields,
             pa.field("_tokens", pa.int32()),
             *(pa.field(STAGE_COLUMNS[s], pa.float64()) for s in ("forward", "pool", "quantize")),
             pa.field(EMBEDDED_AT, pa.float64()),
@@ -382,9 +404,9 @@ class Embedder:
         """The columns `__call__` adds after the block's own, in order."""
 
     def _block_vectors(self, input_ids: Sequence[Sequence[int]] | pa.Array | pa.ChunkedArray
-                       ) -> tuple[np.ndarray, Any]:
+                       ) -> tuple[PaddedBlock, Any]:
         """Every row's pooled (and normalised) vector, on the device, longest row first,
-        and the row order they come in.
+        and the padded block, whose `order` says which row each one is.
 
         The block is padded once, straight from the list column's offsets and values
         (`PaddedBlock`): a Python loop per row, or numpy work per batch, is what a GPU
@@ -407,26 +429,31 @@ class Embedder:
         counts = None  # real tokens per sorted row, where pooling needs them on the device
         if mode == "lasttoken" or (mode == "mean" and not self.info.normalize):
             counts = torch.from_numpy(block.lengths.astype(np.float32)).to(self.device)
+        n, dim = len(block.order), self.info.dim
         with torch.inference_mode():
-            out = torch.empty((len(block.order), 1, self.info.dim), dtype=torch.float32,
-                              device=self.device)
+            out = torch.empty((n, 1, dim), dtype=torch.float32, device=self.device)
+            if n == 0:
+                return block, out.view(n, dim)
             weights = real.to(torch.float32) if mode == "mean" else real  # once per block
             # Every batch's views at once, before the first forward: made in a burst they
             # run warm, where between forward passes each call would run cold.
-            batches = [(batch_ids, mask, w.unsqueeze(1), None if counts is None
-                        else counts[a:b], out[a:b])
-                       for a, b, batch_ids, mask, w in block.batches(ids, real, weights)]
+            rows = [r for r, _ in block.shapes]
+            parts = [t.split(block.sizes) for t in (ids, real, weights)]
+            batches = [(i.view(r, w), m.view(r, w), x.view(r, 1, w), c, o)
+                       for i, m, x, c, o, (r, w) in zip(
+                           *parts, [None] * len(rows) if counts is None else counts.split(rows),
+                           out.split(rows), block.shapes, strict=True)]
             for batch in batches:
                 try:
                     self._batch(*batch)
                 except torch.cuda.OutOfMemoryError as error:
                     self._in_halves(batch, error)
-            out = out.squeeze(1)
+            out = out.view(n, dim)
             if mode == "mean" and counts is not None:
                 out = mean_of_sums(out, counts)
             if self.info.normalize:  # row-wise, so once per block rather than per batch
-                out = torch.nn.functional.normalize(out, p=2, dim=1)
-        return block.order, out
+                out = out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_(min=1e-12)
+        return block, out
 
     def _in_halves(self, batch: tuple, error: Exception) -> None:
         """Run a batch that ran out of GPU memory as two halves (each halved again if it
@@ -503,48 +530,57 @@ class Embedder:
     def embed_ids(self, input_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Embed token id lists; returns (n, dim) float32 in input order, full size."""
         out = np.empty((len(input_ids), self.info.dim), dtype=np.float32)
-        order, vectors = self._block_vectors(input_ids)
-        out[order] = vectors.cpu().numpy()  # the block's one wait for the device
+        block, vectors = self._block_vectors(input_ids)
+        out[block.order] = vectors.cpu().numpy()  # the block's one wait for the device
         self._read_clocks()
         return out
 
     def encode_ids(self, input_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
         """Embed and encode with the codebook on the device, bringing each stored column
-        back to the host once per block; one matrix per stored column."""
-        book = self.codebook
-        out = {CODEC_COLUMNS[c]: empty_matrix(c, book.dims, len(input_ids)) for c in book.codecs}
-        order, vectors = self._block_vectors(input_ids)
-        for column, matrix in encode(vectors, book).items():  # the block's one wait
-            out[column][order] = matrix
+        back to the host once per block; one matrix per stored column, in input order."""
+        return self._encoded(input_ids)[0]
+
+    def _encoded(self, input_ids) -> tuple[dict[str, np.ndarray], PaddedBlock]:
+        """`encode_ids`, and the padded block (its `row_lengths` are the token counts)."""
+        block, vectors = self._block_vectors(input_ids)
+        out = {}
+        for column, matrix in encode(vectors, self.codebook).items():  # the block's one wait
+            out[column] = np.empty_like(matrix)
+            out[column][block.order] = matrix
         self._read_clocks()
-        return out
+        return out, block
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Replace `input_ids` by the codebook's vector columns (fixed-size lists).
 
         Work columns for the job summary ride along, and the writer drops them: `_tokens`
         (each row's token count), the row's share of this block's forward, pool and
-        quantize seconds, and when the block left this actor. The output table is built
-        in one step: after a forward pass every Arrow call runs cold, so an
-        `append_column` per column cost more than the whole table.
+        quantize seconds, and when the block left this actor. After a forward pass every
+        Arrow call runs with cold caches, so the table is built in one step, from as few
+        arrays as hold it (the work columns are slices of one).
         """
         started = time.perf_counter()
         self.seconds = {"forward": 0.0, "pool": 0.0}
-        column = batch.column("input_ids")
-        encoded = self.encode_ids(column)
-        keep = batch.drop_columns(["input_ids"])
-        rows, dims = keep.num_rows, self.codebook.dims
-        fields = list(keep.schema) + self._added_fields
-        arrays = list(keep.columns) + [to_arrow(encoded[f.name], c, dims)
-                                       for f, c in self._codec_fields]
-        arrays.append(pa.compute.list_value_length(column).cast(pa.int32()))
-        spent = time.perf_counter() - started
-        stages = stage_arrays(rows, **self.seconds, quantize=spent - sum(self.seconds.values()))
-        arrays += stages.values()
-        arrays.append(pa.array(np.full(rows, time.time())))
-        arrays.append(pa.DictionaryArray.from_arrays(
-            pa.array(np.zeros(rows, np.int32)), self._load_dictionary, safe=False))
-        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+        encoded, block = self._encoded(batch.column("input_ids"))
+        rows, schema = batch.num_rows, batch.schema
+        if self._schema_in is None or not schema.equals(self._schema_in):
+            self._schema_in, self._drop = schema, schema.get_field_index("input_ids")
+            kept = [f for i, f in enumerate(schema) if i != self._drop]
+            self._schema_out = pa.schema(kept + self._added_fields)
+        arrays = batch.columns
+        del arrays[self._drop]
+        for name, typ in self._stored:
+            arrays.append(pa.FixedSizeListArray.from_arrays(
+                pa.array(encoded[name].reshape(-1), type=typ.value_type), typ.list_size))
+        arrays.append(pa.array(block.row_lengths.astype(np.int32)))
+        seconds = [*self.seconds.values(), time.perf_counter() - started]
+        seconds[-1] -= seconds[0] + seconds[1]  # quantize: the rest of this call
+        arrays += constant_columns(rows, [s / max(rows, 1) for s in seconds] + [time.time()])
+        if len(self._zeros) < rows:
+            self._zeros = pa.array(np.zeros(rows, np.int32))
+        arrays.append(pa.DictionaryArray.from_arrays(self._zeros.slice(0, rows),
+                                                     self._load_dictionary, safe=False))
+        return pa.Table.from_arrays(arrays, schema=self._schema_out)
 
 
 QueryKind = Literal["query", "document"]

@@ -22,16 +22,25 @@ EMBEDDED_AT = "_embedded_at"
 """Unix time at which the row's block left the embed actor (the same for the block)."""
 
 
+def constant_columns(rows: int, values: list[float]) -> list[pa.Array]:
+    """A float64 column of `rows` copies of each value: slices of one Arrow array made by
+    one numpy repeat, so a block's work columns cost two calls, not two per column.
+
+    >>> [c.to_pylist() for c in constant_columns(2, [1.0, 3.5])]
+    [[1.0, 1.0], [3.5, 3.5]]
+    """
+    flat = pa.array(np.repeat(np.array(values, np.float64), rows))
+    return [flat.slice(i * rows, rows) for i in range(len(values))]
+
+
 def stage_arrays(rows: int, **seconds: float) -> dict[str, pa.Array]:
-    """One float64 column per named stage, each of its `rows` holding `seconds / rows`
-    (made in one numpy step for all stages: they ride on every block).
+    """One float64 column per named stage, each of its `rows` holding `seconds / rows`.
 
     >>> {k: v.to_pylist() for k, v in stage_arrays(2, read=1.0, pool=3.0).items()}
     {'_read_s': [0.5, 0.5], '_pool_s': [1.5, 1.5]}
     """
-    shares = np.repeat(np.array(list(seconds.values()), np.float64) / max(rows, 1), rows)
-    return {STAGE_COLUMNS[stage]: pa.array(shares[i * rows:(i + 1) * rows])
-            for i, stage in enumerate(seconds)}
+    shares = constant_columns(rows, [s / max(rows, 1) for s in seconds.values()])
+    return {STAGE_COLUMNS[stage]: column for stage, column in zip(seconds, shares, strict=True)}
 
 
 def with_stage_seconds(table: pa.Table, **seconds: float) -> pa.Table:
