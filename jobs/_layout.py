@@ -19,7 +19,7 @@ def rows_per_block(spec: JobSpec, *, gpu: bool, chunk_tokens: int) -> int:
     ...                 "source": {"uri": "c.jsonl", "id_field": "_id"}})
     >>> rows_per_block(s, gpu=False, chunk_tokens=256), rows_per_block(s, gpu=True,
     ...     chunk_tokens=256), rows_per_block(s, gpu=True, chunk_tokens=512)
-    (128, 1024, 512)
+    (256, 1024, 512)
     """
     if spec.compute.rows_per_batch is not None:
         return spec.compute.rows_per_batch
@@ -108,10 +108,10 @@ def actor_layout(spec: JobSpec, *, cpus: float, gpus: float, cores: int,
     >>> actor_layout(s, cpus=16, gpus=4, cores=16)
     ActorLayout(actors=4, cpus=1.0, gpus=1.0, threads=1, task_cpus=1.0, rows_per_block=1024)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2)
-    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0, rows_per_block=128)
+    ActorLayout(actors=2, cpus=0.5, gpus=0.0, threads=1, task_cpus=1.0, rows_per_block=256)
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=40).threads  # one batch of work
     2
-    >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=1000).actors  # 8 batches: one
+    >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=1000).actors  # 4 blocks: one
     1
     >>> actor_layout(s, cpus=2, gpus=0, cores=2, documents=10_000).actors
     2

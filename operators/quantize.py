@@ -85,32 +85,33 @@ def encode(vectors: torch.Tensor, book: Codebook) -> dict[str, np.ndarray]:
     """Encode full-size model output (n, model_dim) into each codec's column, on its device."""
     import torch
 
-    x = truncate(vectors.float(), book.dims, renormalize=book.renormalize)
+    x = vectors if vectors.dtype == torch.float32 else vectors.float()
+    x = truncate(x, book.dims, renormalize=book.renormalize)
     out: dict[str, np.ndarray] = {}
     for codec in book.codecs:
         if codec == "float32":
-            out[CODEC_COLUMNS[codec]] = x.cpu().numpy()
+            out[CODEC_COLUMNS[codec]] = _host(x)
         elif codec == "float16":
-            out[CODEC_COLUMNS[codec]] = x.half().cpu().numpy()
+            out[CODEC_COLUMNS[codec]] = _host(x.half())
         elif codec == "int8":
             # Copies: arrays that came through Ray's object store are read-only.
             low = torch.tensor(np.array(book.low), device=x.device)
             step = torch.tensor(np.array(book.step), device=x.device)
             codes = torch.round((x - low) / step) - 128
-            out[CODEC_COLUMNS[codec]] = codes.clamp_(-128, 127).to(torch.int8).cpu().numpy()
+            out[CODEC_COLUMNS[codec]] = _host(codes.clamp_(-128, 127).to(torch.int8))
         elif codec == "binary":
             weights = 2 ** torch.arange(7, -1, -1, device=x.device, dtype=torch.int32)
             bits = (x > 0).to(torch.int32).reshape(len(x), -1, 8)
-            out[CODEC_COLUMNS[codec]] = (bits * weights).sum(-1).to(torch.uint8).cpu().numpy()
+            out[CODEC_COLUMNS[codec]] = _host((bits * weights).sum(-1).to(torch.uint8))
         else:  # pragma: no cover - the spec's Literal forbids it
             raise ValueError(f"unknown codec {codec!r}")
     return out
 
 
-def empty_matrix(codec: str, dims: int, rows: int) -> np.ndarray:
-    """An uninitialised (rows, width) matrix of the codec's stored type."""
-    typ = codec_type(codec, dims)
-    return np.empty((rows, typ.list_size), dtype=typ.value_type.to_pandas_dtype())
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array: copied back from a GPU, shared on the CPU (where even
+    a no-op `.cpu()` is one more dispatch per block)."""
+    return tensor.cpu().numpy() if tensor.is_cuda else tensor.numpy()
 
 
 def to_arrow(matrix: np.ndarray, codec: str, dims: int) -> pa.FixedSizeListArray:

@@ -246,7 +246,7 @@ def test_gpu_blocks_follow_the_token_budget() -> None:
     spec = parse_spec(base)
     gpu = actor_layout(spec, cpus=8, gpus=1, cores=8, chunk_tokens=256)
     assert gpu.rows_per_block == 1024 and actor_layout(
-        spec, cpus=8, gpus=0, cores=8).rows_per_block == 128
+        spec, cpus=8, gpus=0, cores=8).rows_per_block == 256
     wide = parse_spec({**base, "compute": {"batch_tokens": 65536}})
     assert actor_layout(wide, cpus=8, gpus=1, cores=8, chunk_tokens=512).rows_per_block == 1024
     pinned = parse_spec({**base, "compute": {"rows_per_batch": 300}})
