@@ -251,3 +251,32 @@ def test_gpu_blocks_follow_the_token_budget() -> None:
     assert actor_layout(wide, cpus=8, gpus=1, cores=8, chunk_tokens=512).rows_per_block == 1024
     pinned = parse_spec({**base, "compute": {"rows_per_batch": 300}})
     assert actor_layout(pinned, cpus=8, gpus=1, cores=8).rows_per_block == 300
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "lasttoken"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_block_pooling_matches_each_row_alone(tiny_model, pooling, normalize) -> None:
+    """Pooled over a whole padded block (sums per batch, the mean's division once per
+    block or none where vectors are normalised, the last token found from the counts),
+    every row gets the vector its own unpadded forward gives, in input order, over
+    several batches of several widths."""
+    import dataclasses
+
+    from operators.embed import Embedder
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    info = dataclasses.replace(describe_model(ModelSpec(name=tiny_model)), pooling=pooling,
+                               normalize=normalize)
+    embedder = Embedder(info, device="cpu", batch_tokens=64)
+    rng = np.random.default_rng(3)
+    ids = [[101, *rng.integers(1000, 20000, size=n).tolist(), 102]
+           for n in rng.integers(0, 40, size=25)]
+    got = embedder.embed_ids(ids)
+    with torch.inference_mode():
+        want = []
+        for row in ids:
+            hidden = embedder.model(input_ids=torch.tensor([row])).last_hidden_state[0]
+            vector = {"mean": hidden.mean(0), "cls": hidden[0], "lasttoken": hidden[-1]}[pooling]
+            want.append(torch.nn.functional.normalize(vector, dim=0) if normalize else vector)
+    np.testing.assert_allclose(got, torch.stack(want).numpy(), rtol=1e-4, atol=1e-5)
