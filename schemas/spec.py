@@ -159,8 +159,9 @@ class ComputeSpec(BaseModel):
     rows_per_batch: int | None = Field(
         None, ge=1,
         description="Chunks handed to an actor at once, sorted by length inside. None "
-        "means 128 on CPU actors (small blocks keep every actor busy to the end; padding "
-        "stays at 3-5% on SciFact) and, on GPU actors, 8 full-length chunks' worth of "
+        "means 256 on CPU actors (small enough to keep every actor busy to the end, large "
+        "enough that the per-block work stays small) and, on GPU actors, 8 full-length "
+        "chunks' worth of "
         "the token budget per batch (1,024 rows at 256-token chunks and 32,768 tokens).",
     )
     torch_threads: int | None = Field(
