@@ -203,12 +203,22 @@ def pick_device(device: Device) -> str:
     return device
 
 
-_ALTERNATING = np.tile(np.array([True, False]), 1024)
-"""True, False, ...: the real/padding pattern of `PaddedBlock`'s mask runs (grown when a
-block has more rows)."""
+_ALTERNATING: dict[type, np.ndarray] = {}
+"""1, 0, 1, 0, ... per dtype, grown as blocks need (`_alternating`)."""
 
 
-_ALTERNATING_WEIGHTS = _ALTERNATING.astype(np.float32)
+def _alternating(count: int, dtype: type) -> np.ndarray:
+    """`count` values 1, 0, 1, 0, ... in `dtype`: the real/padding pattern of the runs a
+    `PaddedBlock` repeats into its mask. Kept between blocks, so a block pays a slice,
+    not a tile.
+
+    >>> _alternating(5, np.int8).tolist()
+    [1, 0, 1, 0, 1]
+    """
+    pattern = _ALTERNATING.get(dtype)
+    if pattern is None or len(pattern) < count:
+        pattern = _ALTERNATING[dtype] = np.tile(np.array([1, 0], dtype), max(count, 2048))
+    return pattern[:count]
 
 
 class PaddedBlock:
@@ -234,9 +244,8 @@ class PaddedBlock:
                  pad_id: int,
                  buffers: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
                  ) -> None:
-        global _ALTERNATING, _ALTERNATING_WEIGHTS
         self.row_lengths = np.diff(offsets)
-        """Each row's token count, in the block's order."""
+        """Each row's token count, in input order."""
         self.order, self.cuts = budget_cuts(self.row_lengths, batch_tokens=batch_tokens)
         self.lengths = self.row_lengths[self.order]
         self.shapes = [(b - a, w) for a, b, w in self.cuts]
@@ -250,11 +259,8 @@ class PaddedBlock:
         runs[0::2] = self.lengths
         runs[1::2] = np.repeat([w for _, w in self.shapes], [r for r, _ in self.shapes])
         runs[1::2] -= self.lengths
-        if len(_ALTERNATING) < 2 * n:
-            _ALTERNATING = np.tile(np.array([True, False]), n)
-            _ALTERNATING_WEIGHTS = _ALTERNATING.astype(np.float32)
         self._runs = runs
-        mask = np.repeat(_ALTERNATING[:2 * n], runs)
+        mask = np.repeat(_alternating(2 * n, np.bool_), runs)
         if real is None:
             self.real = mask
         else:
@@ -271,7 +277,7 @@ class PaddedBlock:
     def weights(self) -> np.ndarray:
         """The flat mask as float32 (1 on real tokens), for mean pooling's matmul: one
         repeat, like the mask, where a cast of the mask tensor is a heavier dispatch."""
-        return np.repeat(_ALTERNATING_WEIGHTS[:len(self._runs)], self._runs)
+        return np.repeat(_alternating(len(self._runs), np.float32), self._runs)
 
     def batches(self, *flats) -> Iterator[tuple[Any, ...]]:
         """(start, stop, one view per flat) per batch: positions start:stop of the sorted
