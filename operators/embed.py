@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from operators.model import ModelInfo, load_tokenizer
-from operators.quantize import Codebook, encode
+from operators.quantize import Codebook, encode, fixed_size_list
 from operators.timing import EMBEDDED_AT, LOADED_BY, STAGE_COLUMNS, constant_columns
 from schemas.kinds import Device, Pooling, Precision, PrecisionChoice
 from schemas.records import codec_fields
@@ -136,7 +136,7 @@ CPU_ROWS_PER_BLOCK = 256
 """Chunks a CPU actor gets at once. Small blocks keep every actor busy to the end; each
 block also costs the actor about 1 ms of cold-cache work around its forward passes
 (padding, pooling, Arrow), and Ray a task. The SciFact job (real model, 2 actors) ran
-102-106 s at 256 against 109-111 s at 128; at 512 the layout gave it one actor."""
+99-106 s at 256 against 109-111 s at 128; at 512 the layout gave it one actor."""
 GPU_BATCHES_PER_BLOCK = 8
 """Full-width token budgets in a GPU actor's block: the host pads batch k+1 while the
 device runs batch k, and the block's one sync and one copy back are spread over many
@@ -593,13 +593,13 @@ class Embedder:
             self._schema_out = pa.schema(kept + self._added_fields)
         arrays = batch.columns
         del arrays[self._drop]
-        for name, typ in self._stored:
-            arrays.append(pa.FixedSizeListArray.from_arrays(
-                pa.array(encoded[name].reshape(-1), type=typ.value_type), typ.list_size))
+        arrays += [fixed_size_list(encoded[name], typ) for name, typ in self._stored]
         arrays.append(pa.array(block.row_lengths.astype(np.int32)))
-        seconds = [*self.seconds.values(), time.perf_counter() - started]
-        seconds[-1] -= seconds[0] + seconds[1]  # quantize: the rest of this call
-        arrays += constant_columns(rows, [s / max(rows, 1) for s in seconds] + [time.time()])
+        forward, pooling = self.seconds["forward"], self.seconds["pool"]
+        quantize = time.perf_counter() - started - forward - pooling  # the rest of this call
+        share = 1 / max(rows, 1)  # each row's share, in `_added_fields`' order
+        arrays += constant_columns(rows, [forward * share, pooling * share, quantize * share,
+                                          time.time()])
         if len(self._zeros) < rows:
             self._zeros = pa.array(np.zeros(rows, np.int32))
         arrays.append(pa.DictionaryArray.from_arrays(self._zeros.slice(0, rows),

@@ -116,7 +116,12 @@ def _host(tensor: torch.Tensor) -> np.ndarray:
 
 def to_arrow(matrix: np.ndarray, codec: str, dims: int) -> pa.FixedSizeListArray:
     """A (n, width) matrix as the codec's fixed-size-list column (zero-copy)."""
-    typ = codec_type(codec, dims)
+    return fixed_size_list(matrix, codec_type(codec, dims))
+
+
+def fixed_size_list(matrix: np.ndarray, typ: pa.FixedSizeListType) -> pa.FixedSizeListArray:
+    """A (n, width) matrix as a column of `typ` (zero-copy where it is contiguous): for
+    callers that hold the type already, such as the embed actor once per block."""
     flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=typ.value_type)
     return pa.FixedSizeListArray.from_arrays(flat, typ.list_size)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from conftest import REPO, eval_dir
 
+from operators.embed import CPU_ROWS_PER_BLOCK
+
 
 def test_gpu_benchmark_cpu_fallback_runs_and_reports(tiny_model, tmp_path: Path) -> None:
     eval_dir("scifact")
@@ -28,7 +30,7 @@ def test_gpu_benchmark_cpu_fallback_runs_and_reports(tiny_model, tmp_path: Path)
     assert r["chunks"] > 60 and r["tokens"] > r["chunks"]  # the chunker's rows, real ids
     for key in ("a_tok_s", "b_tok_s", "c_tok_s", "t_tok_s"):
         assert r[key] > 0, key
-    assert abs(r["b_tok_s"] - r["tokens"] / r["b_s"]) < 1e-6 * r["b_tok_s"]
+    assert r["rows_per_block"] == CPU_ROWS_PER_BLOCK  # blocks as a CPU actor gets them
     assert 0.2 < r["b_tok_s"] / r["c_tok_s"] < 2  # the same batches, the same model
     assert r["cosine_min"] > 0.999  # bf16 autocast against fp32, chunk by chunk
     assert abs(r["ndcg10_fp32"] - r["ndcg10_half"]) <= 0.05
