@@ -1,10 +1,12 @@
 """The driver's side of one streaming execution: turn written fragments into commits.
 
-Write tasks emit one row per (task, shard) naming the fragments they wrote. A shard is
-complete once its rows add up to the chunk count its read task announced; complete
-shards are committed in groups (`shards_per_commit`, or whatever is complete after
-`commit_interval_s`) while the actors keep embedding. Everything kept here is bounded by
-the shards in flight, never by the rows of the corpus.
+Write tasks emit one row per (write call, shard) saying how many of the shard's rows
+and documents the call wrote (`jobs._lance_io.write_shard_fragments`). A shard is
+complete once all its documents are written; closed sets of write calls (see
+`Checkpointer`) are committed every `commit_interval_s` (and, when the spec asks, as
+soon as `shards_per_commit` shards are ready) while the actors keep embedding.
+Everything kept here is bounded by the shards and write calls in flight, never by the
+rows of the corpus.
 """
 
 from __future__ import annotations
@@ -26,15 +28,38 @@ from schemas.errors import TableError
 
 
 @dataclass
-class _Pending:
-    chunks: int
-    written: int = 0
+class _Shard:
+    """What the write tasks reported of one shard so far."""
+
+    docs: int
+    rows: int = 0
+    firsts: int = 0
+    """Documents whose first chunk is written."""
+    first_chunks: int = 0
+    """Chunks of those documents, in all."""
+    writes: set[str] = field(default_factory=set)
+
+    @property
+    def complete(self) -> bool:
+        return self.firsts == self.docs and self.rows == self.first_chunks
+
+
+@dataclass
+class _Write:
+    """One set of fragments a write call wrote, and the shards with rows in them."""
+
     fragments: list[FragmentMetadata] = field(default_factory=list)
+    shards: set[str] = field(default_factory=set)
 
 
 @dataclass
 class Checkpointer:
     """Commits complete shards as the write tasks report them.
+
+    A fragment may hold rows of several shards, and a shard's rows may be spread over
+    several write calls. A commit takes a closed set of write calls: every shard with
+    rows in them is complete, and every write call holding rows of those shards is in
+    the set. So each shard is committed whole, in one commit that names it.
 
     `mode` is 'create' (the first commit makes the table), 'append', or 'update' (a
     reindex: one commit at the end that also carries `deletions`).
@@ -47,10 +72,11 @@ class Checkpointer:
     job: str
     storage_options: dict[str, str]
     expect_latest: int
-    shards_per_commit: int
+    shards_per_commit: int | None
+    """Commit as soon as this many shards are ready; None: by time alone."""
     commit_interval_s: float
-    ready: list[tuple[str, list[FragmentMetadata]]] = field(default_factory=list)
-    """Complete shards not yet committed, with their fragments, in completion order."""
+    ready: list[tuple[list[str], list[FragmentMetadata]]] = field(default_factory=list)
+    """Closed sets not yet committed: their shards and fragments, in completion order."""
     deletions: tuple[list[int], list] = ([], [])
     carried: list[FragmentMetadata] = field(default_factory=list)
     """Rows written before the stream (a reindex's kept chunks), in the first commit."""
@@ -67,7 +93,8 @@ class Checkpointer:
     first_commit_at: float | None = None
     loads: set[str] = field(default_factory=set)
     """Distinct model loads that embedded rows (bounded by actors and their restarts)."""
-    _pending: dict[str, _Pending] = field(default_factory=dict)
+    _shards: dict[str, _Shard] = field(default_factory=dict)
+    _writes: dict[str, _Write] = field(default_factory=dict)
     _last_commit: float = float("-inf")
     """When the last commit landed: none yet, so the first complete shard commits at once
     (the table exists, and its progress shows, from the first shard on)."""
@@ -77,57 +104,104 @@ class Checkpointer:
 
     def consume(self, written: pa.Table) -> None:
         """Take a block of write-task rows (`jobs._lance_io.WRITTEN_SCHEMA`)."""
+        touched = False
         for row in written.to_pylist():
-            shard = self._pending.setdefault(row["shard"], _Pending(row["shard_chunks"]))
-            shard.written += row["rows"]
-            shard.fragments.extend(FragmentMetadata.from_json(json.dumps(f))
-                                   for f in json.loads(row["fragments"]))
+            write = self._writes.setdefault(row["write"], _Write())
+            if row["fragments"] is not None:  # on the set's first row
+                write.fragments.extend(FragmentMetadata.from_json(json.dumps(f))
+                                       for f in json.loads(row["fragments"]))
+            if row["tokens"] is not None:  # the write call's totals, on its first row
+                self.tokens += row["tokens"]
+                self.truncated_tokens += row["truncated_tokens"]
+                self.seconds.update(json.loads(row["seconds"]))
+                self.loads.update(json.loads(row["loads"]))
+                at = row["first_embedded_at"]
+                if at is not None and (self.first_embedded_at is None
+                                       or at < self.first_embedded_at):
+                    self.first_embedded_at = at
+            shard = self._shards.setdefault(row["shard"], _Shard(row["shard_docs"]))
+            write.shards.add(row["shard"])
+            shard.writes.add(row["write"])
+            shard.rows += row["rows"]
+            shard.firsts += row["firsts"]
+            shard.first_chunks += row["first_chunks"]
             self.rows += row["rows"]
-            self.tokens += row["tokens"]
-            self.truncated_tokens += row["truncated_tokens"]
-            self.seconds.update(json.loads(row["seconds"]))
-            self.loads.update(json.loads(row["loads"]))
-            at = row["first_embedded_at"]
-            if at is not None and (self.first_embedded_at is None or at < self.first_embedded_at):
-                self.first_embedded_at = at
-            if shard.written > shard.chunks:
-                raise TableError(f"shard {row['shard']}: {shard.written} rows written for "
-                                  f"{shard.chunks} chunks; refusing to commit duplicates")
-            if shard.written == shard.chunks:
-                self.ready.append((row["shard"], self._pending.pop(row["shard"]).fragments))
+            if shard.firsts > shard.docs or (shard.firsts == shard.docs
+                                             and shard.rows > shard.first_chunks):
+                raise TableError(f"shard {row['shard']}: {shard.rows} rows written for "
+                                 f"{shard.first_chunks} chunks of {shard.docs} documents; "
+                                 "refusing to commit duplicates")
+            if shard.complete:
+                touched = True
                 if self.on_shard_written is not None:
                     self.on_shard_written(row["shard"])
+        if touched:
+            self._close()
         if self.mode == "update":
             return  # a reindex is one commit: readers see the old table or the new one
-        while len(self.ready) >= self.shards_per_commit:
-            self._commit(self.shards_per_commit)
+        count = self.shards_per_commit
+        while count is not None and self._ready_shards() >= count:
+            self._commit(count)
         due = time.perf_counter() - self._last_commit >= self.commit_interval_s
         if self.ready and due:
-            self._commit(len(self.ready))
+            self._commit(None)
+
+    def _close(self) -> None:
+        """Move every closed set of write calls to `ready`: write calls whose shards are
+        all complete, less those sharing a shard with a write call that is not."""
+        shards, writes = self._shards, self._writes
+        open_shards = {s for s, state in shards.items() if not state.complete}
+        blocked = {w for s in open_shards for w in shards[s].writes}
+        frontier = blocked
+        while frontier:  # a shard of a blocked write call blocks its other write calls
+            stuck = {s for w in frontier for s in writes[w].shards} - open_shards
+            open_shards |= stuck
+            frontier = {w for s in stuck for w in shards[s].writes} - blocked
+            blocked |= frontier
+        closed = [w for w in writes if w not in blocked]
+        if not closed:
+            return
+        done = sorted({s for w in closed for s in writes[w].shards})
+        self.ready.append((done, [f for w in closed for f in writes.pop(w).fragments]))
+        for s in done:
+            del shards[s]
+
+    def _ready_shards(self) -> int:
+        return sum(len(group) for group, _ in self.ready)
 
     def add_empty(self, shards: list[str]) -> None:
         """Shards with nothing to write (every record rejected): committed like others."""
-        self.ready.extend((s, []) for s in shards)
+        if shards:
+            self.ready.append((list(shards), []))
 
     def finish(self, *, always: bool = False) -> None:
         """Commit what is left; `always` makes an empty table when nothing was committed."""
-        if self._pending:
-            left = ", ".join(sorted(self._pending)[:5])
-            raise TableError(f"{len(self._pending)} shard(s) never finished writing "
+        if self._shards:
+            left = ", ".join(sorted(self._shards)[:5])
+            raise TableError(f"{len(self._shards)} shard(s) never finished writing "
                               f"({left}); nothing of them was committed")
         if self.mode == "update":  # one commit, deletions included, even with no shards
-            self._commit(len(self.ready))
+            self._commit(None)
             return
         while self.ready:
             self._commit(self.shards_per_commit)
         if always and not self.versions:
             self._commit(0)  # an empty source still makes an (empty) table
 
-    def _commit(self, count: int) -> None:
-        """Commit the first `count` ready shards in one transaction."""
-        group, self.ready = self.ready[:count], self.ready[count:]
-        shards = [shard for shard, _ in group]
-        fragments = [*self.carried, *(f for _, frags in group for f in frags)]
+    def _commit(self, count: int | None) -> None:
+        """Commit ready sets, the first ones holding `count` shards or more (None: all)
+        in one transaction."""
+        taken = len(self.ready)
+        if count is not None:
+            held = 0
+            for i, (group, _) in enumerate(self.ready):
+                held += len(group)
+                if held >= count:
+                    taken = i + 1
+                    break
+        sets, self.ready = self.ready[:taken], self.ready[taken:]
+        shards = [shard for group, _ in sets for shard in group]
+        fragments = [*self.carried, *(f for _, frags in sets for f in frags)]
         started = time.perf_counter()
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=shards,

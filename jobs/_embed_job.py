@@ -30,7 +30,12 @@ from jobs._calibrate import calibrate_ranges, sample_chunks
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
 from jobs._index import distributed_fulltext_index, distributed_vector_index, index_workers
-from jobs._lance_io import MIN_ROWS_PER_WRITE, ShardDatasource, write_shard_fragments
+from jobs._lance_io import (
+    MIN_ROWS_PER_WRITE,
+    ChunkBlocks,
+    ShardDatasource,
+    write_shard_fragments,
+)
 from jobs._layout import ActorLayout, actor_layout, uses_gpus
 from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
@@ -276,34 +281,11 @@ def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
         update={"int8_low": low, "int8_high": high})})
 
 
-SHARDS_PER_ACTOR_TO_SPLIT = 8
-"""Below this many shards per actor, shard blocks are cut into actor-sized blocks."""
-
-
-def _needs_split(shards: int, actors: int) -> bool:
-    """Whether to cut shard blocks into actor-sized ones before the embed stage.
-
-    Ray Data hands a whole block to one actor, so with few shards per actor the last
-    ones keep one actor busy while the others idle; a streaming repartition evens that
-    out. With many shards the tail is a small share of the job, and the repartition
-    operator itself is costly: measured on 100k documents with the tiny model, skipping
-    it took the job from 157 s to 111 s.
-
-    >>> _needs_split(6, 2), _needs_split(24, 2), _needs_split(40, 1)
-    (True, False, False)
-    """
-    return actors > 1 and shards < SHARDS_PER_ACTOR_TO_SPLIT * actors
-
-
 def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
-                 precision: Precision, codebook: Codebook, split: bool):
-    """The embed actor pool over chunk rows (token ids in, codec columns out); `split`
-    cuts the read blocks into the layout's `rows_per_block` blocks first (see
-    `_needs_split`)."""
+                 precision: Precision, codebook: Codebook):
+    """The embed actor pool over chunk rows (token ids in, codec columns out)."""
     from ray.data import ActorPoolStrategy
 
-    if split:
-        ds = ds.repartition(target_num_rows_per_block=layout.rows_per_block)
     return ds.map_batches(
         Embedder,
         fn_constructor_args=(info,),
@@ -444,23 +426,44 @@ def _quiver_cause(err: BaseException) -> QuiverError | None:
 
 
 def _write_rows(spec: JobSpec, block_rows: int) -> int:
-    """Rows a write task gathers when the read blocks were split into actor-sized ones:
-    about two shards' worth (a shard's rows are committed once all are written, so
-    bigger batches delay checkpoints), at least an actor's block, at most 10,000.
-
-    Unsplit, a write task takes one embedded block as it comes: the rows of one read
-    task, whole shards, so each shard lands in one fragment and is complete as soon as
-    its read task's rows are embedded. Gathering 10,000 rows there merged the first
-    small block with the next read task's four shards and held the first commit at 1M
-    documents back by that task's read.
+    """Rows a write task gathers: `MIN_ROWS_PER_WRITE` (at most a data file's rows), so
+    the number of fragments follows the rows, not the shards (one per shard made 100k
+    fragments at 100M documents). When the spec asks for commits of at most
+    `write.shards_per_commit` shards, writes hold about that many shards' rows (at least
+    an actor's block), so that commits of that size can be made.
 
     >>> from schemas.spec import parse_spec
-    >>> _write_rows(parse_spec({"kind": "embed", "table": "t.lance",
-    ...                         "source": {"uri": "c.jsonl", "id_field": "_id"}}), 128)
-    2000
+    >>> s = {"kind": "embed", "table": "t.lance", "source": {"uri": "c.jsonl",
+    ...      "id_field": "_id", "records_per_shard": 5}}
+    >>> _write_rows(parse_spec(s), 256)
+    10000
+    >>> _write_rows(parse_spec({**s, "write": {"shards_per_commit": 2}}), 16)
+    16
     """
-    wanted = max(block_rows, 2 * spec.source.records_per_shard)
-    return min(spec.write.max_rows_per_file, MIN_ROWS_PER_WRITE, wanted)
+    cap = min(spec.write.max_rows_per_file, MIN_ROWS_PER_WRITE)
+    if spec.write.shards_per_commit is None:
+        return cap
+    return min(cap, max(block_rows, spec.write.shards_per_commit
+                        * spec.source.records_per_shard))
+
+
+BLOCK_BYTES_PER_ROW = 1024
+"""Ray Data block size, in bytes per row of an actor's block (`_block_bytes`)."""
+
+
+def _block_bytes(layout: ActorLayout) -> int:
+    """The job's Ray Data block size: about an embed actor's block of rows.
+
+    A read task's output is merged until it passes this size (Ray Data's default is
+    128 MiB, which held a whole compressed file's shards back until the file was read),
+    and cut when it is half as big again: small blocks reach the actors and the commits
+    at once, and the embed stage needs no repartition to keep every actor busy to the
+    end. Any cut is safe: shards are counted by their documents (`jobs._checkpoint`).
+
+    >>> _block_bytes(ActorLayout(2, 0.5, 0.0, 1, rows_per_block=256))
+    262144
+    """
+    return max(16 * 1024, layout.rows_per_block * BLOCK_BYTES_PER_ROW)
 
 
 def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
@@ -570,14 +573,19 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                   f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
                   "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
         _wait_for_gpus(spec, layout)
+        context = ray.data.DataContext.get_current()
+        saved_block_bytes = context.target_max_block_size
+        context.target_max_block_size = _block_bytes(layout)
         if diff is not None:  # the chunk diff left the changed chunks, tokenized
             ds = ray.data.from_arrow_refs(diff.chunks)
-        else:
-            shards = ShardDatasource(to_read, source=spec.source, metadata=plan.metadata,
-                                     chosen=plan.chosen, chunker=chunk,
+        else:  # every pending shard, so a file's run is not cut by an all-rejected one
+            shards = ShardDatasource(pending, source=spec.source, metadata=plan.metadata,
+                                     chosen=plan.chosen,
                                      tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
             ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
                                           num_cpus=layout.read_cpus)
+            ds = ds.map_batches(ChunkBlocks(chunk), batch_size=None,
+                                batch_format="pyarrow", num_cpus=layout.chunk_cpus)
         meter = JobProgress(work, unit="chunks" if diff is not None else "documents",
                             label="reindex" if diff is not None else "embedding")
         if diff is None:
@@ -588,17 +596,13 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                 done[0] += documents_of.get(shard_id, 0)
 
             checkpointer.on_shard_written = shard_written
-        split = _needs_split(len(to_read), layout.actors)
         ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
-                          precision=planned.precision, codebook=codebook, split=split)
+                          precision=planned.precision, codebook=codebook)
         written = ds.map_batches(
             write_shard_fragments, fn_kwargs=dict(
                 uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
                 storage_options=opts, replace=not appending),
-            # A reindex commits once at the end, so its writes gather rows (few tasks
-            # for the many small blocks of changed chunks); a build writes as blocks come.
-            batch_size=_write_rows(spec, layout.rows_per_block)
-            if split or diff is not None else None,
+            batch_size=_write_rows(spec, layout.rows_per_block),
             batch_format="pyarrow", num_cpus=layout.write_cpus)
         try:  # no prefetch: it hands a block over only once the next one is ready,
             # which held every checkpoint back by one write task (15-18 s at 1M docs)
@@ -611,6 +615,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             raise _quiver_cause(err) or err from None
         finally:
             meter.close()
+            context.target_max_block_size = saved_block_bytes
     if diff is None or not diff.nothing:  # an unchanged source commits nothing
         checkpointer.finish(always=existing is None or decision.action in ("overwrite",
                                                                             "cutover"))

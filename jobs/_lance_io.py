@@ -1,80 +1,95 @@
-"""Ray Data adapters: read planned shards as a Datasource; write each shard's rows as
-Lance fragments in tasks whose output rows tell the driver what to commit."""
+"""Ray Data adapters: read planned shards as a Datasource, chunk them in their own tasks,
+and write embedded rows as Lance fragments in tasks whose output rows tell the driver
+what to commit."""
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from operators.sources.plan import read_groups, read_shards
-from operators.timing import EMBEDDED_AT, LOADED_BY, stage_totals, with_stage_seconds
+from operators.timing import (
+    EMBEDDED_AT,
+    LOADED_BY,
+    STAGE_COLUMNS,
+    stage_totals,
+    with_stage_seconds,
+)
 from operators.write import write_fragments
 from schemas.source import Shard
 from schemas.spec import SourceSpec
 
 SHARD_COLUMN = "_shard"
-SHARD_CHUNKS_COLUMN = "_shard_chunks"
-"""Work columns: the chunk's shard, and how many chunks that shard has in all, so the
-driver knows when every row of a shard is in a written fragment."""
+SHARD_DOCS_COLUMN = "_shard_docs"
+DOC_CHUNKS_COLUMN = "_doc_chunks"
+FIRST_COLUMN = "_first"
+"""Work columns that let the driver tell when a shard is complete, however Ray Data
+cuts, merges or reorders blocks: each row names its shard and how many documents that
+shard has in all; a document's first chunk is marked and says how many chunks the
+document has. A shard is complete once all its documents' first chunks are written and
+its written rows add up to their chunks (`jobs._checkpoint`). A reindex, whose rows are
+a shard's changed chunks, counts the whole shard as one such document."""
+LABEL_COLUMNS = (SHARD_COLUMN, SHARD_DOCS_COLUMN, DOC_CHUNKS_COLUMN, FIRST_COLUMN)
 
 WRITTEN_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("shard_chunks", pa.int64()), ("rows", pa.int64()),
-    ("fragments", pa.string()), ("tokens", pa.int64()), ("truncated_tokens", pa.int64()),
+    ("write", pa.string()), ("fragments", pa.string()),
+    ("shard", pa.string()), ("shard_docs", pa.int64()), ("rows", pa.int64()),
+    ("firsts", pa.int64()), ("first_chunks", pa.int64()),
+    ("tokens", pa.int64()), ("truncated_tokens", pa.int64()),
     ("seconds", pa.string()), ("first_embedded_at", pa.float64()), ("loads", pa.string()),
 ])
-"""One row per (write task, shard): the fragments written and what they cost."""
+"""One row per (write call, shard): the shard's share of the rows that call wrote.
+`fragments` (the call's fragments, which may hold rows of many shards) and the call's
+totals ride on its first row only."""
 
 
 class ShardDatasource(Datasource):
-    """Read tasks over planned shards: read, validate, chunk and tokenize each shard.
+    """Read tasks over planned shards: read and validate each shard's documents.
 
-    Chunking runs inside the read task (a CPU task) so token ids, not strings, travel to
-    the embed actors, and the actors spend their cores on inference only. Each task
-    yields one block per shard; consecutive shards of a compressed file share a task
-    (`read_groups`), so the file is decompressed once.
+    Each task yields one table per shard, its rows labelled with the shard
+    (`SHARD_COLUMN`, `SHARD_DOCS_COLUMN`); chunking and tokenizing run after it in
+    their own tasks (`ChunkBlocks`), so a task that streams a whole compressed file
+    leaves them to every core. Consecutive shards of a file share a task
+    (`read_groups`): a compressed file is decompressed once per job, and the number of
+    tasks follows the data, not the number of shards.
     """
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                 chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
-                 tasks: int | None = None) -> None:
+                 chosen: dict[str, str], tasks: int | None = None) -> None:
         """`tasks` is how many read tasks to aim for (None: one per shard)."""
         super().__init__()
         self.groups = read_groups(shards, tasks=len(shards) if tasks is None else tasks)
         self._source = source
         self._metadata = metadata
         self._chosen = chosen
-        self._chunker = chunker
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        source, metadata, chunker = self._source, self._metadata, self._chunker
-        chosen = self._chosen
-
-        def block(shard: Shard, docs: pa.Table, read_s: float) -> pa.Table:
-            started = time.perf_counter()
-            chunks = chunker(docs)
-            tokenize_s = time.perf_counter() - started
-            return label_chunks(chunks, shard.shard_id, read_s=read_s, tokenize_s=tokenize_s)
+        source, metadata, chosen = self._source, self._metadata, self._chosen
 
         def make(group: tuple[Shard, ...]) -> ReadTask:
             def read() -> Iterable[pa.Table]:
                 started = time.perf_counter()
                 for shard, docs in read_shards(group, source=source, metadata=metadata,
                                                chosen=chosen):
-                    yield block(shard, docs, time.perf_counter() - started)
+                    if docs.num_rows:  # an all-rejected shard is committed empty
+                        yield label_documents(docs, shard.shard_id,
+                                              read_s=time.perf_counter() - started)
                     started = time.perf_counter()
 
-            rows = sum(s.records - len(s.skip) for s in group)
+            rows = sum(s.documents or 0 for s in group)
             meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None,
                                  input_files=(group[0].path,))
             return ReadTask(read, meta, per_task_row_limit=per_task_row_limit)
@@ -85,14 +100,52 @@ class ShardDatasource(Datasource):
         return "QuiverShards"
 
 
+def label_documents(docs: pa.Table, shard_id: str, *, read_s: float) -> pa.Table:
+    """A shard's documents with its label and their share of the read seconds."""
+    n = docs.num_rows
+    docs = docs.append_column(SHARD_COLUMN, pa.array([shard_id] * n, pa.string()))
+    docs = docs.append_column(SHARD_DOCS_COLUMN, pa.array(np.full(n, n, np.int64)))
+    return with_stage_seconds(docs, read=read_s)
+
+
+class ChunkBlocks:
+    """Chunk and tokenize a block of labelled documents (of any shards, any slice of
+    them), keeping each chunk's label and marking each document's first chunk."""
+
+    def __init__(self, chunker: Callable[[pa.Table], pa.Table]) -> None:
+        self._chunker = chunker
+
+    def __call__(self, docs: pa.Table) -> pa.Table:
+        read_s = float(pc.sum(docs.column(STAGE_COLUMNS["read"])).as_py() or 0.0)
+        started = time.perf_counter()
+        chunks = self._chunker(docs.drop_columns([*LABEL_COLUMNS[:2],
+                                                  STAGE_COLUMNS["read"]]))
+        first = chunks.column("chunk").to_numpy() == 0  # every document has a chunk 0
+        row = np.cumsum(first) - 1  # the document (row of `docs`) each chunk is from
+        starts = np.flatnonzero(first)
+        per_doc = np.diff(np.append(starts, len(first)))
+        labels = {SHARD_COLUMN: docs.column(SHARD_COLUMN).take(row),
+                  SHARD_DOCS_COLUMN: docs.column(SHARD_DOCS_COLUMN).take(row),
+                  DOC_CHUNKS_COLUMN: pa.array(per_doc[row].astype(np.int64)),
+                  FIRST_COLUMN: pa.array(first)}
+        for name, column in labels.items():
+            chunks = chunks.append_column(name, column)
+        return with_stage_seconds(chunks, read=read_s,
+                                  tokenize=time.perf_counter() - started)
+
+
 def label_chunks(chunks: pa.Table, shard_id: str, *, read_s: float,
                  tokenize_s: float) -> pa.Table:
-    """A shard's chunk rows as the embed stream carries them: with the shard they belong
-    to and how many rows that shard has in all (the driver commits a shard once all are
-    written), and the row's share of the read and tokenize seconds."""
-    label = pa.array([shard_id] * chunks.num_rows, pa.string())
-    chunks = chunks.append_column(SHARD_COLUMN, label).append_column(
-        SHARD_CHUNKS_COLUMN, pa.array([chunks.num_rows] * chunks.num_rows, pa.int64()))
+    """A reindex's changed chunks of one shard, labelled as one document (the shard
+    is complete once all of them are written), with their share of the read and
+    tokenize seconds."""
+    n = chunks.num_rows
+    labels = {SHARD_COLUMN: pa.array([shard_id] * n, pa.string()),
+              SHARD_DOCS_COLUMN: pa.array(np.ones(n, np.int64)),
+              DOC_CHUNKS_COLUMN: pa.array(np.full(n, n, np.int64)),
+              FIRST_COLUMN: pa.array(np.arange(n) == 0)}
+    for name, column in labels.items():
+        chunks = chunks.append_column(name, column)
     return with_stage_seconds(chunks, read=read_s, tokenize=tokenize_s)
 
 
@@ -102,34 +155,72 @@ MIN_ROWS_PER_WRITE = 10_000
 def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
                           max_rows_per_file: int, storage_options: dict[str, str],
                           replace: bool = False) -> pa.Table:
-    """Write a batch of embedded rows as uncommitted fragments, one set per shard
-    (`replace`: for a table the job's commit replaces, whose schema may differ).
+    """Write a batch of embedded rows, of any number of shards, as uncommitted fragments
+    (`replace`: for a table the job's commit replaces, whose schema may differ), and say
+    how many rows of each shard they hold.
 
-    A fragment never holds rows of two shards, so the driver can commit a shard's
-    fragments as soon as all of that shard's rows are written, and a resumed job that
-    redoes an uncommitted shard can never commit any of its rows twice.
+    The shards whose every row is in the batch share one set of fragments. A shard with
+    only some of its rows here (cut by the batch's edges) gets a set of its own: the
+    driver commits a set only together with every other set holding rows of the same
+    shards, once all of them are complete (`jobs._checkpoint`), and a shared set with a
+    cut shard in it would tie each batch to the next one up to the end of the job. So a
+    shard is always committed whole, in one commit, and a resumed job that redoes an
+    uncommitted shard can never commit any of its rows twice.
     """
-    out: list[dict] = []
+    started = time.perf_counter()
+    seconds: Counter[str] = Counter(stage_totals(batch))
     shards = batch.column(SHARD_COLUMN)
-    for shard in pc.unique(shards).to_pylist():
-        rows = batch.filter(pc.equal(shards, shard))
-        started = time.perf_counter()
-        fragments = write_fragments(rows.select(schema.names).cast(schema), uri,
+    first = batch.column(FIRST_COLUMN)
+    counts = pa.table({"shard": shards, "rows": pa.array(np.ones(batch.num_rows, np.int64)),
+                       "firsts": pc.cast(first, pa.int64()),
+                       "first_chunks": pc.if_else(first, batch.column(DOC_CHUNKS_COLUMN), 0),
+                       "shard_docs": batch.column(SHARD_DOCS_COLUMN)}).group_by(
+        "shard", use_threads=False).aggregate([("rows", "sum"), ("firsts", "sum"),
+                                               ("first_chunks", "sum"), ("shard_docs", "max")])
+    whole = pc.and_(pc.equal(counts.column("firsts_sum"), counts.column("shard_docs_max")),
+                    pc.equal(counts.column("rows_sum"), counts.column("first_chunks_sum")))
+    sets = [pc.filter(counts.column("shard"), whole)]
+    sets += [[s] for s in pc.filter(counts.column("shard"), pc.invert(whole)).to_pylist()]
+    rows: list[dict] = []
+    for members in sets:
+        if not len(members):
+            continue
+        part = batch.filter(pc.is_in(shards, value_set=pa.array(members, pa.string())))
+        fragments = write_fragments(part.select(schema.names).cast(schema), uri,
                                     schema=schema, max_rows_per_file=max_rows_per_file,
                                     storage_options=storage_options, replace=replace)
-        seconds: Counter[str] = Counter(stage_totals(rows))
-        seconds["write"] = time.perf_counter() - started
-        out.append({
-            "shard": shard, "shard_chunks": int(rows.column(SHARD_CHUNKS_COLUMN)[0].as_py()),
-            "rows": rows.num_rows,
-            "fragments": json.dumps([f.to_json() for f in fragments]),
-            "tokens": int(pc.sum(rows.column("_tokens")).as_py() or 0),
-            "truncated_tokens": int(pc.sum(rows.column("_truncated_tokens")).as_py() or 0),
-            "seconds": json.dumps(dict(seconds)),
-            "first_embedded_at": pc.min(rows.column(EMBEDDED_AT)).as_py()
-            if EMBEDDED_AT in rows.column_names else None,
-            "loads": json.dumps(sorted(pc.unique(rows.column(LOADED_BY).cast(pa.string()))
-                                       .to_pylist()) if LOADED_BY in rows.column_names
-                                else []),
-        })
-    return pa.Table.from_pylist(out, schema=WRITTEN_SCHEMA)
+        write_id = uuid.uuid4().hex
+        rows.append({"write": write_id,
+                     "fragments": json.dumps([f.to_json() for f in fragments]),
+                     "members": pa.array(members, pa.string())})
+    seconds["write"] = time.perf_counter() - started
+    at = pc.index_in(counts.column("shard"), value_set=pa.concat_arrays(
+        [r["members"] for r in rows]))
+    order = pc.sort_indices(at)
+    counts = counts.take(order)
+    n = counts.num_rows
+    write_ids, fragments = [], []
+    for r in rows:
+        write_ids += [r["write"]] * len(r["members"])
+        fragments += [r["fragments"]] + [None] * (len(r["members"]) - 1)
+    once = [None] * (n - 1)
+    return pa.table({
+        "write": pa.array(write_ids, pa.string()),
+        "fragments": pa.array(fragments, pa.string()),
+        "shard": counts.column("shard"),
+        "shard_docs": counts.column("shard_docs_max"),
+        "rows": counts.column("rows_sum"),
+        "firsts": counts.column("firsts_sum"),
+        "first_chunks": counts.column("first_chunks_sum"),
+        "tokens": pa.array([int(pc.sum(batch.column("_tokens")).as_py() or 0), *once],
+                           pa.int64()),
+        "truncated_tokens": pa.array(
+            [int(pc.sum(batch.column("_truncated_tokens")).as_py() or 0), *once], pa.int64()),
+        "seconds": pa.array([json.dumps(dict(seconds)), *once], pa.string()),
+        "first_embedded_at": pa.array([pc.min(batch.column(EMBEDDED_AT)).as_py()
+                                       if EMBEDDED_AT in batch.column_names else None,
+                                       *once], pa.float64()),
+        "loads": pa.array([json.dumps(sorted(pc.unique(batch.column(LOADED_BY).cast(
+            pa.string())).to_pylist()) if LOADED_BY in batch.column_names else []), *once],
+            pa.string()),
+    }, schema=WRITTEN_SCHEMA)

@@ -46,19 +46,34 @@ class ActorLayout:
 
     @property
     def read_cpus(self) -> float:
-        """With CPU actors, two read tasks share what the actors leave, less a write
-        task's share: the actors wait for blocks part of the time, and tokenizing is then
-        what keeps the cores busy. A read task of a compressed file reads many shards and
-        runs for minutes; two of them holding everything the actors left kept every
-        write (so every commit) waiting until one ended (at 1M documents the first
-        commit came at 158 s). Beside GPU actors each read task has its CPU.
+        """A read task decompresses and parses; chunking and tokenizing run in their own
+        tasks (`chunk_cpus`). With CPU actors, the reads and chunk tasks share what the
+        actors leave, less a write task's share: the actors wait for blocks part of the
+        time, and tokenizing is then what keeps the cores busy. A read task of a
+        compressed file streams the whole file and runs for minutes; reads holding
+        everything the actors left kept every write (so every commit) waiting until one
+        ended (at 1M documents the first commit came at 158 s). Reads and chunk tasks
+        ask for different shares, which also keeps Ray Data from fusing them into one
+        task (a fused task would tokenize a whole compressed file on one core).
 
         >>> ActorLayout(2, 0.5, 0.0, 1).read_cpus, ActorLayout(1, 1.0, 1.0, 1).read_cpus
-        (0.375, 1.0)
+        (0.225, 0.5)
+        """
+        if self.gpus:
+            return round(self.task_cpus / 2, 4)
+        return round((self.task_cpus - self.write_cpus) * 0.3, 4)
+
+    @property
+    def chunk_cpus(self) -> float:
+        """A chunk task's share: two of them and a read task fill what the actors and a
+        write task leave (on CPU); beside GPU actors each has its CPU.
+
+        >>> ActorLayout(2, 0.5, 0.0, 1).chunk_cpus, ActorLayout(1, 1.0, 1.0, 1).chunk_cpus
+        (0.2625, 1.0)
         """
         if self.gpus:
             return self.task_cpus
-        return round((self.task_cpus - self.write_cpus) / 2, 4)
+        return round((self.task_cpus - self.write_cpus) * 0.35, 4)
 
     @property
     def write_cpus(self) -> float:

@@ -252,9 +252,10 @@ class WriteSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shards_per_commit: int = Field(
-        50, ge=1, description="Source shards per atomic commit (the checkpoint size)."
-    )
+    shards_per_commit: int | None = Field(
+        None, ge=1, description="Commit as soon as this many source shards are written "
+        "(and make writes small enough for that); None (the default) commits by time "
+        "alone, every commit_interval_s.")
     max_rows_per_file: int = Field(
         200_000, ge=1, description="Rows per Lance data file."
     )

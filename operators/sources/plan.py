@@ -569,33 +569,27 @@ def follows(before: Shard, shard: Shard) -> bool:
         and shard.start == before.start + before.records
 
 
-MAX_GROUP_SHARDS = 4
-"""Shards of one compressed file read by one task, at most. Four keep a task's blocks
-under Ray Data's 128 MiB block buffer (so they leave when the task ends, seconds after
-it starts) while cutting the decompression of skipped bytes by about three quarters (an
-estimate from the decompression speed, not a measurement)."""
+GROUP_RECORDS = 20_000
+"""Records of a seekable file (plain JSON Lines or CSV, Parquet row group, Lance range)
+read by one task, at most: consecutive shards share a task up to this many, so the
+number of read tasks follows the data, not the shard count (20,000 shards of 10 records
+are 10 tasks, not 20,000)."""
 
 
-def read_groups(shards: Sequence[Shard], *, tasks: int, stream: bool = True
-                ) -> list[tuple[Shard, ...]]:
+def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...]]:
     """Shards grouped into read tasks: at least `tasks` of them where the shards allow.
 
-    A shard of a plain file, a Parquet row group or a Lance range is read from where it
-    starts, so it is a task of its own. A compressed file cannot seek: a task that starts
-    at its k-th shard decompresses and drops everything before it, which made reading
-    the k-th shard cost k shards' decompression (at 1M documents in 8 `.jsonl.gz` files,
-    an estimated 74 CPU-seconds: 0.77 CPU-s to decompress a 118 MB file, times the
-    bytes dropped). So the consecutive shards of one compressed file after its first
-    share one task (up to `MAX_GROUP_SHARDS`), read in one pass (`read_shards`), and a
-    group is split in halves (longest first) only while there are fewer than `tasks`
-    tasks, so that a few big files still keep every read slot busy. Groups keep source
-    order.
-
-    `stream=False` is for tasks that return their results whole (a reindex's chunk
-    diff): nothing waits for their first shard, so a run of consecutive shards is one
-    group, split only to fill `tasks`. At 1M documents with 1% changed (every shard
-    touched), cut runs made the chunk diff decompress each file's head again for every
-    group: 32.7 task-seconds of reading against about 12 for one pass over each file.
+    Consecutive shards of one unit (`follows`) are read in one pass (`read_shards`).
+    A compressed file cannot seek: a task that starts at its k-th shard would decompress
+    and drop everything before it, so reading a file cut into n groups would cost about
+    n/2 decompressions of it (the cost grew with the square of the file's size). So all
+    the consecutive shards of a compressed file are one task, which streams the file
+    once and yields each shard as soon as it is read; it is never split. Chunking and
+    tokenizing run in their own tasks after it (`jobs._lance_io`), spread over every
+    core. Runs of a seekable file are cut into groups of at most `GROUP_RECORDS`
+    records, and the longest seekable group is split in halves while there are fewer
+    than `tasks` tasks, so that a few big files still keep every read slot busy.
+    Groups keep source order.
 
     >>> from schemas.source import SourceFile, Unit
     >>> gz = Unit(0, "jsonl", SourceFile("a.jsonl.gz", 1, None))
@@ -603,42 +597,45 @@ def read_groups(shards: Sequence[Shard], *, tasks: int, stream: bool = True
     >>> shards = [Shard(f"{u.index}-{i}", "jsonl", u, 10 * i, 10, 1, offset=0)
     ...           for u in (gz, plain) for i in range(7)]
     >>> [len(g) for g in read_groups(shards, tasks=1)]
-    [1, 4, 2, 1, 1, 1, 1, 1, 1, 1]
-    >>> [len(g) for g in read_groups(shards, tasks=11)]
-    [1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
-    >>> [len(g) for g in read_groups(shards, tasks=1, stream=False)]
-    [7, 1, 1, 1, 1, 1, 1, 1]
+    [7, 7]
+    >>> [len(g) for g in read_groups(shards, tasks=5)]
+    [7, 1, 2, 2, 2]
+    >>> tiny = [Shard(f"t-{i}", "jsonl", plain, 10 * i, 10, 1, offset=0) for i in range(3000)]
+    >>> [len(g) for g in read_groups(tiny, tasks=1)]  # 20,000 records a task
+    [2000, 1000]
     """
     import heapq
 
     runs: list[list[Shard]] = []
+    records = 0
     for shard in shards:
-        if runs and _groupable(shard) and follows(runs[-1][-1], shard):
+        if runs and follows(runs[-1][-1], shard) and (
+                _compressed(shard) or records + shard.records <= GROUP_RECORDS):
             runs[-1].append(shard)
+            records += shard.records
         else:
             runs.append([shard])
-    # A run's first shard is a task of its own, so that it reaches the actors (and the
-    # first commit) at once: Ray Data holds a read task's blocks until 128 MiB of them
-    # are read, which put a 1M-document job's first commit at 125 s.
-    # The rest go in groups of at most MAX_GROUP_SHARDS: a longer task also held its
-    # shards back (the first commit of a 1M-document job came at 141 s with whole files).
-    groups = [part for run in runs for part in (
-        [run[:1], *(run[i:i + MAX_GROUP_SHARDS] for i in range(1, len(run), MAX_GROUP_SHARDS))]
-        if stream and len(run) > 1 else [run])]
-    heap, first = [], 0  # (-length, index of the group's first shard, group)
-    for group in groups:
-        heap.append((-len(group), first, group))
-        first += len(group)
-    heapq.heapify(heap)  # the longest group on top
+            records = shard.records
+    heap = []  # (-splittable length, index of the group's first shard, group)
+    first = 0
+    for run in runs:
+        heap.append((-_splittable(run), first, run))
+        first += len(run)
+    heapq.heapify(heap)  # the longest splittable group on top
     while heap and len(heap) < tasks and -heap[0][0] > 1:
         _, first, group = heapq.heappop(heap)
         half = len(group) // 2
-        heapq.heappush(heap, (-half, first, group[:half]))
-        heapq.heappush(heap, (half - len(group), first + half, group[half:]))
+        for at, part in ((first, group[:half]), (first + half, group[half:])):
+            heapq.heappush(heap, (-_splittable(part), at, part))
     return [tuple(g) for _, _, g in sorted(heap, key=lambda item: item[1])]
 
 
-def _groupable(shard: Shard) -> bool:
+def _splittable(group: list[Shard]) -> int:
+    """A group's length where splitting it is free (a seekable file), else 0."""
+    return 0 if _compressed(group[0]) else len(group)
+
+
+def _compressed(shard: Shard) -> bool:
     return shard.kind in ("jsonl", "csv") and compression_of(shard.path) is not None
 
 
