@@ -24,6 +24,7 @@ from jobs._plan import progress
 from jobs._ray import largest_node_cpus
 from operators.chunk import Chunker
 from operators.embed import Embedder
+from operators.model import describe_model
 from operators.quantize import sample_positions
 from operators.sources.plan import ReadPlan, read_shard, shard_rejects, units_of
 from schemas.errors import ManifestMismatchError
@@ -86,7 +87,7 @@ def dry_run(spec: JobSpec) -> dict:
     """Plan `spec` and estimate its time; writes nothing (see the module docstring)."""
     started = time.perf_counter()
     listing, _ = units_of(spec.source)
-    planned = _plan(spec, started)
+    planned = _plan(spec, started, describe_model(spec.model))
     plan, info, manifest = planned.plan, planned.info, planned.manifest
     layout = actor_layout(spec, cpus=planned.cpus, gpus=planned.gpus,
                           cores=int(largest_node_cpus()) or 1, documents=plan.documents,

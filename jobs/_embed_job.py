@@ -41,6 +41,7 @@ from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
+from jobs._unchanged import finished_config, listing_key, unchanged_counts
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.exclusions import excluded_ids
@@ -119,6 +120,9 @@ class JobSummary:
     """Where the time went (see `stage_profile`)."""
     excluded: int = 0
     """Valid source documents left out because the table's exclusion list holds them."""
+    source_bytes_read: int = 0
+    """Bytes of line-format source files (JSON Lines, CSV, text; decompressed) that
+    planning read: 0 for an unchanged rerun, which reads only the listing."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -322,6 +326,8 @@ class _Planned:
     """Every document's id and hash, bucketed in the object store, when a table exists."""
     lease: Lease | None = None
     """This run's hold on the table (set before anything is decided or written)."""
+    listing_key: str = ""
+    """The key of the job's inputs (`jobs._unchanged.listing_key`)."""
 
 
 @dataclass
@@ -335,9 +341,8 @@ class _Decision:
     done: set[str] = field(default_factory=set)
 
 
-def _plan(spec: JobSpec, started: float) -> _Planned:
+def _plan(spec: JobSpec, started: float, info: ModelInfo) -> _Planned:
     """Model and source, validated before any embedding: the source in cluster tasks."""
-    info = describe_model(spec.model)
     ensure_ray()
     ray_start = time.perf_counter() - started
     cpus, gpus = cluster_resources()
@@ -362,8 +367,14 @@ def _plan(spec: JobSpec, started: float) -> _Planned:
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
     job = _job_fingerprint(plan, manifest, spec, excluded=excluded)
+    key = listing_key(plan.fingerprint, spec, _shaping(spec, info), excluded)
     return _Planned(info, plan, manifest, precision, job,
-                    cpus, gpus, ray_start, plan_seconds, documents)
+                    cpus, gpus, ray_start, plan_seconds, documents, listing_key=key)
+
+
+def _shaping(spec: JobSpec, info: ModelInfo) -> str:
+    """The embedding fingerprint the spec and model give, whatever the table holds."""
+    return build_manifest(spec, info, precision="fp32").embedding_fingerprint()
 
 
 def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
@@ -652,7 +663,9 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                **builders)
-    mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
+    # Before the tag, so it tags the last version.
+    mark_finished(run.table(), job=planned.job,
+                  extra=finished_config(planned.listing_key, planned.plan))
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report and change_report.get("held"):
         progress(change_report["hint"])
@@ -692,7 +705,12 @@ def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
 
 
 def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:
-    planned = _plan(spec, started)
+    info = describe_model(spec.model)
+    existing = _open_existing(spec.table, spec.write.storage_options)
+    counts = unchanged_counts(spec, existing, info, _shaping(spec, info))
+    if counts is not None:
+        return _unchanged_summary(spec, existing, counts, started)
+    planned = _plan(spec, started, info)
     planned.lease = lease
     decision = _decide(spec, planned)
     if decision.action != "reindex":
@@ -744,9 +762,29 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         first_commit_s=None if run.first_commit_at is None
         else round(run.first_commit_at - started_at, 2),
         model_loads=run.model_loads,
+        source_bytes_read=plan.bytes_read,
         profile=stage_profile(
             run.seconds, ray_start=planned.ray_start, actors=layout.actors,
             embed_seconds=embed_seconds,
             first_block=run.first_embedded_at - started_at
             if run.first_embedded_at is not None else None),
     )
+
+
+def _unchanged_summary(spec: JobSpec, existing: lance.LanceDataset, counts: dict,
+                       started: float) -> JobSummary:
+    """The summary of a rerun that found the finished job's inputs unchanged."""
+    progress(f"unchanged: the {counts['files']} source file(s) and the settings match the "
+             f"finished job's; nothing read ({counts['check_seconds']:.2f}s)")
+    return JobSummary(
+        table=spec.table, version=existing.version, documents=counts["documents"],
+        chunks=existing.count_rows(), rejects=counts["rejected"],
+        reject_reasons=counts["reasons"], shards=counts["shards"],
+        shards_skipped=counts["shards"], tokens=0, truncated_tokens=0,
+        tokens_per_s=math.nan, documents_per_s=math.nan, embed_seconds=0.0,
+        index="unchanged", index_seconds=0.0,
+        table_bytes=_table_bytes(spec.table) if "://" not in spec.table else -1,
+        seconds=round(time.perf_counter() - started, 2),
+        rejects_table=rejects_uri(spec.table) if counts["rejected"] else None,
+        files=counts["files"], files_skipped=counts["skipped"], excluded=counts["excluded"],
+        source_bytes_read=0)

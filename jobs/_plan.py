@@ -20,14 +20,14 @@ from operators.sources.plan import (
     choose_kinds,
     find_duplicates,
     first_documents,
+    reject_groups,
+    rejects_of,
     scan_unit,
-    shard_rejects,
     source_documents,
     units_of,
 )
 from operators.write import latest_version, write_fragments
 from schemas.records import REJECTS_SCHEMA
-from schemas.source import Shard
 from schemas.spec import SourceSpec
 
 MAX_BUCKETS = 64
@@ -71,9 +71,9 @@ class SourceDocuments:
         return len(self.refs)
 
 
-def _rejects(shard: Shard, duplicates: dict, source: SourceSpec, chosen: dict[str, str],
-             uri: str, storage_options: dict[str, str]):
-    rows = shard_rejects(shard, source, chosen=chosen, duplicates=duplicates)
+def _rejects(dirty: list, source: SourceSpec, chosen: dict[str, str], uri: str,
+             storage_options: dict[str, str]):
+    rows = rejects_of(dirty, source, chosen=chosen)
     return write_fragments(rows, uri, schema=REJECTS_SCHEMA, storage_options=storage_options)
 
 
@@ -164,14 +164,15 @@ def shard_numbers(plan: ReadPlan) -> pa.Table:
 def write_rejects(plan: ReadPlan, source: SourceSpec, *, uri: str,
                   storage_options: dict[str, str], task_cpus: float,
                   replace_existing: bool) -> None:
-    """Write the reject rows in tasks (only shards that have any) and commit them once."""
+    """Write the reject rows in tasks (only shards that have any, a compressed file's in
+    one pass: `reject_groups`) and commit them once."""
     import ray
 
     if not plan.dirty and not replace_existing:
         return
     task = ray.remote(_rejects).options(num_cpus=task_cpus)
-    parts = ray.get([task.remote(shard, dups, source, plan.chosen, uri, storage_options)
-                     for shard, dups in plan.dirty])
+    parts = ray.get([task.remote(group, source, plan.chosen, uri, storage_options)
+                     for group in reject_groups(plan.dirty)])
     fragments = [f for part in parts for f in part]
     operation = lance.LanceOperation.Overwrite(REJECTS_SCHEMA, fragments)
     lance.LanceDataset.commit(uri, operation, read_version=latest_version(uri, storage_options),

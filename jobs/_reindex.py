@@ -132,7 +132,7 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
     old_rows = ds.to_table(columns=["id", "doc_id", "content_hash", *vectors],
                            filter=pc.field("doc_id").isin(everyone), with_row_address=True)
     seconds["table"] += time.perf_counter() - started
-    out, to_embed = [], []
+    out, to_embed, kept = [], [], []
     started = time.perf_counter()
     for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
                                    chosen=chosen, only=wanted):
@@ -153,17 +153,20 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
         at = pc.index_in(carried.column("id"), value_set=old.column("id"))
         for name in vectors:
             carried = carried.append_column(name, old.column(name).take(at))
-        written = time.perf_counter()
-        fragments = write_fragments(carried, uri, schema=schema,
-                                    max_rows_per_file=spec.write.max_rows_per_file,
-                                    storage_options=opts)
-        seconds.update(read=read_s, chunk=tokenize_s, write=time.perf_counter() - written)
+        if carried.num_rows:
+            kept.append(carried)
+        seconds.update(read=read_s, chunk=tokenize_s)
         out.append({"shard": shard.shard_id, "embed": len(changes.embed),
-                    "remove": changes.remove,
-                    "fragments": [json.dumps(f.to_json()) for f in fragments],
+                    "remove": changes.remove, "fragments": [],
                     "carried": carried.num_rows, "added": changes.added,
                     "changed": changes.changed, "deleted": changes.deleted})
         started = time.perf_counter()
+    written = time.perf_counter()  # the group's kept rows in one set of fragments
+    fragments = write_fragments(pa.concat_tables(kept), uri, schema=schema,
+                                max_rows_per_file=spec.write.max_rows_per_file,
+                                storage_options=opts) if kept else []
+    seconds["write"] = time.perf_counter() - written
+    out[0]["fragments"] = [json.dumps(f.to_json()) for f in fragments]
     out[0]["seconds"] = dict(seconds)  # the group's, once
     embed = pa.concat_tables(to_embed) if to_embed else pa.table({})
     return out, embed
@@ -198,7 +201,7 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
                                          ("chosen", plan.chosen), ("chunk", chunk),
                                          ("schema", schema))}
     groups = read_groups([s for s in plan.shards if s.shard_id in docs],
-                         tasks=2 * max(1, int(cpus)), stream=False)
+                         tasks=2 * max(1, int(cpus)))
     refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group},
                         uri=existing.uri, version=existing.version, **shared)
             for group in groups]

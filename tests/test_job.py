@@ -134,6 +134,35 @@ def test_rerun_is_a_no_op_and_resume_skips_committed_shards(table, corpus, model
     assert sorted(ids) == _expected_ids(corpus, model_info)
 
 
+def test_unchanged_rerun_reads_no_source_byte(corpus, tmp_path, ray_local) -> None:
+    """A rerun whose files and settings match the finished job is answered from the
+    listing: zero source bytes read (pass 1's counter), the same counts. A file touched
+    since (same bytes, new mtime) is planned and diffed again, and nothing is embedded."""
+    import os
+
+    source = tmp_path / "c.jsonl"
+    source.write_bytes(corpus.read_bytes())
+    path = tmp_path / "t.lance"
+    first = run_embed(_spec(source, path))
+    assert first.source_bytes_read == source.stat().st_size
+    again = run_embed(_spec(source, path))
+    assert again.source_bytes_read == 0 and again.tokens == 0 and again.commits == 0
+    assert (again.documents, again.rejects, again.shards, again.chunks) == \
+        (first.documents, first.rejects, first.shards, first.chunks)
+    assert again.reject_reasons == first.reject_reasons
+    later = source.stat().st_mtime_ns + 5_000_000_000
+    os.utime(source, ns=(later, later))
+    touched = run_embed(_spec(source, path))
+    assert touched.source_bytes_read == source.stat().st_size and touched.tokens == 0
+    assert lance.dataset(str(path)).count_rows() == first.chunks
+    other = run_embed(_spec(source, path, max_rows_per_file=31))  # not a source setting
+    assert other.source_bytes_read == 0
+    resharded = parse_spec({**_spec(source, path).model_dump(),
+                            "source": {"uri": str(source), "id_field": "id",
+                                       "records_per_shard": 7}})
+    assert run_embed(resharded).source_bytes_read > 0  # a source setting: planned again
+
+
 def test_existing_table_from_another_job_is_refused(table, tmp_path) -> None:
     path, _ = table
     other = write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "text": "something else"}])

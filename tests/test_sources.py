@@ -72,22 +72,24 @@ def test_a_folder_of_compressed_parts_is_read_whole(shards_folder: Path) -> None
 
 
 def test_shards_of_a_compressed_file_share_one_read_pass(shards_folder: Path) -> None:
-    """Consecutive shards of a compressed file are read in one task, in one pass, and
-    give exactly what reading each shard alone gives; plain files keep a task each."""
+    """All the consecutive shards of a compressed file are read in one task, in one pass,
+    and give exactly what reading each shard alone gives; a plain file's shards share a
+    task too, but are split to fill the read slots (they seek), a compressed file's never."""
     source = SourceSpec(uri=str(shards_folder), id_field="id", records_per_shard=2)
     plan = plan_source(source)
     groups = read_groups(plan.shards, tasks=1)
     assert [(g[0].path.rsplit("/", 1)[-1], len(g)) for g in groups] == [
-        ("part-0.jsonl.gz", 1), ("part-0.jsonl.gz", 3), ("part-1.jsonl", 1),
-        ("part-1.jsonl", 1), ("part-1.jsonl", 1), ("part-2.jsonl.zst", 1),
-        ("part-2.jsonl.zst", 1)]
+        ("part-0.jsonl.gz", 4), ("part-1.jsonl", 3), ("part-2.jsonl.zst", 2)]
     kw = dict(source=source, metadata=plan.metadata, chosen=plan.chosen)
     for group in groups:
         together = list(read_shards(group, **kw))
         assert [shard for shard, _ in together] == list(group)
         for shard, docs in together:
             assert docs.equals(read_shard(shard, **kw))
-    assert len(read_groups(plan.shards, tasks=8)) == 8  # split to fill the read slots
+    filled = read_groups(plan.shards, tasks=8)
+    assert [(g[0].path.rsplit("/", 1)[-1], len(g)) for g in filled] == [
+        ("part-0.jsonl.gz", 4), ("part-1.jsonl", 1), ("part-1.jsonl", 1),
+        ("part-1.jsonl", 1), ("part-2.jsonl.zst", 2)]
     with pytest.raises(ValueError, match="does not follow"):
         list(read_shards([plan.shards[1], plan.shards[0]], **kw))
 
@@ -215,3 +217,30 @@ def test_planning_and_reading_hash_each_document_alike(tmp_path: Path) -> None:
     assert by_id == dict(zip(read.column("doc_id").to_pylist(),
                              read.column("doc_hash").to_pylist(), strict=True))
     assert len(set(by_id.values())) == 4
+
+
+def test_rejects_of_a_compressed_file_come_from_one_pass(tmp_path: Path) -> None:
+    """Pass 3 reads a compressed file once for all its dirty shards (clean shards between
+    them skipped), and finds exactly the rows that reading each dirty shard alone finds."""
+    from operators.sources.plan import reject_groups, rejects_of, shard_rejects
+
+    lines = []
+    for i in range(40):
+        if i in (3, 17, 18, 35):
+            lines.append("{not json" if i != 17 else json.dumps({"id": "d1", "text": ""}))
+        else:
+            lines.append(json.dumps({"id": "dup" if i in (5, 30) else f"d{i}",
+                                     "text": f"doc {i}"}))
+    path = tmp_path / "c.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    source = SourceSpec(uri=str(path), id_field="id", records_per_shard=4)
+    plan = plan_source(source)
+    groups = reject_groups(plan.dirty)
+    assert len(groups) == 1 and len(groups[0]) == len(plan.dirty) == 4  # shards 0,4,7,8
+    together = rejects_of(groups[0], source, chosen=plan.chosen)
+    alone = pa.concat_tables([shard_rejects(s, source, chosen=plan.chosen, duplicates=d)
+                              for s, d in plan.dirty])
+    assert together.equals(alone)
+    assert together.column("position").to_pylist() == [4, 18, 19, 31, 36]
+    assert together.equals(plan.rejects)

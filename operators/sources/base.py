@@ -11,6 +11,7 @@ unit's records from any record on.
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -108,6 +109,33 @@ def base_suffix(path: str) -> str:
     return "." + name.rsplit(".", 1)[-1] if "." in name else ""
 
 
+BYTES_READ = [0]
+"""Bytes this process has read from line-format source files (JSON Lines, CSV, text;
+decompressed), so a pass can say what it read: an unchanged rerun must read none."""
+
+
+class _Counted(io.RawIOBase):
+    """A raw stream that adds what it reads to `BYTES_READ`."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        BYTES_READ[0] += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def open_stream(fs: pafs.FileSystem, file: SourceFile) -> IO[bytes]:
     """A buffered binary stream over the file, decompressed when its suffix says so."""
     check_pinned(fs, file)
@@ -115,9 +143,7 @@ def open_stream(fs: pafs.FileSystem, file: SourceFile) -> IO[bytes]:
     raw = fs.open_input_stream(file.path, compression=None, buffer_size=1 << 20)
     if codec is not None:
         raw = pa.CompressedInputStream(raw, codec)
-    import io
-
-    return io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
+    return io.BufferedReader(_Counted(raw), buffer_size=1 << 20)
 
 
 SKIP_CHUNK = 4 << 20
@@ -130,8 +156,6 @@ def open_at(fs: pafs.FileSystem, file: SourceFile, offset: int) -> IO[bytes]:
     and the bytes before `offset` are dropped in big chunks, at the codec's speed: no
     line of them is split or parsed.
     """
-    import io
-
     if compression_of(file.path) is not None:
         stream = open_stream(fs, file)
         left = offset
@@ -144,7 +168,7 @@ def open_at(fs: pafs.FileSystem, file: SourceFile, offset: int) -> IO[bytes]:
     check_pinned(fs, file)
     handle = fs.open_input_file(file.path)
     handle.seek(offset)
-    return io.BufferedReader(handle, buffer_size=1 << 20)  # type: ignore[arg-type]
+    return io.BufferedReader(_Counted(handle), buffer_size=1 << 20)
 
 
 def check_pinned(fs: pafs.FileSystem, file: SourceFile) -> None:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from operators.sources import FORMATS
 from operators.sources.base import (
+    BYTES_READ,
     KIND_TYPES,
     Listing,
     RawRecord,
@@ -93,6 +94,8 @@ class UnitScan:
     """Metadata fields in order of first appearance (untyped formats)."""
     file_kinds: dict[str, pa.DataType] | None = None
     """Typed formats: the file's metadata types."""
+    bytes_read: int = 0
+    """Bytes of line-format files read to scan the unit (`base.BYTES_READ`)."""
 
 
 def id_key(doc_id: str) -> tuple[int, int]:
@@ -129,6 +132,7 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
     schema = pa.schema([*BUCKET_SCHEMA, *(DOCUMENT_FIELDS if documents else [])])
     cols: list[list[list[Any]]] = [[[] for _ in schema] for _ in range(buckets)]
     current: ShardScan | None = None
+    bytes_before = BYTES_READ[0]
     for rec in fmt.iter_records(unit, source):
         if current is None or current.records >= per or rec.part != current.part:
             current = ShardScan(rec.ordinal, rec.position, rec.offset, rec.part)
@@ -154,7 +158,8 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
     tables = [pa.table([pa.array(c, f.type) for c, f in zip(cols[b], schema, strict=True)],
                        schema=schema) for b in range(buckets)]
     file_kinds = fmt.file_kinds(unit, source) if fmt.typed and shards else None
-    return UnitScan(unit, shards, list(fields), file_kinds), tables
+    return UnitScan(unit, shards, list(fields), file_kinds,
+                    BYTES_READ[0] - bytes_before), tables
 
 
 def _ill_typed(rows: pa.Table, bad: frozenset[tuple[int, int, int]]) -> np.ndarray:
@@ -292,6 +297,8 @@ class ReadPlan:
     """The reject rows, when the plan was made in this process (`plan_source`)."""
     excluded: int = 0
     """Valid records left out because the table's exclusion list holds their id."""
+    bytes_read: int = 0
+    """Bytes of line-format source files pass 1 read (decompressed)."""
 
     @property
     def documents(self) -> int:
@@ -416,10 +423,16 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
             shards.append(shard)
             if out:
                 dirty.append((shard, dups[s]))
-    digest = hashlib.sha256("|".join(
-        f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing.files).encode()).hexdigest()[:16]
     return ReadPlan(listing.kind, shards, metadata, chosen, records, rejected, reasons,
-                    digest, len(listing.files), listing.skipped, dirty, excluded=excluded)
+                    listing_fingerprint(listing), len(listing.files), listing.skipped, dirty,
+                    excluded=excluded, bytes_read=sum(s.bytes_read for s in scans))
+
+
+def listing_fingerprint(listing: Listing) -> str:
+    """Changes whenever any source file is added, removed, or changes size or
+    modification time: the listing alone, no byte of the files read."""
+    return hashlib.sha256("|".join(
+        f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing.files).encode()).hexdigest()[:16]
 
 
 def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
@@ -451,7 +464,7 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
     rejected = sum(reasons.values())
     return ReadPlan(plan.kind, kept, plan.metadata, plan.chosen, records, rejected, reasons,
                     plan.fingerprint, plan.files, plan.skipped, dirty,
-                    excluded=records - rejected - documents)
+                    excluded=records - rejected - documents, bytes_read=plan.bytes_read)
 
 
 def units_of(source: SourceSpec) -> tuple[Listing, list[Unit]]:
@@ -489,29 +502,77 @@ def _shard_records(shard: Shard, source: SourceSpec) -> Iterator[RawRecord]:
 def shard_rejects(shard: Shard, source: SourceSpec, *, chosen: dict[str, str],
                   duplicates: dict[int, tuple[str, int]]) -> pa.Table:
     """Pass 3: the shard's reject rows (REJECTS_SCHEMA), in record order."""
-    fmt = FORMATS[shard.kind]
-    rows = []
-    for rec in _shard_records(shard, source):
-        doc_id, reason = validate(rec, source, shard.kind)
-        record_id = None
-        if doc_id is not None:
-            record_id = doc_id
-            wrong = mismatch(record_kinds(rec, source, shard.kind), chosen)
-            if wrong is not None:
-                reason = wrong
-            elif rec.ordinal in duplicates:
-                path, position = duplicates[rec.ordinal]
-                reason = (f"duplicate id {doc_id!r} (first at {fmt.position_kind} "
-                          f"{position} of {path})")
-            else:
-                continue
-        elif rec.value is not None:
-            raw_id = rec.value.get(source.id_field or "path")
-            record_id = None if raw_id is None else str(raw_id)
-        rows.append({"source": shard.path, "position": rec.position,
-                     "position_kind": fmt.position_kind, "record_id": record_id,
-                     "reason": reason, "raw": raw_preview(rec)})
+    rows = [row for rec in _shard_records(shard, source)
+            if (row := _reject_row(rec, shard, source, chosen, duplicates)) is not None]
     return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+
+
+def _reject_row(rec: RawRecord, shard: Shard, source: SourceSpec, chosen: dict[str, str],
+                duplicates: dict[int, tuple[str, int]]) -> dict | None:
+    """The record's reject row, or None when it is a document the job keeps."""
+    fmt = FORMATS[shard.kind]
+    doc_id, reason = validate(rec, source, shard.kind)
+    record_id = None
+    if doc_id is not None:
+        record_id = doc_id
+        wrong = mismatch(record_kinds(rec, source, shard.kind), chosen)
+        if wrong is not None:
+            reason = wrong
+        elif rec.ordinal in duplicates:
+            path, position = duplicates[rec.ordinal]
+            reason = (f"duplicate id {doc_id!r} (first at {fmt.position_kind} "
+                      f"{position} of {path})")
+        else:
+            return None
+    elif rec.value is not None:
+        raw_id = rec.value.get(source.id_field or "path")
+        record_id = None if raw_id is None else str(raw_id)
+    return {"source": shard.path, "position": rec.position,
+            "position_kind": fmt.position_kind, "record_id": record_id,
+            "reason": reason, "raw": raw_preview(rec)}
+
+
+def rejects_of(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]],
+               source: SourceSpec, *, chosen: dict[str, str]) -> pa.Table:
+    """Pass 3 over several dirty shards (each with its duplicates) of one unit, in record
+    order: a compressed file is read once from the first of them to the last, instead
+    of once from its top for each shard; a seekable file seeks to each shard.
+    """
+    if not dirty:
+        return REJECTS_SCHEMA.empty_table()
+    if not _compressed(dirty[0][0]) or len(dirty) == 1:
+        tables = [shard_rejects(shard, source, chosen=chosen, duplicates=dups)
+                  for shard, dups in dirty]
+        return pa.concat_tables(tables)
+    dirty = sorted(dirty, key=lambda item: item[0].start)
+    first, last = dirty[0][0], dirty[-1][0]
+    span = replace(first, records=last.start + last.records - first.start)
+    starts = [shard.start for shard, _ in dirty]
+    rows = []
+    for rec in _shard_records(span, source):
+        at = bisect_right(starts, rec.ordinal) - 1
+        shard, dups = dirty[at]
+        if rec.ordinal >= shard.start + shard.records:
+            continue  # a clean shard between two dirty ones
+        row = _reject_row(rec, shard, source, chosen, dups)
+        if row is not None:
+            rows.append(row)
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+
+
+def reject_groups(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]], *,
+                  per_task: int = 64) -> list[list[tuple[Shard, dict[int, tuple[str, int]]]]]:
+    """Dirty shards grouped into pass-3 tasks: a compressed file's all in one (it is
+    read once), a seekable file's `per_task` at a time."""
+    groups: list[list] = []
+    for item in dirty:
+        shard = item[0]
+        if groups and groups[-1][0][0].unit == shard.unit and (
+                _compressed(shard) or len(groups[-1]) < per_task):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 class _ShardDocuments:
@@ -707,6 +768,6 @@ def plan_source(source: SourceSpec, *, buckets: int = 4,
     losers = [find_duplicates([r[1][b] for r in results], bad=frozenset(bad), excluded=keys)
               for b in range(buckets)]
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
-    tables = [shard_rejects(s, source, chosen=chosen, duplicates=d) for s, d in plan.dirty]
+    tables = [rejects_of(group, source, chosen=chosen) for group in reject_groups(plan.dirty)]
     plan.rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
     return plan
