@@ -52,6 +52,37 @@ class _Write:
     shards: set[str] = field(default_factory=set)
 
 
+def _linked(names: list[str], writes: dict[str, _Write]) -> list[list[str]]:
+    """The write sets grouped into closed sets: two sets holding rows of one shard are
+    in the same group (so a commit can take a group, and `shards_per_commit` can be
+    met without committing everything that is ready at once).
+
+    >>> w = {"a": _Write(shards={"s1"}), "b": _Write(shards={"s1", "s2"}),
+    ...      "c": _Write(shards={"s3"})}
+    >>> _linked(["a", "b", "c"], w)
+    [['a', 'b'], ['c']]
+    """
+    group_of: dict[str, int] = {}
+    groups: list[list[str]] = []
+    for name in names:
+        joined = sorted({group_of[s] for s in writes[name].shards if s in group_of})
+        if not joined:
+            target = len(groups)
+            groups.append([])
+        else:
+            target = joined[0]
+            for other in joined[1:]:  # a set bridging two groups merges them
+                groups[target].extend(groups[other])
+                for member in groups[other]:
+                    for s in writes[member].shards:
+                        group_of[s] = target
+                groups[other] = []
+        groups[target].append(name)
+        for s in writes[name].shards:
+            group_of[s] = target
+    return [g for g in groups if g]
+
+
 @dataclass
 class Checkpointer:
     """Commits complete shards as the write tasks report them.
@@ -159,12 +190,11 @@ class Checkpointer:
             frontier = {w for s in stuck for w in shards[s].writes} - blocked
             blocked |= frontier
         closed = [w for w in writes if w not in blocked]
-        if not closed:
-            return
-        done = sorted({s for w in closed for s in writes[w].shards})
-        self.ready.append((done, [f for w in closed for f in writes.pop(w).fragments]))
-        for s in done:
-            del shards[s]
+        for members in _linked(closed, writes):  # each closed set on its own
+            done = sorted({s for w in members for s in writes[w].shards})
+            self.ready.append((done, [f for w in members for f in writes.pop(w).fragments]))
+            for s in done:
+                del shards[s]
 
     def _ready_shards(self) -> int:
         return sum(len(group) for group, _ in self.ready)
