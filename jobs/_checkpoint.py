@@ -121,6 +121,8 @@ class Checkpointer:
     first_embedded_at: float | None = None
     versions: list[int] = field(default_factory=list)
     """Versions this job committed, in order."""
+    commit_seconds: list[float] = field(default_factory=list)
+    """Each commit's seconds, in order (a commit must not slow down as the table grows)."""
     first_commit_at: float | None = None
     loads: set[str] = field(default_factory=set)
     """Distinct model loads that embedded rows (bounded by actors and their restarts)."""
@@ -240,6 +242,7 @@ class Checkpointer:
                     updated_fragments=self.deletions[1], expect_latest=self.expect_latest,
                     lease=self.lease)
         self.seconds["commit"] += time.perf_counter() - started
+        self.commit_seconds.append(round(time.perf_counter() - started, 4))
         self._committed_shards += len(shards)
         self.versions.append(ds.version)
         if self.first_commit_at is None:

@@ -41,7 +41,7 @@ from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
-from jobs._unchanged import finished_config, listing_key, unchanged_counts
+from jobs._unchanged import LISTING_KEY, finished_config, listing_key, unchanged_counts
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.exclusions import excluded_ids
@@ -120,6 +120,8 @@ class JobSummary:
     """Where the time went (see `stage_profile`)."""
     excluded: int = 0
     """Valid source documents left out because the table's exclusion list holds them."""
+    commit_seconds: list[float] = field(default_factory=list)
+    """Each checkpoint commit's seconds, in order."""
     source_bytes_read: int = 0
     """Bytes of line-format source files (JSON Lines, CSV, text; decompressed) that
     planning read: 0 for an unchanged rerun, which reads only the listing."""
@@ -639,11 +641,16 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     """Index what changed, move the `current` tag, mark the job done, clean versions."""
     manifest, opts = decision.manifest, spec.write.storage_options
     final = run.table()
-    if not run.versions and decision.action in ("finished", "resume") and \
-            job_finished(final, job=planned.job):
-        return None, None, 0  # nothing new: a finished job's rerun touches nothing
-    if diff is not None and diff.nothing:
-        return None, None, 0  # a reindex that found no change: no index work, no commit
+    nothing_new = (not run.versions and decision.action in ("finished", "resume")
+                   and job_finished(final, job=planned.job)) or \
+        (diff is not None and diff.nothing)
+    if nothing_new:  # no commit, no index work; a touched file's new listing is noted
+        if final.config().get(LISTING_KEY) != planned.listing_key:
+            if planned.lease is not None:
+                planned.lease.check()
+            mark_finished(final, job=planned.job,
+                          extra=finished_config(planned.listing_key, planned.plan))
+        return None, None, 0
     if planned.lease is not None:
         planned.lease.check()  # a run that was taken over leaves the indices alone
     progress(f"indexing {final.count_rows()} rows")
@@ -763,6 +770,7 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         else round(run.first_commit_at - started_at, 2),
         model_loads=run.model_loads,
         source_bytes_read=plan.bytes_read,
+        commit_seconds=run.commit_seconds,
         profile=stage_profile(
             run.seconds, ray_start=planned.ray_start, actors=layout.actors,
             embed_seconds=embed_seconds,
