@@ -139,6 +139,19 @@ def machinery_limit(corpus: Path, model: str, n: int, rows_per_batch: int) -> di
             "forward_cpu_s": forward_cpu * scale}
 
 
+def job_spec(corpus: Path, model: str, table: Path, *, records_per_shard: int,
+             rows_per_batch: int) -> dict:
+    """The benchmark's job: the corpus's `.jsonl.gz` files, the given model, no index
+    (the machinery alone), checkpoint versions kept for inspection."""
+    return {"kind": "embed", "table": str(table),
+            "source": {"uri": str(corpus / "*.jsonl.gz"), "id_field": "id",
+                       "records_per_shard": records_per_shard},
+            "model": {"name": model},
+            "compute": {"rows_per_batch": rows_per_batch},
+            "write": {"keep_checkpoints": True},
+            "index": {"ann_min_rows": 10**9, "fts": False}}
+
+
 def run_job(corpus: Path, model: str, n: int, table: Path, rows_per_batch: int,
             env: dict[str, str] | None = None) -> dict:
     """`quiver run` in a fresh process; driver RSS and the first commit watched from here."""
@@ -148,13 +161,8 @@ def run_job(corpus: Path, model: str, n: int, table: Path, rows_per_batch: int,
 
     shutil.rmtree(table, ignore_errors=True)
 
-    spec = {"kind": "embed", "table": str(table),
-            "source": {"uri": str(corpus / "*.jsonl.gz"), "id_field": "id",
-                       "records_per_shard": RECORDS_PER_SHARD},
-            "model": {"name": model},
-            "compute": {"rows_per_batch": rows_per_batch},
-            "write": {"keep_checkpoints": True},
-            "index": {"ann_min_rows": 10**9, "fts": False}}
+    spec = job_spec(corpus, model, table, records_per_shard=RECORDS_PER_SHARD,
+                    rows_per_batch=rows_per_batch)
     spec_path = table.parent / f"spec-{n}.json"
     spec_path.write_text(json.dumps(spec))
     started = time.perf_counter()

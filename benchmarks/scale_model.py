@@ -53,20 +53,15 @@ SECONDS = re.compile(r"(\d+(?:\.\d+)?)\s*s\b")
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from scale import EVAL, build_corpus, cpu_kind  # noqa: E402
+from scale import EVAL, build_corpus, cpu_kind, job_spec  # noqa: E402
 
 from jobs._layout import CPU_ROWS_PER_BLOCK  # noqa: E402
 
 
 def write_spec(corpus: Path, model: str, table: Path, records_per_shard: int) -> Path:
     """scale.py's job spec, with this shard size (JSON is YAML)."""
-    spec = {"kind": "embed", "table": str(table),
-            "source": {"uri": str(corpus / "*.jsonl.gz"), "id_field": "id",
-                       "records_per_shard": records_per_shard},
-            "model": {"name": model},
-            "compute": {"rows_per_batch": CPU_ROWS_PER_BLOCK},
-            "write": {"keep_checkpoints": True},
-            "index": {"ann_min_rows": 10**9, "fts": False}}
+    spec = job_spec(corpus, model, table, records_per_shard=records_per_shard,
+                    rows_per_batch=CPU_ROWS_PER_BLOCK)
     path = table.with_suffix(".spec.json")
     path.write_text(json.dumps(spec, indent=1))
     return path

@@ -13,12 +13,13 @@ shards already committed from the table's transaction log and does only the rest
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from typing import Literal
@@ -50,6 +51,7 @@ from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
 from operators.reindex import ReindexDiff, deletion_fragments
+from operators.sources.base import Listing
 from operators.sources.plan import ReadPlan, excluded_keys
 from operators.write import (
     cleanup_checkpoints,
@@ -343,8 +345,10 @@ class _Decision:
     done: set[str] = field(default_factory=set)
 
 
-def _plan(spec: JobSpec, started: float, info: ModelInfo) -> _Planned:
-    """Model and source, validated before any embedding: the source in cluster tasks."""
+def _plan(spec: JobSpec, started: float, info: ModelInfo,
+          listing: Listing | None = None) -> _Planned:
+    """Model and source, validated before any embedding: the source in cluster tasks
+    (listed here unless `listing` is given)."""
     ensure_ray()
     ray_start = time.perf_counter() - started
     cpus, gpus = cluster_resources()
@@ -359,7 +363,7 @@ def _plan(spec: JobSpec, started: float, info: ModelInfo) -> _Planned:
     excluded = excluded_ids(spec.table, spec.write.storage_options).column("doc_id").to_pylist()
     plan, documents = plan_on_cluster(
         spec.source, task_cpus=min(1.0, cpus), cpus=cpus, documents=compare,
-        excluded=excluded_keys(excluded) if excluded else None)
+        excluded=excluded_keys(excluded) if excluded else None, listing=listing)
     plan_seconds = time.perf_counter() - plan_started
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
@@ -479,6 +483,21 @@ def _block_bytes(layout: ActorLayout) -> int:
     return max(16 * 1024, layout.rows_per_block * BLOCK_BYTES_PER_ROW)
 
 
+@contextlib.contextmanager
+def _data_block_bytes(size: int) -> Iterator[None]:
+    """Ray Data's block size for the datasets made and run inside (`_block_bytes`),
+    restored after, so other executions in the process keep their own."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    context.target_max_block_size = size
+    try:
+        yield
+    finally:
+        context.target_max_block_size = saved
+
+
 def _wait_for_gpus(spec: JobSpec, layout: ActorLayout) -> None:
     """Ask the autoscaler for the actors' GPUs and wait for them, or fail clearly."""
     import ray
@@ -586,49 +605,46 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                   f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
                   "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
         _wait_for_gpus(spec, layout)
-        context = ray.data.DataContext.get_current()
-        saved_block_bytes = context.target_max_block_size
-        context.target_max_block_size = _block_bytes(layout)
-        if diff is not None:  # the chunk diff left the changed chunks, tokenized
-            ds = ray.data.from_arrow_refs(diff.chunks)
-        else:  # every pending shard, so a file's run is not cut by an all-rejected one
-            shards = ShardDatasource(pending, source=spec.source, metadata=plan.metadata,
-                                     chosen=plan.chosen,
-                                     tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
-            ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
-                                          num_cpus=layout.read_cpus)
-            ds = ds.map_batches(ChunkBlocks(chunk), batch_size=None,
-                                batch_format="pyarrow", num_cpus=layout.chunk_cpus)
-        meter = JobProgress(work, unit="chunks" if diff is not None else "documents",
-                            label="reindex" if diff is not None else "embedding")
-        if diff is None:
-            documents_of = {s.shard_id: s.documents or 0 for s in to_read}
-            done = [0]
+        with _data_block_bytes(_block_bytes(layout)):
+            if diff is not None:  # the chunk diff left the changed chunks, tokenized
+                ds = ray.data.from_arrow_refs(diff.chunks)
+            else:  # every pending shard, so a file's run is not cut by an all-rejected one
+                shards = ShardDatasource(pending, source=spec.source, metadata=plan.metadata,
+                                         chosen=plan.chosen,
+                                         tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
+                ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
+                                              num_cpus=layout.read_cpus)
+                ds = ds.map_batches(ChunkBlocks(chunk), batch_size=None,
+                                    batch_format="pyarrow", num_cpus=layout.chunk_cpus)
+            meter = JobProgress(work, unit="chunks" if diff is not None else "documents",
+                                label="reindex" if diff is not None else "embedding")
+            if diff is None:
+                documents_of = {s.shard_id: s.documents or 0 for s in to_read}
+                done = [0]
 
-            def shard_written(shard_id: str) -> None:
-                done[0] += documents_of.get(shard_id, 0)
+                def shard_written(shard_id: str) -> None:
+                    done[0] += documents_of.get(shard_id, 0)
 
-            checkpointer.on_shard_written = shard_written
-        ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
-                          precision=planned.precision, codebook=codebook)
-        written = ds.map_batches(
-            write_shard_fragments, fn_kwargs=dict(
-                uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
-                storage_options=opts, replace=not appending),
-            batch_size=_write_rows(spec, layout.rows_per_block),
-            batch_format="pyarrow", num_cpus=layout.write_cpus)
-        try:  # no prefetch: it hands a block over only once the next one is ready,
-            # which held every checkpoint back by one write task (15-18 s at 1M docs)
-            for block in written.iter_batches(batch_size=None, batch_format="pyarrow",
-                                              prefetch_batches=0):
-                checkpointer.consume(block)
-                meter.update(documents=checkpointer.rows if diff is not None else done[0],
-                             chunks=checkpointer.rows)
-        except Exception as err:
-            raise _quiver_cause(err) or err from None
-        finally:
-            meter.close()
-            context.target_max_block_size = saved_block_bytes
+                checkpointer.on_shard_written = shard_written
+            ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
+                              precision=planned.precision, codebook=codebook)
+            written = ds.map_batches(
+                write_shard_fragments, fn_kwargs=dict(
+                    uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
+                    storage_options=opts, replace=not appending),
+                batch_size=_write_rows(spec, layout.rows_per_block),
+                batch_format="pyarrow", num_cpus=layout.write_cpus)
+            try:  # no prefetch: it hands a block over only once the next one is ready,
+                # which held every checkpoint back by one write task (15-18 s at 1M docs)
+                for block in written.iter_batches(batch_size=None, batch_format="pyarrow",
+                                                  prefetch_batches=0):
+                    checkpointer.consume(block)
+                    meter.update(documents=checkpointer.rows if diff is not None else done[0],
+                                 chunks=checkpointer.rows)
+            except Exception as err:
+                raise _quiver_cause(err) or err from None
+            finally:
+                meter.close()
     if diff is None or not diff.nothing:  # an unchanged source commits nothing
         checkpointer.finish(always=existing is None or decision.action in ("overwrite",
                                                                             "cutover"))
@@ -714,10 +730,10 @@ def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
 def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:
     info = describe_model(spec.model)
     existing = _open_existing(spec.table, spec.write.storage_options)
-    counts = unchanged_counts(spec, existing, info, _shaping(spec, info))
+    counts, listing = unchanged_counts(spec, existing, info, _shaping(spec, info))
     if counts is not None:
         return _unchanged_summary(spec, existing, counts, started)
-    planned = _plan(spec, started, info)
+    planned = _plan(spec, started, info, listing)
     planned.lease = lease
     decision = _decide(spec, planned)
     if decision.action != "reindex":

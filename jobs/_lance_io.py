@@ -179,30 +179,22 @@ def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
                                                ("first_chunks", "sum"), ("shard_docs", "max")])
     whole = pc.and_(pc.equal(counts.column("firsts_sum"), counts.column("shard_docs_max")),
                     pc.equal(counts.column("rows_sum"), counts.column("first_chunks_sum")))
-    sets = [pc.filter(counts.column("shard"), whole)]
-    sets += [[s] for s in pc.filter(counts.column("shard"), pc.invert(whole)).to_pylist()]
-    rows: list[dict] = []
-    for members in sets:
-        if not len(members):
-            continue
-        part = batch.filter(pc.is_in(shards, value_set=pa.array(members, pa.string())))
-        fragments = write_fragments(part.select(schema.names).cast(schema), uri,
-                                    schema=schema, max_rows_per_file=max_rows_per_file,
-                                    storage_options=storage_options, replace=replace)
-        write_id = uuid.uuid4().hex
-        rows.append({"write": write_id,
-                     "fragments": json.dumps([f.to_json() for f in fragments]),
-                     "members": pa.array(members, pa.string())})
+    counts = pa.concat_tables([counts.filter(whole), counts.filter(pc.invert(whole))])
+    together = int(pc.sum(whole).as_py() or 0)  # the first `together` rows share a set
+    names = counts.column("shard").to_pylist()
+    members = ([names[:together]] if together else []) + [[s] for s in names[together:]]
+    write_ids: list[str] = []
+    fragments: list[str | None] = []
+    for shard_set in members:
+        part = batch if len(members) == 1 else batch.filter(
+            pc.is_in(shards, value_set=pa.array(shard_set, pa.string())))
+        written = write_fragments(part, uri, schema=schema,
+                                  max_rows_per_file=max_rows_per_file,
+                                  storage_options=storage_options, replace=replace)
+        write_ids += [uuid.uuid4().hex] * len(shard_set)
+        fragments += [json.dumps([f.to_json() for f in written])] + [None] * (len(shard_set) - 1)
     seconds["write"] = time.perf_counter() - started
-    at = pc.index_in(counts.column("shard"), value_set=pa.concat_arrays(
-        [r["members"] for r in rows]))
-    order = pc.sort_indices(at)
-    counts = counts.take(order)
     n = counts.num_rows
-    write_ids, fragments = [], []
-    for r in rows:
-        write_ids += [r["write"]] * len(r["members"])
-        fragments += [r["fragments"]] + [None] * (len(r["members"]) - 1)
     once = [None] * (n - 1)
     return pa.table({
         "write": pa.array(write_ids, pa.string()),

@@ -12,6 +12,7 @@ import lance
 import pyarrow as pa
 
 from operators.sources import FORMATS
+from operators.sources.base import Listing
 from operators.sources.plan import (
     ReadPlan,
     assemble_plan,
@@ -78,8 +79,8 @@ def _rejects(dirty: list, source: SourceSpec, chosen: dict[str, str], uri: str,
 
 
 def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
-                    documents: bool = False, excluded: pa.Table | None = None
-                    ) -> tuple[ReadPlan, SourceDocuments | None]:
+                    documents: bool = False, excluded: pa.Table | None = None,
+                    listing: Listing | None = None) -> tuple[ReadPlan, SourceDocuments | None]:
     """List the source here (file metadata only); validate and dedup it in Ray tasks.
 
     Args:
@@ -90,11 +91,12 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
             store (a reindex's diff); otherwise the second value is None.
         excluded: The table's excluded ids (`excluded_keys`), left out like duplicates;
             put in the object store once and read by every dedup task.
+        listing: The source's listing, when the caller already made it.
     """
     import ray
 
     started = time.perf_counter()
-    listing, units = units_of(source)
+    listing, units = units_of(source, listing)
     skipped = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items()))
     progress(f"source {source.uri}: {len(listing.files)} {listing.kind} file(s)"
               + (f"; not read: {skipped}" if skipped else "") + f"; {len(units)} unit(s)")

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata
 
-from jobs._lance_io import label_chunks
+from jobs._lance_io import MIN_ROWS_PER_WRITE, label_chunks
 from jobs._plan import SourceDocuments, progress
 from operators.reindex import (
     IN_TABLE,
@@ -132,7 +132,16 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
     old_rows = ds.to_table(columns=["id", "doc_id", "content_hash", *vectors],
                            filter=pc.field("doc_id").isin(everyone), with_row_address=True)
     seconds["table"] += time.perf_counter() - started
-    out, to_embed, kept = [], [], []
+    out, to_embed, kept, fragments = [], [], [], []
+
+    def flush() -> None:  # kept rows go out in sets of MIN_ROWS_PER_WRITE, not per shard
+        written = time.perf_counter()
+        fragments.extend(write_fragments(pa.concat_tables(kept), uri, schema=schema,
+                                         max_rows_per_file=spec.write.max_rows_per_file,
+                                         storage_options=opts))
+        seconds["write"] += time.perf_counter() - written
+        kept.clear()
+
     started = time.perf_counter()
     for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
                                    chosen=chosen, only=wanted):
@@ -155,17 +164,16 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
             carried = carried.append_column(name, old.column(name).take(at))
         if carried.num_rows:
             kept.append(carried)
+            if sum(t.num_rows for t in kept) >= MIN_ROWS_PER_WRITE:
+                flush()
         seconds.update(read=read_s, chunk=tokenize_s)
         out.append({"shard": shard.shard_id, "embed": len(changes.embed),
                     "remove": changes.remove, "fragments": [],
                     "carried": carried.num_rows, "added": changes.added,
                     "changed": changes.changed, "deleted": changes.deleted})
         started = time.perf_counter()
-    written = time.perf_counter()  # the group's kept rows in one set of fragments
-    fragments = write_fragments(pa.concat_tables(kept), uri, schema=schema,
-                                max_rows_per_file=spec.write.max_rows_per_file,
-                                storage_options=opts) if kept else []
-    seconds["write"] = time.perf_counter() - written
+    if kept:
+        flush()
     out[0]["fragments"] = [json.dumps(f.to_json()) for f in fragments]
     out[0]["seconds"] = dict(seconds)  # the group's, once
     embed = pa.concat_tables(to_embed) if to_embed else pa.table({})

@@ -18,7 +18,7 @@ import time
 from operators.exclusions import excluded_ids
 from operators.model import ModelInfo
 from operators.sources import FORMATS
-from operators.sources.base import list_source
+from operators.sources.base import Listing, list_source
 from operators.sources.plan import ReadPlan, listing_fingerprint
 from operators.write import DONE_KEY, finished_rows_match
 from schemas.spec import JobSpec
@@ -48,24 +48,25 @@ def finished_config(key: str, plan: ReadPlan) -> dict[str, str]:
 
 
 def unchanged_counts(spec: JobSpec, existing, info: ModelInfo, shaping: str
-                     ) -> dict | None:
-    """The finished job's counts when a rerun of `spec` has nothing to do, else None.
+                     ) -> tuple[dict | None, Listing | None]:
+    """The finished job's counts when a rerun of `spec` has nothing to do (else None),
+    and the listing when one was made (planning reuses it).
 
     Reads the source's listing (file metadata), the table's config and its exclusion
     list; never a source file.
     """
     if spec.write.mode == "overwrite" or spec.source.limit is not None or existing is None:
-        return None
+        return None, None
     config = existing.config()
     if LISTING_KEY not in config or DONE_KEY not in config:
-        return None
+        return None, None
     started = time.perf_counter()
     listing = list_source(spec.source, FORMATS)
     excluded = excluded_ids(spec.table, spec.write.storage_options).column(
         "doc_id").to_pylist()
     key = listing_key(listing_fingerprint(listing), spec, shaping, excluded)
     if key != config[LISTING_KEY] or not finished_rows_match(existing):
-        return None
+        return None, listing
     counts = json.loads(config[COUNTS_KEY])
     counts["check_seconds"] = time.perf_counter() - started
-    return counts
+    return counts, listing

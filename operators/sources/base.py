@@ -125,9 +125,7 @@ class _Counted(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
+        n = self._raw.readinto(buffer)
         BYTES_READ[0] += n
         return n
 

@@ -467,9 +467,11 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
                     excluded=records - rejected - documents, bytes_read=plan.bytes_read)
 
 
-def units_of(source: SourceSpec) -> tuple[Listing, list[Unit]]:
-    """List the source (file metadata only) and cut it into validation units."""
-    listing = list_source(source, FORMATS)
+def units_of(source: SourceSpec, listing: Listing | None = None
+             ) -> tuple[Listing, list[Unit]]:
+    """List the source (file metadata only; unless `listing` is given) and cut it into
+    validation units."""
+    listing = listing or list_source(source, FORMATS)
     units = FORMATS[listing.kind].units(listing.files, source, root=listing.root)
     return listing, units
 
