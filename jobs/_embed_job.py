@@ -42,10 +42,11 @@ from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
-from jobs._unchanged import LISTING_KEY, finished_config, listing_key, unchanged_counts
+from jobs._unchanged import listing_key, record_inputs, unchanged_counts
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.exclusions import excluded_ids
+from operators.filesystems import beside
 from operators.index import IndexReport, build_indices, cleanup_versions, maintain_indices
 from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
@@ -135,8 +136,7 @@ class JobSummary:
 
 def rejects_uri(table_uri: str) -> str:
     """The rejects dataset sits next to its table: `x.lance` → `x.rejects.lance`."""
-    base = table_uri[: -len(".lance")] if table_uri.endswith(".lance") else table_uri
-    return f"{base}.rejects.lance"
+    return beside(table_uri, ".rejects.lance")
 
 
 def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> TableManifest:
@@ -631,7 +631,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             written = ds.map_batches(
                 write_shard_fragments, fn_kwargs=dict(
                     uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
-                    storage_options=opts, replace=not appending),
+                    storage_options=opts, replace=not appending,
+                    shards_per_set=spec.write.shards_per_commit),
                 batch_size=_write_rows(spec, layout.rows_per_block),
                 batch_format="pyarrow", num_cpus=layout.write_cpus)
             try:  # no prefetch: it hands a block over only once the next one is ready,
@@ -657,16 +658,11 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     """Index what changed, move the `current` tag, mark the job done, clean versions."""
     manifest, opts = decision.manifest, spec.write.storage_options
     final = run.table()
-    nothing_new = (not run.versions and decision.action in ("finished", "resume")
-                   and job_finished(final, job=planned.job)) or \
-        (diff is not None and diff.nothing)
-    if nothing_new:  # no commit, no index work; a touched file's new listing is noted
-        if final.config().get(LISTING_KEY) != planned.listing_key:
-            if planned.lease is not None:
-                planned.lease.check()
-            mark_finished(final, job=planned.job,
-                          extra=finished_config(planned.listing_key, planned.plan))
-        return None, None, 0
+    if not run.versions and decision.action in ("finished", "resume") and \
+            job_finished(final, job=planned.job):
+        return None, None, 0  # nothing new: a finished job's rerun touches nothing
+    if diff is not None and diff.nothing:
+        return None, None, 0  # a reindex that found no change: no index work, no commit
     if planned.lease is not None:
         planned.lease.check()  # a run that was taken over leaves the indices alone
     progress(f"indexing {final.count_rows()} rows")
@@ -686,9 +682,7 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                **builders)
-    # Before the tag, so it tags the last version.
-    mark_finished(run.table(), job=planned.job,
-                  extra=finished_config(planned.listing_key, planned.plan))
+    mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report and change_report.get("held"):
         progress(change_report["hint"])
@@ -730,7 +724,7 @@ def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
 def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:
     info = describe_model(spec.model)
     existing = _open_existing(spec.table, spec.write.storage_options)
-    counts, listing = unchanged_counts(spec, existing, info, _shaping(spec, info))
+    counts, listing = unchanged_counts(spec, existing, _shaping(spec, info))
     if counts is not None:
         return _unchanged_summary(spec, existing, counts, started)
     planned = _plan(spec, started, info, listing)
@@ -745,6 +739,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     index_seconds = time.perf_counter() - index_started
     plan, uri = planned.plan, spec.table
     final = run.table()
+    if spec.source.limit is None:  # a rerun of these inputs on this version does nothing
+        record_inputs(spec, version=final.version, key=planned.listing_key, plan=plan)
     pending = len(plan.shards) - len(decision.done)
     index = "unchanged" if report is None else \
         report.vector + ("; " + ", ".join(report.scalar) if report.scalar else "")

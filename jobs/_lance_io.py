@@ -154,7 +154,8 @@ MIN_ROWS_PER_WRITE = 10_000
 
 def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
                           max_rows_per_file: int, storage_options: dict[str, str],
-                          replace: bool = False) -> pa.Table:
+                          replace: bool = False, shards_per_set: int | None = None
+                          ) -> pa.Table:
     """Write a batch of embedded rows, of any number of shards, as uncommitted fragments
     (`replace`: for a table the job's commit replaces, whose schema may differ), and say
     how many rows of each shard they hold.
@@ -165,7 +166,9 @@ def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
     shards, once all of them are complete (`jobs._checkpoint`), and a shared set with a
     cut shard in it would tie each batch to the next one up to the end of the job. So a
     shard is always committed whole, in one commit, and a resumed job that redoes an
-    uncommitted shard can never commit any of its rows twice.
+    uncommitted shard can never commit any of its rows twice. `shards_per_set` caps the
+    shards of one set (`write.shards_per_commit`: a commit cannot hold fewer shards
+    than a set it takes).
     """
     started = time.perf_counter()
     seconds: Counter[str] = Counter(stage_totals(batch))
@@ -182,7 +185,9 @@ def write_shard_fragments(batch: pa.Table, *, uri: str, schema: pa.Schema,
     counts = pa.concat_tables([counts.filter(whole), counts.filter(pc.invert(whole))])
     together = int(pc.sum(whole).as_py() or 0)  # the first `together` rows share a set
     names = counts.column("shard").to_pylist()
-    members = ([names[:together]] if together else []) + [[s] for s in names[together:]]
+    per_set = shards_per_set or max(together, 1)
+    members = [names[i:min(i + per_set, together)] for i in range(0, together, per_set)] \
+        + [[s] for s in names[together:]]
     write_ids: list[str] = []
     fragments: list[str | None] = []
     for shard_set in members:

@@ -1,12 +1,14 @@
 """An unchanged rerun costs a listing, not a parse.
 
-When a job finishes, the table's config records a key over everything that decides its
-rows: the source listing (every file's path, size and modification time), the source
-and embedding settings, the model's weights and the table's exclusion list, with the
-plan's counts. A rerun whose key matches, on a table that still has the rows it had
-then, is answered from the listing and the config alone: no source byte is read, no
-Ray is started. Anything else (a file added, touched or removed, a setting changed, rows
-deleted since) takes the full path: plan, then resume or reindex.
+When a job ends, a small record beside the table (`x.listing.json`) names the table
+version it left and a key over everything that decides its rows: the source listing
+(every file's path, size and modification time), the source and embedding settings,
+the model and the table's exclusion list, with the plan's counts. A rerun whose key
+matches, on a table still at that version, is answered from the listing and the record
+alone: no source byte is read, no Ray is started, nothing is committed. Anything else (a
+file added, touched or removed, a setting changed, any commit since: a delete, an
+optimize) takes the full path: plan, then resume or reindex; which records the new key
+when it ends, so a touched but identical file costs one full check, not one per rerun.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ import json
 import time
 
 from operators.exclusions import excluded_ids
-from operators.model import ModelInfo
+from operators.filesystems import beside, resolve
 from operators.sources import FORMATS
 from operators.sources.base import Listing, list_source
 from operators.sources.plan import ReadPlan, listing_fingerprint
-from operators.write import DONE_KEY, finished_rows_match
 from schemas.spec import JobSpec
 
-LISTING_KEY = "quiver.job_done_listing"
-"""Table config key: the finished job's `listing_key`."""
-COUNTS_KEY = "quiver.job_done_counts"
-"""Table config key: the finished job's plan counts (JSON), for the rerun's summary."""
+
+def record_uri(table_uri: str) -> str:
+    """Where a table's record of its last job's inputs lives."""
+    return beside(table_uri, ".listing.json")
 
 
 def listing_key(fingerprint: str, spec: JobSpec, shaping: str, excluded: list[str]) -> str:
@@ -39,34 +40,42 @@ def listing_key(fingerprint: str, spec: JobSpec, shaping: str, excluded: list[st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def finished_config(key: str, plan: ReadPlan) -> dict[str, str]:
-    """What `mark_finished` records besides the job: the key and the plan's counts."""
+def record_inputs(spec: JobSpec, *, version: int, key: str, plan: ReadPlan) -> None:
+    """Write the record: the version the job left, its inputs' key, the plan's counts."""
     counts = {"documents": plan.documents, "rejected": plan.rejected,
               "reasons": dict(plan.reject_reasons), "excluded": plan.excluded,
               "shards": len(plan.shards), "files": plan.files, "skipped": plan.skipped}
-    return {LISTING_KEY: key, COUNTS_KEY: json.dumps(counts)}
+    fs, path = resolve(record_uri(spec.table), spec.write.storage_options)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps({"version": version, "key": key, "counts": counts}).encode())
 
 
-def unchanged_counts(spec: JobSpec, existing, info: ModelInfo, shaping: str
+def _read_record(spec: JobSpec) -> dict | None:
+    fs, path = resolve(record_uri(spec.table), spec.write.storage_options)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None  # no record (or a torn one): the full path decides
+
+
+def unchanged_counts(spec: JobSpec, existing, shaping: str
                      ) -> tuple[dict | None, Listing | None]:
-    """The finished job's counts when a rerun of `spec` has nothing to do (else None),
-    and the listing when one was made (planning reuses it).
+    """The last job's counts when a rerun of `spec` has nothing to do (else None), and
+    the listing when one was made (planning reuses it).
 
-    Reads the source's listing (file metadata), the table's config and its exclusion
+    Reads the record, the source's listing (file metadata) and the table's exclusion
     list; never a source file.
     """
     if spec.write.mode == "overwrite" or spec.source.limit is not None or existing is None:
         return None, None
-    config = existing.config()
-    if LISTING_KEY not in config or DONE_KEY not in config:
+    record = _read_record(spec)
+    if record is None or record.get("version") != existing.version:
         return None, None
     started = time.perf_counter()
     listing = list_source(spec.source, FORMATS)
     excluded = excluded_ids(spec.table, spec.write.storage_options).column(
         "doc_id").to_pylist()
-    key = listing_key(listing_fingerprint(listing), spec, shaping, excluded)
-    if key != config[LISTING_KEY] or not finished_rows_match(existing):
+    if listing_key(listing_fingerprint(listing), spec, shaping, excluded) != record["key"]:
         return None, listing
-    counts = json.loads(config[COUNTS_KEY])
-    counts["check_seconds"] = time.perf_counter() - started
-    return counts, listing
+    return {**record["counts"], "check_seconds": time.perf_counter() - started}, listing

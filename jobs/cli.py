@@ -132,9 +132,9 @@ def run(
     logs = _quiet(job.table, verbose)
     if limit is not None:
         from jobs._dryrun import limited
+        from operators.filesystems import beside
 
-        base = job.table[: -len(".lance")] if job.table.endswith(".lance") else job.table
-        job = limited(job, limit, f"{base}.try.lance")
+        job = limited(job, limit, beside(job.table, ".try.lance"))
         print(f"[quiver] --limit {limit}: the first {limit} documents into {job.table}",
               file=sys.stderr)
     summary = api.run(job, wait=wait).to_dict()

@@ -20,6 +20,8 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from operators.filesystems import beside
+
 EXCLUDED_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
     pa.field("excluded_at", pa.timestamp("s", tz="UTC"), nullable=False),
@@ -33,8 +35,7 @@ def exclusions_uri(table_uri: str) -> str:
     >>> exclusions_uri("s3://b/docs.lance")
     's3://b/docs.excluded.lance'
     """
-    base = table_uri[: -len(".lance")] if table_uri.endswith(".lance") else table_uri
-    return f"{base}.excluded.lance"
+    return beside(table_uri, ".excluded.lance")
 
 
 def _open(table_uri: str, storage_options: Mapping[str, str] | None

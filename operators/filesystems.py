@@ -54,3 +54,13 @@ def resolve(
 def is_local(uri: str) -> bool:
     """True for plain paths and file:// URIs."""
     return "://" not in uri or uri.startswith("file://")
+
+
+def beside(table_uri: str, suffix: str) -> str:
+    """The path of something kept next to a table: `x.lance` → `x{suffix}`.
+
+    >>> beside("s3://b/docs.lance", ".excluded.lance"), beside("t", ".listing.json")
+    ('s3://b/docs.excluded.lance', 't.listing.json')
+    """
+    base = table_uri[: -len(".lance")] if table_uri.endswith(".lance") else table_uri
+    return f"{base}{suffix}"

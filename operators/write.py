@@ -196,18 +196,10 @@ def job_finished(ds: lance.LanceDataset, *, job: str) -> bool:
     return config.get(DONE_KEY) == job and (rows is None or int(rows) == ds.count_rows())
 
 
-def mark_finished(ds: lance.LanceDataset, *, job: str,
-                  extra: Mapping[str, str] | None = None) -> None:
+def mark_finished(ds: lance.LanceDataset, *, job: str) -> None:
     """Record in the table's config that `job` is complete, so a rerun is a no-op even
-    after its checkpoint versions (and the shard lists they carry) are cleaned up;
-    `extra` is more config written with it (`jobs._unchanged`)."""
-    ds.update_config({DONE_KEY: job, DONE_ROWS_KEY: str(ds.count_rows()), **(extra or {})})
-
-
-def finished_rows_match(ds: lance.LanceDataset) -> bool:
-    """Whether the table still has the rows it had when its last job was marked done."""
-    rows = ds.config().get(DONE_ROWS_KEY)
-    return rows is not None and int(rows) == ds.count_rows()
+    after its checkpoint versions (and the shard lists they carry) are cleaned up."""
+    ds.update_config({DONE_KEY: job, DONE_ROWS_KEY: str(ds.count_rows())})
 
 
 def cleanup_checkpoints(ds: lance.LanceDataset, versions: Iterable[int]) -> int:

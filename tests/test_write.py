@@ -73,3 +73,33 @@ def test_a_commit_refuses_when_another_writer_moved_the_table(tmp_path: Path) ->
     assert sorted(lance.dataset(uri).to_table().column("id").to_pylist()) == ["a", "b"]
     with pytest.raises(ConcurrentWriteError, match="it last saw no table"):
         commit(uri, [], mode="create", schema=SCHEMA, job="K", shards=[], expect_latest=0)
+
+
+def test_write_sets_share_whole_shards_and_keep_cut_ones_apart(tmp_path) -> None:
+    """A batch holding shards a and b whole and only part of c: a and b share one set
+    of fragments, c has its own; with shards_per_set=1 each shard has its own set. The
+    counts per shard are what the driver needs to tell complete shards."""
+    from jobs._lance_io import write_shard_fragments
+
+    schema = pa.schema([("id", pa.string())])
+    batch = pa.table({
+        "id": ["a#0", "a#1", "b#0", "c#0"],
+        "_shard": ["a", "a", "b", "c"], "_shard_docs": pa.array([1, 1, 1, 2], pa.int64()),
+        "_doc_chunks": pa.array([2, 2, 1, 1], pa.int64()), "_first": [True, False, True, True],
+        "_tokens": pa.array([3, 3, 3, 3], pa.int64()),
+        "_truncated_tokens": pa.array([0, 0, 0, 0], pa.int64())})
+    uri = str(tmp_path / "t.lance")
+    for per_set, sets in ((None, [["a", "b"], ["c"]]), (3, [["a", "b"], ["c"]]),
+                          (1, [["a"], ["b"], ["c"]])):
+        out = write_shard_fragments(batch, uri=uri, schema=schema, max_rows_per_file=100,
+                                    storage_options={}, shards_per_set=per_set).to_pylist()
+        by_write: dict[str, list[str]] = {}
+        for row in out:
+            by_write.setdefault(row["write"], []).append(row["shard"])
+        assert sorted(by_write.values()) == sets
+        assert [r["fragments"] is not None for r in out] == \
+            [row["shard"] == by_write[row["write"]][0] for row in out]
+        counts = {r["shard"]: (r["rows"], r["firsts"], r["first_chunks"], r["shard_docs"])
+                  for r in out}
+        assert counts == {"a": (2, 1, 2, 1), "b": (1, 1, 1, 1), "c": (1, 1, 1, 2)}
+        assert sum(r["tokens"] or 0 for r in out) == 12
