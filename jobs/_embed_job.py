@@ -740,7 +740,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     plan, uri = planned.plan, spec.table
     final = run.table()
     if spec.source.limit is None:  # a rerun of these inputs on this version does nothing
-        record_inputs(spec, version=final.version, key=planned.listing_key, plan=plan)
+        record_inputs(spec, version=final.version, rows=final.count_rows(),
+                      key=planned.listing_key, plan=plan)
     pending = len(plan.shards) - len(decision.done)
     index = "unchanged" if report is None else \
         report.vector + ("; " + ", ".join(report.scalar) if report.scalar else "")

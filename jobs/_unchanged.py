@@ -40,14 +40,17 @@ def listing_key(fingerprint: str, spec: JobSpec, shaping: str, excluded: list[st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def record_inputs(spec: JobSpec, *, version: int, key: str, plan: ReadPlan) -> None:
-    """Write the record: the version the job left, its inputs' key, the plan's counts."""
+def record_inputs(spec: JobSpec, *, version: int, rows: int, key: str,
+                  plan: ReadPlan) -> None:
+    """Write the record: the version (and rows) the job left, its inputs' key, the
+    plan's counts."""
     counts = {"documents": plan.documents, "rejected": plan.rejected,
               "reasons": dict(plan.reject_reasons), "excluded": plan.excluded,
               "shards": len(plan.shards), "files": plan.files, "skipped": plan.skipped}
     fs, path = resolve(record_uri(spec.table), spec.write.storage_options)
     with fs.open_output_stream(path) as out:
-        out.write(json.dumps({"version": version, "key": key, "counts": counts}).encode())
+        out.write(json.dumps({"version": version, "rows": rows, "key": key,
+                              "counts": counts}).encode())
 
 
 def _read_record(spec: JobSpec) -> dict | None:
@@ -70,7 +73,8 @@ def unchanged_counts(spec: JobSpec, existing, shaping: str
     if spec.write.mode == "overwrite" or spec.source.limit is not None or existing is None:
         return None, None
     record = _read_record(spec)
-    if record is None or record.get("version") != existing.version:
+    if record is None or record.get("version") != existing.version \
+            or record.get("rows") != existing.count_rows():  # a table made again elsewhere
         return None, None
     started = time.perf_counter()
     listing = list_source(spec.source, FORMATS)
