@@ -9,6 +9,12 @@ source scan included:
    0.25% deleted, 0.25% added, spread over every file; then the reindex;
 3. the same files rewritten unchanged (new mtimes, same content); then the rerun.
 
+With `--indices` the spec keeps Quiver's default indices (ANN from 100k rows, full text
+on) and `--rounds N` repeats step 2 N times with new edits: each round prints the index
+upkeep's seconds against the full build's index seconds (goal <= 10%), the segments each
+index holds, and ANN recall@10 against exact search over 200 of the table's own vectors
+(goal: after the last round, >= 0.95 of the value after the build).
+
 For each it prints wall seconds and the parts the summary reports (plan, document diff,
 chunk diff, embed, commit, index upkeep), so a fixed floor shows as one; the reindex and
 the rerun as shares of the full build. It checks that the chunks embedded equal the
@@ -18,6 +24,7 @@ source.
 
     python benchmarks/reindex_scale.py                  # 1M documents
     python benchmarks/reindex_scale.py --docs 100000    # a quicker look
+    python benchmarks/reindex_scale.py --docs 200000 --indices --rounds 5
 """
 
 from __future__ import annotations
@@ -136,10 +143,41 @@ def parts(summary: dict) -> dict:
             "commits": summary["commits"]}
 
 
+def ann_recall(table: Path, queries: int = 200, k: int = 10) -> float:
+    """Mean recall@k of the server's default ANN search against exact search, with
+    `queries` of the table's own vectors (every n-th row) as queries."""
+    import lance
+    import numpy as np
+
+    from operators.search import VectorSearcher
+    from schemas.manifest import TableManifest
+
+    ds = lance.dataset(str(table))
+    searcher = VectorSearcher(ds, TableManifest.from_schema(ds.schema))
+    step = max(1, ds.count_rows() // queries)
+    picked = ds.take(list(range(0, ds.count_rows(), step))[:queries], columns=["vector"])
+    found = []
+    for q in picked.column("vector").to_numpy(zero_copy_only=False):
+        q = np.asarray(q, np.float32)
+        ann = searcher.search(q, k=k, using="float", columns=("id",)).column("id")
+        exact = searcher.search(q, k=k, using="float", exact=True, columns=("id",))
+        found.append(len(set(ann.to_pylist()) & set(exact.column("id").to_pylist())) / k)
+    return float(np.mean(found))
+
+
+def segments(table: Path) -> dict[str, int]:
+    import lance
+
+    return {d.name: len(d.segments) for d in lance.dataset(str(table)).describe_indices()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--indices", action="store_true",
+                        help="Quiver's default indices (ANN and full text) instead of none")
+    parser.add_argument("--rounds", type=int, default=1, help="reindexes in a row")
     parser.add_argument("--reuse", type=float, metavar="FULL_S",
                         help="keep the table and corpus a previous run left (the table "
                         "in step with the corpus), and take FULL_S as its full build's "
@@ -163,8 +201,9 @@ def main() -> None:
         "kind": "embed", "table": str(table), "model": {"name": model},
         "source": {"uri": str(work / "corpus" / "*.jsonl.gz"), "id_field": "id",
                    "records_per_shard": 5000},
-        "index": {"ann_min_rows": 10**9, "fts": False}}))
-    print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores; tiny model; {args.docs:,} documents")
+        **({} if args.indices else {"index": {"ann_min_rows": 10**9, "fts": False}})}))
+    print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores; tiny model; {args.docs:,} documents; "
+          f"indices {'default (ANN, full text)' if args.indices else 'off'}")
 
     if args.reuse is None:
         full_s, full = run(spec)
@@ -172,27 +211,40 @@ def main() -> None:
     else:
         full_s = args.reuse
         print(f"full build: reused the table, {full_s:.1f}s as measured when it was built")
-    files = read_files(work / "corpus")
-    new_files, kinds = change(files, args.seed)
-    write_files(work / "corpus", new_files)
-    manifest = TableManifest.from_schema(lance.dataset(str(table)).schema)
-    want = expected_embedded(model, kinds, manifest.chunking.max_tokens,
-                             manifest.embedding_fingerprint())
-    re_s, re = run(spec)
-    r = re["reindex"]
-    print(f"reindex: {re_s:.1f}s = {re_s / full_s:.1%} of the full build "
-          f"(goal <= {GOALS['reindex']:.0%}); parts {parts(re)}")
-    print(f"  documents {r['documents']}; chunks embedded {r['embedded']}, expected {want} "
-          f"{'OK' if r['embedded'] == want else 'MISMATCH'}; kept with their vectors "
-          f"{r['unchanged']:,} ({r['carried']} rows rewritten)")
-    years = {d["id"]: d["year"] for docs in new_files.values() for d in docs}
-    rows = lance.dataset(str(table)).to_table(columns=["doc_id", "year"])
-    wrong = sum(1 for d, y in zip(rows.column("doc_id").to_pylist(),
-                                  rows.column("year").to_pylist(), strict=True)
-                if years.get(d) != y)
-    ids_ok = set(rows.column("doc_id").to_pylist()) == set(years)
-    print(f"  metadata values that differ from the new source: {wrong}; document ids equal "
-          f"the new source's: {ids_ok}")
+    full_index = full["index_seconds"] if args.reuse is None else None
+    if args.indices:
+        built_recall = ann_recall(table)
+        print(f"  index: {full_index}s of the build; segments {segments(table)}; "
+              f"ANN recall@10 {built_recall:.3f}")
+    for round_ in range(args.rounds):
+        files = read_files(work / "corpus")
+        new_files, kinds = change(files, args.seed + round_)
+        write_files(work / "corpus", new_files)
+        manifest = TableManifest.from_schema(lance.dataset(str(table)).schema)
+        want = expected_embedded(model, kinds, manifest.chunking.max_tokens,
+                                 manifest.embedding_fingerprint())
+        re_s, re = run(spec)
+        r = re["reindex"]
+        print(f"reindex {round_ + 1}: {re_s:.1f}s = {re_s / full_s:.1%} of the full build "
+              f"(goal <= {GOALS['reindex']:.0%}); parts {parts(re)}")
+        print(f"  documents {r['documents']}; chunks embedded {r['embedded']}, expected "
+              f"{want} {'OK' if r['embedded'] == want else 'MISMATCH'}; kept with their "
+              f"vectors {r['unchanged']:,} ({r['carried']} rows rewritten)")
+        if args.indices:
+            share = f" = {re['index_seconds'] / full_index:.1%} of the build's index " \
+                f"time (goal <= 10%)" if full_index else ""
+            recall = ann_recall(table)
+            print(f"  index upkeep {re['index_seconds']}s{share}; {re['index']}")
+            print(f"  segments {segments(table)}; ANN recall@10 {recall:.3f} = "
+                  f"{recall / built_recall:.3f} of the built table's (goal >= 0.95)")
+        years = {d["id"]: d["year"] for docs in new_files.values() for d in docs}
+        rows = lance.dataset(str(table)).to_table(columns=["doc_id", "year"])
+        wrong = sum(1 for d, y in zip(rows.column("doc_id").to_pylist(),
+                                      rows.column("year").to_pylist(), strict=True)
+                    if years.get(d) != y)
+        ids_ok = set(rows.column("doc_id").to_pylist()) == set(years)
+        print(f"  metadata values that differ from the new source: {wrong}; document ids "
+              f"equal the new source's: {ids_ok}")
     write_files(work / "corpus", new_files)  # same content, new mtimes
     un_s, un = run(spec)
     print(f"unchanged rerun: {un_s:.1f}s = {un_s / full_s:.1%} of the full build "

@@ -41,7 +41,7 @@ from jobs._layout import ActorLayout, actor_layout, uses_gpus
 from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
-from jobs._reindex import plan_reindex, reconcile_schema, with_doc_hash
+from jobs._reindex import delete_on_cluster, plan_reindex, reconcile_schema, with_doc_hash
 from jobs._unchanged import listing_key, record_inputs, unchanged_counts
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
@@ -51,7 +51,7 @@ from operators.index import IndexReport, build_indices, cleanup_versions, mainta
 from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
-from operators.reindex import ReindexDiff, deletion_fragments
+from operators.reindex import ReindexDiff
 from operators.sources.base import Listing
 from operators.sources.plan import ReadPlan, excluded_keys
 from operators.write import (
@@ -576,7 +576,11 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                  f"{diff.deleted} deleted, {diff.carried_rows} kept their vectors "
                  f"({diff.seconds['chunk_diff']:.1f}s)")
         pending = [s for s in plan.shards if s.shard_id in diff.todo]
-        deletions = deletion_fragments(existing, diff.remove)
+        removed, updated, report = delete_on_cluster(
+            existing, diff.remove, storage_options=spec.write.storage_options,
+            task_cpus=task_cpus, slots=max(1, int(planned.cpus)))
+        deletions = (removed, updated)
+        diff.seconds["deletions"], diff.deletion_tasks = report["seconds"], report["tasks"]
     if appending:  # rows must match the table as it is (a column added later sits last)
         schema = existing.schema
     work = diff.embed if diff is not None else sum(s.documents
@@ -666,19 +670,19 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     if planned.lease is not None:
         planned.lease.check()  # a run that was taken over leaves the indices alone
     progress(f"indexing {final.count_rows()} rows")
+    builders = {}
+    if final.count_rows() >= spec.index.distributed_min_rows:
+        workers = index_workers(planned.cpus)
+        builders = dict(vector_builder=distributed_vector_index(workers, opts),
+                        fulltext_builder=distributed_fulltext_index(workers, opts))
     if diff is not None:
         before = decision.existing  # the table as the reindex found it
         report = maintain_indices(final, spec.index, metric=manifest.metric,
                                   codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                   changed=diff.embed + diff.carried_rows + diff.deleted,
                                   settled={f.fragment_id for f in before.get_fragments()}
-                                  if before is not None else set())
+                                  if before is not None else set(), **builders)
     else:
-        builders = {}
-        if final.count_rows() >= spec.index.distributed_min_rows:
-            workers = index_workers(planned.cpus)
-            builders = dict(vector_builder=distributed_vector_index(workers, opts),
-                            fulltext_builder=distributed_fulltext_index(workers, opts))
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                **builders)
@@ -773,7 +777,7 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
             "documents": {"added": diff.docs_added, "changed": diff.docs_changed,
                           "deleted": diff.docs_deleted},
             "seconds": {k: round(v, 2) for k, v in diff.seconds.items()},
-            "schema_change": diff.schema_change},
+            "deletion_tasks": diff.deletion_tasks, "schema_change": diff.schema_change},
         versions_cleaned=cleaned,
         cutover=change_report,
         files=plan.files,

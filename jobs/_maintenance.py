@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from jobs._cutover import CURRENT_TAG, HELD_TAG, current_version, held_version
 from jobs._embed_job import rejects_uri
 from operators.exclusions import exclude
-from operators.index import COMPACT_MIN_FRAGMENTS
+from operators.index import COMPACT_MIN_FRAGMENTS, add_to_indices, index_segments
 from operators.lease import Lease
 from operators.sources.plan import reason_key
 from schemas.errors import QueryError, TableError
@@ -131,9 +131,9 @@ def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
         if rewrites:
             Compaction.commit(ds, rewrites)
         ds = ds.checkout_version(ds.latest_version)
-        if ds.list_indices():
-            progress("adding new rows to the indices (optimize_indices)")
-            ds.optimize.optimize_indices()
+        if ds.describe_indices():
+            progress("adding new rows to the indices, their deltas merged into one")
+            add_to_indices(ds, index_segments(ds), max_deltas=1)
         moved = _follow(ds, start)
         removed = 0
         if retention_days is not None:

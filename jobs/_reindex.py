@@ -35,7 +35,9 @@ from jobs._plan import SourceDocuments, progress
 from operators.reindex import (
     IN_TABLE,
     ReindexDiff,
+    by_fragment,
     chunk_changes,
+    delete_in_fragments,
     doc_changes,
     group_by_shard,
 )
@@ -232,6 +234,42 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
     for step, spent in sorted(tasks.items()):  # summed over the tasks, not wall time
         seconds[f"chunk_diff_tasks_{step}"] = spent
     return diff, seconds
+
+
+DELETE_FRAGMENTS_PER_TASK = 64
+"""At most this many fragments get their deletion vectors in one task."""
+
+
+def _delete_task(uri: str, version: int, storage_options: dict[str, str],
+                 work: list[tuple[int, np.ndarray]]) -> tuple[list[int], list[str]]:
+    ds = lance.dataset(uri, version=version, storage_options=storage_options or None)
+    removed, updated = delete_in_fragments(ds, work)
+    return removed, [json.dumps(meta.to_json()) for meta in updated]
+
+
+def delete_on_cluster(ds: lance.LanceDataset, addresses: np.ndarray, *, storage_options:
+                      dict[str, str], task_cpus: float, slots: int
+                      ) -> tuple[list[int], list[FragmentMetadata], dict]:
+    """The reindex's deletion vectors, written by Ray tasks (one per group of up to
+    `DELETE_FRAGMENTS_PER_TASK` fragments, enough groups to fill `slots`), never by a
+    loop on the driver; the reindex's one `Update` commit takes them all.
+
+    Returns the fragments emptied, the fragments with new deletion vectors, and a report
+    (tasks, fragments, rows, driver seconds).
+    """
+    import ray
+
+    started = time.perf_counter()
+    work = by_fragment(addresses)
+    per_task = max(1, min(DELETE_FRAGMENTS_PER_TASK, -(-len(work) // max(1, slots))))
+    groups = [work[i:i + per_task] for i in range(0, len(work), per_task)]
+    task = ray.remote(_delete_task).options(num_cpus=task_cpus)
+    results = ray.get([task.remote(ds.uri, ds.version, storage_options, g) for g in groups])
+    removed = [f for r, _ in results for f in r]
+    updated = [FragmentMetadata.from_json(m) for _, ms in results for m in ms]
+    return removed, updated, {"tasks": len(groups), "fragments": len(work),
+                              "rows": int(len(addresses)),
+                              "seconds": round(time.perf_counter() - started, 3)}
 
 
 def reconcile_schema(existing: lance.LanceDataset, plan: ReadPlan, spec: JobSpec

@@ -2,7 +2,8 @@
 
 The first stage runs on the most compact column the mode names, through Lance (float
 vectors with or without their ANN index, sign bits by hamming distance with or without
-their IVF index) or through a numpy scan of the int8 codes (Lance has no int8 distance).
+their IVF index) or through a numpy scan of the int8 codes (Lance has no int8 distance):
+held in memory up to 256 MiB, streamed batch by batch with a running top-k past that.
 The second stage rescoring takes `rescore * k` candidates and scores them against the
 float query with the best column the table holds: float vectors, else decoded int8.
 
@@ -14,7 +15,7 @@ sign-random-projection hashing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import lance
@@ -38,6 +39,10 @@ from schemas.records import BITS_COLUMN, INT8_COLUMN, VECTOR_COLUMN
 DEFAULT_COLUMNS = ("id", "doc_id", "chunk", "text")
 DEFAULT_RESCORE = 4
 """Candidates per wanted hit for two-stage search (binary or int8 first stage)."""
+INT8_CACHE_BYTES = 256 << 20
+"""The int8 column is held in memory up to this size; past it each search streams it."""
+INT8_SCAN_ROWS = 65_536
+"""Rows per batch of a streamed int8 scan."""
 Using = Literal["auto", "float", "int8", "binary"]
 USING: tuple[str, ...] = ("auto", "float", "int8", "binary")
 
@@ -59,20 +64,25 @@ def default_nprobes(rows: int) -> int:
 
 
 class VectorSearcher:
-    """Search one version of a table; caches the int8 codes the first int8 search loads.
+    """Search one version of a table; caches the int8 codes the first int8 search loads
+    when they fit `int8_cache_bytes`, and streams them per search when they do not.
 
     Args:
         ds: The Lance dataset (a fixed version).
         manifest: Its manifest (codecs, dims, int8 ranges, metric).
+        int8_cache_bytes: The largest int8 column kept in memory (256 MiB: 700k
+            384-d rows). A bigger one is scanned batch by batch on each int8 search.
     """
 
-    def __init__(self, ds: lance.LanceDataset, manifest: TableManifest) -> None:
+    def __init__(self, ds: lance.LanceDataset, manifest: TableManifest, *,
+                 int8_cache_bytes: int = INT8_CACHE_BYTES) -> None:
         self.ds = ds
         self.manifest = manifest
         self.book = Codebook.from_manifest(manifest.vectors, normalize=manifest.model.normalize)
         self.codecs = frozenset(manifest.vectors.codecs)
         self.has_float = bool(self.codecs & {"float32", "float16"})
         self._int8: tuple[np.ndarray, np.ndarray] | None = None
+        self.int8_cache_bytes = int8_cache_bytes
         self.nprobes = default_nprobes(ds.count_rows())
 
     def default_mode(self) -> str:
@@ -207,23 +217,39 @@ class VectorSearcher:
         distance = hits.column("_distance").to_numpy().astype(np.float32)
         return hits.column("_rowid").to_numpy(), np.cos(math.pi * distance / self.book.dims)
 
-    def _int8_codes(self, where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
-        """All codes (cached), or the filtered rows' codes (read per query)."""
+    def _int8_batches(self, where: pc.Expression | None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The int8 codes as (row ids, code matrix) pieces: the cached column when it fits
+        `int8_cache_bytes` and no filter applies, else a streamed scan whose memory is one
+        batch of `INT8_SCAN_ROWS` rows whatever the table's size."""
         if where is None and self._int8 is not None:
-            return self._int8
-        table = self.ds.to_table(columns=[INT8_COLUMN], with_row_id=True, filter=where)
-        codes = (table.column("_rowid").to_numpy(), column_matrix(table.column(INT8_COLUMN)))
-        if where is None:
-            self._int8 = codes
-        return codes
+            yield self._int8
+            return
+        dims = self.book.dims
+        if where is None and self.ds.count_rows() * dims <= self.int8_cache_bytes:
+            table = self.ds.to_table(columns=[INT8_COLUMN], with_row_id=True)
+            self._int8 = (table.column("_rowid").to_numpy(),
+                          column_matrix(table.column(INT8_COLUMN)))
+            yield self._int8
+            return
+        for batch in self.ds.to_batches(columns=[INT8_COLUMN], with_row_id=True,
+                                        filter=where, batch_size=INT8_SCAN_ROWS):
+            if batch.num_rows:
+                yield (batch.column("_rowid").to_numpy(),
+                       column_matrix(batch.column(INT8_COLUMN)))
 
     def _int8_scan(self, q: np.ndarray, k: int,
                    where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
-        row_ids, codes = self._int8_codes(where)
-        scores = self._similarity(q, codes, int8=True)
-        top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k] if len(scores) > k \
-            else np.arange(len(scores))
-        return row_ids[top], scores[top]
+        """The `k` best rows by int8 score: a running top-k over the pieces, so a
+        streamed scan holds k candidates plus one batch."""
+        best_ids, best = np.zeros(0, np.uint64), np.zeros(0, np.float32)
+        for row_ids, codes in self._int8_batches(where):
+            ids = np.concatenate([best_ids, row_ids.astype(np.uint64)])
+            scores = np.concatenate([best, self._similarity(q, codes, int8=True)])
+            top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k \
+                else np.arange(len(scores))
+            best_ids, best = ids[top], scores[top]
+        return best_ids, best
 
     def _rescore(self, q: np.ndarray, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score candidates against the float query with the best stored column."""

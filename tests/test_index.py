@@ -8,6 +8,7 @@ from pathlib import Path
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from conftest import manifest_for
 
@@ -81,3 +82,53 @@ def test_large_table_gets_an_ann_index_with_high_recall(tmp_path: Path, model_in
         exact = set(ids[np.argsort(-(matrix @ q))[:10]])
         recalls.append(len(ann & exact) / 10)
     assert np.mean(recalls) >= 0.9
+
+
+def test_reindex_upkeep_adds_deltas_never_rewrites_the_base(tmp_path: Path, model_info,
+                                                             vectors_table: pa.Table) -> None:
+    """Small reindexes each add one delta segment per index; the built segments stay as
+    they were; after MAX_INDEX_DELTAS deltas the next upkeep merges them; a change past
+    retrain_share rebuilds; every row stays findable by ANN, BM25 and id."""
+    from operators.index import MAX_INDEX_DELTAS, index_segments, maintain_indices
+
+    path, schema = tmp_path / "upkeep.lance", table_schema(pa.schema([]), dim=384)
+    cut = vectors_table.num_rows - 6 * (MAX_INDEX_DELTAS + 1)
+    ds = _write(path, vectors_table.slice(0, cut))
+    spec = IndexSpec(ann_min_rows=100, retrain_share=0.5)
+    build_indices(ds, spec, metric="dot")
+    base = {d.name: {s.uuid for s in d.segments} for d in lance.dataset(str(path))
+            .describe_indices()}
+    for n in range(MAX_INDEX_DELTAS + 1):
+        batch = vectors_table.slice(cut + 6 * n, 6)
+        old = lance.dataset(str(path))
+        before = {f.fragment_id for f in old.get_fragments()}
+        ds = commit(str(path), write_fragments(batch, str(path), schema=schema),
+                    mode="append", schema=schema, job="t", shards=[f"s{n}"],
+                    read_version=old.version)
+        report = maintain_indices(ds, spec, metric="dot", codecs=["float32"], dims=384,
+                                  changed=6, settled=before)
+        assert report.vector.startswith("incremental"), report
+        ds = lance.dataset(str(path))
+        segs = {s.name: s for s in index_segments(ds)}
+        assert set(segs) == set(base)
+        for name, seg in segs.items():
+            # the base is untouched; deltas grow by one, and merge into one past the cap
+            assert base[name] <= {s.uuid for d in ds.describe_indices() if d.name == name
+                                  for s in d.segments}
+            assert seg.deltas == (n + 1 if n < MAX_INDEX_DELTAS else 1)
+            assert seg.unindexed_rows == 0 and seg.delta_rows == 6 * (n + 1)
+        # the newest rows are found through the indices: ANN, BM25 and the id BTREE
+        searcher = _searcher(ds, model_info)
+        row = batch.slice(0, 1).to_pylist()[0]
+        near = searcher.search(np.asarray(row["vector"], np.float32), k=3, using="float",
+                               columns=("id",))
+        assert row["id"] in near.column("id").to_pylist()
+        assert ds.to_table(filter=pc.field("id") == row["id"]).num_rows == 1
+        words = " ".join(row["text"].split()[:6])
+        found = ds.to_table(full_text_query=words, columns=["id"], limit=50)
+        assert row["id"] in found.column("id").to_pylist()
+    # a change past retrain_share retrains: one build, no deltas
+    report = maintain_indices(ds, spec, metric="dot", codecs=["float32"], dims=384,
+                              changed=ds.count_rows())
+    assert "rebuilt" in report.vector
+    assert all(s.deltas == 0 for s in index_segments(lance.dataset(str(path))))

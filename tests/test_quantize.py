@@ -9,6 +9,7 @@ from pathlib import Path
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from conftest import manifest_for
@@ -157,6 +158,30 @@ def test_each_mode_ranks_like_numpy_brute_force(coded, full) -> None:
         sure = np.flatnonzero(ham < cutoff)
         top_sure = ids[sure[np.argsort(-float_scores[sure])[:3]]]
         assert set(top_sure) <= set(got.column("id").to_pylist()) or len(sure) < 3
+
+
+def test_int8_scan_streams_a_column_too_big_to_hold(coded, full) -> None:
+    """Past `int8_cache_bytes` each int8 search streams the column in batches and keeps
+    nothing; its hits equal those of the held column, filtered or not."""
+    import operators.search as search
+
+    ds, manifest = coded
+    held = VectorSearcher(ds, manifest)
+    streamed = VectorSearcher(ds, manifest, int8_cache_bytes=0)
+    where = pc.field("chunk") > 0
+    old, search.INT8_SCAN_ROWS = search.INT8_SCAN_ROWS, 7  # many batches on a small table
+    try:
+        for q in full[::50]:
+            for filt in (None, where):
+                a = held.search(q, k=10, using="int8", rescore=1, columns=("id",), where=filt)
+                b = streamed.search(q, k=10, using="int8", rescore=1, columns=("id",),
+                                    where=filt)
+                assert b.column("id").to_pylist() == a.column("id").to_pylist()
+                np.testing.assert_allclose(b.column("score").to_numpy(),
+                                           a.column("score").to_numpy(), atol=1e-6)
+    finally:
+        search.INT8_SCAN_ROWS = old
+    assert held._int8 is not None and streamed._int8 is None
 
 
 def test_modes_the_table_lacks_are_refused(coded, model_info, full, tmp_path: Path) -> None:

@@ -33,6 +33,14 @@ def _vectors(path: Path) -> dict[str, np.ndarray]:
                     strict=True))
 
 
+def _addresses(table, version: int, ids: set[str]) -> list[int]:
+    """Row addresses, at `version`, of the rows with these ids."""
+    rows = lance.dataset(str(table), version=version).to_table(
+        columns=["id"], with_row_address=True)
+    return [a for i, a in zip(rows.column("id").to_pylist(),
+                              rows.column("_rowaddr").to_pylist(), strict=True) if i in ids]
+
+
 def test_reindex_embeds_only_the_change(tmp_path, stdlib_docs, model_info, ray_local) -> None:
     docs = [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[200:200 + N_DOCS]]
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
@@ -60,6 +68,9 @@ def test_reindex_embeds_only_the_change(tmp_path, stdlib_docs, model_info, ray_l
     assert r["embedded"] == r["added"] + r["changed"]
     assert r["unchanged"] == len(new_ids) - r["added"] - r["changed"]
     assert summary.tokens < first.tokens / 5
+    # the removed rows' deletion vectors were written by cluster tasks, not the driver
+    fragments = len({f >> 32 for f in _addresses(table, v_before, gone | set(touched))})
+    assert 1 <= r["deletion_tasks"] <= fragments
 
     after = _vectors(table)
     untouched = [c for c in new_ids if c in before and not c.startswith((docs[3]["id"] + "#",
