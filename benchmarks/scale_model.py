@@ -22,7 +22,17 @@ and reports:
   when the summary has it, `source_bytes_read`.
 
 With `--runs N` each configuration runs N times, the shard counts alternating, and the
-medians are reported. Results also go to benchmarks/.warehouse/scale_model/results.json.
+medians are reported.
+
+`--after` adds, on the largest shard count's finished table (its corpus copied first):
+- `reindex`: `benchmarks/reindex_scale.py`'s 1% change spread over every file, then the
+  reindex: its wall seconds and share of the build, the driver's seconds writing deletion
+  vectors and the tasks that wrote them;
+- `resume`: a fresh build killed (driver and its Ray) once half the chunks are committed,
+  then run again: the resumed run's planning seconds against the unchanged rerun's wall,
+  and whether the table ends with exactly the corpus's chunk ids, each once.
+
+Results also go to benchmarks/.warehouse/scale_model/results.json.
 
     python benchmarks/scale_model.py --docs 200000 --shards 200,20000
     python benchmarks/scale_model.py --docs 5000 --shards 10,500      # a quick look
@@ -222,6 +232,75 @@ def measure(corpus: Path, model: str, docs: int, shards: int) -> dict[str, Any]:
     }
 
 
+def _copy_corpus(corpus: Path, name: str) -> Path:
+    copy = OUT / name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(corpus, copy)
+    return copy
+
+
+def reindex_after(corpus: Path, model: str, docs: int, shards: int, build: dict) -> dict:
+    """A 1% change spread over every file, then the reindex, on a fresh build."""
+    from reindex_scale import change, read_files, write_files
+
+    copy = _copy_corpus(corpus, "corpus-reindex")
+    table = OUT / f"table-{docs}-{shards}-reindex.lance"
+    remove_table(table)
+    spec = write_spec(copy, model, table, max(1, docs // shards))
+    built = run_quiver(spec, table.with_suffix(".run.log"))
+    new_files, kinds = change(read_files(copy), seed=1)
+    write_files(copy, new_files)
+    again = run_quiver(spec, table.with_suffix(".reindex.log"))
+    r = again["summary"]["reindex"]
+    out = {"build_wall_s": built["wall_s"], "reindex_wall_s": again["wall_s"],
+           "share_of_build": again["wall_s"] / built["wall_s"],
+           "deletion_seconds": r["seconds"].get("deletions"),
+           "deletion_tasks": r.get("deletion_tasks"), "deleted_rows": r["deleted"],
+           "embedded": r["embedded"], "documents": r["documents"],
+           "fragments_before": build["fragments"], "seconds": r["seconds"]}
+    remove_table(table)
+    shutil.rmtree(copy, ignore_errors=True)
+    return out
+
+
+def resume_after(corpus: Path, model: str, docs: int, shards: int, build: dict) -> dict:
+    """A build killed once half its chunks are committed, then run again."""
+    import signal
+
+    import lance
+
+    table = OUT / f"table-{docs}-{shards}-resume.lance"
+    remove_table(table)
+    spec = write_spec(corpus, model, table, max(1, docs // shards))
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(spec), "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    killed_at = None
+    while proc.poll() is None:
+        try:
+            rows = lance.dataset(str(table)).count_rows()
+        except (ValueError, OSError):
+            rows = 0
+        if rows >= build["chunks"] // 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = rows
+            break
+        time.sleep(0.2)
+    proc.wait()
+    resumed = run_quiver(spec, table.with_suffix(".resume.log"))
+    s = resumed["summary"]
+    ids = lance.dataset(str(table)).to_table(columns=["id"]).column("id")
+    out = {"killed_at_rows": killed_at, "of_rows": build["chunks"],
+           "resume_wall_s": resumed["wall_s"], "resume_plan_s": s["profile"].get("plan"),
+           "unchanged_rerun_wall_s": build["rerun_wall_s"],
+           "plan_over_rerun": (s["profile"].get("plan") or 0) / build["rerun_wall_s"],
+           "shards_skipped": s.get("shards_skipped"), "rows": len(ids),
+           "exact": len(ids) == build["chunks"] and len(set(ids.to_pylist())) == len(ids)}
+    remove_table(table)
+    return out
+
+
 def _median(values: list[Any]) -> Any:
     """Median of the numbers; the first value when they aren't all numbers."""
     numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
@@ -308,6 +387,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="runs per configuration, alternating; medians are reported")
     parser.add_argument("--keep", action="store_true", help="keep the tables afterwards")
+    parser.add_argument("--after", default="",
+                        help="comma-separated: reindex, resume (on the largest shard count)")
     args = parser.parse_args()
     shard_counts = [int(s) for s in args.shards.split(",") if s.strip()]
     if not (EVAL / "scifact" / "corpus.jsonl").is_file():
@@ -331,8 +412,15 @@ def main() -> None:
     found = ratios(rows) if len(rows) > 1 else {}
     if found:
         print_ratios(rows, found)
+    after = {}
+    steps = {"reindex": reindex_after, "resume": resume_after}
+    for step in (x.strip() for x in args.after.split(",") if x.strip()):
+        after[step] = steps[step](corpus, model, args.docs, shard_counts[-1], rows[-1])
+        print(f"\n{step} at {shard_counts[-1]:,} shards: {json.dumps(after[step])}",
+              flush=True)
     results = {"cpu": cpu_kind(), "cores": os.cpu_count(), "docs": args.docs,
-               "runs": args.runs, "rows": rows, "ratios": found, "all_runs": runs}
+               "runs": args.runs, "rows": rows, "ratios": found, "all_runs": runs,
+               "after": after}
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults: {OUT / 'results.json'}")
     if not args.keep:

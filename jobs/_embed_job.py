@@ -42,7 +42,13 @@ from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import delete_on_cluster, plan_reindex, reconcile_schema, with_doc_hash
-from jobs._unchanged import listing_key, record_inputs, unchanged_counts
+from jobs._unchanged import (
+    listing_key,
+    record_inputs,
+    save_plan,
+    saved_plan,
+    unchanged_counts,
+)
 from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.exclusions import excluded_ids
@@ -52,8 +58,9 @@ from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
 from operators.reindex import ReindexDiff
-from operators.sources.base import Listing
-from operators.sources.plan import ReadPlan, excluded_keys
+from operators.sources import FORMATS
+from operators.sources.base import Listing, list_source
+from operators.sources.plan import ReadPlan, excluded_keys, listing_fingerprint
 from operators.write import (
     cleanup_checkpoints,
     committed_shards,
@@ -357,25 +364,49 @@ def _plan(spec: JobSpec, started: float, info: ModelInfo,
                  "so the embed actors will ask for them (model.device: cpu opts out)")
         gpus = startable
     plan_started = time.perf_counter()
-    # A table to compare with: pass 1 keeps each document's hash for a reindex's diff.
-    compare = spec.write.mode != "overwrite" and \
-        _open_existing(spec.table, spec.write.storage_options) is not None
+    existing = _open_existing(spec.table, spec.write.storage_options) \
+        if spec.write.mode != "overwrite" else None
     excluded = excluded_ids(spec.table, spec.write.storage_options).column("doc_id").to_pylist()
-    plan, documents = plan_on_cluster(
-        spec.source, task_cpus=min(1.0, cpus), cpus=cpus, documents=compare,
-        excluded=excluded_keys(excluded) if excluded else None, listing=listing)
+    if listing is None:
+        listing = list_source(spec.source, FORMATS)
+    key = listing_key(listing_fingerprint(listing), spec, _shaping(spec, info), excluded)
+    precision = resolve_precision(spec.model.precision, on_gpu=uses_gpus(spec, gpus))
+    manifest = build_manifest(spec, info, precision=precision)
+    saved = _resumable_plan(spec, existing, key) if spec.source.limit is None else None
+    if saved is not None:
+        plan, documents = saved, None
+        progress(f"resuming from the saved plan ({len(plan.shards)} shards; the source's "
+                 "listing is unchanged, so it is not parsed again)")
+    else:  # with a table to compare with, pass 1 keeps each document's hash (a reindex)
+        plan, documents = plan_on_cluster(
+            spec.source, task_cpus=min(1.0, cpus), cpus=cpus, documents=existing is not None,
+            excluded=excluded_keys(excluded) if excluded else None, listing=listing)
     plan_seconds = time.perf_counter() - plan_started
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
-    precision = resolve_precision(spec.model.precision, on_gpu=uses_gpus(spec, gpus))
-    manifest = build_manifest(spec, info, precision=precision)
     progress(f"model {spec.model.name}: dim {info.dim}, {info.pooling} pooling, "
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
     job = _job_fingerprint(plan, manifest, spec, excluded=excluded)
-    key = listing_key(plan.fingerprint, spec, _shaping(spec, info), excluded)
+    if saved is None and spec.source.limit is None:
+        save_plan(spec, key=key, job=job, plan=plan)
     return _Planned(info, plan, manifest, precision, job,
                     cpus, gpus, ray_start, plan_seconds, documents, listing_key=key)
+
+
+def _resumable_plan(spec: JobSpec, existing: lance.LanceDataset | None,
+                    key: str) -> ReadPlan | None:
+    """The saved plan of these inputs when the table holds an unfinished run of its job
+    (a resume), else None: then the source is planned again."""
+    if existing is None:
+        return None
+    found = saved_plan(spec, key=key)
+    if found is None:
+        return None
+    plan, job = found
+    if job_finished(existing, job=job) or not committed_shards(existing, job=job):
+        return None
+    return plan
 
 
 def _shaping(spec: JobSpec, info: ModelInfo) -> str:

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import lance
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,6 +24,7 @@ from jobs._embed_job import rejects_uri
 from operators.exclusions import exclude
 from operators.index import COMPACT_MIN_FRAGMENTS, add_to_indices, index_segments
 from operators.lease import Lease
+from operators.reindex import by_fragment, delete_in_fragments
 from operators.sources.plan import reason_key
 from schemas.errors import QueryError, TableError
 
@@ -147,12 +149,30 @@ def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
             "versions_removed": removed, "current_moved": moved}
 
 
-def _matching_documents(ds: lance.LanceDataset, where: pc.Expression) -> list[str]:
-    """Distinct doc ids of the rows `where` matches (streamed; grows with the matches)."""
-    found: set[str] = set()
+def _matching_documents(ds: lance.LanceDataset, where: pc.Expression) -> pa.Array:
+    """Distinct doc ids of the rows `where` matches, sorted, as one Arrow array: streamed
+    batch by batch, the ids held as Arrow bytes (about 20 per id), never as a Python set."""
+    parts: list[pa.Array] = []
     for batch in ds.scanner(columns=["doc_id"], filter=where).to_batches():
-        found.update(pc.unique(batch.column(0)).to_pylist())
-    return sorted(found)
+        parts.append(pc.unique(batch.column(0)))
+        if len(parts) >= 64:  # fold, so the pieces never outgrow the distinct ids
+            parts = [pc.unique(pa.concat_arrays(parts))]
+    return _sorted_ids(pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
+
+
+def _sorted_ids(ids: pa.Array) -> pa.Array:
+    ids = pc.unique(ids.cast(pa.string()))
+    return ids.take(pc.sort_indices(ids))
+
+
+def _document_rows(ds: lance.LanceDataset, ids: pa.Array) -> np.ndarray:
+    """Row addresses of every chunk of these documents, from a streamed scan of `doc_id`
+    matched in Arrow (`pc.is_in`), so no filter carries the ids to Lance."""
+    found = [np.zeros(0, np.uint64)]
+    for batch in ds.scanner(columns=["doc_id"], with_row_address=True).to_batches():
+        hit = pc.is_in(batch.column("doc_id"), value_set=ids)
+        found.append(pc.filter(batch.column("_rowaddr"), hit).to_numpy().astype(np.uint64))
+    return np.concatenate(found)
 
 
 def delete_documents(uri: str, *, doc_ids: Sequence[str] = (),
@@ -160,6 +180,10 @@ def delete_documents(uri: str, *, doc_ids: Sequence[str] = (),
                      storage_options: Mapping[str, str] | None = None,
                      wait: bool = False) -> dict:
     """Remove whole documents (every chunk of each) in one Lance commit.
+
+    Memory follows the documents removed (their ids as Arrow strings, their rows'
+    addresses as 8-byte integers), not the table; the deletion vectors are written by
+    row address, as a reindex writes them.
 
     Args:
         uri: The table.
@@ -175,17 +199,21 @@ def delete_documents(uri: str, *, doc_ids: Sequence[str] = (),
         raise QueryError("give document ids or a filter (--doc-id or --where), not both")
     with Lease.acquire(uri, storage_options, wait=wait, purpose="quiver table delete"):
         ds = open_dataset(uri, storage_options)
-        ids = sorted(set(doc_ids)) if doc_ids else _matching_documents(ds, where)
+        ids = _sorted_ids(pa.array(list(doc_ids), pa.string())) if doc_ids \
+            else _matching_documents(ds, where)
         start = ds.version
-        target = pc.is_in(pc.field("doc_id"), pa.array(ids, pa.string()))
-        chunks = ds.count_rows(filter=target) if ids else 0
+        rows = _document_rows(ds, ids) if len(ids) else np.zeros(0, np.uint64)
         listed = exclude(uri, ids, reason="quiver table delete",
-                         storage_options=storage_options) if keep_out and ids else 0
-        if chunks:
-            ds.delete(target)
+                         storage_options=storage_options) if keep_out and len(ids) else 0
+        if len(rows):
+            removed, updated = delete_in_fragments(ds, by_fragment(rows))
+            lance.LanceDataset.commit(
+                uri, lance.LanceOperation.Delete(updated, removed, "quiver table delete"),
+                read_version=start,
+                storage_options=dict(storage_options) if storage_options else None)
         moved = _follow(ds, start)
     latest = open_dataset(uri, storage_options)
-    return {"table": str(uri), "documents": len(ids), "chunks_deleted": chunks,
+    return {"table": str(uri), "documents": len(ids), "chunks_deleted": len(rows),
             "version_before": start, "version": latest.version, "current_moved": moved,
             "excluded_added": listed, "kept_out": keep_out,
             "note": "the ids are on the table's exclusion list: jobs leave them out until "

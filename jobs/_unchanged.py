@@ -9,19 +9,32 @@ alone: no source byte is read, no Ray is started, nothing is committed. Anything
 file added, touched or removed, a setting changed, any commit since: a delete, an
 optimize) takes the full path: plan, then resume or reindex; which records the new key
 when it ends, so a touched but identical file costs one full check, not one per rerun.
+
+A resume costs a listing too. Every run that plans saves its plan beside the table
+(`x.plan.json.gz`: the shards, counts and schema; no record) under the same key and the
+job's fingerprint. A run killed half-way and started again finds the key unchanged and
+its job's commits in the table, and reads the plan back instead of parsing the source
+again; only the shards not yet committed are then read. A reindex still runs pass 1 (its
+diff needs every document's hash).
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
 import json
 import time
+from collections import Counter
+
+import pyarrow as pa
 
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside, resolve
 from operators.sources import FORMATS
 from operators.sources.base import Listing, list_source
 from operators.sources.plan import ReadPlan, listing_fingerprint
+from schemas.source import shard_from_json, shard_to_json
 from schemas.spec import JobSpec
 
 
@@ -83,3 +96,48 @@ def unchanged_counts(spec: JobSpec, existing, shaping: str
     if listing_key(listing_fingerprint(listing), spec, shaping, excluded) != record["key"]:
         return None, listing
     return {**record["counts"], "check_seconds": time.perf_counter() - started}, listing
+
+
+def plan_uri(table_uri: str) -> str:
+    """Where a table's saved plan lives."""
+    return beside(table_uri, ".plan.json.gz")
+
+
+def save_plan(spec: JobSpec, *, key: str, job: str, plan: ReadPlan) -> None:
+    """Keep the plan for a resume: its shards (with their byte offsets), counts and
+    metadata schema, gzipped JSON (a few hundred bytes per shard before compression)."""
+    body = {
+        "key": key, "job": job, "kind": plan.kind, "records": plan.records,
+        "rejected": plan.rejected, "reasons": dict(plan.reject_reasons),
+        "fingerprint": plan.fingerprint, "files": plan.files, "skipped": plan.skipped,
+        "excluded": plan.excluded, "chosen": plan.chosen,
+        "metadata": base64.b64encode(plan.metadata.serialize().to_pybytes()).decode(),
+        "shards": [shard_to_json(s) for s in plan.shards],
+        "dirty": [[shard_to_json(s), {str(k): list(v) for k, v in dups.items()}]
+                  for s, dups in plan.dirty]}
+    fs, path = resolve(plan_uri(spec.table), spec.write.storage_options)
+    with fs.open_output_stream(path) as out:
+        out.write(gzip.compress(json.dumps(body).encode(), compresslevel=3))
+
+
+def saved_plan(spec: JobSpec, *, key: str) -> tuple[ReadPlan, str] | None:
+    """The saved plan and its job's fingerprint when it was made from these very inputs
+    (same key), else None. Reads no source file."""
+    fs, path = resolve(plan_uri(spec.table), spec.write.storage_options)
+    try:
+        with fs.open_input_stream(path) as f:
+            body = json.loads(gzip.decompress(f.read()))
+    except (FileNotFoundError, OSError, ValueError):
+        return None  # none, or a torn one: plan again
+    if body.get("key") != key:
+        return None
+    metadata = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(body["metadata"])))
+    plan = ReadPlan(
+        kind=body["kind"], shards=[shard_from_json(s) for s in body["shards"]],
+        metadata=metadata, chosen=body["chosen"], records=body["records"],
+        rejected=body["rejected"], reject_reasons=Counter(body["reasons"]),
+        fingerprint=body["fingerprint"], files=body["files"], skipped=body["skipped"],
+        dirty=[(shard_from_json(s), {int(k): tuple(v) for k, v in dups.items()})
+               for s, dups in body["dirty"]],
+        excluded=body["excluded"], bytes_read=0)
+    return plan, body["job"]

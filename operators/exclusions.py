@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import lance
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -55,17 +56,23 @@ def excluded_ids(table_uri: str, storage_options: Mapping[str, str] | None = Non
     return EXCLUDED_SCHEMA.empty_table() if ds is None else ds.to_table()
 
 
-def exclude(table_uri: str, doc_ids: Sequence[str], *, reason: str,
+def exclude(table_uri: str, doc_ids: Sequence[str] | pa.Array, *, reason: str,
             storage_options: Mapping[str, str] | None = None) -> int:
     """Add ids to the list (ids already there keep their first entry); returns how many
-    were new."""
-    have = excluded_ids(table_uri, storage_options)
-    fresh = sorted(set(doc_ids) - set(have.column("doc_id").to_pylist()))
-    if not fresh:
+    were new. The comparison runs in Arrow, so a delete of 500k documents holds their ids
+    as Arrow strings, not Python objects."""
+    have = excluded_ids(table_uri, storage_options).column("doc_id")
+    ids = pc.unique(pa.array(doc_ids, pa.string()) if not isinstance(doc_ids, pa.Array)
+                    else doc_ids.cast(pa.string()))
+    fresh = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have.combine_chunks()
+                                              if have.num_chunks else pa.array([], pa.string()))))
+    if not len(fresh):
         return 0
-    now = pa.array([int(time.time())] * len(fresh), EXCLUDED_SCHEMA.field("excluded_at").type)
-    rows = pa.table({"doc_id": fresh, "excluded_at": now, "reason": [reason] * len(fresh)},
-                    schema=EXCLUDED_SCHEMA)
+    fresh = fresh.take(pc.sort_indices(fresh))
+    now = pa.array(np.full(len(fresh), int(time.time()), np.int64)).cast(
+        EXCLUDED_SCHEMA.field("excluded_at").type)
+    rows = pa.table({"doc_id": fresh, "excluded_at": now,
+                     "reason": pa.repeat(pa.scalar(reason), len(fresh))}, schema=EXCLUDED_SCHEMA)
     lance.write_dataset(rows, exclusions_uri(table_uri), schema=EXCLUDED_SCHEMA,
                         mode="append" if _open(table_uri, storage_options) else "create",
                         storage_options=dict(storage_options) if storage_options else None)

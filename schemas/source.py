@@ -3,7 +3,7 @@ tasks that validate and read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 ShardKind = Literal["jsonl", "parquet", "csv", "text", "lance"]
@@ -71,3 +71,23 @@ class Shard:
     @property
     def path(self) -> str:
         return self.unit.file.path
+
+
+def shard_to_json(shard: Shard) -> dict:
+    """A shard as plain JSON values (`shard_from_json` reads it back exactly).
+
+    >>> f = SourceFile("a.jsonl", 10, 5)
+    >>> s = Shard("a#0", "jsonl", Unit(0, "jsonl", f), 0, 3, 1, offset=0, skip=frozenset({2}))
+    >>> shard_from_json(shard_to_json(s)) == s
+    True
+    """
+    out = asdict(shard)
+    out["skip"] = sorted(shard.skip)
+    return out
+
+
+def shard_from_json(data: dict) -> Shard:
+    unit = dict(data["unit"])
+    unit["file"] = SourceFile(**unit["file"])
+    unit["files"] = tuple(SourceFile(**f) for f in unit.get("files", ()))
+    return Shard(**{**data, "unit": Unit(**unit), "skip": frozenset(data.get("skip", ()))})
