@@ -156,7 +156,8 @@ def chunk_source(spec_dict: dict, table: Path) -> Hashes:
     """
     from operators.chunk import Chunker
     from operators.model import describe_model
-    from operators.sources.plan import plan_source, read_shard
+    from operators.sources.plan import plan_source
+    from operators.sources.read import read_shard
     from schemas.manifest import TableManifest
     from schemas.spec import parse_spec
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from operators.embed import Embedder
 from operators.quantize import calibrate_int8, sample_positions, truncate
-from operators.sources.plan import read_shard
+from operators.sources.read import read_shard
 from schemas.source import Shard
 from schemas.spec import SourceSpec
 

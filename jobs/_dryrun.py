@@ -26,7 +26,10 @@ from operators.chunk import Chunker
 from operators.embed import Embedder
 from operators.model import describe_model
 from operators.quantize import sample_positions
-from operators.sources.plan import ReadPlan, read_shard, shard_rejects, units_of
+from operators.sources.plan import ReadPlan
+from operators.sources.read import read_shard
+from operators.sources.rejects import shard_rejects
+from operators.sources.scan import units_of
 from schemas.errors import ManifestMismatchError
 from schemas.manifest import TableManifest
 from schemas.spec import JobSpec

@@ -60,7 +60,8 @@ from operators.quantize import Codebook
 from operators.reindex import ReindexDiff
 from operators.sources import FORMATS
 from operators.sources.base import Listing, list_source
-from operators.sources.plan import ReadPlan, excluded_keys, listing_fingerprint
+from operators.sources.dedup import excluded_keys
+from operators.sources.plan import ReadPlan, listing_fingerprint
 from operators.write import (
     cleanup_checkpoints,
     committed_shards,

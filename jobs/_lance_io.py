@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.sources.plan import read_groups, read_shards
+from operators.sources.read import read_groups, read_shards
 from operators.timing import (
     EMBEDDED_AT,
     LOADED_BY,

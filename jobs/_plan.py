@@ -13,20 +13,16 @@ import pyarrow as pa
 
 from operators.sources import FORMATS
 from operators.sources.base import Listing
+from operators.sources.dedup import find_duplicates, source_documents
 from operators.sources.plan import (
     ReadPlan,
     assemble_plan,
     bad_signatures,
-    check_metadata_fields,
     choose_kinds,
-    find_duplicates,
     first_documents,
-    reject_groups,
-    rejects_of,
-    scan_unit,
-    source_documents,
-    units_of,
 )
+from operators.sources.rejects import reject_groups, rejects_of
+from operators.sources.scan import check_metadata_fields, scan_unit, units_of
 from operators.write import latest_version, write_fragments
 from schemas.records import REJECTS_SCHEMA
 from schemas.spec import SourceSpec
@@ -59,7 +55,7 @@ def _dedup_documents(bad: frozenset, excluded: pa.Table | None, *tables: pa.Tabl
 class SourceDocuments:
     """The source's documents after planning, split by id into buckets and left in the
     object store: `refs[b]` holds bucket b's (doc_id, doc_hash, unit, shard) rows
-    (`operators.sources.plan.source_documents`). A reindex compares them with the table
+    (`operators.sources.dedup.source_documents`). A reindex compares them with the table
     bucket by bucket, so the source is read once for the plan and the diff together."""
 
     refs: list

@@ -41,7 +41,9 @@ from operators.reindex import (
     doc_changes,
     group_by_shard,
 )
-from operators.sources.plan import ReadPlan, bucket_of, id_key, read_groups, read_shards
+from operators.sources.plan import ReadPlan
+from operators.sources.read import read_groups, read_shards
+from operators.sources.scan import bucket_of, id_key
 from operators.write import write_fragments
 from schemas.records import CODEC_COLUMNS, CONTENT_HASH_BYTES, DOC_HASH_COLUMN, WORK_COLUMNS
 from schemas.source import Shard

@@ -3,7 +3,7 @@
 `quiver table delete` removes a document's chunks; if the source still has the document,
 the next reindex would embed it again. So the delete also records the id here, and every
 job that writes the table leaves those ids out at planning time, as it leaves out
-duplicates (`operators.sources.plan.find_duplicates`): the plan counts them as excluded,
+duplicates (`operators.sources.dedup.find_duplicates`): the plan counts them as excluded,
 a reindex deletes them from the table if they are there. `quiver table include` takes
 ids off the list, and the next run embeds them again.
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from operators.sources.plan import plan_source, read_shard
+from operators.sources.plan import plan_source
+from operators.sources.read import read_shard
 from schemas.errors import SourceError
 from schemas.spec import SourceSpec
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.sources.plan import plan_source, read_groups, read_shard, read_shards
+from operators.sources.plan import plan_source
+from operators.sources.read import read_groups, read_shard, read_shards
 from schemas.errors import SourceChangedError, SourceError
 from schemas.spec import SourceSpec
 
@@ -184,14 +185,9 @@ def test_planning_and_reading_hash_each_document_alike(tmp_path: Path) -> None:
     with those the table got at write time), even where the typed value differs from the
     raw one (an int widened to float, a nested value stored as JSON). Duplicates and
     ill-typed records never reach the diff."""
-    from operators.sources.plan import (
-        bad_signatures,
-        choose_kinds,
-        find_duplicates,
-        scan_unit,
-        source_documents,
-        units_of,
-    )
+    from operators.sources.dedup import find_duplicates, source_documents
+    from operators.sources.plan import bad_signatures, choose_kinds
+    from operators.sources.scan import scan_unit, units_of
 
     rows = [{"id": "a", "text": "one", "score": 1, "tags": {"k": [1, 2]}, "year": 2020},
             {"id": "b", "text": "two", "score": 2.5, "tags": None, "year": 2021},
@@ -222,7 +218,7 @@ def test_planning_and_reading_hash_each_document_alike(tmp_path: Path) -> None:
 def test_rejects_of_a_compressed_file_come_from_one_pass(tmp_path: Path) -> None:
     """Pass 3 reads a compressed file once for all its dirty shards (clean shards between
     them skipped), and finds exactly the rows that reading each dirty shard alone finds."""
-    from operators.sources.plan import reject_groups, rejects_of, shard_rejects
+    from operators.sources.rejects import reject_groups, rejects_of, shard_rejects
 
     lines = []
     for i in range(40):

@@ -1,0 +1,215 @@
+"""Reading planned shards: each shard's documents as an Arrow table (`doc_id`, `text`,
+`doc_hash`, typed metadata), with the records the plan rejected dropped and the number
+found checked against the plan's; and grouping shards into read tasks (`read_groups`).
+
+It exists apart from planning because the job's read tasks need only a shard and the
+plan's chosen types, not the passes that made them. A read holds one shard's documents in
+memory at a time: a run of consecutive shards is streamed in one pass and each shard is
+yielded as soon as its last record is read. Pass 3 (`rejects`) reads its shards through
+`_shard_records` and groups them by `_compressed` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from operators.sources import FORMATS
+from operators.sources.base import (
+    RawRecord,
+    coerce_json,
+    compression_of,
+    document_hash,
+    mismatch,
+    record_kinds,
+)
+from operators.sources.scan import validate
+from schemas.errors import SourceChangedError
+from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN
+from schemas.source import Shard
+from schemas.spec import SourceSpec
+
+
+def _shard_records(shard: Shard, source: SourceSpec) -> Iterator[RawRecord]:
+    """The shard's records, read from its start (offset) to its last record."""
+    end = shard.start + shard.records
+    for rec in FORMATS[shard.kind].iter_records(
+            shard.unit, source, start=shard.start, offset=shard.offset,
+            position=shard.first_position, part=shard.part):
+        if rec.ordinal >= end:
+            return
+        yield rec
+
+
+class _ShardDocuments:
+    """The columns of one shard's valid documents, filled record by record."""
+
+    def __init__(self, shard: Shard, metadata: pa.Schema, chosen: dict[str, str],
+                 only: Collection[str] | None = None) -> None:
+        self.shard, self._metadata, self._chosen, self._only = shard, metadata, chosen, only
+        self._found = 0
+        self._as_json = {n for n, k in chosen.items() if k == "json"}
+        self._as_float = {n for n, k in chosen.items() if k == "float"}
+        self._columns: dict[str, list[Any]] = {"doc_id": [], "text": [], DOC_HASH_COLUMN: [],
+                                               **{n: [] for n in metadata.names}}
+
+    def add(self, rec: RawRecord, source: SourceSpec) -> None:
+        """Keep the record if the plan did: valid, well typed and not a duplicate."""
+        shard = self.shard
+        doc_id, text = validate(rec, source, shard.kind)
+        if doc_id is None or rec.ordinal in shard.skip \
+                or mismatch(record_kinds(rec, source, shard.kind), self._chosen) is not None:
+            return
+        self._found += 1
+        if self._only is not None and doc_id not in self._only:
+            return  # counted (the plan's count still checks the file), not kept
+        assert rec.value is not None
+        self._columns["doc_id"].append(doc_id)
+        self._columns["text"].append(text)
+        self._columns[DOC_HASH_COLUMN].append(document_hash(doc_id, text, rec.value, source,
+                                                            shard.kind))
+        for name in self._metadata.names:
+            v = rec.value.get(name)
+            if name in self._as_json:
+                v = coerce_json(v)
+            elif name in self._as_float and v is not None:
+                v = float(v)
+            self._columns[name].append(v)
+
+    def table(self) -> pa.Table:
+        """The documents, after checking their number against the plan's."""
+        shard, found = self.shard, self._found
+        if shard.documents is not None and found != shard.documents:
+            raise SourceChangedError(f"{shard.path}: {found} valid records in shard "
+                                     f"{shard.shard_id}, but {shard.documents} when the job "
+                                     "was planned; the source changed. Run the job again.")
+        schema = pa.schema([pa.field("doc_id", pa.string()),
+                            pa.field("text", pa.large_string()),
+                            pa.field(DOC_HASH_COLUMN, pa.binary(CONTENT_HASH_BYTES)),
+                            *self._metadata])
+        return pa.table(self._columns, schema=schema)
+
+
+def follows(before: Shard, shard: Shard) -> bool:
+    """Whether `shard` starts where `before` ends, in the same unit."""
+    return shard.unit == before.unit and shard.part == before.part \
+        and shard.start == before.start + before.records
+
+
+GROUP_RECORDS = 20_000
+"""Records of a seekable file (plain JSON Lines or CSV, Parquet row group, Lance range)
+read by one task, at most: consecutive shards share a task up to this many, so the
+number of read tasks follows the data, not the shard count (20,000 shards of 10 records
+are 10 tasks, not 20,000)."""
+
+
+def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...]]:
+    """Shards grouped into read tasks: at least `tasks` of them where the shards allow.
+
+    Consecutive shards of one unit (`follows`) are read in one pass (`read_shards`).
+    A compressed file cannot seek: a task that starts at its k-th shard would decompress
+    and drop everything before it, so reading a file cut into n groups would cost about
+    n/2 decompressions of it (the cost grew with the square of the file's size). So all
+    the consecutive shards of a compressed file are one task, which streams the file
+    once and yields each shard as soon as it is read; it is never split. Chunking and
+    tokenizing run in their own tasks after it (`jobs._lance_io`), spread over every
+    core. Runs of a seekable file are cut into groups of at most `GROUP_RECORDS`
+    records, and the longest seekable group is split in halves while there are fewer
+    than `tasks` tasks, so that a few big files still keep every read slot busy.
+    Groups keep source order.
+
+    >>> from schemas.source import SourceFile, Unit
+    >>> gz = Unit(0, "jsonl", SourceFile("a.jsonl.gz", 1, None))
+    >>> plain = Unit(1, "jsonl", SourceFile("b.jsonl", 1, None))
+    >>> shards = [Shard(f"{u.index}-{i}", "jsonl", u, 10 * i, 10, 1, offset=0)
+    ...           for u in (gz, plain) for i in range(7)]
+    >>> [len(g) for g in read_groups(shards, tasks=1)]
+    [7, 7]
+    >>> [len(g) for g in read_groups(shards, tasks=5)]
+    [7, 1, 2, 2, 2]
+    >>> tiny = [Shard(f"t-{i}", "jsonl", plain, 10 * i, 10, 1, offset=0) for i in range(3000)]
+    >>> [len(g) for g in read_groups(tiny, tasks=1)]  # 20,000 records a task
+    [2000, 1000]
+    """
+    import heapq
+
+    runs: list[list[Shard]] = []
+    records = 0
+    for shard in shards:
+        if runs and follows(runs[-1][-1], shard) and (
+                _compressed(shard) or records + shard.records <= GROUP_RECORDS):
+            runs[-1].append(shard)
+            records += shard.records
+        else:
+            runs.append([shard])
+            records = shard.records
+    heap = []  # (-splittable length, index of the group's first shard, group)
+    first = 0
+    for run in runs:
+        heap.append((-_splittable(run), first, run))
+        first += len(run)
+    heapq.heapify(heap)  # the longest splittable group on top
+    while heap and len(heap) < tasks and -heap[0][0] > 1:
+        _, first, group = heapq.heappop(heap)
+        half = len(group) // 2
+        for at, part in ((first, group[:half]), (first + half, group[half:])):
+            heapq.heappush(heap, (-_splittable(part), at, part))
+    return [tuple(g) for _, _, g in sorted(heap, key=lambda item: item[1])]
+
+
+def _splittable(group: list[Shard]) -> int:
+    """A group's length where splitting it is free (a seekable file), else 0."""
+    return 0 if _compressed(group[0]) else len(group)
+
+
+def _compressed(shard: Shard) -> bool:
+    return shard.kind in ("jsonl", "csv") and compression_of(shard.path) is not None
+
+
+def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Schema,
+                chosen: dict[str, str], only: Mapping[str, Collection[str]] | None = None
+                ) -> Iterator[tuple[Shard, pa.Table]]:
+    """Each shard with its documents (`doc_id`, `text`, `doc_hash`, typed metadata), in
+    one pass; with `only`, just the documents it names for each shard id (a reindex's
+    changed ones), the others validated and counted but not built.
+
+    The shards follow each other in one unit (`follows`), so the file is opened once at
+    the first shard and read straight through: a compressed file is decompressed once,
+    not once per shard up to that shard's offset. Each shard is yielded as soon as its
+    last record is read. Rejected records (invalid, ill-typed, and the duplicates in
+    `shard.skip`) are dropped; pass 3 has written them to the rejects.
+    """
+    if not shards:
+        return
+    for before, shard in zip(shards, shards[1:], strict=False):
+        if not follows(before, shard):
+            raise ValueError(f"shard {shard.shard_id} does not follow {before.shard_id}")
+    first, last = shards[0], shards[-1]
+    end = last.start + last.records
+    todo = iter(shards)
+
+    def documents(shard: Shard) -> _ShardDocuments:
+        return _ShardDocuments(shard, metadata, chosen,
+                               None if only is None else only.get(shard.shard_id, ()))
+
+    current = documents(next(todo))
+    for rec in FORMATS[first.kind].iter_records(
+            first.unit, source, start=first.start, offset=first.offset,
+            position=first.first_position, part=first.part):
+        if rec.ordinal >= end:
+            break
+        while rec.ordinal >= current.shard.start + current.shard.records:
+            yield current.shard, current.table()
+            current = documents(next(todo))
+        current.add(rec, source)
+    yield current.shard, current.table()
+    for shard in todo:  # records the file no longer has: the count check names it
+        yield shard, documents(shard).table()
+
+
+def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
+               chosen: dict[str, str]) -> pa.Table:
+    """One shard's documents (see `read_shards`)."""
+    return next(read_shards([shard], source=source, metadata=metadata, chosen=chosen))[1]
