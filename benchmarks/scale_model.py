@@ -24,10 +24,10 @@ and reports:
 With `--runs N` each configuration runs N times, the shard counts alternating, and the
 medians are reported.
 
-`--after` adds, on the largest shard count's finished table (its corpus copied first):
-- `reindex`: `benchmarks/reindex_scale.py`'s 1% change spread over every file, then the
-  reindex: its wall seconds and share of the build, the driver's seconds writing deletion
-  vectors and the tasks that wrote them;
+`--after` adds, at the largest shard count:
+- `reindex`: on that build's table (its corpus a copy), `benchmarks/reindex_scale.py`'s
+  1% change spread over every file, then the reindex: its wall seconds and share of the
+  build, the driver's seconds writing deletion vectors and the tasks that wrote them;
 - `resume`: a fresh build killed (driver and its Ray) once half the chunks are committed,
   then run again: the resumed run's planning seconds against the unchanged rerun's wall,
   and whether the table ends with exactly the corpus's chunk ids, each once.
@@ -240,27 +240,22 @@ def _copy_corpus(corpus: Path, name: str) -> Path:
 
 
 def reindex_after(corpus: Path, model: str, docs: int, shards: int, build: dict) -> dict:
-    """A 1% change spread over every file, then the reindex, on a fresh build."""
+    """A 1% change spread over every file of the measured build's corpus (a copy), then
+    the reindex of that build's table."""
     from reindex_scale import change, read_files, write_files
 
-    copy = _copy_corpus(corpus, "corpus-reindex")
-    table = OUT / f"table-{docs}-{shards}-reindex.lance"
-    remove_table(table)
-    spec = write_spec(copy, model, table, max(1, docs // shards))
-    built = run_quiver(spec, table.with_suffix(".run.log"))
-    new_files, kinds = change(read_files(copy), seed=1)
-    write_files(copy, new_files)
+    table = OUT / f"table-{docs}-{shards}.lance"
+    spec = write_spec(corpus, model, table, max(1, docs // shards))
+    new_files, kinds = change(read_files(corpus), seed=1)
+    write_files(corpus, new_files)
     again = run_quiver(spec, table.with_suffix(".reindex.log"))
     r = again["summary"]["reindex"]
-    out = {"build_wall_s": built["wall_s"], "reindex_wall_s": again["wall_s"],
-           "share_of_build": again["wall_s"] / built["wall_s"],
-           "deletion_seconds": r["seconds"].get("deletions"),
-           "deletion_tasks": r.get("deletion_tasks"), "deleted_rows": r["deleted"],
-           "embedded": r["embedded"], "documents": r["documents"],
-           "fragments_before": build["fragments"], "seconds": r["seconds"]}
-    remove_table(table)
-    shutil.rmtree(copy, ignore_errors=True)
-    return out
+    return {"build_wall_s": build["wall_s"], "reindex_wall_s": again["wall_s"],
+            "share_of_build": again["wall_s"] / build["wall_s"],
+            "deletion_seconds": r["seconds"].get("deletions"),
+            "deletion_tasks": r.get("deletion_tasks"), "deleted_rows": r["deleted"],
+            "embedded": r["embedded"], "documents": r["documents"],
+            "fragments_before": build["fragments"], "seconds": r["seconds"]}
 
 
 def resume_after(corpus: Path, model: str, docs: int, shards: int, build: dict) -> dict:
@@ -401,9 +396,13 @@ def main() -> None:
     print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores; tiny model; {args.docs:,} documents; "
           f"shards {shard_counts}; {args.runs} run(s) each", flush=True)
     runs: dict[int, list[dict[str, Any]]] = {s: [] for s in shard_counts}
+    steps = [x.strip() for x in args.after.split(",") if x.strip()]
+    # the reindex edits its corpus: the largest count's build reads a copy
+    last_corpus = _copy_corpus(corpus, "corpus-after") if "reindex" in steps else corpus
     for i in range(args.runs):
         for s in shard_counts:
-            runs[s].append(measure(corpus, model, args.docs, s))
+            runs[s].append(measure(last_corpus if s == shard_counts[-1] else corpus, model,
+                                   args.docs, s))
             print(f"run {i + 1}/{args.runs}, {s} shards: {json.dumps(runs[s][-1])}",
                   flush=True)
     rows = [combine(runs[s]) for s in shard_counts]
@@ -413,9 +412,10 @@ def main() -> None:
     if found:
         print_ratios(rows, found)
     after = {}
-    steps = {"reindex": reindex_after, "resume": resume_after}
-    for step in (x.strip() for x in args.after.split(",") if x.strip()):
-        after[step] = steps[step](corpus, model, args.docs, shard_counts[-1], rows[-1])
+    doers = {"reindex": reindex_after, "resume": resume_after}
+    for step in steps:
+        after[step] = doers[step](last_corpus if step == "reindex" else corpus, model,
+                                  args.docs, shard_counts[-1], rows[-1])
         print(f"\n{step} at {shard_counts[-1]:,} shards: {json.dumps(after[step])}",
               flush=True)
     results = {"cpu": cpu_kind(), "cores": os.cpu_count(), "docs": args.docs,
@@ -426,6 +426,7 @@ def main() -> None:
     if not args.keep:
         for s in shard_counts:
             remove_table(OUT / f"table-{args.docs}-{s}.lance")
+        shutil.rmtree(OUT / "corpus-after", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ It exists apart from planning because the job's read tasks need only a shard and
 plan's chosen types, not the passes that made them. A read holds one shard's documents in
 memory at a time: a run of consecutive shards is streamed in one pass and each shard is
 yielded as soon as its last record is read. Pass 3 (`rejects`) reads its shards through
-`_shard_records` and groups them by `_compressed` too.
+`shard_records` and groups them by `_compressed` too.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from schemas.source import Shard
 from schemas.spec import SourceSpec
 
 
-def _shard_records(shard: Shard, source: SourceSpec) -> Iterator[RawRecord]:
+def shard_records(shard: Shard, source: SourceSpec) -> Iterator[RawRecord]:
     """The shard's records, read from its start (offset) to its last record."""
     end = shard.start + shard.records
     for rec in FORMATS[shard.kind].iter_records(
@@ -139,7 +139,7 @@ def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...
     records = 0
     for shard in shards:
         if runs and follows(runs[-1][-1], shard) and (
-                _compressed(shard) or records + shard.records <= GROUP_RECORDS):
+                compressed(shard) or records + shard.records <= GROUP_RECORDS):
             runs[-1].append(shard)
             records += shard.records
         else:
@@ -161,10 +161,10 @@ def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...
 
 def _splittable(group: list[Shard]) -> int:
     """A group's length where splitting it is free (a seekable file), else 0."""
-    return 0 if _compressed(group[0]) else len(group)
+    return 0 if compressed(group[0]) else len(group)
 
 
-def _compressed(shard: Shard) -> bool:
+def compressed(shard: Shard) -> bool:
     return shard.kind in ("jsonl", "csv") and compression_of(shard.path) is not None
 
 

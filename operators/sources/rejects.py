@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from operators.sources import FORMATS
 from operators.sources.base import RawRecord, mismatch, raw_preview, record_kinds
-from operators.sources.read import _compressed, _shard_records
+from operators.sources.read import compressed, shard_records
 from operators.sources.scan import validate
 from schemas.records import REJECTS_SCHEMA
 from schemas.source import Shard
@@ -28,7 +28,7 @@ from schemas.spec import SourceSpec
 def shard_rejects(shard: Shard, source: SourceSpec, *, chosen: dict[str, str],
                   duplicates: dict[int, tuple[str, int]]) -> pa.Table:
     """Pass 3: the shard's reject rows (REJECTS_SCHEMA), in record order."""
-    rows = [row for rec in _shard_records(shard, source)
+    rows = [row for rec in shard_records(shard, source)
             if (row := _reject_row(rec, shard, source, chosen, duplicates)) is not None]
     return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
 
@@ -66,7 +66,7 @@ def rejects_of(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]],
     """
     if not dirty:
         return REJECTS_SCHEMA.empty_table()
-    if not _compressed(dirty[0][0]) or len(dirty) == 1:
+    if not compressed(dirty[0][0]) or len(dirty) == 1:
         tables = [shard_rejects(shard, source, chosen=chosen, duplicates=dups)
                   for shard, dups in dirty]
         return pa.concat_tables(tables)
@@ -75,7 +75,7 @@ def rejects_of(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]],
     span = replace(first, records=last.start + last.records - first.start)
     starts = [shard.start for shard, _ in dirty]
     rows = []
-    for rec in _shard_records(span, source):
+    for rec in shard_records(span, source):
         at = bisect_right(starts, rec.ordinal) - 1
         shard, dups = dirty[at]
         if rec.ordinal >= shard.start + shard.records:
@@ -94,7 +94,7 @@ def reject_groups(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]], *,
     for item in dirty:
         shard = item[0]
         if groups and groups[-1][0][0].unit == shard.unit and (
-                _compressed(shard) or len(groups[-1]) < per_task):
+                compressed(shard) or len(groups[-1]) < per_task):
             groups[-1].append(item)
         else:
             groups.append([item])
