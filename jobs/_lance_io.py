@@ -81,13 +81,20 @@ class ShardDatasource(Datasource):
 
         def make(group: tuple[Shard, ...]) -> ReadTask:
             def read() -> Iterable[pa.Table]:
+                # Small shards are labelled and handed over together, one table per
+                # BLOCK_DOCS documents: per-shard table work was what made 20,000 shards
+                # of 10 records cost 1.85x the read task-seconds of 200 shards.
                 started = time.perf_counter()
+                held: list[tuple[str, pa.Table]] = []
                 for shard, docs in read_shards(group, source=source, metadata=metadata,
                                                chosen=chosen):
                     if docs.num_rows:  # an all-rejected shard is committed empty
-                        yield label_documents(docs, shard.shard_id,
-                                              read_s=time.perf_counter() - started)
-                    started = time.perf_counter()
+                        held.append((shard.shard_id, docs))
+                    if sum(t.num_rows for _, t in held) >= BLOCK_DOCS:
+                        yield label_documents(held, read_s=time.perf_counter() - started)
+                        held, started = [], time.perf_counter()
+                if held:
+                    yield label_documents(held, read_s=time.perf_counter() - started)
 
             rows = sum(s.documents or 0 for s in group)
             meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None,
@@ -100,11 +107,25 @@ class ShardDatasource(Datasource):
         return "QuiverShards"
 
 
-def label_documents(docs: pa.Table, shard_id: str, *, read_s: float) -> pa.Table:
-    """A shard's documents with its label and their share of the read seconds."""
-    n = docs.num_rows
-    docs = docs.append_column(SHARD_COLUMN, pa.array([shard_id] * n, pa.string()))
-    docs = docs.append_column(SHARD_DOCS_COLUMN, pa.array(np.full(n, n, np.int64)))
+BLOCK_DOCS = 1_000
+"""Documents a read task gathers (whole shards) before it hands a table over."""
+
+
+def label_documents(shards: list[tuple[str, pa.Table]], *, read_s: float) -> pa.Table:
+    """Whole shards' documents as one table, each row labelled with its shard and the
+    shard's document count, and the rows' share of the read seconds.
+
+    >>> t = label_documents([("a", pa.table({"x": [1, 2]})), ("b", pa.table({"x": [3]}))],
+    ...                     read_s=3.0)
+    >>> t.column("_shard").to_pylist(), t.column("_shard_docs").to_pylist()
+    (['a', 'a', 'b'], [2, 2, 1])
+    """
+    counts = np.array([t.num_rows for _, t in shards], np.int64)
+    docs = pa.concat_tables([t for _, t in shards]) if len(shards) > 1 else shards[0][1]
+    ids = pa.array([shard_id for shard_id, _ in shards], pa.string())
+    at = np.repeat(np.arange(len(shards)), counts)
+    docs = docs.append_column(SHARD_COLUMN, ids.take(pa.array(at)))
+    docs = docs.append_column(SHARD_DOCS_COLUMN, pa.array(np.repeat(counts, counts)))
     return with_stage_seconds(docs, read=read_s)
 
 
