@@ -85,6 +85,7 @@ from schemas.manifest import (
     VectorsManifest,
 )
 from schemas.records import table_schema
+from schemas.source import Shard
 from schemas.spec import JobSpec, Precision
 
 log = logging.getLogger("quiver")
@@ -563,7 +564,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     Returns the checkpointer, the layout, the reindex diff, the documents embedded and
     the embed phase's wall seconds.
     """
-    import ray.data
+    import ray.data  # noqa: F401  (before route_ray_logs: Ray Data sets up its loggers)
 
     route_ray_logs()  # Ray Data sets up its loggers on import
     plan, info, uri = planned.plan, planned.info, spec.table
@@ -593,81 +594,38 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     schema = table_schema(plan.metadata, dim=manifest.vectors.dims,
                           codecs=manifest.vectors.codecs).with_metadata(manifest.to_metadata())
     codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize)
-    appending = decision.action in ("resume", "finished", "reindex")
-    pending = [s for s in plan.shards if s.shard_id not in decision.done]
-    diff = None
-    deletions: tuple[list[int], list] = ([], [])
     if decision.action == "reindex":
-        assert planned.documents is not None  # planned with a table to compare with
-        diff, reindex_seconds = plan_reindex(
-            existing, plan, planned.documents, spec, chunk=chunk, schema=existing.schema,
-            task_cpus=task_cpus, cpus=planned.cpus)
-        planned.documents = None  # the buckets can go from the object store
-        diff.seconds, diff.schema_change = reindex_seconds, schema_change
-        progress(f"reindex: {diff.added} chunks added, {diff.changed} changed, "
-                 f"{diff.deleted} deleted, {diff.carried_rows} kept their vectors "
-                 f"({diff.seconds['chunk_diff']:.1f}s)")
-        pending = [s for s in plan.shards if s.shard_id in diff.todo]
-        removed, updated, report = delete_on_cluster(
-            existing, diff.remove, storage_options=spec.write.storage_options,
-            task_cpus=task_cpus, slots=max(1, int(planned.cpus)))
-        deletions = (removed, updated)
-        diff.seconds["deletions"], diff.deletion_tasks = report["seconds"], report["tasks"]
-    if appending:  # rows must match the table as it is (a column added later sits last)
-        schema = existing.schema
-    work = diff.embed if diff is not None else sum(s.documents
-                                                   for s in pending)
+        work = _reindex_work(spec, planned, existing, plan, chunk, schema_change)
+    else:
+        work = _build_work(spec, planned, decision, plan, chunk, schema)
     layout = actor_layout(spec, cpus=planned.cpus, gpus=planned.gpus,
-                          cores=int(largest_node_cpus()) or 1, documents=work,
+                          cores=int(largest_node_cpus()) or 1, documents=work.size,
                           node_cpus=largest_node_cpus(),
                           chunk_tokens=manifest.chunking.max_tokens)
-    seen = existing.version if existing is not None else 0  # guards against other writers
     checkpointer = Checkpointer(
-        uri, schema=schema, mode="update" if diff is not None else
-        ("append" if appending else "create"),
-        read_version=existing.version if appending else None, job=planned.job,
-        storage_options=opts, expect_latest=seen,
+        uri, schema=work.schema, mode=work.mode, read_version=work.read_version,
+        job=planned.job, storage_options=opts,
+        expect_latest=existing.version if existing is not None else 0,  # other writers
         shards_per_commit=spec.write.shards_per_commit,
-        commit_interval_s=spec.write.commit_interval_s, deletions=deletions,
-        carried=diff.carried if diff is not None else [], total_shards=len(pending),
-        lease=planned.lease)
-    if diff is None:  # shards whose every record was rejected have nothing to write
-        checkpointer.add_empty([s.shard_id for s in pending
-                                if not s.documents])
-    to_read = [s for s in pending if diff is not None or s.documents]
+        commit_interval_s=spec.write.commit_interval_s, deletions=work.deletions,
+        carried=work.carried, total_shards=len(work.pending), lease=planned.lease)
+    checkpointer.add_empty(work.empty)
     embed_started = time.perf_counter()
-    if to_read:
-        progress(f"embedding {work} {'chunks' if diff is not None else 'documents'} from "
-                  f"{len(to_read)} shard(s) on {layout.actors} actor(s) x {layout.threads} "
-                  "torch thread(s)" + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
+    if work.to_read:
+        progress(f"embedding {work.size} {work.unit} from {len(work.to_read)} shard(s) on "
+                 f"{layout.actors} actor(s) x {layout.threads} torch thread(s)"
+                 + (f", {layout.gpus:g} GPU each" if layout.gpus else ""))
         _wait_for_gpus(spec, layout)
         with _data_block_bytes(_block_bytes(layout)):
-            if diff is not None:  # the chunk diff left the changed chunks, tokenized
-                ds = ray.data.from_arrow_refs(diff.chunks)
-            else:  # every pending shard, so a file's run is not cut by an all-rejected one
-                shards = ShardDatasource(pending, source=spec.source, metadata=plan.metadata,
-                                         chosen=plan.chosen,
-                                         tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
-                ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
-                                              num_cpus=layout.read_cpus)
-                ds = ds.map_batches(ChunkBlocks(chunk), batch_size=None,
-                                    batch_format="pyarrow", num_cpus=layout.chunk_cpus)
-            meter = JobProgress(work, unit="chunks" if diff is not None else "documents",
-                                label="reindex" if diff is not None else "embedding")
-            if diff is None:
-                documents_of = {s.shard_id: s.documents or 0 for s in to_read}
-                done = [0]
-
-                def shard_written(shard_id: str) -> None:
-                    done[0] += documents_of.get(shard_id, 0)
-
-                checkpointer.on_shard_written = shard_written
+            ds = work.dataset(layout)
+            meter = JobProgress(work.size, unit=work.unit, label=work.label)
+            checkpointer.on_shard_written = work.shard_written
             ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
                               precision=planned.precision, codebook=codebook)
             written = ds.map_batches(
                 write_shard_fragments, fn_kwargs=dict(
-                    uri=uri, schema=schema, max_rows_per_file=spec.write.max_rows_per_file,
-                    storage_options=opts, replace=not appending,
+                    uri=uri, schema=work.schema, max_rows_per_file=spec.write.max_rows_per_file,
+                    storage_options=opts, replace=work.mode == "create",
                     shards_per_set=spec.write.shards_per_commit),
                 batch_size=_write_rows(spec, layout.rows_per_block),
                 batch_format="pyarrow", num_cpus=layout.write_cpus)
@@ -676,17 +634,113 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                 for block in written.iter_batches(batch_size=None, batch_format="pyarrow",
                                                   prefetch_batches=0):
                     checkpointer.consume(block)
-                    meter.update(documents=checkpointer.rows if diff is not None else done[0],
-                                 chunks=checkpointer.rows)
+                    meter.update(documents=work.done(checkpointer), chunks=checkpointer.rows)
             except Exception as err:
                 raise _quiver_cause(err) or err from None
             finally:
                 meter.close()
-    if diff is None or not diff.nothing:  # an unchanged source commits nothing
+    if work.commits:  # an unchanged source commits nothing
         checkpointer.finish(always=existing is None or decision.action in ("overwrite",
                                                                             "cutover"))
-    embedded = sum(s.documents for s in to_read)
-    return checkpointer, layout, diff, embedded, time.perf_counter() - embed_started
+    embedded = sum(s.documents for s in work.to_read)
+    return checkpointer, layout, work.diff, embedded, time.perf_counter() - embed_started
+
+
+@dataclass
+class _Work:
+    """What one run embeds and how it commits, whichever case it is in: a build (create,
+    overwrite, resume, cut-over) reads its pending shards from the source; a reindex
+    embeds the changed chunks its diff left tokenized and commits them with its
+    deletions in one `Update`. `_execute` runs either without asking which it is."""
+
+    mode: Literal["create", "append", "update"]
+    schema: pa.Schema
+    read_version: int | None
+    pending: list[Shard]
+    """The shards this run accounts for (commits)."""
+    to_read: list[Shard]
+    size: int
+    """Documents (a build) or chunks (a reindex) to embed."""
+    unit: str
+    label: str
+    dataset: Callable[[ActorLayout], object]
+    """The Ray Data stream of chunks to embed, given the actor layout."""
+    empty: list[str] = field(default_factory=list)
+    """Shards with nothing to write (every record rejected), committed empty."""
+    deletions: tuple[list[int], list] = ([], [])
+    carried: list = field(default_factory=list)
+    diff: ReindexDiff | None = None
+    commits: bool = True
+    """False when there is nothing to commit (a reindex that found no change)."""
+    written_documents: list[int] = field(default_factory=lambda: [0])
+    documents_of: dict[str, int] = field(default_factory=dict)
+
+    def shard_written(self, shard_id: str) -> None:
+        self.written_documents[0] += self.documents_of.get(shard_id, 0)
+
+    def done(self, checkpointer: Checkpointer) -> int:
+        """Progress in the work's unit: documents written, or chunks for a reindex."""
+        return checkpointer.rows if self.diff is not None else self.written_documents[0]
+
+
+def _build_work(spec: JobSpec, planned: _Planned, decision: _Decision, plan: ReadPlan,
+                chunk: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> _Work:
+    """A build: every pending shard read from the source, chunked in its own stage."""
+    import ray.data
+
+    appending = decision.action in ("resume", "finished")
+    pending = [s for s in plan.shards if s.shard_id not in decision.done]
+    to_read = [s for s in pending if s.documents]
+
+    def dataset(layout: ActorLayout):
+        # every pending shard, so a file's run is not cut by an all-rejected one
+        shards = ShardDatasource(pending, source=spec.source, metadata=plan.metadata,
+                                 chosen=plan.chosen,
+                                 tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
+        ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
+                                      num_cpus=layout.read_cpus)
+        return ds.map_batches(ChunkBlocks(chunk), batch_size=None, batch_format="pyarrow",
+                              num_cpus=layout.chunk_cpus)
+
+    return _Work(
+        mode="append" if appending else "create",
+        # rows must match the table as it is (a column added later sits last)
+        schema=decision.existing.schema if appending else schema,
+        read_version=decision.existing.version if appending else None,
+        pending=pending, to_read=to_read, size=sum(s.documents for s in pending),
+        unit="documents", label="embedding", dataset=dataset,
+        empty=[s.shard_id for s in pending if not s.documents],
+        documents_of={s.shard_id: s.documents or 0 for s in to_read})
+
+
+def _reindex_work(spec: JobSpec, planned: _Planned, existing: lance.LanceDataset,
+                  plan: ReadPlan, chunk: Callable[[pa.Table], pa.Table],
+                  schema_change: dict | None) -> _Work:
+    """A reindex: the diff (changed chunks left tokenized, kept rows rewritten), its
+    deletion vectors written by cluster tasks, all for one `Update` commit."""
+    import ray.data
+
+    assert planned.documents is not None  # planned with a table to compare with
+    task_cpus = min(1.0, planned.cpus)
+    diff, reindex_seconds = plan_reindex(
+        existing, plan, planned.documents, spec, chunk=chunk, schema=existing.schema,
+        task_cpus=task_cpus, cpus=planned.cpus)
+    planned.documents = None  # the buckets can go from the object store
+    diff.seconds, diff.schema_change = reindex_seconds, schema_change
+    progress(f"reindex: {diff.added} chunks added, {diff.changed} changed, "
+             f"{diff.deleted} deleted, {diff.carried_rows} kept their vectors "
+             f"({diff.seconds['chunk_diff']:.1f}s)")
+    removed, updated, report = delete_on_cluster(
+        existing, diff.remove, storage_options=spec.write.storage_options,
+        task_cpus=task_cpus, slots=max(1, int(planned.cpus)))
+    diff.seconds["deletions"], diff.deletion_tasks = report["seconds"], report["tasks"]
+    pending = [s for s in plan.shards if s.shard_id in diff.todo]
+    return _Work(
+        mode="update", schema=existing.schema, read_version=existing.version,
+        pending=pending, to_read=pending, size=diff.embed, unit="chunks", label="reindex",
+        dataset=lambda layout: ray.data.from_arrow_refs(diff.chunks),
+        deletions=(removed, updated), carried=diff.carried, diff=diff,
+        commits=not diff.nothing)
 
 
 def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpointer,
