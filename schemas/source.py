@@ -34,9 +34,13 @@ class Unit:
     file: SourceFile
     """The file (text: the root folder; lance: the dataset, size = its version)."""
     start: int = 0
-    """Lance: the first row. Text: the index of the first file."""
+    """Lance: the first row. Text: the index of the first file. A byte range of a plain
+    JSON Lines file: its first byte."""
     stop: int | None = None
-    """Lance: the row after the last. Text: unused."""
+    """Lance: the row after the last. Text: unused. A byte range of a plain JSON Lines
+    file: the byte after it (None: the whole file). Its records are the lines whose
+    first byte lies in the range, their positions counted from the range's first line
+    in pass 1 and made file-wide by the plan (`assemble_plan`)."""
     files: tuple[SourceFile, ...] = ()
     """Text folders: the unit's files, with paths relative to `file.path`."""
 

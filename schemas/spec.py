@@ -56,6 +56,11 @@ class SourceSpec(BaseModel):
     records_per_shard: int = Field(
         1000, ge=1, le=10_000_000, description="Records per read task (the unit of commit)."
     )
+    unit_bytes: int = Field(
+        64 << 20, ge=1024, description="Plain (uncompressed) JSON Lines files bigger than "
+        "this are validated in several planning tasks, one per this many bytes (a line "
+        "belongs to the range its first byte is in); compressed files, CSV and Parquet "
+        "files are one planning task each.")
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="Object-store options passed to pyarrow / Lance."
     )

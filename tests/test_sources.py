@@ -240,3 +240,40 @@ def test_rejects_of_a_compressed_file_come_from_one_pass(tmp_path: Path) -> None
     assert together.equals(alone)
     assert together.column("position").to_pylist() == [4, 18, 19, 31, 36]
     assert together.equals(plan.rejects)
+
+
+def test_a_big_plain_file_is_planned_in_byte_ranges_with_exact_lines(tmp_path: Path) -> None:
+    """A plain JSON Lines file bigger than `unit_bytes` is validated as several byte
+    ranges, and the plan is the one a single pass makes: the same documents in the same
+    order, the same rejects at the same line numbers, a duplicate named with the line of
+    its first occurrence in an earlier range."""
+    lines = []
+    for i in range(400):
+        if i % 37 == 5:
+            lines.append("")  # blank lines count as lines, not records
+        if i % 53 == 7:
+            lines.append("{not json")
+        lines.append(json.dumps({"id": f"d{i}", "text": f"document {i} " + "x" * (i % 90),
+                                 "year": 1900 + i}))
+    lines.append(json.dumps({"id": "d3", "text": "a late duplicate of d3"}))
+    lines.append(json.dumps({"id": "d250", "text": "and of d250"}))
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    whole = SourceSpec(uri=str(path), id_field="id", records_per_shard=30)
+    ranged = whole.model_copy(update={"unit_bytes": 1024})
+    one, many = plan_source(whole), plan_source(ranged)
+
+    units = {s.unit for s in many.shards}
+    assert len({s.unit for s in one.shards}) == 1 and len(units) >= path.stat().st_size // 1024
+    assert (many.documents, many.rejected, many.reject_reasons) == \
+        (one.documents, one.rejected, one.reject_reasons)
+    rows = ["source", "position", "reason", "raw"]
+    assert many.rejects.select(rows).to_pylist() == one.rejects.select(rows).to_pylist()
+    reasons = many.rejects.column("reason").to_pylist()
+    first_d3 = next(n for n, line in enumerate(lines, 1) if '"id": "d3"' in line)
+    assert any(f"line {first_d3} " in r for r in reasons if "duplicate" in r)
+    assert _docs(many, ranged).to_pylist() == _docs(one, whole).to_pylist()
+    with path.open(encoding="utf-8") as f:  # positions are the file's own line numbers
+        numbered = dict(enumerate(f, 1))
+    for shard in many.shards:
+        assert json.loads(numbered[shard.first_position])  # a record starts there

@@ -1,22 +1,25 @@
 """JSON Lines (`.jsonl`, `.ndjson`, `.json`; also gzip, zstd or bz2 compressed).
 
 Plain files are read from a shard's byte offset; compressed ones are scanned from the top
-and the records before the shard are skipped without being parsed.
+and the records before the shard are skipped without being parsed. A plain file bigger
+than `source.unit_bytes` is cut into byte ranges, each its own planning unit, so one huge
+file is validated by many tasks at once.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from operators.filesystems import resolve
 from operators.sources.base import (
     RawRecord,
     SourceFormat,
+    compression_of,
     open_at,
     open_stream,
 )
-from schemas.source import Unit
+from schemas.source import SourceFile, Unit
 from schemas.spec import SourceSpec
 
 
@@ -44,17 +47,39 @@ class JsonlFormat(SourceFormat):
     suffixes = (".jsonl", ".ndjson", ".json")
     position_kind = "line"
 
+    def units(self, files: list[SourceFile], source: SourceSpec, *, root: str) -> list[Unit]:
+        """One unit per file, except a plain file bigger than `source.unit_bytes`: one
+        unit per range of that many bytes (the cuts do not move when the file grows)."""
+        out: list[Unit] = []
+        for f in files:
+            if compression_of(f.path) is None and f.size > source.unit_bytes:
+                for begin in range(0, f.size, source.unit_bytes):
+                    out.append(Unit(len(out), self.kind, f, start=begin,
+                                    stop=min(f.size, begin + source.unit_bytes)))
+            else:
+                out.append(Unit(len(out), self.kind, f))
+        return out
+
     def iter_records(self, unit: Unit, source: SourceSpec, *, start: int = 0,
                      offset: int | None = None, position: int | None = None,
-                     part: int = 0) -> Iterator[RawRecord]:
+                     part: int = 0) -> Generator[RawRecord, None, int]:
+        """The unit's records; returns the lines it went through (blank ones included),
+        which for a byte range is what the plan needs to number the next range's lines."""
         fs, _ = resolve(source.uri, source.storage_options)
+        stop = unit.stop
         if offset is not None:
             stream, byte, line_no, ordinal = open_at(fs, unit.file, offset), offset, \
                 position or 1, start
+        elif stop is not None and unit.start > 0:  # a range: skip the line begun before it
+            stream = open_at(fs, unit.file, unit.start - 1)
+            byte, line_no, ordinal = unit.start - 1 + len(stream.readline()), 1, 0
         else:
             stream, byte, line_no, ordinal = open_stream(fs, unit.file), 0, 1, 0
+        first_line = line_no
         with stream:
             for line in stream:
+                if stop is not None and byte >= stop:
+                    break
                 here, number = byte, line_no
                 byte += len(line)
                 line_no += 1
@@ -65,3 +90,4 @@ class JsonlFormat(SourceFormat):
                 if current < start:
                     continue
                 yield parse_line(line, ordinal=current, position=number, offset=here)
+        return line_no - first_line

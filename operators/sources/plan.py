@@ -146,6 +146,27 @@ def bad_signatures(scans: list[UnitScan], chosen: dict[str, str]
     return bad
 
 
+def line_bases(scans: list[UnitScan]) -> dict[int, int]:
+    """For each byte-range unit of a JSON Lines file, the lines of the file before it:
+    pass 1 numbers a range's lines from 1, and adding this makes them the file's.
+
+    >>> from schemas.source import SourceFile, Unit
+    >>> f = SourceFile("a.jsonl", 30, None)
+    >>> scans = [UnitScan(Unit(i, "jsonl", f, start=10 * i, stop=10 * i + 10), [], [],
+    ...                   lines=n) for i, n in enumerate([3, 0, 4])]
+    >>> line_bases(scans)
+    {0: 0, 1: 3, 2: 3}
+    """
+    bases: dict[int, int] = {}
+    seen: dict[str, int] = {}
+    for scan in sorted(scans, key=lambda s: s.unit.index):
+        unit = scan.unit
+        if unit.kind == "jsonl" and unit.stop is not None:
+            bases[unit.index] = seen.get(unit.file.path, 0)
+            seen[unit.file.path] = bases[unit.index] + (scan.lines or 0)
+    return bases
+
+
 def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table], *,
                   chosen: dict[str, str], metadata: pa.Schema,
                   bad: dict[tuple[int, int, int], tuple[str, int]]) -> ReadPlan:
@@ -164,6 +185,7 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
             else:
                 by_unit.setdefault(unit, []).append((ordinal, w_unit, w_pos))
     paths = {s.unit.index: s.unit.file.path for s in scans}
+    lines = line_bases(scans)
     bad_here: dict[tuple[int, int], list[tuple[str, int]]] = {}
     for (u, i, _), found in bad.items():
         bad_here.setdefault((u, i), []).append(found)
@@ -175,7 +197,8 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
         starts = [s.start for s in scan.shards]
         dups: list[dict[int, tuple[str, int]]] = [{} for _ in scan.shards]
         for ordinal, w_unit, w_pos in by_unit.get(scan.unit.index, []):
-            dups[bisect_right(starts, ordinal) - 1][ordinal] = (paths[w_unit], w_pos)
+            dups[bisect_right(starts, ordinal) - 1][ordinal] = (paths[w_unit],
+                                                                w_pos + lines.get(w_unit, 0))
         gone: list[set[int]] = [set() for _ in scan.shards]
         for ordinal in excluded_by_unit.get(scan.unit.index, []):
             gone[bisect_right(starts, ordinal) - 1].add(ordinal)
@@ -184,7 +207,8 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
             typed_out = sum(n for _, n in typed)
             out = sum(info.rejects.values()) + typed_out + len(dups[s])
             shard = Shard(shard_id_for(scan.unit, info.start), scan.unit.kind, scan.unit,
-                          info.start, info.records, info.first_position, info.offset,
+                          info.start, info.records,
+                          info.first_position + lines.get(scan.unit.index, 0), info.offset,
                           info.part, frozenset(dups[s]) | frozenset(gone[s]),
                           info.records - out - len(gone[s]))
             excluded += len(gone[s])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,13 @@ class UnitScan:
     """Typed formats: the file's metadata types."""
     bytes_read: int = 0
     """Bytes of line-format files read to scan the unit (`base.BYTES_READ`)."""
+    lines: int | None = None
+    """Lines the unit spans (JSON Lines), so the plan can number a byte range's lines."""
+
+
+def _returned(records: Generator[RawRecord, None, Any], out: list) -> Iterator[RawRecord]:
+    """The records of `records`, keeping the generator's return value in `out`."""
+    out.append((yield from records))
 
 
 def id_key(doc_id: str) -> tuple[int, int]:
@@ -109,7 +117,8 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
     cols: list[list[list[Any]]] = [[[] for _ in schema] for _ in range(buckets)]
     current: ShardScan | None = None
     bytes_before = BYTES_READ[0]
-    for rec in fmt.iter_records(unit, source):
+    returned: list = []
+    for rec in _returned(fmt.iter_records(unit, source), returned):
         if current is None or current.records >= per or rec.part != current.part:
             current = ShardScan(rec.ordinal, rec.position, rec.offset, rec.part)
             shards.append(current)
@@ -134,8 +143,8 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
     tables = [pa.table([pa.array(c, f.type) for c, f in zip(cols[b], schema, strict=True)],
                        schema=schema) for b in range(buckets)]
     file_kinds = fmt.file_kinds(unit, source) if fmt.typed and shards else None
-    return UnitScan(unit, shards, list(fields), file_kinds,
-                    BYTES_READ[0] - bytes_before), tables
+    return UnitScan(unit, shards, list(fields), file_kinds, BYTES_READ[0] - bytes_before,
+                    returned[0] if isinstance(returned[0], int) else None), tables
 
 
 def units_of(source: SourceSpec, listing: Listing | None = None
