@@ -42,7 +42,7 @@ from operators.reindex import (
     group_by_shard,
 )
 from operators.sources.plan import ReadPlan
-from operators.sources.read import read_groups, read_shards
+from operators.sources.read import bridged, read_groups, read_shards
 from operators.sources.scan import bucket_of, id_key
 from operators.write import write_fragments
 from schemas.records import CODEC_COLUMNS, CONTENT_HASH_BYTES, DOC_HASH_COLUMN, WORK_COLUMNS
@@ -149,6 +149,9 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
     started = time.perf_counter()
     for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
                                    chosen=chosen, only=wanted):
+        if shard.shard_id not in wanted:  # read through on the way (`bridged`)
+            started = time.perf_counter()
+            continue
         read_s = time.perf_counter() - started
         fresh = chunk(docs)
         tokenize_s = time.perf_counter() - started - read_s
@@ -212,9 +215,10 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
     shared = {k: ray.put(v) for k, v in (("spec", spec), ("metadata", plan.metadata),
                                          ("chosen", plan.chosen), ("chunk", chunk),
                                          ("schema", schema))}
-    groups = read_groups([s for s in plan.shards if s.shard_id in docs],
+    groups = read_groups(bridged(plan.shards, wanted=docs.keys()),
                          tasks=2 * max(1, int(cpus)))
-    refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group},
+    refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group
+                                if s.shard_id in docs},
                         uri=existing.uri, version=existing.version, **shared)
             for group in groups]
     summaries = ray.get([r[0] for r in refs])

@@ -28,7 +28,7 @@ from operators.sources.base import (
 from operators.sources.scan import validate
 from schemas.errors import SourceChangedError
 from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN
-from schemas.source import Shard
+from schemas.source import Shard, Unit
 from schemas.spec import SourceSpec
 
 
@@ -157,6 +157,37 @@ def read_groups(shards: Sequence[Shard], *, tasks: int) -> list[tuple[Shard, ...
         for at, part in ((first, group[:half]), (first + half, group[half:])):
             heapq.heappush(heap, (-_splittable(part), at, part))
     return [tuple(g) for _, _, g in sorted(heap, key=lambda item: item[1])]
+
+
+def bridged(shards: Sequence[Shard], *, wanted: Collection[str]) -> list[Shard]:
+    """The `wanted` shards, plus, in a compressed file, every shard between its first and
+    last wanted one, so that `read_groups` makes the file one task that streams it once.
+    A reindex whose changes touch every tenth shard of a `.gz` file would otherwise start
+    the file from the top once per changed shard (measured at 20,000 shards: 116 read
+    task-seconds for a 1% change). The bridging shards are read through, not used.
+
+    >>> from schemas.source import SourceFile, Unit
+    >>> gz = Unit(0, "jsonl", SourceFile("a.jsonl.gz", 1, None))
+    >>> plain = Unit(1, "jsonl", SourceFile("b.jsonl", 1, None))
+    >>> shards = [Shard(f"{u.index}-{i}", "jsonl", u, 10 * i, 10, 1, offset=0)
+    ...           for u in (gz, plain) for i in range(6)]
+    >>> [s.shard_id for s in bridged(shards, wanted={"0-1", "0-4", "1-1", "1-4"})]
+    ['0-1', '0-2', '0-3', '0-4', '1-1', '1-4']
+    """
+    wanted = set(wanted)
+    keep = [s.shard_id in wanted for s in shards]
+    last_wanted: dict[Unit, int] = {}
+    for i, shard in enumerate(shards):
+        if keep[i] and compressed(shard):
+            last_wanted[shard.unit] = i
+    started: set[Unit] = set()
+    for i, shard in enumerate(shards):
+        if compressed(shard) and shard.unit in last_wanted:
+            if keep[i]:
+                started.add(shard.unit)
+            elif shard.unit in started and i < last_wanted[shard.unit]:
+                keep[i] = True
+    return [s for s, k in zip(shards, keep, strict=True) if k]
 
 
 def _splittable(group: list[Shard]) -> int:
