@@ -30,7 +30,7 @@ import pyarrow as pa
 from jobs._calibrate import calibrate_ranges, sample_chunks
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import CURRENT_TAG, cut_over, pin_current
-from jobs._index import distributed_fulltext_index, distributed_vector_index, index_workers
+from jobs._index import ClusterBuilder, index_workers
 from jobs._lance_io import (
     MIN_ROWS_PER_WRITE,
     ChunkBlocks,
@@ -53,7 +53,15 @@ from operators.chunk import Chunker
 from operators.embed import Embedder, resolve_precision
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside
-from operators.index import IndexReport, build_indices, cleanup_versions, maintain_indices
+from operators.index import (
+    COMPACT_MIN_FRAGMENTS,
+    LOCAL,
+    Builder,
+    IndexReport,
+    build_indices,
+    cleanup_versions,
+    maintain_indices,
+)
 from operators.lease import Lease
 from operators.model import ModelInfo, describe_model
 from operators.quantize import Codebook
@@ -116,6 +124,9 @@ class JobSummary:
     reindex: dict | None = None
     """Chunks added, changed, deleted, unchanged and embedded, when the run was a reindex."""
     versions_cleaned: int = 0
+    compaction: dict | None = None
+    """The end-of-job compaction of the fragments this run wrote: fragments written,
+    rewritten and in the table after, seconds, and the cluster workers (0: the driver)."""
     cutover: dict | None = None
     """When the embedding configuration changed: old and new versions, top-10 overlap."""
     files: int = 0
@@ -743,35 +754,50 @@ def _reindex_work(spec: JobSpec, planned: _Planned, existing: lance.LanceDataset
         commits=not diff.nothing)
 
 
+@dataclass
+class _Finished:
+    """What `_finish` did after the last commit."""
+
+    report: IndexReport | None = None
+    change_report: dict | None = None
+    cleaned: int = 0
+    compaction: dict | None = None
+
+
 def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpointer,
-            diff: ReindexDiff | None) -> tuple[IndexReport | None, dict | None, int]:
-    """Index what changed, move the `current` tag, mark the job done, clean versions."""
+            diff: ReindexDiff | None) -> _Finished:
+    """Compact what the job wrote, index it, move the `current` tag, mark the job done,
+    clean versions."""
     manifest, opts = decision.manifest, spec.write.storage_options
     final = run.table()
     if not run.versions and decision.action in ("finished", "resume") and \
             job_finished(final, job=planned.job):
-        return None, None, 0  # nothing new: a finished job's rerun touches nothing
+        return _Finished()  # nothing new: a finished job's rerun touches nothing
     if diff is not None and diff.nothing:
-        return None, None, 0  # a reindex that found no change: no index work, no commit
+        return _Finished()  # a reindex that found no change: no index work, no commit
     if planned.lease is not None:
-        planned.lease.check()  # a run that was taken over leaves the indices alone
-    progress(f"indexing {final.count_rows()} rows")
-    builders = {}
+        planned.lease.check()  # a run that was taken over leaves the table alone
+    builder = LOCAL
     if final.count_rows() >= spec.index.distributed_min_rows:
-        workers = index_workers(planned.cpus)
-        builders = dict(vector_builder=distributed_vector_index(workers, opts),
-                        fulltext_builder=distributed_fulltext_index(workers, opts))
+        builder = ClusterBuilder(index_workers(planned.cpus), opts)
+    # A reindex or cut-over leaves the fragments the table held before it as they are:
+    # the rewrite costs what the job wrote, not the table. A build (or its resume) made
+    # every fragment of the table itself.
+    before = decision.existing
+    settled = {f.fragment_id for f in before.get_fragments()} \
+        if before is not None and decision.action in ("reindex", "cutover") else set()
+    compaction = _compact(final, builder, settled) if spec.write.compact else None
+    final = run.table()
+    progress(f"indexing {final.count_rows()} rows")
     if diff is not None:
-        before = decision.existing  # the table as the reindex found it
         report = maintain_indices(final, spec.index, metric=manifest.metric,
                                   codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                   changed=diff.embed + diff.carried_rows + diff.deleted,
-                                  settled={f.fragment_id for f in before.get_fragments()}
-                                  if before is not None else set(), **builders)
+                                  builder=builder)
     else:
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
-                               **builders)
+                               builder=builder)
     mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report and change_report.get("held"):
@@ -784,7 +810,23 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         # Every version this job made before the last: checkpoints and index builds.
         cleaned = cleanup_checkpoints(final, range(run.versions[0], final.version))
     cleaned += cleanup_versions(run.table(), spec.write)
-    return report, change_report, cleaned
+    return _Finished(report, change_report, cleaned, compaction)
+
+
+def _compact(ds: lance.LanceDataset, builder: Builder, settled: set[int]) -> dict | None:
+    """Compact the fragments this job wrote when there are more than
+    `COMPACT_MIN_FRAGMENTS` of them; the report for the summary, None when skipped."""
+    written = sum(f.fragment_id not in settled for f in ds.get_fragments())
+    if written <= COMPACT_MIN_FRAGMENTS:
+        return None
+    started = time.perf_counter()
+    progress(f"compacting the {written} fragments this job wrote "
+             f"({f'{builder.workers} workers' if builder.workers else 'on the driver'})")
+    rewritten = builder.compact(ds, settled=settled)
+    return {"fragments_written": written, "fragments_rewritten": rewritten,
+            "fragments_after": len(ds.checkout_version(ds.latest_version).get_fragments()),
+            "seconds": round(time.perf_counter() - started, 2),
+            "workers": builder.workers}
 
 
 def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
@@ -825,7 +867,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     run, layout, diff, embedded, embed_seconds = _execute(spec, planned, decision)
     run.seconds["plan"] = planned.plan_seconds
     index_started = time.perf_counter()
-    report, change_report, cleaned = _finish(spec, planned, decision, run, diff)
+    finished = _finish(spec, planned, decision, run, diff)
+    report, change_report, cleaned = finished.report, finished.change_report, finished.cleaned
     index_seconds = time.perf_counter() - index_started
     plan, uri = planned.plan, spec.table
     final = run.table()
@@ -865,6 +908,7 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
             "seconds": {k: round(v, 2) for k, v in diff.seconds.items()},
             "deletion_tasks": diff.deletion_tasks, "schema_change": diff.schema_change},
         versions_cleaned=cleaned,
+        compaction=finished.compaction,
         cutover=change_report,
         files=plan.files,
         files_skipped=plan.skipped,

@@ -1,19 +1,23 @@
-"""Index builds on the cluster for big tables, through lance-ray.
+"""Index builds and compaction on the cluster for big tables.
 
 Lance-ray trains the IVF model once and builds one index segment per worker over a share
-of the fragments (the full-text index likewise), then commits them as one index; search
-reads every segment. Below `index.distributed_min_rows` the driver's own single-process
-build is faster than starting the workers.
+of the fragments (scalar and full-text indices likewise), then commits them as one index;
+search reads every segment. Compaction runs Lance's own compaction tasks as Ray tasks and
+commits their rewrites once, from the driver. Below `index.distributed_min_rows` the
+driver's own single-process build (`operators.index.Builder`) is faster than starting
+the workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import lance
 
-from operators.index import ann_params
-from schemas.manifest import Metric
-from schemas.records import VECTOR_COLUMN
-from schemas.spec import IndexSpec
+from operators.index import Builder, compaction_options
+
+DISTRIBUTED_SCALAR_KINDS = frozenset({"BTREE", "BITMAP", "INVERTED", "FTS", "ZONEMAP"})
+"""Scalar index kinds lance-ray builds in segments; any other is built by the driver."""
 
 
 def index_workers(cpus: float) -> int:
@@ -25,32 +29,47 @@ def index_workers(cpus: float) -> int:
     return max(2, int(cpus) // 2)
 
 
-def distributed_vector_index(workers: int, storage_options: dict[str, str]):
-    """A `vector_builder` for `build_indices` that builds on `workers` Ray workers."""
+class ClusterBuilder(Builder):
+    """`operators.index.Builder` whose builds run on `workers` Ray workers."""
 
-    def build(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric, dims: int) -> str:
+    def __init__(self, workers: int, storage_options: dict[str, str]) -> None:
+        self.workers = workers
+        self.storage_options = storage_options or None
+
+    def vector(self, ds: lance.LanceDataset, column: str, *, index_type: str, metric: str,
+               params: dict) -> None:
         import lance_ray
 
-        params = ann_params(spec.ann_type, rows=ds.count_rows(), dims=dims,
-                            num_partitions=spec.num_partitions)
-        lance_ray.create_index(ds.uri, column=VECTOR_COLUMN, index_type=spec.ann_type,
-                               metric=metric, replace=True, num_workers=workers,
-                               storage_options=storage_options or None, **params)
-        return (f"{spec.ann_type} ({params['num_partitions']} partitions, {metric}; "
-                f"built on {workers} workers)")
+        lance_ray.create_index(ds.uri, column=column, index_type=index_type, metric=metric,
+                               replace=True, num_workers=self.workers,
+                               storage_options=self.storage_options, **params)
 
-    return build
-
-
-def distributed_fulltext_index(workers: int, storage_options: dict[str, str]):
-    """A `fulltext_builder` for `build_indices` that builds on `workers` Ray workers."""
-
-    def build(ds: lance.LanceDataset) -> str:
+    def scalar(self, ds: lance.LanceDataset, column: str, kind: str) -> None:
+        if kind not in DISTRIBUTED_SCALAR_KINDS:
+            super().scalar(ds, column, kind)
+            return
         import lance_ray
 
-        lance_ray.create_scalar_index(ds.uri, column="text", index_type="INVERTED",
-                                      replace=True, num_workers=workers,
-                                      storage_options=storage_options or None)
-        return f"text: INVERTED (BM25; built on {workers} workers)"
+        lance_ray.create_scalar_index(ds.uri, column=column, index_type=kind, replace=True,
+                                      num_workers=self.workers,
+                                      storage_options=self.storage_options)
 
-    return build
+    def compact(self, ds: lance.LanceDataset, *, settled: Collection[int] = ()) -> int:
+        """Lance's compaction plan, its tasks run as Ray tasks on `ds`'s version (each
+        rewrites its group of fragments into new files), then one commit from here."""
+        import ray
+        from lance.optimize import Compaction
+
+        plan = Compaction.plan(ds, compaction_options(ds, settled))
+        if not plan.num_tasks():
+            return 0
+        task = ray.remote(_compact_task)
+        rewrites = ray.get([task.remote(ds.uri, ds.version, self.storage_options, t)
+                            for t in plan.tasks])
+        Compaction.commit(ds, rewrites)
+        return sum(len(t.fragments) for t in plan.tasks)
+
+
+def _compact_task(uri: str, version: int, storage_options: dict[str, str] | None, task):
+    """One Lance compaction task, on the version the plan was made from."""
+    return task.execute(lance.dataset(uri, version=version, storage_options=storage_options))

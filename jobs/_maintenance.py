@@ -21,12 +21,15 @@ import pyarrow.parquet as pq
 
 from jobs._cutover import CURRENT_TAG, HELD_TAG, current_version, held_version
 from jobs._embed_job import rejects_uri
+from jobs._index import ClusterBuilder, index_workers
+from jobs._ray import cluster_resources, ensure_ray
 from operators.exclusions import exclude
-from operators.index import COMPACT_MIN_FRAGMENTS, add_to_indices, index_segments
+from operators.index import COMPACT_MIN_FRAGMENTS, LOCAL, add_to_indices, index_segments
 from operators.lease import Lease
 from operators.reindex import by_fragment, delete_in_fragments
 from operators.sources.plan import reason_key
 from schemas.errors import QueryError, TableError
+from schemas.spec import DISTRIBUTED_MIN_ROWS
 
 Progress = Callable[[str], None]
 SMALL_FRAGMENT_ROWS = 1024 * 1024 // 2
@@ -110,28 +113,34 @@ def _follow(ds: lance.LanceDataset, before: int) -> bool:
 
 def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
              retention_days: float | None = 7.0, wait: bool = False,
+             distributed_min_rows: int | None = None,
              progress: Progress = lambda _: None) -> dict:
-    """Compact small fragments (one Lance compaction task at a time, so memory stays that
-    of one task), add new rows to the indices incrementally, and drop versions older than
-    `retention_days` (tagged ones stay). Readers' `current` follows unless held.
+    """Compact small fragments, add new rows to the indices incrementally, and drop
+    versions older than `retention_days` (tagged ones stay). Readers' `current` follows
+    unless held.
+
+    A table of `distributed_min_rows` rows or more (by default the spec's
+    `index.distributed_min_rows`) is compacted by Ray tasks, one per Lance compaction task
+    (joining RAY_ADDRESS, else a local Ray); a smaller one in this process, one task at a
+    time, so memory stays that of one task.
 
     Returns:
-        The stats before and after, the fragments rewritten and the versions removed.
+        The stats before and after, the fragments rewritten, the workers that compacted
+        them (0: this process) and the versions removed.
     """
-    from lance.optimize import Compaction, CompactionOptions
-
     before = table_stats(uri, storage_options)
     with Lease.acquire(uri, storage_options, wait=wait, purpose="quiver table optimize"):
         ds = open_dataset(uri, storage_options)
         start = ds.version
-        plan = Compaction.plan(ds, CompactionOptions())
-        rewrites = []
-        for n, task in enumerate(plan.tasks, 1):
-            rewrites.append(task.execute(ds))
-            progress(f"compacted group {n}/{plan.num_tasks()} "
-                     f"({len(task.fragments)} fragments)")
-        if rewrites:
-            Compaction.commit(ds, rewrites)
+        builder = LOCAL
+        if before["rows"] >= (DISTRIBUTED_MIN_ROWS if distributed_min_rows is None
+                              else distributed_min_rows):
+            ensure_ray()
+            builder = ClusterBuilder(index_workers(cluster_resources()[0]),
+                                     dict(storage_options or {}))
+        progress(f"compacting small fragments ({builder.workers} workers)" if builder.workers
+                 else "compacting small fragments")
+        rewritten = builder.compact(ds)
         ds = ds.checkout_version(ds.latest_version)
         if ds.describe_indices():
             progress("adding new rows to the indices, their deltas merged into one")
@@ -145,7 +154,7 @@ def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
             removed = int(getattr(stats, "old_versions", 0))
     after = table_stats(uri, storage_options)
     return {"table": str(uri), "before": before, "after": after,
-            "fragments_rewritten": sum(len(t.fragments) for t in plan.tasks),
+            "fragments_rewritten": rewritten, "workers": builder.workers,
             "versions_removed": removed, "current_moved": moved}
 
 

@@ -640,6 +640,10 @@ def table_optimize(
         "the spec's write.retention_days default.")] = 7.0,
     keep_versions: Annotated[bool, typer.Option(
         "--keep-versions", help="Drop no version.")] = False,
+    distributed_min_rows: Annotated[int | None, typer.Option(
+        "--distributed-min-rows", min=0, help="From this many rows on, compact in Ray tasks "
+        "(joining RAY_ADDRESS, else a local Ray) instead of in this process; the spec's "
+        "index.distributed_min_rows default (1,000,000).")] = None,
     storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
 ) -> None:
     """Compact small fragments, update indices incrementally, drop old versions."""
@@ -648,12 +652,13 @@ def table_optimize(
 
     data = api.optimize(table, storage_options=_storage(storage_option),
                         retention_days=None if keep_versions else retention_days, wait=wait,
-                        progress=progress)
+                        distributed_min_rows=distributed_min_rows, progress=progress)
     if _emitted(data, as_json):
         return
     b, a = data["before"], data["after"]
+    where = f", on {data['workers']} workers" if data["workers"] else ""
     print(f"fragments  {b['fragments']} -> {a['fragments']} "
-          f"({data['fragments_rewritten']} rewritten)")
+          f"({data['fragments_rewritten']} rewritten{where})")
     print(f"versions   {b['versions']} -> {a['versions']} ({data['versions_removed']} removed)")
     print("unindexed  " + (", ".join(f"{k} {v}" for k, v in a["unindexed_rows"].items())
                           or "no indices"))

@@ -17,7 +17,7 @@ chunks (98 partitions, 41 probes) and 0.969 on 1M embedding-like vectors (20 pro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -65,94 +65,143 @@ def ann_params(index_type: str, *, rows: int, dims: int, num_partitions: int | N
     return params
 
 
+class Builder:
+    """Where a table's heavy builds run: index builds and fragment compaction.
+
+    This one runs them in this process, which for a table under
+    `index.distributed_min_rows` is faster than starting workers. The job passes
+    `jobs._index.ClusterBuilder` above it, which runs the same builds on Ray workers
+    through lance-ray; both take the same arguments, so the policy here (which index,
+    how many partitions, what to compact) is written once.
+    """
+
+    workers = 0
+    """Ray workers the builds run on; 0 for this process."""
+
+    @property
+    def where(self) -> str:
+        """Appended to each index description: '; built on N workers' on the cluster."""
+        return f"; built on {self.workers} workers" if self.workers else ""
+
+    def vector(self, ds: lance.LanceDataset, column: str, *, index_type: str, metric: str,
+               params: dict) -> None:
+        ds.create_index(column, index_type=index_type, metric=metric, replace=True, **params)
+
+    def scalar(self, ds: lance.LanceDataset, column: str, kind: str) -> None:
+        ds.create_scalar_index(column, kind, replace=True)
+
+    def compact(self, ds: lance.LanceDataset, *, settled: Collection[int] = ()) -> int:
+        """Compact the fragments not in `settled` toward Lance's target size (a million
+        rows); returns the fragments rewritten. Leaving the `settled` ones (those a table
+        held before this job) alone keeps the rewrite the size of the change."""
+        from lance.optimize import Compaction
+
+        plan = Compaction.plan(ds, compaction_options(ds, settled))
+        if not plan.num_tasks():
+            return 0
+        Compaction.commit(ds, [task.execute(ds) for task in plan.tasks])
+        return sum(len(task.fragments) for task in plan.tasks)
+
+
+def compaction_options(ds: lance.LanceDataset, settled: Collection[int]) -> dict:
+    """Lance's default compaction, minus the `settled` fragments."""
+    from lance.optimize import CompactionOptions
+
+    options = CompactionOptions()
+    settled = set(settled)
+    if settled:
+        options["excluded_fragment_ids"] = [f.fragment_id for f in ds.get_fragments()
+                                            if f.fragment_id in settled]
+    return options
+
+
+LOCAL = Builder()
+
+
 def build_vector_index(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
-                       dims: int) -> str:
+                       dims: int, builder: Builder = LOCAL) -> str:
     """ANN index on `vector` with size-scaled parameters; returns its description."""
     rows = ds.count_rows()
     params = ann_params(spec.ann_type, rows=rows, dims=dims, num_partitions=spec.num_partitions)
-    ds.create_index(VECTOR_COLUMN, index_type=spec.ann_type, metric=metric, replace=True,
-                    **params)
+    builder.vector(ds, VECTOR_COLUMN, index_type=spec.ann_type, metric=metric, params=params)
     extra = f", {params['num_sub_vectors']} sub-vectors" if "num_sub_vectors" in params else ""
-    return f"{spec.ann_type} ({params['num_partitions']} partitions{extra}, {metric})"
+    return (f"{spec.ann_type} ({params['num_partitions']} partitions{extra}, {metric}"
+            f"{builder.where})")
 
 
-def build_bits_index(ds: lance.LanceDataset, spec: IndexSpec) -> str:
+def build_bits_index(ds: lance.LanceDataset, spec: IndexSpec, *,
+                     builder: Builder = LOCAL) -> str:
     """IVF_FLAT hamming index on the packed sign bits (the binary first stage)."""
     rows = ds.count_rows()
     partitions = min(spec.num_partitions or default_partitions(rows), rows)
-    ds.create_index(BITS_COLUMN, index_type="IVF_FLAT", metric="hamming", replace=True,
-                    num_partitions=partitions)
-    return f"IVF_FLAT on {BITS_COLUMN} ({partitions} partitions, hamming)"
+    builder.vector(ds, BITS_COLUMN, index_type="IVF_FLAT", metric="hamming",
+                   params={"num_partitions": partitions})
+    return f"IVF_FLAT on {BITS_COLUMN} ({partitions} partitions, hamming{builder.where})"
 
 
 BITMAP_MAX_DISTINCT = 1000
 
 
 def scalar_index_kind(ds: lance.LanceDataset, column: str, requested: str | None) -> str:
-    """BITMAP for low-cardinality columns (at most 1,000 distinct values), else BTREE."""
+    """BITMAP for low-cardinality columns (at most 1,000 distinct values), else BTREE.
+
+    The column is streamed a batch at a time and the count stops once it passes the
+    limit, so a 300M-row table costs a few batches here, not the column in memory."""
     if requested:
         return requested
-    values = ds.to_table(columns=[column]).column(column)
-    return "BITMAP" if pc.count_distinct(values).as_py() <= BITMAP_MAX_DISTINCT else "BTREE"
+    seen: set = set()
+    for batch in ds.to_batches(columns=[column], batch_size=65_536):
+        seen.update(pc.unique(batch.column(0)).to_pylist())
+        if len(seen) > BITMAP_MAX_DISTINCT:
+            return "BTREE"
+    return "BITMAP"
 
 
 def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec, *,
-                         fulltext_builder: FullTextBuilder | None = None) -> list[str]:
+                         builder: Builder = LOCAL) -> list[str]:
     """BTREE on `id` and `doc_id`, the spec's filterable columns, and the full-text
     index on `text`."""
-    built = []
-    ds.create_scalar_index("id", "BTREE", replace=True)
-    built.append("id: BTREE")
-    # A reindex looks up the rows of changed documents by doc_id (`jobs._reindex`).
-    ds.create_scalar_index("doc_id", "BTREE", replace=True)
-    built.append("doc_id: BTREE")
-    wanted = spec.filterable if isinstance(spec.filterable, dict) \
+    wanted = {"id": "BTREE",
+              # A reindex looks up the rows of changed documents by doc_id (`jobs._reindex`).
+              "doc_id": "BTREE"}
+    filterable = spec.filterable if isinstance(spec.filterable, dict) \
         else dict.fromkeys(spec.filterable)
-    for column, requested in wanted.items():
-        kind = scalar_index_kind(ds, column, requested)
-        ds.create_scalar_index(column, kind, replace=True)
-        built.append(f"{column}: {kind}")
-    if spec.fts and fulltext_builder is not None:
-        built.append(fulltext_builder(ds))
-    elif spec.fts:
-        ds.create_scalar_index("text", "INVERTED", replace=True)
-        built.append("text: INVERTED (BM25)")
+    wanted |= {column: scalar_index_kind(ds, column, requested)
+               for column, requested in filterable.items()}
+    built = []
+    for column, kind in wanted.items():
+        builder.scalar(ds, column, kind)
+        built.append(f"{column}: {kind}{builder.where}")
+    if spec.fts:
+        builder.scalar(ds, "text", "INVERTED")
+        built.append(f"text: INVERTED (BM25{builder.where})")
     return built
-
-
-VectorIndexBuilder = Callable[..., str]
-"""Builds the `vector` ANN index: `(ds, spec, *, metric, dims) -> description`."""
-FullTextBuilder = Callable[[lance.LanceDataset], str]
-"""Builds the `text` full-text index: `(ds) -> description`."""
 
 
 def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
                   codecs: list[str] | None = None, dims: int = 384,
-                  vector_builder: VectorIndexBuilder | None = None,
-                  fulltext_builder: FullTextBuilder | None = None) -> IndexReport:
-    """Build (or replace) the table's indices according to its size and codecs.
-
-    `vector_builder` and `fulltext_builder` replace the single-process builds (the job
-    passes distributed ones for big tables).
-    """
+                  builder: Builder = LOCAL) -> IndexReport:
+    """Build (or replace) the table's indices according to its size and codecs, where
+    `builder` runs them (the job passes a cluster builder for big tables)."""
     codecs = codecs or ["float32"]
     rows = ds.count_rows()
-    scalar = build_scalar_indices(ds, spec, fulltext_builder=fulltext_builder) if rows else []
+    scalar = build_scalar_indices(ds, spec, builder=builder) if rows else []
     if rows < max(spec.ann_min_rows, 1):
         return IndexReport(f"exact (flat scan; {rows} rows < ann_min_rows "
                            f"{spec.ann_min_rows})", tuple(scalar))
     built = []
     if {"float32", "float16"} & set(codecs):
-        builder = vector_builder or build_vector_index
-        built.append(builder(ds, spec, metric=metric, dims=dims))
+        built.append(build_vector_index(ds, spec, metric=metric, dims=dims, builder=builder))
     if "binary" in codecs:
-        built.append(build_bits_index(ds, spec))
+        built.append(build_bits_index(ds, spec, builder=builder))
     if not built:
         built.append("exact int8 scan (Lance has no int8 index)")
     return IndexReport("; ".join(built), tuple(scalar))
 
 
 COMPACT_MIN_FRAGMENTS = 8
+"""A job that wrote more fragments than this compacts them at its end (and `quiver table
+stats` calls a table with more small fragments due for `optimize`)."""
 MAX_INDEX_DELTAS = 4
 """Delta segments an index may hold; the next upkeep merges them (not the base) into one."""
 
@@ -228,24 +277,17 @@ def add_to_indices(ds: lance.LanceDataset, segments: list[Segments], *,
 
 def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
                      codecs: list[str], dims: int, changed: int,
-                     settled: Collection[int] = (),
-                     vector_builder: VectorIndexBuilder | None = None,
-                     fulltext_builder: FullTextBuilder | None = None) -> IndexReport:
+                     builder: Builder = LOCAL) -> IndexReport:
     """Index upkeep after an incremental reindex: the policy in docs/maintenance.md.
 
-    1. The fragments the reindex added are compacted into few (once there are more than
-       `COMPACT_MIN_FRAGMENTS` of them); the `settled` ones, which the table held before,
-       are left as they are, so the rewrite costs the change, not the table.
-    2. Every index is rebuilt (retrained, through the given builders, so on the cluster
+    1. Every index is rebuilt (retrained, where `builder` runs builds: on the cluster
        above `distributed_min_rows`) when the table just crossed `ann_min_rows`, or the
        rows placed in the base's partitions without retraining (deltas plus this change)
        pass `spec.retrain_share` of the table (`needs_retrain`).
-    3. Otherwise the new rows become a delta segment of each index (`add_to_indices`).
+    2. Otherwise the new rows become a delta segment of each index (`add_to_indices`).
+
+    The job compacts the fragments the reindex added (`Builder.compact`) before this.
     """
-    fragments = [f.fragment_id for f in ds.get_fragments()]
-    if sum(f not in settled for f in fragments) > COMPACT_MIN_FRAGMENTS:
-        ds.optimize.compact_files(excluded_fragment_ids=[f for f in fragments if f in settled])
-        ds = ds.checkout_version(ds.latest_version)
     rows = ds.count_rows()
     has_ann = any(i.field_names in ([VECTOR_COLUMN], [BITS_COLUMN])
                   for i in ds.describe_indices())
@@ -254,12 +296,11 @@ def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
     if not rows or has_ann != needs_ann or needs_retrain(
             segments, rows=rows, changed=changed, retrain_share=spec.retrain_share):
         report = build_indices(ds, spec, metric=metric, codecs=codecs, dims=dims,
-                               vector_builder=vector_builder,
-                               fulltext_builder=fulltext_builder)
+                               builder=builder)
         return IndexReport(f"{report.vector} (rebuilt: {changed} of {rows} rows changed)",
                            report.scalar)
     if not any(i.field_names == ["doc_id"] for i in ds.describe_indices()):
-        ds.create_scalar_index("doc_id", "BTREE")  # tables indexed before it existed
+        builder.scalar(ds, "doc_id", "BTREE")  # tables indexed before it existed
         segments = index_segments(ds)
     done = add_to_indices(ds, segments)
     return IndexReport(f"incremental ({changed} of {rows} rows changed; "

@@ -221,6 +221,11 @@ class VectorsSpec(BaseModel):
         return self
 
 
+DISTRIBUTED_MIN_ROWS = 1_000_000
+"""Rows from which index builds and compaction run on the cluster (the driver's own
+single-process builds are faster below it than starting workers)."""
+
+
 class IndexSpec(BaseModel):
     """Indices built after the write."""
 
@@ -242,9 +247,10 @@ class IndexSpec(BaseModel):
     fts: bool = Field(True, description="Build a full-text (BM25) index on `text` for "
                       "full-text and hybrid search.")
     distributed_min_rows: int = Field(
-        1_000_000, ge=0, description="From this many rows on, the ANN and full-text "
-        "indices are built on the cluster (lance-ray: one segment per worker) instead of "
-        "by the driver alone.")
+        DISTRIBUTED_MIN_ROWS, ge=0, description="From this many rows on, every index (ANN, "
+        "hamming, scalar and full-text) is built, and the job's fragments compacted, on "
+        "the cluster (lance-ray: one segment or compaction task per worker) instead of by "
+        "the driver alone.")
     filterable: list[str] | dict[str, ScalarIndexType] = Field(
         default_factory=list,
         description="Columns to index for filtered search: a list (BITMAP when a column has "
@@ -288,6 +294,11 @@ class WriteSpec(BaseModel):
     commit_interval_s: float = Field(
         30.0, ge=0, description="Commit the shards finished so far at least this often, "
         "even before shards_per_commit of them are done.")
+    compact: bool = Field(
+        True, description="At the end of a job, compact the fragments it wrote (one per "
+        "write set, about 10,000 rows) toward Lance's target of a million rows each, on the "
+        "cluster from index.distributed_min_rows rows on; the fragments the table held "
+        "before the job are left alone. False leaves them for `quiver table optimize`.")
     keep_checkpoints: bool = Field(
         False, description="Keep every checkpoint version of a finished job; by default "
         "they are removed at the end (the last and tagged versions stay).")

@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, loopback_cluster
 
 from jobs._embed_job import run_embed
+from operators.index import COMPACT_MIN_FRAGMENTS
 from operators.write import JOB_KEY, SHARDS_KEY
 from schemas.spec import parse_spec
 
@@ -48,12 +49,14 @@ def _spec(parts: Path, table: Path, model: str, **write) -> dict:
 def test_many_files_one_execution_commits_as_it_goes(parts, tiny_model, tmp_path,
                                                      ray_local) -> None:
     table = tmp_path / "t.lance"
-    summary = run_embed(parse_spec(_spec(parts, table, tiny_model, keep_checkpoints=True)))
+    summary = run_embed(parse_spec(_spec(parts, table, tiny_model, keep_checkpoints=True,
+                                         max_rows_per_file=30)))
     assert summary.files == N_FILES and summary.files_skipped == {".md": 1}
     assert summary.documents == N_FILES * PER_FILE and summary.rejects == 0
     ds = lance.dataset(str(table))
     ids = ds.to_table(columns=["doc_id"]).column("doc_id").to_pylist()
     assert sorted(set(ids)) == sorted(f"d{n}" for n in range(N_FILES * PER_FILE))
+    assert len(ids) == len(set(ds.to_table(columns=["id"]).column("id").to_pylist()))
     assert summary.chunks == len(ids) == ds.count_rows()
     assert 1 <= summary.model_loads <= summary.profile["actors"]  # one load per actor, per job
     # Several checkpoints, each naming only the shards it added: disjoint, together all.
@@ -68,7 +71,11 @@ def test_many_files_one_execution_commits_as_it_goes(parts, tiny_model, tmp_path
     flat = [s for shard_list in lists for s in shard_list]
     assert len(flat) == len(set(flat)) == summary.shards
     assert max(len(x) for x in lists) <= 2 + 1  # shards_per_commit, plus one in the batch
-    # A fragment never holds two shards' rows: each commit's rows are its shards' chunks.
+    # The job's fragments were compacted at its end (by the driver: a small table), and
+    # the shards each commit lists stay readable from the transaction log above.
+    done = summary.compaction
+    assert done["workers"] == 0 and done["fragments_written"] > COMPACT_MIN_FRAGMENTS
+    assert done["fragments_after"] == len(ds.get_fragments()) < done["fragments_written"]
     again = run_embed(parse_spec(_spec(parts, table, tiny_model)))
     assert again.tokens == 0 and again.index == "unchanged" and again.commits == 0
 
@@ -116,17 +123,33 @@ def test_gpu_actors_go_to_the_gpu_node_and_read_tasks_stay_off_it(parts, tiny_mo
 
 def test_big_tables_get_their_indices_built_on_the_cluster(parts, tiny_model, tmp_path,
                                                            ray_local) -> None:
-    """Above index.distributed_min_rows the ANN and full-text indices are built by
-    lance-ray's workers (one segment each); search then finds a document by its text."""
+    """Above index.distributed_min_rows every index (ANN, hamming, BTREE, BITMAP and
+    full-text) is built by lance-ray's workers (one segment each), and the fragments the
+    job wrote are compacted by Ray tasks; search then finds a document by its text."""
     from jobs.api import open_table
 
     table = tmp_path / "big.lance"
     spec = _spec(parts, table, tiny_model) | {
-        "index": {"ann_min_rows": 100, "distributed_min_rows": 100, "num_partitions": 2}}
+        "index": {"ann_min_rows": 100, "distributed_min_rows": 100, "num_partitions": 2,
+                  "filterable": ["year"]},
+        "vectors": {"codecs": ["float32", "binary"]}}
+    spec["source"]["metadata_fields"] = ["year"]
+    spec["write"] |= {"shards_per_commit": 1, "max_rows_per_file": 40}  # many fragments
     summary = run_embed(parse_spec(spec))
-    assert "built on 2 workers" in summary.index and "INVERTED (BM25; built on" in summary.index
-    indices = lance.dataset(str(table)).list_indices()
-    assert {i["fields"][0] for i in indices} >= {"vector", "text", "id"}
+    where = "; built on 2 workers"
+    for built in ("IVF_HNSW_SQ (2 partitions", f"IVF_FLAT on vector_bits (2 partitions, "
+                  f"hamming{where})", f"id: BTREE{where}", f"doc_id: BTREE{where}",
+                  f"year: BITMAP{where}", f"INVERTED (BM25{where})"):
+        assert built in summary.index, (built, summary.index)
+    ds = lance.dataset(str(table))
+    indices = ds.describe_indices()
+    assert {i.field_names[0] for i in indices} == {"vector", "vector_bits", "text", "id",
+                                                   "doc_id", "year"}
+    # one segment per worker, except where a worker's share of fragments was empty
+    assert all(1 <= len(i.segments) <= 2 for i in indices)
+    done = summary.compaction
+    assert done["workers"] == 2 and done["fragments_rewritten"] == done["fragments_written"]
+    assert done["fragments_after"] == len(ds.get_fragments()) < done["fragments_written"]
     t = open_table(table)
     target = lance.dataset(str(table)).to_table(columns=["id", "text"], limit=1).to_pylist()[0]
     assert t.search(target["text"], k=3, mode="fts")[0].id == target["id"]

@@ -37,7 +37,8 @@ def _spec(corpus: Path, table: Path, model: str, **write) -> object:
         "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 3,
                    "metadata_fields": ["year"]},
         "index": {"filterable": ["year"]},
-        "write": {"shards_per_commit": 1, "keep_checkpoints": True, **write}})
+        "write": {"shards_per_commit": 1, "keep_checkpoints": True, "compact": False,
+                  **write}})
 
 
 @pytest.fixture()
