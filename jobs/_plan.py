@@ -74,6 +74,104 @@ def _rejects(dirty: list, source: SourceSpec, chosen: dict[str, str], uri: str,
     return write_fragments(rows, uri, schema=REJECTS_SCHEMA, storage_options=storage_options)
 
 
+FAN_IN = 64
+"""Most object refs one task takes per bucket: pass 1's bucket tables are merged in
+groups of this many (and merged again while more remain), so neither the driver's refs
+nor a dedup task's arguments grow with the number of units."""
+
+
+def _merge(groups: int, *tables: pa.Table) -> tuple[pa.Table, ...]:
+    """`groups` units' (or merges') bucket tables, laid out bucket-major per source,
+    concatenated into one table per bucket."""
+    buckets = len(tables) // groups
+    out = tuple(pa.concat_tables(tables[i::buckets]) for i in range(buckets))
+    return out if buckets > 1 else out[0]
+
+
+class FanIn:
+    """Pass 1's per-record results, fanned in with bounded arity.
+
+    Scan tasks are submitted at most `window` at a time. As they finish, the driver keeps
+    each unit's bounded summary (`scan_unit`'s first return) and hands its bucket tables,
+    `FAN_IN` units at a time, to a merge task that returns one table per bucket; once
+    more than `FAN_IN` merged tables wait for a bucket, they are merged again. So the
+    driver holds at most about (`window` + 2 × `FAN_IN`) × buckets refs, however many
+    units the source has, and a dedup task takes at most `FAN_IN` tables. The rows stay
+    in the object store (Ray can rebuild a lost one from its task's lineage).
+    """
+
+    def __init__(self, buckets: int, task_cpus: float) -> None:
+        import ray
+
+        self.buckets = buckets
+        self.merge = ray.remote(_merge).options(num_cpus=task_cpus, num_returns=buckets)
+        self.waiting: list[list] = []  # finished units' bucket refs, not yet merged
+        self.merged: list[list] = []  # merged bucket refs, one list per merge
+        self.merges = 0
+
+    def scan_all(self, units: list, submit, *, window: int) -> list:
+        """Run `submit(unit)` for every unit (its refs: summary, then one per bucket);
+        returns the summaries in unit order."""
+        import ray
+
+        heads, pending, summaries = {}, {}, {}
+        todo = iter(enumerate(units))
+        last = time.perf_counter()
+        while True:
+            for index, unit in todo:
+                refs = submit(unit)
+                heads[refs[0]] = index
+                pending[refs[0]] = list(refs[1:])
+                if len(pending) >= window:
+                    break
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            if ready:  # and every other one done by now
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in ready:
+                summaries[heads.pop(ref)] = ray.get(ref)
+                self._add(pending.pop(ref))
+            if time.perf_counter() - last > 5.0:
+                last = time.perf_counter()
+                progress(f"validated {len(summaries)}/{len(units)} unit(s)")
+        return [summaries[i] for i in range(len(units))]
+
+    def _add(self, bucket_refs: list) -> None:
+        self.waiting.append(bucket_refs)
+        if len(self.waiting) >= FAN_IN:
+            self.merged.append(self._merged(self.waiting))
+            self.waiting = []
+        if len(self.merged) > FAN_IN:
+            self.merged = [self._merged(self.merged)]
+
+    def _merged(self, sources: list[list]) -> list:
+        self.merges += 1
+        refs = self.merge.remote(len(sources), *[r for refs in sources for r in refs])
+        return [refs] if self.buckets == 1 else list(refs)
+
+    def per_bucket(self) -> list[list]:
+        """Each bucket's tables (fewer than 2 × `FAN_IN` refs: at most `FAN_IN` merged,
+        fewer than `FAN_IN` not), for its dedup task."""
+        sources = self.merged + self.waiting
+        return [[refs[b] for refs in sources] for b in range(self.buckets)]
+
+
+def _units_for_limit(units: list, source: SourceSpec, buckets: int, documents: bool,
+                     scan) -> list:
+    """The first units, in order, that hold `source.limit` valid records (scanned once
+    here to count them; `FanIn` scans them again for the plan, a few units at most)."""
+    import ray
+
+    seen = 0
+    for n, unit in enumerate(units, 1):
+        found = ray.get(scan.remote(unit, source, buckets, documents)[0])
+        seen += sum(s.records - sum(s.rejects.values()) for s in found.shards)
+        if seen >= source.limit:
+            return units[:n]
+    return units
+
+
 def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
                     documents: bool = False, excluded: pa.Table | None = None,
                     listing: Listing | None = None) -> tuple[ReadPlan, SourceDocuments | None]:
@@ -99,44 +197,26 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
     buckets = max(1, min(MAX_BUCKETS, len(units), int(cpus) * 2))
     scan = ray.remote(_scan).options(num_returns=buckets + 1, num_cpus=task_cpus)
     if source.limit is not None:  # only the units the first documents need, in order
-        refs = []
-        seen = 0
-        for unit in units:
-            refs.append(scan.remote(unit, source, buckets, documents))
-            found = ray.get(refs[-1][0])
-            seen += sum(s.records - sum(s.rejects.values()) for s in found.shards)
-            if seen >= source.limit:
-                break
-        units = units[:len(refs)]
-    else:
-        refs = [scan.remote(u, source, buckets, documents) for u in units]
-    heads = [r[0] for r in refs]
-    scans_by_ref = {}
-    waiting, last = list(heads), time.perf_counter()
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=5.0)
-        for ref in ready:
-            scans_by_ref[ref] = ray.get(ref)
-        if waiting and time.perf_counter() - last > 5.0:
-            last = time.perf_counter()
-            progress(f"validated {len(scans_by_ref)}/{len(heads)} unit(s)")
-    scans = [scans_by_ref[h] for h in heads]
+        units = _units_for_limit(units, source, buckets, documents, scan)
+    fan_in = FanIn(buckets, task_cpus)
+    scans = fan_in.scan_all(units, lambda u: scan.remote(u, source, buckets, documents),
+                            window=max(FAN_IN, 4 * int(cpus)))
     check_metadata_fields(scans, source)
     chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
     bad = bad_signatures(scans, chosen)
     kept = None
     gone = None if excluded is None or not excluded.num_rows else ray.put(excluded)
+    parts = fan_in.per_bucket()
     if documents:
         dedup = ray.remote(_dedup_documents).options(num_cpus=task_cpus, num_returns=2)
-        pairs = [dedup.remote(frozenset(bad), gone, *[r[b + 1] for r in refs])
-                 for b in range(buckets)]
+        pairs = [dedup.remote(frozenset(bad), gone, *parts[b]) for b in range(buckets)]
         losers = ray.get([p[0] for p in pairs])
         kept = [p[1] for p in pairs]
     else:
         dedup = ray.remote(_dedup).options(num_cpus=task_cpus)
-        losers = ray.get([dedup.remote(frozenset(bad), gone, *[r[b + 1] for r in refs])
+        losers = ray.get([dedup.remote(frozenset(bad), gone, *parts[b])
                           for b in range(buckets)])
-    del refs  # the scans' bucket tables can go from the object store
+    del parts, fan_in  # the bucket tables can go from the object store
     plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
     if source.limit is not None:
         plan = first_documents(plan, source.limit, source)
