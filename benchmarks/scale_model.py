@@ -13,8 +13,10 @@ and reports:
 - the driver's peak RSS: VmHWM of the quiver process itself (not Ray's workers), read from
   /proc/<pid>/status every 0.2 s;
 - from the JSON summary: commits, first commit seconds, read and tokenize task-seconds;
-- from the table: fragments, and the manifest bytes of the job's first and last commit
-  versions (those whose transaction carries `quiver.job`);
+- from the summary's `compaction`: the fragments the job wrote and the seconds of its
+  end-of-job compaction;
+- from the table: fragments (after that compaction), and the manifest bytes of the job's
+  first and last commit versions (those whose transaction carries `quiver.job`);
 - the first and last commit's seconds: the summary's `commit_seconds` list when there is
   one, else timings on stderr's `checkpoint committed` lines, else the mean
   (profile["commit"] / commits, marked "mean");
@@ -215,6 +217,8 @@ def measure(corpus: Path, model: str, docs: int, shards: int) -> dict[str, Any]:
         "planned_shards": s.get("shards"),
         "wall_s": first["wall_s"], "driver_peak_rss_mib": None if peak is None else peak / 2**20,
         "fragments": facts["fragments"], "commits": s.get("commits"),
+        "fragments_written": (s.get("compaction") or {}).get("fragments_written"),
+        "compaction_s": (s.get("compaction") or {}).get("seconds"),
         "first_commit_s": s.get("first_commit_s"),
         "first_commit_seconds": first_s, "last_commit_seconds": last_s,
         "commit_seconds_source": source,
@@ -314,6 +318,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 COLUMNS = (("shards", "shards", "{:,}"), ("planned", "planned_shards", "{:,}"),
            ("wall s", "wall_s", "{:.1f}"),
            ("driver RSS MiB", "driver_peak_rss_mib", "{:.0f}"), ("fragments", "fragments", "{}"),
+           ("written", "fragments_written", "{}"), ("compaction s", "compaction_s", "{:.1f}"),
            ("commits", "commits", "{}"), ("1st commit at s", "first_commit_s", "{:.1f}"),
            ("commit s first/last", ("first_commit_seconds", "last_commit_seconds"), "{:.3f}"),
            ("manifest B first/last", ("first_manifest_bytes", "last_manifest_bytes"), "{:,}"),
