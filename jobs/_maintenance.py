@@ -280,17 +280,20 @@ def _version_of(ds: lance.LanceDataset, version: int | str) -> int:
 
 
 def set_tag(uri: str, name: str, version: int | str, *,
-            storage_options: Mapping[str, str] | None = None) -> dict:
-    """Create or move a tag of the user's (not `current`, which restore and promote own)."""
+            storage_options: Mapping[str, str] | None = None, wait: bool = False) -> dict:
+    """Create or move a tag of the user's (not `current`, which restore and promote own),
+    under the table's lease like every other write: a job's cleanup at its end drops
+    versions no tag holds, so a tag must not land in the middle of it."""
     if name in (CURRENT_TAG, HELD_TAG):
         raise QueryError(f"{name!r} is Quiver's own tag; use `quiver table restore` or "
                          "`quiver table promote` to move it")
-    ds = open_dataset(uri, storage_options)
-    number = _version_of(ds, version)
-    if name in ds.tags.list():
-        ds.tags.update(name, number)
-    else:
-        ds.tags.create(name, number)
+    with Lease.acquire(uri, storage_options, wait=wait, purpose="quiver table tag"):
+        ds = open_dataset(uri, storage_options)
+        number = _version_of(ds, version)
+        if name in ds.tags.list():
+            ds.tags.update(name, number)
+        else:
+            ds.tags.create(name, number)
     return {"table": str(uri), "tag": name, "version": number}
 
 

@@ -361,12 +361,17 @@ def info(uri: str | Path, *, storage_options: dict[str, str] | None = None) -> d
 
 
 def include(uri: str | Path, doc_ids: Sequence[str], *,
-            storage_options: dict[str, str] | None = None) -> dict:
+            storage_options: dict[str, str] | None = None, wait: bool = False) -> dict:
     """Take documents off the table's exclusion list: the next job embeds them again if
-    the source has them. Returns how many were on it, and what stays excluded."""
+    the source has them. Returns how many were on it, and what stays excluded.
+
+    Under the table's lease: a running job reads the list when it plans, and a change in
+    the middle of its run would leave it embedding what the list no longer says."""
     from operators.exclusions import excluded_ids
     from operators.exclusions import include as take_off
+    from operators.lease import Lease
 
-    removed = take_off(str(uri), doc_ids, storage_options=storage_options)
+    with Lease.acquire(str(uri), storage_options, wait=wait, purpose="quiver table include"):
+        removed = take_off(str(uri), doc_ids, storage_options=storage_options)
     left = excluded_ids(str(uri), storage_options).num_rows
     return {"table": str(uri), "removed": removed, "still_excluded": left}

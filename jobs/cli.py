@@ -702,12 +702,12 @@ def table_include(
     table: TableArg,
     doc_id: Annotated[list[str], typer.Option("--doc-id", help="A document to let back in "
                                                "(repeatable).")],
-    storage_option: StorageOpt = None, as_json: JsonOpt = False,
+    storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
 ) -> None:
     """Take documents off the exclusion list; the next job embeds them again."""
     from jobs import api
 
-    data = api.include(table, doc_id, storage_options=_storage(storage_option))
+    data = api.include(table, doc_id, storage_options=_storage(storage_option), wait=wait)
     if _emitted(data, as_json):
         return
     print(f"included   {data['removed']} documents ({data['still_excluded']} stay excluded)")
@@ -753,11 +753,12 @@ def table_tags(table: TableArg, storage_option: StorageOpt = None,
 
 @table_app.command("tag")
 def table_tag(table: TableArg, name: str, version: str, storage_option: StorageOpt = None,
-              as_json: JsonOpt = False) -> None:
+              wait: WaitOpt = False, as_json: JsonOpt = False) -> None:
     """Create or move a tag: `quiver table tag T.lance before-migration 12`."""
     from jobs import api
 
-    data = api.set_tag(table, name, _version(version), storage_options=_storage(storage_option))
+    data = api.set_tag(table, name, _version(version), storage_options=_storage(storage_option),
+                       wait=wait)
     if _emitted(data, as_json):
         return
     print(f"tag        {data['tag']} -> version {data['version']}")

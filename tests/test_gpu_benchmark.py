@@ -12,8 +12,6 @@ from pathlib import Path
 
 from conftest import REPO, eval_dir
 
-from operators.embed import CPU_ROWS_PER_BLOCK
-
 
 def test_gpu_benchmark_cpu_fallback_runs_and_reports(tiny_model, tmp_path: Path) -> None:
     eval_dir("scifact")
@@ -30,7 +28,7 @@ def test_gpu_benchmark_cpu_fallback_runs_and_reports(tiny_model, tmp_path: Path)
     assert r["chunks"] > 60 and r["tokens"] > r["chunks"]  # the chunker's rows, real ids
     for key in ("a_tok_s", "b_tok_s", "c_tok_s", "t_tok_s"):
         assert r[key] > 0, key
-    assert r["rows_per_block"] == CPU_ROWS_PER_BLOCK  # blocks as a CPU actor gets them
-    assert 0.2 < r["b_tok_s"] / r["c_tok_s"] < 2  # the same batches, the same model
+    # b/c and the other ratios are the benchmark's to report: a test on a machine others
+    # share asserts no speed.
     assert r["cosine_min"] > 0.999  # bf16 autocast against fp32, chunk by chunk
     assert abs(r["ndcg10_fp32"] - r["ndcg10_half"]) <= 0.05

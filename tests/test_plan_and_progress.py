@@ -33,11 +33,13 @@ def _corpus(tmp_path: Path, stdlib_docs: list[dict]) -> Path:
     return path
 
 
-def _spec_file(tmp_path: Path, corpus: Path, model: str, table: Path) -> Path:
+def _spec_file(tmp_path: Path, corpus: Path, model: str, table: Path,
+               records_per_shard: int = 10) -> Path:
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "kind": "embed", "table": str(table), "model": {"name": model},
-        "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10,
+        "source": {"uri": str(corpus), "id_field": "id",
+                   "records_per_shard": records_per_shard,
                    "metadata_fields": ["year"]}}))
     return spec
 
@@ -71,8 +73,9 @@ def test_run_limit_embeds_the_first_documents_into_a_scratch_table(tmp_path, std
     table = tmp_path / "t.lance"
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": d["id"], "text": d["text"][:300]}
                                                  for d in stdlib_docs[:50]])
-    spec = _spec_file(tmp_path, corpus, tiny_model, table)
-    for n in (7, 12):  # a second try overwrites the scratch table
+    # A second try overwrites the scratch table; the third cuts the source's only shard.
+    for n, per_shard in ((7, 10), (12, 10), (40, 1000)):
+        spec = _spec_file(tmp_path, corpus, tiny_model, table, per_shard)
         result = runner.invoke(app, ["run", str(spec), "--limit", str(n), "--verbose",
                                      "--json"], catch_exceptions=False)
         assert result.exit_code == 0, result.output

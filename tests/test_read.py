@@ -197,3 +197,49 @@ def test_parquet_with_a_different_schema(tmp_path: Path) -> None:
     assert plan.documents == 0 and plan.rejects.num_rows == 2
     reasons = {r["position"]: r["reason"] for r in plan.rejects.to_pylist()}
     assert reasons == {0: "missing id field 'doc'", 1: "missing id field 'doc'"}
+
+
+def _cut(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_a_truncated_compressed_file_keeps_its_records_and_rejects_its_tail(
+        tmp_path: Path, codec: str) -> None:
+    """An interrupted download: the records before the cut are documents, the unreadable
+    tail is one reject naming the last good line, and every pass agrees on it."""
+    rows = [{"_id": f"d{i}", "text": f"record {i} " + "words " * (i % 50)} for i in range(3000)]
+    suffix = {"gzip": ".gz", "zstd": ".zst"}[codec]
+    path = tmp_path / f"cut.jsonl{suffix}"
+    with pa.CompressedOutputStream(str(path), codec) as out:
+        for row in rows:
+            out.write((json.dumps(row) + "\n").encode())
+    _cut(path, 0.6)
+    write_jsonl(tmp_path / "whole.jsonl", [{"_id": "w", "text": "an intact file"}])
+    source = SourceSpec(uri=str(tmp_path), id_field="_id", records_per_shard=500)
+    plan = plan_source(source)
+    rejects = plan.rejects.to_pylist()
+    assert len(rejects) == 1 and plan.reject_reasons == {"truncated compressed file": 1}
+    tail = rejects[0]
+    assert tail["source"] == str(path) and tail["position_kind"] == "line"
+    good = tail["position"] - 1
+    assert f"nothing after line {good} can be read" in tail["reason"]
+    assert 0 < good < len(rows)  # some records survive, the cut loses the rest
+    docs = _read_all(plan, source)
+    assert plan.documents == docs.num_rows == good + 1  # the intact file's one too
+    assert sorted(docs.column("doc_id").to_pylist()) == sorted(
+        ["w", *[f"d{i}" for i in range(good)]])
+
+
+def test_a_parquet_file_with_a_damaged_footer_is_one_reject(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"_id": ["a", "b"], "text": ["one", "two"]}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"_id": ["c", "d"], "text": ["three", "four"]}),
+                   tmp_path / "bad.parquet")
+    _cut(tmp_path / "bad.parquet", 0.9)  # the footer's magic bytes are gone
+    source = SourceSpec(uri=str(tmp_path), id_field="_id")
+    plan = plan_source(source)
+    (reject,) = plan.rejects.to_pylist()
+    assert reject["source"].endswith("bad.parquet")
+    assert reject["reason"].startswith("not a readable Parquet file, rejected whole")
+    assert sorted(_read_all(plan, source).column("doc_id").to_pylist()) == ["a", "b"]

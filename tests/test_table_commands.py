@@ -183,3 +183,24 @@ def test_rejects_counts_reasons_and_names_the_line(tmp_path, docs, tiny_model,
                for r in out["first"])
     with pytest.raises(TableError, match="cannot open as a Lance table"):
         quiver("table", "rejects", str(tmp_path / "nope.lance"))
+
+
+def test_tag_and_include_wait_for_the_lease_like_every_write(built) -> None:
+    """A running job holds the table's lease: a tag move or an exclusion-list change in
+    the middle of it is refused, naming the holder, and goes through once it is free."""
+    from operators.lease import Lease
+
+    _, table = built
+    held = Lease.acquire(str(table), purpose="a quiver run of c.jsonl")
+    try:
+        version = str(lance.dataset(str(table)).version)
+        for args in (("tag", str(table), "mine", version),
+                     ("include", str(table), "--doc-id", "x")):
+            result = runner.invoke(app, ["table", *args, "--json"])
+            assert result.exit_code != 0
+            assert "is being written by another run" in result.output, result.output
+        assert "mine" not in lance.dataset(str(table)).tags.list()
+    finally:
+        held.release()
+    assert quiver("table", "tag", str(table), "mine", version)["version"] == int(version)
+    assert quiver("table", "include", str(table), "--doc-id", "x")["removed"] == 0

@@ -134,13 +134,75 @@ class _Counted(io.RawIOBase):
         super().close()
 
 
+    @property
+    def truncated(self) -> str | None:
+        return getattr(self._raw, "truncated", None)
+
+
+DECOMPRESS_CHUNK = 1 << 16
+"""Bytes a compressed file's content is pulled from its codec in, whatever the reader
+asks for: so a truncated file always ends at the same byte."""
+
+
+class _Decompressed(io.RawIOBase):
+    """A compressed file's content. A file cut short (an interrupted download) reads as
+    ended where its last whole chunk ends, with `truncated` saying why, instead of
+    raising from the middle of a pass: the records before it are kept, and the format
+    rejects the unreadable tail as one record (`truncated_tail`)."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self._raw = raw
+        self._chunk = memoryview(b"")
+        self._at = 0
+        self.truncated: str | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._at >= len(self._chunk):
+            if self.truncated is not None:
+                return 0
+            try:
+                self._chunk = memoryview(self._raw.read(DECOMPRESS_CHUNK))
+            except OSError as err:  # Arrow: "Truncated compressed stream", a bad block
+                self.truncated, self._chunk = str(err), memoryview(b"")
+            self._at = 0
+            if not len(self._chunk):
+                return 0
+        n = min(len(buffer), len(self._chunk) - self._at)
+        buffer[:n] = self._chunk[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def truncation(stream: IO[bytes]) -> str | None:
+    """Why a stream from `open_stream` / `open_at` ended early (None: it did not)."""
+    return getattr(getattr(stream, "raw", None), "truncated", None)
+
+
+def truncated_tail(stream: IO[bytes], *, ordinal: int, position: int, offset: int,
+                   kind: str = "line") -> RawRecord:
+    """The reject that stands for a truncated file's unreadable tail: one record, at the
+    first position not read whole, naming the last good one."""
+    return RawRecord(ordinal, position, None,
+                     f"truncated compressed file: nothing after {kind} {position - 1} can be "
+                     f"read ({truncation(stream)}); the file was cut short, as an "
+                     "interrupted copy or download leaves it", "", offset)
+
+
 def open_stream(fs: pafs.FileSystem, file: SourceFile) -> IO[bytes]:
     """A buffered binary stream over the file, decompressed when its suffix says so."""
     check_pinned(fs, file)
     codec = compression_of(file.path)
     raw = fs.open_input_stream(file.path, compression=None, buffer_size=1 << 20)
     if codec is not None:
-        raw = pa.CompressedInputStream(raw, codec)
+        raw = _Decompressed(pa.CompressedInputStream(raw, codec))
     return io.BufferedReader(_Counted(raw), buffer_size=1 << 20)
 
 

@@ -14,6 +14,8 @@ from operators.sources.base import (
     SourceFormat,
     open_at,
     open_stream,
+    truncated_tail,
+    truncation,
 )
 from schemas.errors import SourceError
 from schemas.source import Unit
@@ -45,6 +47,8 @@ class _Lines:
 
     def __iter__(self) -> Iterator[str]:
         for raw in self._stream:
+            if not raw.endswith(b"\n") and truncation(self._stream):
+                return  # a line cut by the truncation: part of the unreadable tail
             self.offset += len(raw)
             self.line += 1
             try:
@@ -86,6 +90,9 @@ class CsvFormat(SourceFormat):
                 row_offset, row_line = lines.offset, lines.line + 1
                 row = next(reader, None)
                 if row is None:
+                    if truncation(stream) and ordinal >= start:
+                        yield truncated_tail(stream, ordinal=ordinal, position=row_line,
+                                             offset=row_offset)
                     return
                 if not row:
                     continue  # a blank line is not a record

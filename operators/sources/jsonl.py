@@ -18,6 +18,8 @@ from operators.sources.base import (
     compression_of,
     open_at,
     open_stream,
+    truncated_tail,
+    truncation,
 )
 from schemas.source import SourceFile, Unit
 from schemas.spec import SourceSpec
@@ -80,6 +82,8 @@ class JsonlFormat(SourceFormat):
             for line in stream:
                 if stop is not None and byte >= stop:
                     break
+                if not line.endswith(b"\n") and truncation(stream):
+                    break  # a line cut by the truncation: part of the unreadable tail
                 here, number = byte, line_no
                 byte += len(line)
                 line_no += 1
@@ -90,4 +94,7 @@ class JsonlFormat(SourceFormat):
                 if current < start:
                     continue
                 yield parse_line(line, ordinal=current, position=number, offset=here)
+            if truncation(stream) and (stop is None or byte < stop) and ordinal >= start:
+                yield truncated_tail(stream, ordinal=ordinal, position=line_no, offset=byte)
+                line_no += 1
         return line_no - first_line

@@ -13,6 +13,8 @@ from schemas.source import Unit
 from schemas.spec import SourceSpec
 
 BATCH_ROWS = 4096
+UNREADABLE = (pa.ArrowInvalid, OSError)
+"""What pyarrow raises for a file whose footer is damaged or missing."""
 
 
 def typed_kinds(schema: pa.Schema, source: SourceSpec) -> dict[str, pa.DataType]:
@@ -33,13 +35,23 @@ class ParquetFormat(SourceFormat):
         check_pinned(fs, unit.file)
         return pq.ParquetFile(fs.open_input_file(unit.file.path))
 
-    def file_kinds(self, unit: Unit, source: SourceSpec) -> dict[str, pa.DataType]:
-        return typed_kinds(self._open(unit, source).schema_arrow, source)
+    def file_kinds(self, unit: Unit, source: SourceSpec) -> dict[str, pa.DataType] | None:
+        try:
+            return typed_kinds(self._open(unit, source).schema_arrow, source)
+        except UNREADABLE:
+            return None  # rejected whole by iter_records; the other files give the types
 
     def iter_records(self, unit: Unit, source: SourceSpec, *, start: int = 0,
                      offset: int | None = None, position: int | None = None,
                      part: int = 0) -> Iterator[RawRecord]:
-        pf = self._open(unit, source)
+        try:
+            pf = self._open(unit, source)
+        except UNREADABLE as err:
+            # A damaged footer (a cut copy, a file still being written): no row can be
+            # found without it, so the file is one reject naming it.
+            yield RawRecord(0, 0, None, f"not a readable Parquet file, rejected whole: "
+                            f"{err}", unit.file.path)
+            return
         meta = pf.metadata
         kinds = tuple((n, str(t)) for n, t in typed_kinds(pf.schema_arrow, source).items())
         row = sum(meta.row_group(g).num_rows for g in range(part))

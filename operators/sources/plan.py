@@ -90,6 +90,8 @@ def reason_key(reason: str) -> str:
     ('invalid JSON', 'not valid UTF-8')
     >>> reason_key("wrong type for field 'n': expected int64, got str")
     "wrong type for field 'n'"
+    >>> reason_key("truncated compressed file: nothing after line 9 can be read (...)")
+    'truncated compressed file'
     """
     reason = re.sub(r" \(.*$", "", reason)
     if reason.startswith("duplicate id"):
@@ -252,7 +254,7 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
             shard = replace(shard, records=need, documents=need)
         kept.append(shard)
         documents += shard.documents or 0
-    if len(kept) == len(plan.shards):
+    if kept == plan.shards:  # nothing dropped and no shard cut
         return plan
     ids = {s.shard_id for s in kept}
     dirty = [(s, d) for s, d in plan.dirty if s.shard_id in ids]

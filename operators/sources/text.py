@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from operators.filesystems import resolve
-from operators.sources.base import RawRecord, SourceFormat, open_stream
+from operators.sources.base import RawRecord, SourceFormat, open_stream, truncation
 from schemas.source import SourceFile, Unit
 from schemas.spec import SourceSpec
 
@@ -33,6 +33,11 @@ class TextFormat(SourceFormat):
             where = SourceFile(f"{unit.file.path}/{rel.path}", rel.size, rel.mtime_ns)
             with open_stream(fs, where) as stream:
                 data = stream.read()
+                cut = truncation(stream)
+            if cut:
+                yield RawRecord(n, unit.start + n, None, f"truncated compressed file: "
+                                f"{rel.path} was cut short ({cut})", rel.path)
+                continue
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as err:
