@@ -9,9 +9,9 @@ Policy:
 - Cron expressions are parsed by `croniter` (5 fields, the scheduler's local time zone
   is not used: times are UTC).
 - One table is never written by two schedules at once: a run holds its table's lock
-  (`table-<hash of the table path>.lock`, created with O_EXCL), so a schedule whose
-  table is busy, its own earlier run or another schedule's, records the slot as
-  `skipped (table busy)`. A lock whose process is gone is stale and is taken over. (Each
+  (an `flock` of `table-<hash of the table path>.lock`), so a schedule whose table is
+  busy, its own earlier run or another schedule's, records the slot as
+  `skipped (table busy)`. The kernel frees the lock of a process that died. (Each
   run also holds the table's lease, `operators.lease`, against runs from elsewhere.)
 - A slot is marked fired only once its run has started (a `started` line in the
   history), and recorded done only with its outcome: a scheduler that dies before the
@@ -27,7 +27,6 @@ Policy:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from operators.lease import try_file_lock
 from schemas.errors import SpecError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -103,6 +103,7 @@ class ScheduleStore:
         self.root = Path(warehouse) / ".quiver"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # run lock name -> the descriptor holding its flock
 
     @property
     def _schedules_path(self) -> Path:
@@ -183,41 +184,24 @@ class ScheduleStore:
         return self.root / f"{name}.lock"
 
     def try_lock(self, name: str) -> bool:
-        """Take the schedule's run lock; False when a live run holds it."""
-        path = self._lock_path(name)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if _holder_alive(path):
-                    return False
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return True
-        return False
+        """Take the schedule's run lock; False when a live run holds it.
+
+        An `flock` (`operators.lease.try_file_lock`), not a pid file: the kernel frees it
+        when its holder dies, so no reader can mistake a live holder for a stale one."""
+        fd = try_file_lock(self._lock_path(name))
+        if fd is None:
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())  # for people looking at the folder
+        with self._lock:
+            self._held[name] = fd
+        return True
 
     def unlock(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._lock_path(name).unlink()
-
-
-def _holder_alive(path: Path) -> bool:
-    try:
-        pid = int(path.read_text().strip() or "0")
-    except (OSError, ValueError):
-        return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with self._lock:
+            fd = self._held.pop(name, None)
+        if fd is not None:
+            os.close(fd)  # releases the flock; the file stays, unlinking it would race
 
 
 def due_slot(schedule: Schedule, now: datetime) -> datetime | None:

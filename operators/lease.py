@@ -113,14 +113,26 @@ class _Conflict(Exception):
     """A compare-and-swap lost the race; read again."""
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `path` (created if missing; its folder too), across
-    processes on a local or NFS disk."""
+def try_file_lock(path: Path, *, block: bool = False) -> int | None:
+    """An exclusive `flock` on `path` (created if missing; its folder too), across
+    processes on a local or NFS disk: the open descriptor that holds it (close it to
+    release), or None when another holds it and `block` is false. The kernel drops the
+    lock when its holder dies, so there is no stale lock to detect or take over."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` for the block (`try_file_lock`, waiting)."""
+    fd = try_file_lock(path, block=True)
+    try:
         yield
     finally:
         os.close(fd)  # closing releases the lock

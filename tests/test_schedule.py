@@ -215,3 +215,19 @@ def test_two_schedules_of_one_table_never_overlap(tmp_path, spec) -> None:
     sched.wait()
     statuses = sorted(h["status"] for h in store.history())
     assert statuses == ["skipped (table busy)", "succeeded"]
+
+
+def test_the_run_lock_is_held_by_one_store_and_freed_by_closing(tmp_path, spec) -> None:
+    """The run lock is an flock: a second store (another scheduler on the same warehouse)
+    cannot take it while the first holds it, whatever the file says (an empty file, the
+    moment before a pid file had its pid, read as stale by the old lock); released, it is
+    free at once."""
+    first, second = ScheduleStore(tmp_path / "wh"), ScheduleStore(tmp_path / "wh")
+    first.add("one", "0 * * * *", spec, now=T0)
+    name = first.load()["one"].lock_name()
+    assert first.try_lock(name)
+    (first.root / f"{name}.lock").write_text("")  # what a reader of the old lock saw
+    assert not second.try_lock(name) and not first.try_lock(name)
+    first.unlock(name)
+    assert second.try_lock(name)
+    second.unlock(name)
