@@ -243,3 +243,38 @@ def test_a_parquet_file_with_a_damaged_footer_is_one_reject(tmp_path: Path) -> N
     assert reject["source"].endswith("bad.parquet")
     assert reject["reason"].startswith("not a readable Parquet file, rejected whole")
     assert sorted(_read_all(plan, source).column("doc_id").to_pylist()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_hive_partition_folders_become_typed_fields(tmp_path: Path, fmt: str) -> None:
+    """`year=2020/lang=en/part-0.<fmt>`: `year` and `lang` are metadata fields of every
+    record below them, typed (int64, string), as pyarrow and Ray Data read them; a field
+    the file itself holds keeps the file's value."""
+    root = tmp_path / "data"
+    n = 0
+    for year in (2020, 2021):
+        for lang in ("en", "de"):
+            folder = root / f"year={year}" / f"lang={lang}"
+            folder.mkdir(parents=True)
+            rows = [{"_id": f"d{n + i}", "text": f"text {n + i}", "kept": year}
+                    for i in range(3)]
+            n += 3
+            if fmt == "parquet":
+                pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+            elif fmt == "jsonl":
+                write_jsonl(folder / "part-0.jsonl", rows)
+            else:
+                (folder / "part-0.csv").write_text("_id,text,kept\n" + "".join(
+                    f"{r['_id']},{r['text']},{r['kept']}\n" for r in rows))
+    source = SourceSpec(uri=str(root), id_field="_id", records_per_shard=2)
+    plan = plan_source(source)
+    assert plan.rejects.num_rows == 0
+    assert plan.metadata.field("year").type == pa.int64()
+    assert plan.metadata.field("lang").type == pa.string()
+    docs = _read_all(plan, source)
+    by_id = {r["doc_id"]: r for r in docs.to_pylist()}
+    assert len(by_id) == 12
+    assert (by_id["d0"]["year"], by_id["d0"]["lang"]) == (2020, "en")
+    assert {(r["year"], r["lang"]) for r in by_id.values()} == {
+        (y, lang) for y in (2020, 2021) for lang in ("en", "de")}
+    assert all(r["kept"] == r["year"] for r in by_id.values())

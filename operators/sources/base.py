@@ -268,7 +268,8 @@ def _file(info: pafs.FileInfo) -> SourceFile:
     return SourceFile(info.path, int(info.size or 0), info.mtime_ns)
 
 
-def _glob_root(path: str) -> str:
+def glob_root(path: str) -> str:
+    """The fixed folder a glob's matches are under."""
     head = path[: min(path.index(c) for c in GLOB_CHARS if c in path)]
     return head.rsplit("/", 1)[0] if "/" in head else "."
 
@@ -302,7 +303,7 @@ def list_source(source: SourceSpec, formats: dict[ShardKind, SourceFormat]) -> L
         root = path.rstrip("/")
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     else:
-        root = _glob_root(path)
+        root = glob_root(path)
         pattern = path
         infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
                                                                allow_not_found=True))

@@ -25,6 +25,7 @@ from operators.sources.base import (
     mismatch,
     record_kinds,
 )
+from operators.sources.partitions import records
 from operators.sources.scan import validate
 from schemas.errors import SourceChangedError
 from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN
@@ -35,8 +36,8 @@ from schemas.spec import SourceSpec
 def shard_records(shard: Shard, source: SourceSpec) -> Iterator[RawRecord]:
     """The shard's records, read from its start (offset) to its last record."""
     end = shard.start + shard.records
-    for rec in FORMATS[shard.kind].iter_records(
-            shard.unit, source, start=shard.start, offset=shard.offset,
+    for rec in records(
+            FORMATS[shard.kind], shard.unit, source, start=shard.start, offset=shard.offset,
             position=shard.first_position, part=shard.part):
         if rec.ordinal >= end:
             return
@@ -226,8 +227,8 @@ def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Sch
                                None if only is None else only.get(shard.shard_id, ()))
 
     current = documents(next(todo))
-    for rec in FORMATS[first.kind].iter_records(
-            first.unit, source, start=first.start, offset=first.offset,
+    for rec in records(
+            FORMATS[first.kind], first.unit, source, start=first.start, offset=first.offset,
             position=first.first_position, part=first.part):
         if rec.ordinal >= end:
             break

@@ -31,6 +31,7 @@ from operators.sources.base import (
     metadata_names,
     record_kinds,
 )
+from operators.sources.partitions import file_kinds, records
 from schemas.errors import SourceError
 from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN
 from schemas.source import ShardKind, Unit
@@ -118,7 +119,7 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
     current: ShardScan | None = None
     bytes_before = BYTES_READ[0]
     returned: list = []
-    for rec in _returned(fmt.iter_records(unit, source), returned):
+    for rec in _returned(records(fmt, unit, source), returned):
         if current is None or current.records >= per or rec.part != current.part:
             current = ShardScan(rec.ordinal, rec.position, rec.offset, rec.part)
             shards.append(current)
@@ -142,8 +143,8 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
             column.append(value)
     tables = [pa.table([pa.array(c, f.type) for c, f in zip(cols[b], schema, strict=True)],
                        schema=schema) for b in range(buckets)]
-    file_kinds = fmt.file_kinds(unit, source) if fmt.typed and shards else None
-    return UnitScan(unit, shards, list(fields), file_kinds, BYTES_READ[0] - bytes_before,
+    types = file_kinds(fmt, unit, source) if fmt.typed and shards else None
+    return UnitScan(unit, shards, list(fields), types, BYTES_READ[0] - bytes_before,
                     returned[0] if isinstance(returned[0], int) else None), tables
 
 
