@@ -798,7 +798,11 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                builder=builder)
-    mark_finished(run.table(), job=planned.job)  # before the tag, so it tags the last
+    # Before the tag, so it tags the last version; fenced by the lease's epoch.
+    mark_finished(run.table(), job=planned.job, storage_options=opts,
+                  epoch=planned.lease.record.epoch if planned.lease is not None else 0)
+    if planned.lease is not None:
+        planned.lease.check()  # a tag is no Lance transaction: the lease is its fence
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
     if change_report and change_report.get("held"):
         progress(change_report["hint"])

@@ -12,10 +12,12 @@ names files that are gone). So every writing run holds the table's lease:
 - the holder rewrites its heartbeat every `HEARTBEAT_S`; a lease whose heartbeat is
   older than `TIMEOUT_S` belongs to a dead run and can be taken over, which raises the
   epoch;
-- before each commit the holder checks that the lease still names it at its epoch
-  (`Lease.check`), so a run that stalled past the timeout and was taken over never
-  commits again (the check and the commit are milliseconds apart; a takeover needs
-  `TIMEOUT_S` of silence);
+- a takeover fences the table (`fence`): it commits a `Restore` of the latest version
+  and a config write of its epoch, which Lance's own conflict detection then holds
+  against every late transaction of the old holder, so a run that stalled anywhere, even
+  between its lease check and its commit, cannot commit once taken over;
+- before each commit the holder also checks that the lease still names it at its epoch
+  (`Lease.check`), so it learns early and says so;
 - orphan files may be removed only under the lease, and after a takeover only those
   older than the dead holder's last heartbeat (`Lease.orphans_before`).
 
@@ -217,6 +219,39 @@ def _store(uri: str, options: Mapping[str, str]):
     return _LocalStore(Path(uri.removeprefix("file://")).absolute())
 
 
+EPOCH_KEY = "quiver.lease_epoch"
+"""Table config key: the lease epoch of the last fence or config write."""
+
+
+def fence(uri: str, storage_options: Mapping[str, str] | None, *, epoch: int) -> int | None:
+    """Make Lance itself refuse every late commit of the holder just taken over.
+
+    A takeover commits a `Restore` of the latest version, then an `UpdateConfig` of
+    `EPOCH_KEY`. Lance then refuses, with `CommitConflictError`, any transaction read
+    from an earlier version that could land on top: an `Append`, `Update`, `Delete`,
+    `Rewrite` (compaction) or `Merge` conflicts with the `Restore`, and a config write
+    that names `EPOCH_KEY` (Quiver's own: `operators.write.mark_finished`) with the
+    `UpdateConfig`. No timing is involved: a holder that stalled anywhere, even between
+    its lease check and its commit, cannot commit once fenced. Returns the version the
+    fence ends at (None: there is no table yet, so nothing to fence).
+    """
+    import lance
+
+    try:
+        latest = lance.dataset(uri, storage_options=dict(storage_options or {}) or None)
+    except ValueError:
+        return None  # no table yet
+    options = dict(storage_options or {}) or None
+    version = latest.version
+    ds = lance.LanceDataset.commit(uri, lance.LanceOperation.Restore(version),
+                                   read_version=version, storage_options=options)
+    update = lance.LanceOperation.UpdateConfig(
+        config_updates=lance.LanceOperation.UpdateMap({EPOCH_KEY: str(epoch)}))
+    ds = lance.LanceDataset.commit(uri, update, read_version=ds.version,
+                                   storage_options=options)
+    return ds.version
+
+
 class Lease:
     """This run's hold on one table's lease (see the module docstring)."""
 
@@ -259,6 +294,7 @@ class Lease:
                     print(f"[quiver] took over the table's lease from a run that "
                           f"{'exited' if exited else 'stopped beating'}: {held.describe()}",
                           file=sys.stderr, flush=True)
+                    fence(str(uri), storage_options, epoch=record.epoch)
                 return cls(store, record, new, held if held and held.holder else None,
                            gone=exited)
             if not wait:

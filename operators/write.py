@@ -8,9 +8,8 @@ is what lets a killed job resume without redoing or duplicating work.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -47,26 +46,6 @@ def write_fragments(table: pa.Table, uri: str | Path, *, schema: pa.Schema,
     )
 
 
-@contextlib.contextmanager
-def _writers_lock(uri: str | Path) -> Iterator[None]:
-    """Serialise Quiver's check-then-commit on a local table across processes.
-
-    Between reading the latest version and committing, another writer could commit, and
-    Lance would rebase an append over it. A lock file beside the table closes that window
-    on local (and NFS) disks; an object store has no such lock, and there the window is
-    the few milliseconds between the check and Lance's own commit.
-    """
-    uri = str(uri)
-    if "://" in uri and not uri.startswith("file://"):
-        yield
-        return
-    from operators.lease import file_lock
-
-    path = Path(uri.removeprefix("file://")).absolute()
-    with file_lock(path.parent / f".{path.name}.commit-lock"):
-        yield
-
-
 def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
            mode: Literal["create", "append", "update"], schema: pa.Schema,
            read_version: int | None = None, job: str, shards: Iterable[str],
@@ -96,21 +75,23 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
             was taken over commits nothing (`LeaseLostError`).
     """
     fragments = list(fragments)
-    with _writers_lock(uri):
-        if lease is not None:
-            lease.check()
-        if expect_latest is not None:
-            latest = latest_version(uri, storage_options)
-            if latest != expect_latest:
-                raise ConcurrentWriteError(
-                    f"{uri}: another writer committed version {latest} while this job ran "
-                    f"(it last saw {expect_latest or 'no table'}); this checkpoint was not "
-                    "committed. Run the job again when the other writer is done: it "
-                    "resumes.")
-        return _commit(uri, fragments, mode=mode, schema=schema, read_version=read_version,
-                       job=job, shards=shards, storage_options=storage_options,
-                       removed_fragment_ids=removed_fragment_ids,
-                       updated_fragments=updated_fragments)
+    # No lock is held around the check and the commit: a run that stalls between them
+    # and is taken over is refused by Lance itself, through the takeover's fence
+    # (`operators.lease.fence`), so a stalled holder blocks nobody.
+    if lease is not None:
+        lease.check()
+    if expect_latest is not None:
+        latest = latest_version(uri, storage_options)
+        if latest != expect_latest:
+            raise ConcurrentWriteError(
+                f"{uri}: another writer committed version {latest} while this job ran "
+                f"(it last saw {expect_latest or 'no table'}); this checkpoint was not "
+                "committed. Run the job again when the other writer is done: it "
+                "resumes.")
+    return _commit(uri, fragments, mode=mode, schema=schema, read_version=read_version,
+                   job=job, shards=shards, storage_options=storage_options,
+                   removed_fragment_ids=removed_fragment_ids,
+                   updated_fragments=updated_fragments)
 
 
 def _commit(uri: str | Path, fragments: list[FragmentMetadata], *,
@@ -196,10 +177,20 @@ def job_finished(ds: lance.LanceDataset, *, job: str) -> bool:
     return config.get(DONE_KEY) == job and (rows is None or int(rows) == ds.count_rows())
 
 
-def mark_finished(ds: lance.LanceDataset, *, job: str) -> None:
+def mark_finished(ds: lance.LanceDataset, *, job: str, epoch: int = 0,
+                  storage_options: Mapping[str, str] | None = None) -> lance.LanceDataset:
     """Record in the table's config that `job` is complete, so a rerun is a no-op even
-    after its checkpoint versions (and the shard lists they carry) are cleaned up."""
-    ds.update_config({DONE_KEY: job, DONE_ROWS_KEY: str(ds.count_rows())})
+    after its checkpoint versions (and the shard lists they carry) are cleaned up.
+
+    One `UpdateConfig` read from `ds`'s version that also names the writer's lease
+    `epoch` (`operators.lease.EPOCH_KEY`): after a takeover's fence, Lance refuses it
+    from a holder that lost the lease."""
+    from operators.lease import EPOCH_KEY
+
+    update = lance.LanceOperation.UpdateConfig(config_updates=lance.LanceOperation.UpdateMap(
+        {DONE_KEY: job, DONE_ROWS_KEY: str(ds.count_rows()), EPOCH_KEY: str(epoch)}))
+    return lance.LanceDataset.commit(ds.uri, update, read_version=ds.version,
+                                     storage_options=dict(storage_options or {}) or None)
 
 
 def cleanup_checkpoints(ds: lance.LanceDataset, versions: Iterable[int]) -> int:

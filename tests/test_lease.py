@@ -67,26 +67,52 @@ def test_a_dead_holder_is_taken_over_and_its_late_files_are_kept(tmp_path) -> No
 
 
 def test_a_stalled_holder_that_was_taken_over_commits_nothing(tmp_path) -> None:
-    """Run A stalls past the timeout; run B takes the lease over. A's next commit checks
-    its lease first and fails, so the table never gets A's rows."""
+    """Run A stalls past the timeout; run B takes the lease over and fences the table. A's
+    next commit fails at its lease check; and the commits of an A that had passed its
+    check before the takeover (the window a GC pause or a SIGSTOP leaves) are refused by
+    Lance itself: an append, a reindex's update, a compaction and `mark_finished`."""
+    from lance.commit import CommitConflictError
+    from lance.optimize import Compaction, CompactionOptions
+
+    from operators.lease import EPOCH_KEY
+    from operators.write import _commit, mark_finished
+
     table = tmp_path / "t.lance"
     schema = pa.schema([("id", pa.string())])
-    lance.write_dataset(pa.table({"id": ["a"]}, schema=schema), str(table))
+    lance.write_dataset(pa.table({"id": ["a", "c"]}, schema=schema), str(table))
+    lance.write_dataset(pa.table({"id": ["b"]}, schema=schema), str(table), mode="append")
     stalled = Lease.acquire(str(table))
+    seen = lance.dataset(str(table))  # what A read: version 2
+    rows = write_fragments(pa.table({"id": ["x"]}, schema=schema), str(table), schema=schema)
+    gone = seen.get_fragments()[0].delete("id = 'a'")
+    compacted = [t.execute(seen) for t in Compaction.plan(seen, CompactionOptions()).tasks]
     time.sleep(0.2)
     taker = Lease.acquire(str(table), timeout_s=0.1)  # A's heartbeat is 0.2 s old
     assert taker.record.epoch == stalled.record.epoch + 1
-    rows = write_fragments(pa.table({"id": ["x"]}, schema=schema), str(table), schema=schema)
+    fenced = lance.dataset(str(table))
+    assert fenced.version == 4 and fenced.config()[EPOCH_KEY] == str(taker.record.epoch)
     with pytest.raises(LeaseLostError, match="was taken over"):
-        commit(str(table), rows, mode="append", schema=schema, read_version=1, job="j",
+        commit(str(table), rows, mode="append", schema=schema, read_version=2, job="j",
                shards=["s"], lease=stalled)
-    assert lance.dataset(str(table)).version == 1
+    late = dict(schema=schema, read_version=2, job="j", shards=["s"], storage_options=None,
+                removed_fragment_ids=[], updated_fragments=[])
+    with pytest.raises(CommitConflictError):
+        _commit(str(table), rows, mode="append", **late)
+    with pytest.raises(CommitConflictError):
+        _commit(str(table), rows, mode="update", **{**late, "updated_fragments": [gone]})
+    with pytest.raises((CommitConflictError, OSError), match="ncompatible"):
+        Compaction.commit(seen, compacted)
+    with pytest.raises(CommitConflictError):
+        mark_finished(seen, job="j", epoch=stalled.record.epoch)
+    after = lance.dataset(str(table))
+    assert after.version == 4 and sorted(after.to_table().column("id").to_pylist()) == \
+        ["a", "b", "c"]
     stalled.release()  # a lost lease is not released on the new holder's behalf
     with pytest.raises(LeaseHeldError):
         Lease.acquire(str(table))
-    commit(str(table), rows, mode="append", schema=schema, read_version=1, job="j",
+    commit(str(table), rows, mode="append", schema=schema, read_version=4, job="j",
            shards=["s"], lease=taker)
-    assert lance.dataset(str(table)).count_rows() == 2
+    assert lance.dataset(str(table)).count_rows() == 4
     taker.release()
 
 
