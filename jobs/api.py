@@ -43,7 +43,7 @@ from operators.model import describe_model
 from operators.search import DEFAULT_COLUMNS, VectorSearcher, take_rows, top_documents
 from schemas.errors import ManifestMismatchError, QueryError, TableError
 from schemas.manifest import TableManifest
-from schemas.records import CODEC_COLUMNS, DOC_HASH_COLUMN
+from schemas.records import CODEC_COLUMNS, HASH_COLUMNS
 from schemas.spec import JobSpec, ModelSpec, load_spec
 
 SEARCH_MODES = ("dense", "fts", "hybrid")
@@ -254,7 +254,7 @@ def _with_defaults(columns: Sequence[str]) -> tuple[str, ...]:
     return (*DEFAULT_COLUMNS, *(c for c in columns if c not in DEFAULT_COLUMNS))
 
 
-HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), "content_hash", DOC_HASH_COLUMN)
+HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), *HASH_COLUMNS)
 """Columns a hit never carries: vectors and hashes (bytes, not answers)."""
 
 _ENCODERS: dict[tuple, TextEncoder] = {}

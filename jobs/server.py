@@ -38,8 +38,10 @@ BEARER = HTTPBearer(auto_error=False, description="The server's --token (QUIVER_
 `create_app` (a missing token is a 401 there, not FastAPI's 403)."""
 OPEN_TABLES = 8
 """Table versions kept open; the least recently used one is closed past this."""
-MAX_K = 1000
-MAX_BATCH = 256
+HTTP_MAX_K = 1000
+HTTP_MAX_BATCH = 256
+"""An HTTP request's k and batch: tighter than the Python API's (`jobs.api.MAX_K`,
+`MAX_BATCH`), since anyone who reaches the port can send them."""
 MAX_QUERY_CHARS = 10_000
 TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
@@ -49,7 +51,7 @@ class SearchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=HTTP_MAX_K)
     mode: Literal["dense", "fts", "hybrid"] = "dense"
     using: Literal["auto", "float", "int8", "binary"] = "auto"
     rescore: int | None = Field(None, ge=1, le=100)
@@ -78,7 +80,7 @@ class SearchRequest(SearchOptions):
 class BatchRequest(SearchOptions):
     """Many query texts, embedded in one batch."""
 
-    queries: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+    queries: list[str] = Field(min_length=1, max_length=HTTP_MAX_BATCH)
 
     @model_validator(mode="after")
     def _bounded(self) -> BatchRequest:

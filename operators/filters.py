@@ -23,13 +23,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.errors import FilterError
+from schemas.records import HASH_COLUMNS
 
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "is_null")
 _CLAUSE = re.compile(
     r"^\s*(?P<name>[^\s=!<>]+)\s*(?P<op>>=|<=|!=|=|>|<|\s+in\s+)\s*(?P<value>.*)$", re.DOTALL)
 _CLAUSE_OPS = {"=": "eq", "!=": "ne", ">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
 MAX_IN_VALUES = 10_000
-HIDDEN_COLUMNS = frozenset({"content_hash", "doc_hash"})
+UNFILTERABLE_COLUMNS = frozenset(HASH_COLUMNS)
 
 
 def filterable(schema: pa.Schema) -> dict[str, pa.DataType]:
@@ -40,7 +41,7 @@ def filterable(schema: pa.Schema) -> dict[str, pa.DataType]:
         scalar = (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
                   or pa.types.is_floating(t) or pa.types.is_boolean(t)
                   or pa.types.is_timestamp(t) or pa.types.is_date(t))
-        if scalar and field.name not in HIDDEN_COLUMNS and not field.name.startswith("_"):
+        if scalar and field.name not in UNFILTERABLE_COLUMNS and not field.name.startswith("_"):
             out[field.name] = t
     return out
 

@@ -12,7 +12,8 @@ names files that are gone). So every writing run holds the table's lease:
 - the holder rewrites its heartbeat every `HEARTBEAT_S`; a lease whose heartbeat is
   older than `TIMEOUT_S` belongs to a dead run and can be taken over, which raises the
   epoch;
-- a takeover fences the table (`fence`): it commits a `Restore` of the latest version
+- a takeover of a silent holder fences the table (`fence`): it commits a `Restore` of
+  the latest version
   and a config write of its epoch, which Lance's own conflict detection then holds
   against every late transaction of the old holder, so a run that stalled anywhere, even
   between its lease check and its commit, cannot commit once taken over;
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,18 @@ class LeaseRecord:
     boot: str = ""
     """The holder machine's boot id: with the host name, what tells that a holder on this
     machine has exited (its pid is gone), so its lease goes at once."""
+    pidns: str = ""
+    """The holder's PID namespace (`/proc/self/ns/pid`): containers that share a host name
+    and boot id do not share pids, so a pid is only looked up in the namespace it is in."""
 
     def exited(self) -> bool:
         """Whether the holder is known to be gone: it ran on this machine (same host
-        name and boot id) and its pid no longer exists. A reused pid reads as alive, and
-        a holder elsewhere is never known gone: both wait for the timeout."""
-        if not self.holder or self.host != socket.gethostname() or self.boot != _boot_id():
+        name and boot id) in this PID namespace, and its pid no longer exists. A reused
+        pid reads as alive, and a holder elsewhere (another machine, another container's
+        namespace, or a record without one) is never known gone: it waits for the
+        timeout."""
+        if not self.holder or self.host != socket.gethostname() or self.boot != _boot_id() \
+                or not self.pidns or self.pidns != _pid_namespace():
             return False
         try:
             os.kill(self.pid, 0)
@@ -101,6 +108,13 @@ class LeaseRecord:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return (f"pid {self.pid} on {self.host}, since {started} (epoch {self.epoch}, "
                 f"last heartbeat {time.time() - self.heartbeat:.0f}s ago)")
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _boot_id() -> str:
@@ -256,11 +270,15 @@ class Lease:
     """This run's hold on one table's lease (see the module docstring)."""
 
     def __init__(self, store, record: LeaseRecord, token: Any,
-                 previous: LeaseRecord | None, *, gone: bool = False) -> None:
+                 previous: LeaseRecord | None, *, gone: bool = False, fenced: bool = False,
+                 heartbeat_s: float = HEARTBEAT_S,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store, self.record, self._token = store, record, token
         self.previous = previous
         """The dead holder this lease was taken over from, if any."""
         self._previous_gone = gone
+        self._fenced = fenced
+        self._heartbeat_s, self._clock = heartbeat_s, clock
         self._lost: str | None = None
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeats, daemon=True,
@@ -269,9 +287,18 @@ class Lease:
 
     @classmethod
     def acquire(cls, uri: str, storage_options: Mapping[str, str] | None = None, *,
-                purpose: str = "", wait: bool = False,
-                timeout_s: float = TIMEOUT_S) -> Lease:
+                purpose: str = "", wait: bool = False, timeout_s: float = TIMEOUT_S,
+                heartbeat_s: float = HEARTBEAT_S,
+                clock: Callable[[], float] = time.time) -> Lease:
         """Take the table's lease, taking over one whose holder stopped beating.
+
+        Whether a holder stopped is decided on this run's own monotonic clock, never by
+        comparing the holder's clock with ours: a lease is taken over only after this
+        run has watched it stay unchanged for `timeout_s` (a live holder rewrites it
+        every `heartbeat_s`). The heartbeat's age by `clock` (the holder's clock, written
+        in the record) only decides whether to watch at all: a lease that looks fresh is
+        refused at once (waited for with `wait`), one that looks stale is watched first.
+        So a skewed clock can cost a wait, never the takeover of a live holder.
 
         Raises:
             LeaseHeldError: a live run holds it (and `wait` is off), naming that run.
@@ -279,38 +306,54 @@ class Lease:
         store = _store(str(uri), storage_options or {})
         me = uuid.uuid4().hex
         said = False
+        watched: tuple[Any, float] | None = None  # (token, when first seen unchanged)
         while True:
             held, token = store.read()
-            now = time.time()
             exited = held is not None and held.exited()
-            if held is None or not held.holder or exited or now - held.heartbeat > timeout_s:
+            silent = beating = False
+            if held is not None and held.holder and not exited:
+                if watched is None or watched[0] != token:
+                    beating = watched is not None  # it changed while we watched
+                    watched = (token, time.monotonic())
+                silent = time.monotonic() - watched[1] >= timeout_s
+            if held is None or not held.holder or exited or silent:
+                now = clock()
                 record = LeaseRecord(me, socket.gethostname(), os.getpid(), now, now,
-                                     (held.epoch if held else 0) + 1, purpose, _boot_id())
+                                     (held.epoch if held else 0) + 1, purpose, _boot_id(),
+                                     _pid_namespace())
                 try:
                     new = store.swap(record, token)
                 except _Conflict:
                     continue  # someone else moved first: look again
+                fenced = None
                 if held is not None and held.holder:
                     print(f"[quiver] took over the table's lease from a run that "
                           f"{'exited' if exited else 'stopped beating'}: {held.describe()}",
                           file=sys.stderr, flush=True)
-                    fence(str(uri), storage_options, epoch=record.epoch)
+                if held is not None and held.holder and not exited:
+                    # A silent holder may only be stalled: fence it. One known to have
+                    # exited (its pid gone, in this very PID namespace) commits nothing.
+                    fenced = fence(str(uri), storage_options, epoch=record.epoch)
                 return cls(store, record, new, held if held and held.holder else None,
-                           gone=exited)
-            if not wait:
+                           gone=exited, fenced=fenced is not None, heartbeat_s=heartbeat_s,
+                           clock=clock)
+            looks_stale = clock() - held.heartbeat > timeout_s and not beating
+            if not wait and not looks_stale:
                 raise LeaseHeldError(
                     f"{uri} is being written by another run: {held.describe()}"
                     + (f", {held.purpose}" if held.purpose else "") + ". Wait for it (quiver "
                     "run --wait), or if that run is dead, run again once its heartbeat is "
                     f"{timeout_s:.0f}s old")
             if not said:
-                print(f"[quiver] waiting for the table's lease: {held.describe()}",
-                      flush=True, file=sys.stderr)
+                doing = "watching a lease that looks abandoned" if looks_stale \
+                    else "waiting for the table's lease"
+                print(f"[quiver] {doing} ({timeout_s:.0f}s unchanged before taking it "
+                      f"over): {held.describe()}", flush=True, file=sys.stderr)
                 said = True
-            time.sleep(POLL_S)
+            time.sleep(min(POLL_S, max(timeout_s / 4, 0.01)))
 
     def _heartbeats(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self._heartbeat_s):
             try:
                 self._renew()
             except LeaseLostError as err:
@@ -323,7 +366,7 @@ class Lease:
         held, token = self._store.read()
         if not self._mine(held):
             raise LeaseLostError(self._lost_message(held))
-        record = LeaseRecord(**{**asdict(self.record), "heartbeat": time.time()})
+        record = LeaseRecord(**{**asdict(self.record), "heartbeat": self._clock()})
         try:
             self._token = self._store.swap(record, token)
         except _Conflict:
@@ -354,17 +397,19 @@ class Lease:
 
     def orphans_before(self) -> float:
         """Files older than this may be removed as orphans: everything when the lease
-        was free (its last holder released it) or its holder is known to have exited,
-        since nothing of theirs is in flight; after a takeover by timeout, only what the
-        silent holder wrote before its last heartbeat."""
-        if self.previous is None or self._previous_gone:
+        was free (its last holder released it), its holder is known to have exited, or
+        the takeover fenced the table (no late commit of the old holder can land, so
+        nothing it wrote can become referenced); after a takeover of a table not yet
+        created (nothing to fence), only what the silent holder wrote before its last
+        heartbeat."""
+        if self.previous is None or self._previous_gone or self._fenced:
             return time.time()
         return self.previous.heartbeat
 
     def release(self) -> None:
         """Stop beating and free the lease if it is still this run's."""
         self._stop.set()
-        self._beat.join(timeout=HEARTBEAT_S)
+        self._beat.join(timeout=self._heartbeat_s)
         if self._lost:
             return
         with contextlib.suppress(_Conflict):  # freed, epoch kept: epochs only ever rise

@@ -18,6 +18,8 @@ VECTOR_COLUMN = "vector"
 INT8_COLUMN = "vector_i8"
 BITS_COLUMN = "vector_bits"
 DOC_HASH_COLUMN = "doc_hash"
+HASH_COLUMNS = ("content_hash", DOC_HASH_COLUMN)
+"""Bookkeeping hashes: neither a filter nor a hit ever names them."""
 
 
 def hash_document(doc_id: str, text: str, metadata: Mapping[str, Any]) -> bytes:

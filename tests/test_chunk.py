@@ -94,18 +94,45 @@ def test_zero_rows(model_info) -> None:
     assert out.schema.field("input_ids").type == pa.list_(pa.int32())
 
 
-def test_a_10_mb_document_is_chunked_in_bounded_windows(model_info, stdlib_docs) -> None:
-    import resource
+TEN_MB_SCRIPT = """
+import json, resource, sys
+import pyarrow as pa
+from operators.chunk import Chunker
+path, max_tokens, corpus = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+text = "\\n\\n".join(json.loads(line)["text"] for line in open(corpus, encoding="utf-8"))
+huge = (text * (10_000_000 // len(text) + 1))[:10_000_000]
+chunker = Chunker(path, max_tokens=max_tokens, overlap=32, document_prefix="",
+                  metadata=pa.schema([]), config_fingerprint="cfg")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = chunker(pa.table({"doc_id": ["d0"], "text": pa.array([huge], pa.large_string())}))
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+lengths = [len(x) for x in out.column("input_ids").to_pylist()]
+print(json.dumps({"rows": out.num_rows, "longest": max(lengths), "grown_mb": grown,
+                  "last": out.column("id").to_pylist()[-1]}))
+"""
 
-    text = "\n\n".join(d["text"] for d in stdlib_docs)
-    huge = (text * (10_000_000 // len(text) + 1))[:10_000_000]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = _chunker(model_info)(_docs([huge]))
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    lengths = [len(x) for x in out.column("input_ids").to_pylist()]
-    assert out.num_rows > 5_000 and max(lengths) <= model_info.max_tokens
-    assert out.column("id").to_pylist()[-1] == f"d0#{out.num_rows - 1}"
-    assert grown_mb < 3_000  # tens of bytes per token, not a quadratic blow-up
+
+def test_a_10_mb_document_is_chunked_in_bounded_windows(model_info, tmp_path) -> None:
+    """In a process of its own, so the peak RSS it reads is this chunking's, not that of
+    whatever an earlier test in the same pytest process left behind."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from jobs._demo import build_stdlib_corpus
+
+    corpus = tmp_path / "stdlib.jsonl"
+    build_stdlib_corpus(corpus)
+    done = subprocess.run([sys.executable, "-c", TEN_MB_SCRIPT, model_info.path,
+                           str(model_info.max_tokens), str(corpus)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["rows"] > 5_000 and got["longest"] <= model_info.max_tokens
+    assert got["last"] == f"d0#{got['rows'] - 1}"
+    assert got["grown_mb"] < 3_000  # tens of bytes per token, not a quadratic blow-up
 
 
 def test_an_extremely_long_single_token_run(model_info) -> None:

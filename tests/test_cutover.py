@@ -45,7 +45,9 @@ def test_config_change_cuts_over_atomically(tmp_path, stdlib_docs, ray_local) ->
     summary = run_embed(_spec(corpus, table, beir, max_tokens=64, overlap=8))
     report = summary.cutover
     assert report["from_version"] == old_version and report["to_version"] == summary.version
-    assert report["queries"] == 8 and 0.0 <= report["top10_overlap"] <= 1.0
+    # Each query is a document's own text: both configurations find that document, so
+    # every query's two top-10 lists share at least it.
+    assert report["queries"] == 8 and report["top10_overlap_min"] >= 0.1
     ds = lance.dataset(str(table))
     assert ds.tags.list()[CURRENT_TAG]["version"] == summary.version
 

@@ -42,28 +42,65 @@ def test_a_second_run_is_refused_with_the_holder_named(tmp_path) -> None:
     second.release()
 
 
-def test_a_dead_holder_is_taken_over_and_its_late_files_are_kept(tmp_path) -> None:
-    """A holder whose heartbeat stopped more than the timeout ago is dead: the lease goes
-    to the next run at the next epoch, and orphan removal then spares every file written
-    after the dead holder's last heartbeat (it may be a stalled run's, still in flight)."""
+def test_a_silent_holder_is_taken_over_and_the_table_fenced(tmp_path) -> None:
+    """A holder on another machine whose lease stays unchanged for the timeout, as this
+    run watches it, is dead: the lease goes to the next run at the next epoch, which
+    fences the table, so even the files the silent holder wrote last can go (no late
+    commit of its can ever reference them)."""
     table = tmp_path / "t.lance"
     schema = pa.schema([("id", pa.string())])
     lance.write_dataset(pa.table({"id": ["a"]}, schema=schema), str(table))
-    early = write_fragments(pa.table({"id": ["b"]}, schema=schema), str(table), schema=schema)
-    time.sleep(0.05)
-    beat = time.time()
-    time.sleep(0.05)
-    late = write_fragments(pa.table({"id": ["c"]}, schema=schema), str(table), schema=schema)
-    assert early and late and len(orphan_data_files(lance.dataset(str(table)))) == 2
-    _pretend_held(table, heartbeat=beat, epoch=7)
+    written = [write_fragments(pa.table({"id": [x]}, schema=schema), str(table),
+                               schema=schema) for x in "bc"]
+    assert all(written) and len(orphan_data_files(lance.dataset(str(table)))) == 2
+    _pretend_held(table, heartbeat=time.time(), epoch=7)
     with pytest.raises(LeaseHeldError, match="pid 4242 on other-host"):
-        Lease.acquire(str(table), timeout_s=3600)  # still within its timeout
-    with Lease.acquire(str(table), timeout_s=0.01) as lease:  # long silent: taken over
-        assert lease.record.epoch == 8 and lease.previous.heartbeat == beat
+        Lease.acquire(str(table), timeout_s=3600)  # looks alive: refused at once
+    _pretend_held(table, heartbeat=time.time() - 3600, epoch=7)
+    with Lease.acquire(str(table), timeout_s=0.3) as lease:  # watched 0.3 s, unchanged
+        assert lease.record.epoch == 8 and lease.previous.epoch == 7
+        assert lance.dataset(str(table)).version == 3  # the fence: a Restore, a config
         assert remove_orphans(lance.dataset(str(table)),
-                              older_than=lease.orphans_before()) == 1
-    left = orphan_data_files(lance.dataset(str(table)))
-    assert [f.rsplit("/", 1)[-1] for f in left] == [late[0].data_files()[0].path]
+                              older_than=lease.orphans_before()) == 2
+    assert orphan_data_files(lance.dataset(str(table))) == []
+
+
+@pytest.mark.parametrize("skew_s", [120.0, -120.0])
+def test_a_live_holder_with_a_skewed_clock_is_never_taken_over(tmp_path, skew_s) -> None:
+    """The holder's clock is 120 s ahead of ours, or behind (its heartbeat then looks 120 s
+    old, which a clock comparison takes for dead). While it beats, the lease changes under
+    the watcher's eyes and is never taken over; once it stops, it is."""
+    table = tmp_path / "t.lance"
+    lance.write_dataset(pa.table({"id": ["a"]}), str(table))
+    holder = Lease.acquire(str(table), heartbeat_s=0.05, clock=lambda: time.time() + skew_s)
+    try:
+        with pytest.raises(LeaseHeldError):
+            Lease.acquire(str(table), timeout_s=0.5)  # ahead: looks fresh, refused at once
+        with pytest.raises(LeaseHeldError):
+            # behind: looks stale, so it is watched; it changes, so it is alive
+            Lease.acquire(str(table), timeout_s=0.5, wait=False)
+        holder.check()  # still the holder
+        holder._stop.set()  # it stalls: no more heartbeats
+        holder._beat.join()
+        taker = Lease.acquire(str(table), timeout_s=0.5, wait=True)
+        assert taker.record.epoch == holder.record.epoch + 1
+        with pytest.raises(LeaseLostError):
+            holder.check()
+        taker.release()
+    finally:
+        holder.release()
+
+
+def test_a_holder_in_another_pid_namespace_is_not_declared_dead(tmp_path) -> None:
+    """Same host name and boot id, but another container's PID namespace: its pid means
+    nothing here, so it is not known to have exited, whatever `kill(pid, 0)` says."""
+    from operators.lease import LeaseRecord, _boot_id, _pid_namespace
+
+    mine = LeaseRecord("h", socket.gethostname(), 999_999_999, 0.0, 0.0, 1, "", _boot_id(),
+                       _pid_namespace())
+    assert mine.exited()  # this namespace, no such pid: gone
+    assert not LeaseRecord(**{**mine.__dict__, "pidns": "pid:[4026531836]x"}).exited()
+    assert not LeaseRecord(**{**mine.__dict__, "pidns": ""}).exited()  # unknown: waits
 
 
 def test_a_stalled_holder_that_was_taken_over_commits_nothing(tmp_path) -> None:
@@ -130,14 +167,14 @@ def test_a_holder_on_this_machine_that_exited_is_taken_over_at_once(tmp_path) ->
     import subprocess
     import sys
 
-    from operators.lease import _boot_id
+    from operators.lease import _boot_id, _pid_namespace
 
     table = tmp_path / "t.lance"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     pid = int(dead.stdout)
     record = LeaseRecord("killed-run", socket.gethostname(), pid, time.time(), time.time(),
-                         3, boot=_boot_id())
+                         3, boot=_boot_id(), pidns=_pid_namespace())
     with open(_lease_file(table), "w") as f:
         json.dump(record.__dict__, f)
     with Lease.acquire(str(table)) as lease:
