@@ -238,6 +238,7 @@ def test_driver_killed_at_several_points_then_resumed(stdlib_docs, model_info, t
     assert orphan_data_files(lance.dataset(str(table))) == []
 
 
+@pytest.mark.heavy  # 2+ minutes of a two-node cluster: `make test-heavy`, not CI's budget
 def test_worker_node_removed_mid_job(docs, model_info, tmp_path) -> None:
 
     cluster, (worker,) = loopback_cluster(head={"num_cpus": 2, "include_dashboard": False},

@@ -198,7 +198,8 @@ def test_tag_and_include_wait_for_the_lease_like_every_write(built) -> None:
                      ("include", str(table), "--doc-id", "x")):
             result = runner.invoke(app, ["table", *args, "--json"])
             assert result.exit_code != 0
-            assert "is being written by another run" in result.output, result.output
+            said = result.output + str(result.exception or "")
+            assert "is being written by another run" in said, said
         assert "mine" not in lance.dataset(str(table)).tags.list()
     finally:
         held.release()
