@@ -50,10 +50,11 @@ from schemas.errors import ConcurrentWriteError, TableError
 
 HEARTBEAT_S = 10.0
 """How often the holder rewrites its heartbeat."""
-TIMEOUT_S = 60.0
-"""A lease whose heartbeat is older than this is a dead run's: six missed heartbeats, long
-beyond a Python pause or a slow object-store write, short enough that a crashed nightly
-run does not hold the next one back for long."""
+TIMEOUT_S = float(os.environ.get("QUIVER_LEASE_TIMEOUT_S", "60"))
+"""A lease watched unchanged this long is a dead (or stalled) run's: six missed
+heartbeats, long beyond a Python pause or a slow object-store write, short enough that a
+crashed nightly run does not hold the next one back for long. `QUIVER_LEASE_TIMEOUT_S`
+changes it (every run on a table must agree; `benchmarks/lease_stall.py` uses 5 s)."""
 POLL_S = 1.0
 """How often a waiting run looks at the lease again."""
 
