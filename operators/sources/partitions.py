@@ -28,6 +28,7 @@ from operators.sources.base import (
     glob_root,
     metadata_names,
 )
+from operators.sources.csv import csv_value
 from schemas.source import Unit
 from schemas.spec import SourceSpec
 
@@ -43,14 +44,7 @@ def partition_value(text: str) -> Any:
     True
     """
     text = unquote(text)
-    if text == HIVE_NULL:
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+    return None if text == HIVE_NULL else csv_value(text)
 
 
 def source_root(source: SourceSpec) -> str:
