@@ -43,6 +43,8 @@ HTTP_MAX_BATCH = 256
 """An HTTP request's k and batch: tighter than the Python API's (`jobs.api.MAX_K`,
 `MAX_BATCH`), since anyone who reaches the port can send them."""
 MAX_QUERY_CHARS = 10_000
+MAX_TAG_CHARS = 128
+"""A version tag's length in a request: anything longer is no tag of ours."""
 TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -60,7 +62,8 @@ class SearchOptions(BaseModel):
         None, description='Structured filter, e.g. {"year": {"gte": 2020}, "lang": "en"}.')
     columns: list[str] = Field(default_factory=list, max_length=64,
                                description="Extra columns to return with each hit.")
-    version: int | str | None = Field(None, description="Table version number or tag.")
+    version: int | Annotated[str, Field(max_length=MAX_TAG_CHARS)] | None = Field(
+        None, description="Table version number or tag.")
     rrf_k: int = Field(RRF_K, ge=1, le=1000, description="Hybrid search rank-fusion constant.")
 
 
@@ -155,8 +158,13 @@ class Warehouse:
             with self._lock:
                 if key in self._tables:
                     return self._tables[key]
-            table = open_table(self.path(name), version=version,
-                               storage_options=self.storage_options or None)
+            try:
+                table = open_table(self.path(name), version=version,
+                                   storage_options=self.storage_options or None)
+            except BaseException:
+                with self._lock:  # a failed open (no such version) leaves no lock behind
+                    self._opening.pop(key, None)
+                raise
             with self._lock:
                 self._tables[key] = table
                 self._opening.pop(key, None)

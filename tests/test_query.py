@@ -19,7 +19,7 @@ from conftest import REPO, free_port, start_server, write_jsonl
 
 from jobs._embed_job import run_embed
 from jobs.api import info, open_table
-from schemas.errors import FilterError, QueryError, SpecError
+from schemas.errors import FilterError, QueryError, SpecError, TableError
 from schemas.spec import parse_spec
 
 LANGS = ("en", "de", "fr")
@@ -204,6 +204,8 @@ def test_server_refuses_bad_auth_names_and_requests(server) -> None:
     assert _call(f"{server}/tables/docs/search", {"query": "x", "k": 100000},
                  token="s3cret")[0] == 422
     assert _call(f"{server}/tables/docs/search", {"k": 3}, token="s3cret")[0] == 422
+    assert _call(f"{server}/tables/docs/search", {"query": "x", "version": "v" * 129},
+                 token="s3cret")[0] == 422  # no tag is that long: refused before any I/O
     status, body = _call(f"{server}/tables/docs/search",
                          {"query": "x", "where": {"year": "soon"}}, token="s3cret")
     assert status == 400 and "not a valid int64" in body["detail"]
@@ -312,3 +314,6 @@ def test_warehouse_keeps_an_lru_of_tables_and_one_model(warehouse, monkeypatch) 
     for t in threads:
         t.join()
     assert opened == [versions[0]]
+    with pytest.raises(TableError):  # a failed open leaves no per-version lock behind
+        fresh.table("docs", "no-such-tag")
+    assert fresh._opening == {}
