@@ -183,8 +183,11 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
     """The ASGI app over `warehouse` (a folder or an object-store prefix, reached with
     `storage_options`); `token` (if set) is required on every request."""
     store = Warehouse(warehouse, storage_options=storage_options)
+    # FastAPI serves its schema and docs pages outside the routes' auth dependency: with
+    # a token the docs pages are off and the schema is a route behind the token.
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if token else {}
     app = FastAPI(title="Quiver", version="1",
-                  description="Search Quiver tables: dense, full-text and hybrid.")
+                  description="Search Quiver tables: dense, full-text and hybrid.", **hidden)
 
     too_big = {"detail": f"request body over {MAX_BODY_BYTES} bytes"}
 
@@ -231,6 +234,12 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
+
+    if token:
+        @app.get("/openapi.json", dependencies=guard, include_in_schema=False)
+        def openapi() -> dict:
+            """The schema, behind the token like every route."""
+            return app.openapi()
 
     @app.get("/tables", dependencies=guard)
     def list_tables() -> dict:

@@ -192,13 +192,16 @@ def test_server_lists_describes_and_searches(server) -> None:
                          {"queries": ["sockets", "time"], "k": 2, "mode": "hybrid"},
                          token="s3cret")
     assert status == 200 and [len(r) for r in body["results"]] == [2, 2]
-    status, body = _call(f"{server}/openapi.json")
+    status, body = _call(f"{server}/openapi.json", token="s3cret")
     assert status == 200 and "/tables/{name}/search" in body["paths"]
 
 
 def test_server_refuses_bad_auth_names_and_requests(server) -> None:
     assert _call(f"{server}/tables")[0] == 401
     assert _call(f"{server}/tables", token="wrong")[0] == 401
+    assert _call(f"{server}/openapi.json")[0] == 401  # the schema, behind the token too
+    for page in ("/docs", "/redoc"):  # pages FastAPI serves outside the auth: off
+        assert _call(f"{server}{page}", token="s3cret")[0] == 404, page
     for name in ("..%2F..%2Fetc", "docs.rejects", "nope", "a%00b"):
         assert _call(f"{server}/tables/{name}", token="s3cret")[0] == 404, name
     assert _call(f"{server}/tables/docs/search", {"query": "x", "k": 100000},
