@@ -219,17 +219,23 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
 
     guard = [Depends(authorised)]
 
+    def detail(err: Exception) -> dict:
+        """The error for a client: table paths relative to the warehouse, whose own
+        location (a folder of this machine, a bucket) is none of the client's business."""
+        return {"detail": str(err).replace(f"{store.root}/", "").replace(store.root,
+                                                                         "<warehouse>")}
+
     @app.exception_handler(QueryError)
     async def _query_error(_: Request, err: QueryError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, 400)
+        return JSONResponse(detail(err), 400)
 
     @app.exception_handler(ManifestMismatchError)
     async def _mismatch(_: Request, err: ManifestMismatchError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, 409)
+        return JSONResponse(detail(err), 409)
 
     @app.exception_handler(TableError)
     async def _table_error(_: Request, err: TableError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, 404)
+        return JSONResponse(detail(err), 404)
 
     @app.get("/health")
     def health() -> dict:

@@ -196,7 +196,7 @@ def test_server_lists_describes_and_searches(server) -> None:
     assert status == 200 and "/tables/{name}/search" in body["paths"]
 
 
-def test_server_refuses_bad_auth_names_and_requests(server) -> None:
+def test_server_refuses_bad_auth_names_and_requests(server, warehouse) -> None:
     assert _call(f"{server}/tables")[0] == 401
     assert _call(f"{server}/tables", token="wrong")[0] == 401
     assert _call(f"{server}/openapi.json")[0] == 401  # the schema, behind the token too
@@ -212,6 +212,10 @@ def test_server_refuses_bad_auth_names_and_requests(server) -> None:
     status, body = _call(f"{server}/tables/docs/search",
                          {"query": "x", "where": {"year": "soon"}}, token="s3cret")
     assert status == 400 and "not a valid int64" in body["detail"]
+    status, body = _call(f"{server}/tables/docs/search", {"query": "x", "version": "gone"},
+                         token="s3cret")
+    assert status == 404 and "docs.lance" in body["detail"]  # named, relative to it:
+    assert str(warehouse[0].resolve()) not in body["detail"]  # no path of this machine
     assert _status_of_oversized_post(server, "/tables/docs/search", 2_000_002) == 413
 
 
