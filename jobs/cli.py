@@ -41,7 +41,9 @@ ModelOpt = Annotated[
 StorageOpt = Annotated[list[str] | None, typer.Option(
     "--storage-option", "-S", help="Object-store option KEY=VALUE for an s3://, gs:// or "
     "az:// table (repeatable): aws_endpoint, aws_region, aws_access_key_id, allow_http...; "
-    "@FILE reads a profile: a YAML mapping of such options.")]
+    "@FILE reads a profile: a YAML mapping of such options. Pass secrets through @FILE or "
+    "the AWS_* environment variables: a KEY=VALUE argument is visible to anyone who can "
+    "list processes (ps).")]
 WaitOpt = Annotated[bool, typer.Option(
     "--wait", help="If a job is writing the table, wait for it (default: fail at once).")]
 
