@@ -13,8 +13,10 @@ Without an address (and without RAY_ADDRESS) the job runs here, in-process, like
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +28,7 @@ import yaml
 
 from jobs._net import is_loopback
 from schemas.errors import QuiverError, SpecError
-from schemas.spec import JobSpec, load_spec
+from schemas.spec import STORAGE_OPTIONS_ENV, JobSpec, load_spec
 
 ENTRYPOINT = "{python} -m jobs.cli run spec.yaml --json"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -82,24 +84,44 @@ def submit(spec_path: str | Path, *, address: str, submission_id: str | None = N
     """Submit a spec; returns the job's submission id. Relative source and table paths
     resolve against `base` (a schedule's workdir), else this process's directory."""
     spec = load_spec(spec_path)
-    data = resolved_spec(spec, base=base or Path.cwd())
+    data, secrets = without_storage_options(resolved_spec(spec, base=base or Path.cwd()))
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if secrets:  # into the job's environment, never into a file it ships or leaves
+        env[STORAGE_OPTIONS_ENV] = json.dumps(secrets)
     workdir = Path(tempfile.mkdtemp(prefix="quiver-submit-"))
-    (workdir / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    runtime_env = {"working_dir": str(workdir),
-                   "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
-    client = _client(address)
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            entrypoint = ENTRYPOINT.format(python=shlex.quote(entry_python(address, python)))
-            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                     submission_id=submission_id,
-                                     metadata={"quiver_spec": str(spec_path),
-                                               "table": data["table"]})
-        except RuntimeError as err:  # a just-started head has no job agent for a moment
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise QuiverError(f"{address} refused the job: {err}") from None
-            time.sleep(1)
+    try:
+        (workdir / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False),
+                                           encoding="utf-8")
+        runtime_env = {"working_dir": str(workdir), "env_vars": env}
+        client = _client(address)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                entrypoint = ENTRYPOINT.format(python=shlex.quote(entry_python(address,
+                                                                               python)))
+                return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                         submission_id=submission_id,
+                                         metadata={"quiver_spec": str(spec_path),
+                                                   "table": data["table"]})
+            except RuntimeError as err:  # a just-started head has no job agent for a moment
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise QuiverError(f"{address} refused the job: {err}") from None
+                time.sleep(1)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # uploaded by submit_job: not needed
+
+
+def without_storage_options(data: dict) -> tuple[dict, dict]:
+    """The resolved spec without its storage options (credentials, often), and those
+    options as `STORAGE_OPTIONS_ENV` carries them (empty when there are none)."""
+    data = {**data}
+    secrets = {}
+    for section in ("source", "write"):
+        part = dict(data.get(section) or {})
+        if options := part.pop("storage_options", None):
+            secrets[section] = options
+        data[section] = part
+    return data, secrets
 
 
 def list_jobs(address: str) -> list[dict]:

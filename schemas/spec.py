@@ -7,7 +7,7 @@ instead of being silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -387,4 +387,32 @@ def load_spec(path: str | Path) -> JobSpec:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None
-    return parse_spec(data, origin=str(p))
+    return parse_spec(with_env_storage_options(data), origin=str(p))
+
+
+STORAGE_OPTIONS_ENV = "QUIVER_STORAGE_OPTIONS"
+"""A JSON object `{"source": {...}, "write": {...}}` of storage options that `load_spec`
+merges into the spec's (over them): how `quiver submit` ships credentials to a cluster
+job without writing them into the job's files, and a way to keep them out of spec files."""
+
+
+def with_env_storage_options(data: Any) -> Any:
+    """`data` with `STORAGE_OPTIONS_ENV`'s options merged in (unchanged when unset)."""
+    import json
+    import os
+
+    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not raw or not isinstance(data, dict):
+        return data
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{STORAGE_OPTIONS_ENV}: not valid JSON: {err}") from None
+    if not isinstance(extra, dict) or set(extra) - {"source", "write"}:
+        raise SpecError(f'{STORAGE_OPTIONS_ENV}: expected {{"source": {{...}}, "write": {{...}}}}')
+    data = dict(data)
+    for section, options in extra.items():
+        part = dict(data.get(section) or {})
+        part["storage_options"] = {**(part.get("storage_options") or {}), **options}
+        data[section] = part
+    return data

@@ -81,3 +81,36 @@ def test_missing_source_file_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"source.uri: .*absent.jsonl: no such file"):
         run_embed(spec)
     assert not (tmp_path / "t.lance").exists()
+
+
+def test_submit_ships_storage_options_in_the_environment_not_in_files(tmp_path,
+                                                                      monkeypatch) -> None:
+    """`quiver submit` writes the spec without its storage options (credentials) and
+    sends them in the job's environment; the job's `load_spec` merges them back."""
+    import json
+
+    import yaml
+
+    from jobs.submit import resolved_spec, without_storage_options
+    from schemas.spec import STORAGE_OPTIONS_ENV, load_spec
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "kind": "embed", "table": "s3://bucket/t.lance",
+        "source": {"uri": "s3://bucket/corpus/", "id_field": "id",
+                   "storage_options": {"aws_secret_access_key": "SECRET1"}},
+        "write": {"storage_options": {"aws_secret_access_key": "SECRET2"}}}))
+    data, secrets = without_storage_options(resolved_spec(load_spec(spec_file),
+                                                          base=tmp_path))
+    shipped = tmp_path / "shipped.yaml"
+    shipped.write_text(yaml.safe_dump(data))
+    assert "SECRET" not in shipped.read_text()
+    assert secrets == {"source": {"aws_secret_access_key": "SECRET1"},
+                       "write": {"aws_secret_access_key": "SECRET2"}}
+    monkeypatch.setenv(STORAGE_OPTIONS_ENV, json.dumps(secrets))
+    job = load_spec(shipped)  # what the job on the cluster reads
+    assert job.source.storage_options == {"aws_secret_access_key": "SECRET1"}
+    assert job.write.storage_options == {"aws_secret_access_key": "SECRET2"}
+    monkeypatch.setenv(STORAGE_OPTIONS_ENV, "{not json")
+    with pytest.raises(SpecError, match=STORAGE_OPTIONS_ENV):
+        load_spec(shipped)
