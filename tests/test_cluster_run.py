@@ -40,6 +40,7 @@ def two_nodes():
     cluster.shutdown()
 
 
+@pytest.mark.heavy  # CI's 30 minutes: a two-node run stays in CI via test_streaming_job
 def test_two_node_run_matches_local_run(two_nodes, stdlib_docs, tiny_model,
                                         tmp_path: Path) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl",

@@ -185,6 +185,7 @@ def overlapping_run(corpus: Path, table: str, workdir: Path, *, wait: bool,
             "ids": sorted(rows.column("id").to_pylist())}
 
 
+@pytest.mark.heavy  # CI's 30 minutes: `make test-heavy`; the lease's wait is in test_lease
 def test_a_second_run_with_wait_waits_for_the_first(docs, model_info, tmp_path) -> None:
     """Run B of the same spec, with `--wait`, starts right after run A's first
     checkpoint: it waits for A, then finds the job done. A is never disturbed (no file of

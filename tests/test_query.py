@@ -281,7 +281,7 @@ def test_server_bounds_streamed_bodies_and_names_bad_columns(server) -> None:
         status, body = _call(f"{server}/tables/docs/search",
                              {"query": "x", "columns": [column]}, token="s3cret")
         assert status == 400 and f"unknown column {column!r}" in body["detail"], body
-    status, body = _call(f"{server}/openapi.json")
+    status, body = _call(f"{server}/openapi.json", token="s3cret")
     schemes = body["components"]["securitySchemes"]
     assert any(s == {"type": "http", "scheme": "bearer", **({"description": s[
         "description"]} if "description" in s else {})} for s in schemes.values()), schemes

@@ -161,6 +161,7 @@ def test_unchanged_source_rewritten_costs_no_model_no_commit(tmp_path, yearly, t
     assert lance.dataset(str(table)).version == version
 
 
+@pytest.mark.heavy  # CI's 30 minutes: a legacy-table migration, in `make test-heavy`
 def test_reindex_of_a_table_without_doc_hashes_embeds_nothing(tmp_path, yearly, tiny_model,
                                                               ray_local) -> None:
     """A table written before `doc_hash` existed: the column is added, every document is
@@ -282,7 +283,7 @@ def test_reindex_killed_then_rerun_equals_a_fresh_build(tmp_path, yearly, tiny_m
     assert summary.reindex["embedded"] == len(expected) >= 4
 
 
-@pytest.mark.parametrize("manifest_version", [3, 2])
+@pytest.mark.parametrize("manifest_version", [3, pytest.param(2, marks=pytest.mark.heavy)])
 def test_precision_is_recorded_not_compared(tmp_path, yearly, tiny_model, ray_local,
                                             monkeypatch, manifest_version) -> None:
     """A table built in bf16 (what `auto` gives on a CPU with AVX-512 BF16), rerun from a
