@@ -17,7 +17,6 @@ import time
 from collections.abc import Mapping, Sequence
 
 import lance
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,6 +27,8 @@ EXCLUDED_SCHEMA = pa.schema([
     pa.field("excluded_at", pa.timestamp("s", tz="UTC"), nullable=False),
     pa.field("reason", pa.string()),
 ])
+EXCLUDE_SLICE = 65_536
+"""Rows of the exclusion list made and written at a time."""
 
 
 def exclusions_uri(table_uri: str) -> str:
@@ -64,16 +65,22 @@ def exclude(table_uri: str, doc_ids: Sequence[str] | pa.Array, *, reason: str,
     have = excluded_ids(table_uri, storage_options).column("doc_id")
     ids = pc.unique(pa.array(doc_ids, pa.string()) if not isinstance(doc_ids, pa.Array)
                     else doc_ids.cast(pa.string()))
-    fresh = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have.combine_chunks()
-                                              if have.num_chunks else pa.array([], pa.string()))))
+    fresh = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have.combine_chunks()))) \
+        if len(have) else ids
     if not len(fresh):
         return 0
-    fresh = fresh.take(pc.sort_indices(fresh))
-    now = pa.array(np.full(len(fresh), int(time.time()), np.int64)).cast(
-        EXCLUDED_SCHEMA.field("excluded_at").type)
-    rows = pa.table({"doc_id": fresh, "excluded_at": now,
-                     "reason": pa.repeat(pa.scalar(reason), len(fresh))}, schema=EXCLUDED_SCHEMA)
-    lance.write_dataset(rows, exclusions_uri(table_uri), schema=EXCLUDED_SCHEMA,
+    stamp = pa.scalar(int(time.time()), pa.int64()).cast(EXCLUDED_SCHEMA.field("excluded_at").type)
+
+    def slices():  # the repeated columns made a slice at a time: memory stays the ids'
+        for start in range(0, len(fresh), EXCLUDE_SLICE):
+            ids = fresh.slice(start, EXCLUDE_SLICE)
+            yield pa.record_batch([ids, pa.repeat(stamp, len(ids)),
+                                   pa.repeat(pa.scalar(reason), len(ids))],
+                                  schema=EXCLUDED_SCHEMA)
+
+    pa.default_memory_pool().release_unused()  # Lance's writer allocates outside Arrow's pool
+    lance.write_dataset(pa.RecordBatchReader.from_batches(EXCLUDED_SCHEMA, slices()),
+                        exclusions_uri(table_uri), schema=EXCLUDED_SCHEMA,
                         mode="append" if _open(table_uri, storage_options) else "create",
                         storage_options=dict(storage_options) if storage_options else None)
     return len(fresh)
