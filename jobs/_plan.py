@@ -11,18 +11,11 @@ from dataclasses import dataclass
 import lance
 import pyarrow as pa
 
-from operators.sources import FORMATS
 from operators.sources.base import Listing
 from operators.sources.dedup import find_duplicates, source_documents
-from operators.sources.plan import (
-    ReadPlan,
-    assemble_plan,
-    bad_signatures,
-    choose_kinds,
-    first_documents,
-)
+from operators.sources.plan import ReadPlan, settle
 from operators.sources.rejects import reject_groups, rejects_of
-from operators.sources.scan import check_metadata_fields, scan_unit, units_of
+from operators.sources.scan import scan_unit, units_of
 from operators.write import latest_version, write_fragments
 from schemas.records import REJECTS_SCHEMA
 from schemas.spec import SourceSpec
@@ -201,25 +194,23 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
     fan_in = FanIn(buckets, task_cpus)
     scans = fan_in.scan_all(units, lambda u: scan.remote(u, source, buckets, documents),
                             window=max(FAN_IN, 4 * int(cpus)))
-    check_metadata_fields(scans, source)
-    chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
-    bad = bad_signatures(scans, chosen)
-    kept = None
     gone = None if excluded is None or not excluded.num_rows else ray.put(excluded)
     parts = fan_in.per_bucket()
-    if documents:
-        dedup = ray.remote(_dedup_documents).options(num_cpus=task_cpus, num_returns=2)
-        pairs = [dedup.remote(frozenset(bad), gone, *parts[b]) for b in range(buckets)]
-        losers = ray.get([p[0] for p in pairs])
+    kept: list | None = None
+
+    def dedup(bad: frozenset) -> list[pa.Table]:  # pass 2, one task per bucket
+        nonlocal kept
+        if not documents:
+            task = ray.remote(_dedup).options(num_cpus=task_cpus)
+            return ray.get([task.remote(bad, gone, *parts[b]) for b in range(buckets)])
+        task = ray.remote(_dedup_documents).options(num_cpus=task_cpus, num_returns=2)
+        pairs = [task.remote(bad, gone, *parts[b]) for b in range(buckets)]
         kept = [p[1] for p in pairs]
-    else:
-        dedup = ray.remote(_dedup).options(num_cpus=task_cpus)
-        losers = ray.get([dedup.remote(frozenset(bad), gone, *parts[b])
-                          for b in range(buckets)])
-    del parts, fan_in  # the bucket tables can go from the object store
-    plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
-    if source.limit is not None:
-        plan = first_documents(plan, source.limit, source)
+        return ray.get([p[0] for p in pairs])
+
+    plan = settle(listing, scans, source, dedup)
+    parts.clear()  # with fan_in, the last refs to the bucket tables: they can go
+    del fan_in
     progress(f"validated {plan.records} records in {time.perf_counter() - started:.1f}s: "
               f"{plan.documents} documents, {plan.rejected} rejected, "
               + (f"{plan.excluded} excluded (the table's exclusion list), "

@@ -14,8 +14,9 @@ each in its own module:
 
 This module is the driver's part: it merges only bounded summaries (`assemble_plan`):
 per-shard counts, the type signatures seen, and the duplicates found, into a `ReadPlan`;
-`read.read_shard` then reads a shard's documents. `plan_source` runs all three passes in
-this process, for tests and small sources.
+`read.read_shard` then reads a shard's documents. There is one planner: `settle` is
+the driver's part, whether the passes ran in this process (`plan_source`, for tests and
+small sources) or as Ray tasks (`jobs._plan.plan_on_cluster`, every job).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 import re
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -269,6 +270,21 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
                     excluded=records - rejected - documents, bytes_read=plan.bytes_read)
 
 
+def settle(listing: Listing, scans: list[UnitScan], source: SourceSpec,
+           dedup: Callable[[frozenset], list[pa.Table]]) -> ReadPlan:
+    """The driver's part of planning, once pass 1 has scanned every unit: check the
+    metadata fields, choose each field's kind, find the records of the wrong kind, run
+    pass 2 (`dedup(bad)`: one duplicates table per bucket, wherever it runs), merge the
+    summaries into the plan, and cut it to `source.limit`. Both planners, this process's
+    (`plan_source`) and the cluster's (`jobs._plan.plan_on_cluster`), end here."""
+    check_metadata_fields(scans, source)
+    chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
+    bad = bad_signatures(scans, chosen)
+    losers = dedup(frozenset(bad))
+    plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
+    return plan if source.limit is None else first_documents(plan, source.limit, source)
+
+
 def plan_source(source: SourceSpec, *, buckets: int = 4,
                 excluded: Sequence[str] = ()) -> ReadPlan:
     """Plan a source with all three passes in this process (tests, small sources), less
@@ -279,14 +295,11 @@ def plan_source(source: SourceSpec, *, buckets: int = 4,
     """
     listing, units = units_of(source)
     results = [scan_unit(u, source, buckets=buckets) for u in units]
-    scans = [r[0] for r in results]
-    check_metadata_fields(scans, source)
-    chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
-    bad = bad_signatures(scans, chosen)
     keys = excluded_keys(excluded) if excluded else None
-    losers = [find_duplicates([r[1][b] for r in results], bad=frozenset(bad), excluded=keys)
-              for b in range(buckets)]
-    plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
-    tables = [rejects_of(group, source, chosen=chosen) for group in reject_groups(plan.dirty)]
+    plan = settle(listing, [r[0] for r in results], source, lambda bad: [
+        find_duplicates([r[1][b] for r in results], bad=bad, excluded=keys)
+        for b in range(buckets)])
+    tables = [rejects_of(group, source, chosen=plan.chosen)
+              for group in reject_groups(plan.dirty)]
     plan.rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
     return plan
