@@ -367,13 +367,18 @@ def serve(
     token: Annotated[str | None, typer.Option(
         "--token", envvar="QUIVER_TOKEN", help="Bearer token every request must carry "
         "(also read from QUIVER_TOKEN).")] = None,
+    refresh_s: Annotated[float | None, typer.Option(
+        "--refresh-s", min=0, help="Seconds the server trusts its listing of the warehouse "
+        "and each table's `current` version (default 2); a new table or a new current "
+        "version shows within this time.")] = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Serve the warehouse's tables over HTTP (OpenAPI docs at /docs)."""
     from jobs.server import serve as run_server
 
     run_server(warehouse, host=host, port=port, token=token,
-               storage_options=_storage(storage_option))
+               storage_options=_storage(storage_option),
+               **({} if refresh_s is None else {"refresh_s": refresh_s}))
 
 
 AddressOpt = Annotated[str | None, typer.Option(

@@ -12,6 +12,8 @@ texts, batch sizes and k are bounded; filters go through `operators.filters` (ty
 or versions use it (`jobs.api.shared_encoder`), so a server that follows months of
 reindexes holds one model, not one per version. Opening a table (and loading a model)
 happens outside the warehouse's lock: one slow first request does not stall the others.
+The warehouse's listing and each table's `current` version are read again at most every
+`REFRESH_S` seconds, so a search costs no object-store LIST or manifest read of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import hmac
 import re
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,6 +49,11 @@ HTTP_MAX_BATCH = 256
 MAX_QUERY_CHARS = 10_000
 MAX_TAG_CHARS = 128
 """A version tag's length in a request: anything longer is no tag of ours."""
+REFRESH_S = 2.0
+"""How long the server trusts its listing of the warehouse and each table's `current`
+version: a new table, or a version a reindex or cut-over tags `current`, reaches
+searches within this many seconds. A request that names a version (a number or a tag)
+opens exactly that one."""
 TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -95,10 +104,13 @@ class BatchRequest(SearchOptions):
 
 class Warehouse:
     """The tables under one folder or object-store prefix (`s3://bucket/path`,
-    `gs://…`), opened lazily and kept in an LRU of `OPEN_TABLES`."""
+    `gs://…`), opened lazily and kept in an LRU of `OPEN_TABLES`; the listing and the
+    tables' `current` versions are kept for `refresh_s` seconds of `clock`."""
 
     def __init__(self, root: str | Path, *, open_tables: int = OPEN_TABLES,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 storage_options: dict[str, str] | None = None,
+                 refresh_s: float = REFRESH_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         import pyarrow.fs as pafs
 
         from operators.filesystems import resolve
@@ -114,9 +126,27 @@ class Warehouse:
         self._opening: dict[tuple[str, int | str | None], threading.Lock] = {}
         self._lock = threading.Lock()
         self._open_tables = open_tables
+        self._refresh_s, self._clock = refresh_s, clock
+        self._listed: tuple[float, list[str]] | None = None
+        self._current: dict[str, tuple[float, int]] = {}  # one entry per listed table
+
+    def _fresh(self, seen: tuple[float, Any] | None) -> bool:
+        return seen is not None and self._clock() - seen[0] < self._refresh_s
 
     def names(self) -> list[str]:
-        """Quiver tables in the warehouse (rejects and exclusion lists left out)."""
+        """Quiver tables in the warehouse (rejects and exclusion lists left out), as
+        listed at most `refresh_s` ago."""
+        with self._lock:
+            if self._fresh(self._listed):
+                return list(self._listed[1])
+        now = self._clock()
+        names = self._list()
+        with self._lock:
+            self._listed = (now, names)
+            self._current = {n: v for n, v in self._current.items() if n in names}
+        return list(names)
+
+    def _list(self) -> list[str]:
         import pyarrow.fs as pafs
 
         try:
@@ -146,8 +176,17 @@ class Warehouse:
         from jobs.api import open_table
 
         if version is None:
-            ds = lance.dataset(self.path(name), storage_options=self.storage_options or None)
-            version = current_version(ds) or ds.version
+            with self._lock:
+                seen = self._current.get(name)
+            if self._fresh(seen):
+                version = seen[1]
+            else:
+                now = self._clock()
+                ds = lance.dataset(self.path(name),
+                                   storage_options=self.storage_options or None)
+                version = current_version(ds) or ds.version
+                with self._lock:
+                    self._current[name] = (now, version)
         key = (name, version)
         with self._lock:  # held for dict work only, never for I/O or a model load
             if key in self._tables:
@@ -179,10 +218,11 @@ class Warehouse:
 
 
 def create_app(warehouse: str | Path, *, token: str | None = None,
-               storage_options: dict[str, str] | None = None) -> FastAPI:
+               storage_options: dict[str, str] | None = None,
+               refresh_s: float = REFRESH_S) -> FastAPI:
     """The ASGI app over `warehouse` (a folder or an object-store prefix, reached with
     `storage_options`); `token` (if set) is required on every request."""
-    store = Warehouse(warehouse, storage_options=storage_options)
+    store = Warehouse(warehouse, storage_options=storage_options, refresh_s=refresh_s)
     # FastAPI serves its schema and docs pages outside the routes' auth dependency: with
     # a token the docs pages are off and the schema is a route behind the token.
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if token else {}
@@ -284,7 +324,8 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
 
 
 def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          token: str | None = None, storage_options: dict[str, str] | None = None) -> None:
+          token: str | None = None, storage_options: dict[str, str] | None = None,
+          refresh_s: float = REFRESH_S) -> None:
     """Run the server until interrupted.
 
     Raises:
@@ -295,5 +336,6 @@ def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     if not is_loopback(host) and not token:
         raise SpecError(f"--host {host} exposes the server beyond this machine; set a bearer "
                         "token with --token or QUIVER_TOKEN")
-    uvicorn.run(create_app(warehouse, token=token, storage_options=storage_options),
+    uvicorn.run(create_app(warehouse, token=token, storage_options=storage_options,
+                           refresh_s=refresh_s),
                 host=host, port=port, log_level="info")

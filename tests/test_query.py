@@ -324,3 +324,33 @@ def test_warehouse_keeps_an_lru_of_tables_and_one_model(warehouse, monkeypatch) 
     with pytest.raises(TableError):  # a failed open leaves no per-version lock behind
         fresh.table("docs", "no-such-tag")
     assert fresh._opening == {}
+
+
+def test_warehouse_reads_its_listing_and_current_version_again_after_refresh_s(
+        warehouse, tmp_path) -> None:
+    """A search costs no LIST or manifest read of its own: the listing and a table's
+    `current` version are kept for `refresh_s`; after it, a new table and a moved
+    `current` tag both show."""
+    import shutil
+
+    from jobs.server import Warehouse
+
+    root, _ = warehouse
+    shutil.copytree(root / "docs.lance", tmp_path / "docs.lance")
+    now = [0.0]
+    store = Warehouse(tmp_path, refresh_s=2.0, clock=lambda: now[0])
+    ds = lance.dataset(str(tmp_path / "docs.lance"))
+    first = store.table("docs").ds.version
+    assert first == ds.tags.list()["current"]["version"]
+    assert store.names() == ["docs"]
+
+    (tmp_path / "later.lance").mkdir()  # a table that appears, and a tag that moves
+    older = min(v["version"] for v in ds.versions())
+    assert older != first
+    ds.tags.update("current", older)
+    now[0] = 1.9
+    assert store.names() == ["docs"]
+    assert store.table("docs").ds.version == first
+    now[0] = 2.0
+    assert store.names() == ["docs", "later"]
+    assert store.table("docs").ds.version == older
