@@ -7,7 +7,6 @@ quantize on the same grid.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +14,7 @@ import pyarrow as pa
 
 from operators.embed import Embedder
 from operators.quantize import calibrate_int8, sample_positions, truncate
-from operators.sources.read import read_shard
+from operators.sources.read import sample_documents
 from schemas.source import Shard
 from schemas.spec import SourceSpec
 
@@ -25,15 +24,14 @@ def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schem
                   wanted: int) -> list[list[int]]:
     """Token ids of about `wanted` chunks, from shards spread evenly over the source.
 
-    Enough shards are read for twice the wanted rows (so the sample is spread within
+    Enough documents are read for twice the wanted rows (so the sample is spread within
     them too), always deterministically, so a rerun calibrates identically.
     """
-    per_shard = max(1, min(s.records for s in shards)) if shards else 1
-    n_shards = min(len(shards), max(1, math.ceil(2 * wanted / per_shard)))
-    tables = [chunker(read_shard(shards[i], source=source, metadata=metadata,
-                                 chosen=chosen))
-              for i in sample_positions(len(shards), n_shards)]
-    ids = pa.concat_tables(tables).column("input_ids") if tables else pa.array([])
+    docs = sample_documents(shards, wanted=2 * wanted, source=source, metadata=metadata,
+                            chosen=chosen)
+    if docs is None:
+        return []
+    ids = chunker(docs).column("input_ids")
     return [ids[i].as_py() for i in sample_positions(len(ids), wanted)]
 
 

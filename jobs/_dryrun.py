@@ -27,7 +27,7 @@ from operators.embed import Embedder
 from operators.model import describe_model
 from operators.quantize import sample_positions
 from operators.sources.plan import ReadPlan
-from operators.sources.read import read_shard
+from operators.sources.read import sample_documents
 from operators.sources.rejects import shard_rejects
 from operators.sources.scan import units_of
 from schemas.errors import ManifestMismatchError
@@ -44,17 +44,24 @@ FINISH_SECONDS = 3.0
 """Commits, tags and version cleanup at the end of a job (measured: 1-4 s locally)."""
 
 
-def _sample_documents(plan: ReadPlan, spec: JobSpec) -> pa.Table:
+def _sample_documents(plan: ReadPlan, spec: JobSpec) -> pa.Table | None:
     """About SAMPLE_DOCUMENTS documents from shards spread evenly over the source."""
-    shards = [s for s in plan.shards if s.documents]
-    per_shard = max(1, min(s.documents or 1 for s in shards)) if shards else 1
-    wanted = min(len(shards), max(1, -(-SAMPLE_DOCUMENTS // per_shard)))
-    tables = [read_shard(shards[i], source=spec.source, metadata=plan.metadata,
-                         chosen=plan.chosen) for i in sample_positions(len(shards), wanted)]
-    docs = pa.concat_tables(tables) if tables else None
+    docs = sample_documents(plan.shards, wanted=SAMPLE_DOCUMENTS, source=spec.source,
+                            metadata=plan.metadata, chosen=plan.chosen)
     if docs is None or docs.num_rows <= SAMPLE_DOCUMENTS:
         return docs
     return docs.take(sample_positions(docs.num_rows, SAMPLE_DOCUMENTS))
+
+
+def corpus_scale(spec: JobSpec, plan: ReadPlan, docs: pa.Table) -> float:
+    """How many times the sample the corpus's work is. Whole-text chunking (`windows`)
+    embeds every character, so its tokens follow the characters pass 1 counted exactly:
+    one 2.4 MB document among short ones counts at its size, which a mean per sampled
+    document misses. `truncate` embeds one chunk per document: there, documents count."""
+    chars = int(pc.sum(pc.utf8_length(docs.column("text"))).as_py() or 0)
+    if spec.chunking.mode == "truncate" or not chars or not plan.text_chars:
+        return plan.documents / docs.num_rows
+    return plan.text_chars / chars
 
 
 def _reject_sample(plan: ReadPlan, spec: JobSpec) -> list[dict]:
@@ -123,13 +130,14 @@ def dry_run(spec: JobSpec) -> dict:
         forward_s = time.perf_counter() - tick
         tokens = int(pc.sum(pc.list_value_length(ids)).as_py() or 0)
         per_doc_tokens = tokens / docs.num_rows
-        total_tokens = per_doc_tokens * plan.documents
+        scale = corpus_scale(spec, plan, docs)
+        total_tokens = tokens * scale
         tps = tokens / max(forward_s, 1e-9)  # one actor
         forward_wall = total_tokens / tps / layout.actors
         cpu_work = total_tokens / tps * layout.threads * (0 if layout.gpus else 1) \
-            + tokenize_per_doc * plan.documents
+            + tokenize_per_doc * docs.num_rows * scale
         embed_s = max(forward_wall, cpu_work / max(planned.cpus, 1.0))
-        rows = chunks.num_rows / docs.num_rows * plan.documents
+        rows = chunks.num_rows * scale
         index_s = 1.0 if rows < spec.index.ann_min_rows else \
             INDEX_SECONDS_PER_MILLION_ROWS * rows / 1e6
         actor_start = load_s + 3.0  # imports in a fresh worker process, then the load

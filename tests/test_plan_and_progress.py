@@ -122,3 +122,29 @@ def test_the_live_bar_counts_documents_and_the_plain_line_gives_an_eta() -> None
     assert lines.eta() is not None and lines.eta() >= 0
     lines.close()
     assert plain.getvalue().startswith("[quiver] embedding: 50/100 documents (50.0%)")
+
+
+def test_plan_counts_a_huge_document_at_its_size(tmp_path, stdlib_docs, tiny_model,
+                                                 ray_local) -> None:
+    """The token estimate scales the sample by the characters pass 1 counted, so one
+    huge document the sample never sees still counts: within 30% of the job's tokens
+    (a mean per sampled document would give about a third of them here)."""
+    short = [{"id": f"s{i}", "text": d["text"][:400]}
+             for i, d in enumerate(stdlib_docs[:200])]
+    huge = " ".join(d["text"] for d in stdlib_docs[200:])
+    while len(huge) < 200_000:
+        huge += " " + huge
+    docs = [*short, {"id": "huge", "text": huge[:200_000]}]  # last shard: never sampled
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    table = tmp_path / "t.lance"
+    spec = _spec_file(tmp_path, corpus, tiny_model, table, records_per_shard=10)
+    planned = runner.invoke(app, ["plan", str(spec), "--json"], catch_exceptions=False)
+    assert planned.exit_code == 0, planned.output
+    estimate = json.loads(planned.stdout)["estimate"]
+    assert estimate["documents_sampled"] < len(docs)
+    ran = runner.invoke(app, ["run", str(spec), "--json"], catch_exceptions=False)
+    assert ran.exit_code == 0, ran.output
+    tokens = json.loads(ran.stdout)["tokens"]
+    sampled_mean = estimate["tokens_per_document"] * len(docs)
+    assert sampled_mean < 0.5 * tokens  # the case the mean misses
+    assert abs(estimate["tokens"] - tokens) <= 0.3 * tokens, (estimate["tokens"], tokens)

@@ -76,6 +76,8 @@ class ReadPlan:
     """Valid records left out because the table's exclusion list holds their id."""
     bytes_read: int = 0
     """Bytes of line-format source files pass 1 read (decompressed)."""
+    text_chars: int = 0
+    """Characters of the valid records' texts (duplicates and excluded ids included)."""
 
     @property
     def documents(self) -> int:
@@ -228,7 +230,8 @@ def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table
                 dirty.append((shard, dups[s]))
     return ReadPlan(listing.kind, shards, metadata, chosen, records, rejected, reasons,
                     listing_fingerprint(listing), len(listing.files), listing.skipped, dirty,
-                    excluded=excluded, bytes_read=sum(s.bytes_read for s in scans))
+                    excluded=excluded, bytes_read=sum(s.bytes_read for s in scans),
+                    text_chars=sum(i.text_chars for s in scans for i in s.shards))
 
 
 def listing_fingerprint(listing: Listing) -> str:
@@ -267,7 +270,8 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
     rejected = sum(reasons.values())
     return ReadPlan(plan.kind, kept, plan.metadata, plan.chosen, records, rejected, reasons,
                     plan.fingerprint, plan.files, plan.skipped, dirty,
-                    excluded=records - rejected - documents, bytes_read=plan.bytes_read)
+                    excluded=records - rejected - documents, bytes_read=plan.bytes_read,
+                    text_chars=plan.text_chars * documents // max(1, plan.documents))
 
 
 def settle(listing: Listing, scans: list[UnitScan], source: SourceSpec,

@@ -245,3 +245,18 @@ def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
                chosen: dict[str, str]) -> pa.Table:
     """One shard's documents (see `read_shards`)."""
     return next(read_shards([shard], source=source, metadata=metadata, chosen=chosen))[1]
+
+
+def sample_documents(shards: Sequence[Shard], *, wanted: int, source: SourceSpec,
+                     metadata: pa.Schema, chosen: dict[str, str]) -> pa.Table | None:
+    """The documents of enough shards, spread evenly over the source, to hold about
+    `wanted` documents (None without any): what `quiver plan`'s calibration and int8
+    calibration sample from. Deterministic, so a rerun samples the same documents."""
+    from operators.quantize import sample_positions
+
+    shards = [s for s in shards if s.documents is None or s.documents]
+    per_shard = max(1, min(s.documents or s.records for s in shards)) if shards else 1
+    count = min(len(shards), max(1, -(-wanted // per_shard)))
+    tables = [read_shard(shards[i], source=source, metadata=metadata, chosen=chosen)
+              for i in sample_positions(len(shards), count)]
+    return pa.concat_tables(tables) if tables else None

@@ -60,6 +60,9 @@ class ShardScan:
     signatures: dict[Signature, int] = field(default_factory=dict)
     """Valid records per metadata type signature; a signature's index in this dict is
     the `sig` of its bucket rows."""
+    text_chars: int = 0
+    """Characters of the valid records' texts: what `quiver plan` scales its sampled
+    tokens per character by, so one huge document counts at its size."""
 
 
 @dataclass
@@ -129,6 +132,7 @@ def scan_unit(unit: Unit, source: SourceSpec, *, buckets: int, documents: bool =
         if doc_id is None:
             current.rejects[text] += 1  # the reason
             continue
+        current.text_chars += len(text)
         kinds = record_kinds(rec, source, unit.kind)
         if not fmt.typed:
             fields.update(dict.fromkeys(metadata_names(rec.value or {}, source, unit.kind)))
