@@ -13,25 +13,11 @@ from __future__ import annotations
 
 import lance
 
+from jobs._tags import CURRENT_TAG, current_version, held_version
+from jobs.table import open_table
 from schemas.manifest import TableManifest
 
-CURRENT_TAG = "current"
-HELD_TAG = "current-held"
-"""Set by `quiver table restore`: `current` was moved by hand (a rollback), and jobs
-leave it where it is until `quiver table promote` moves it and drops this tag."""
 COMPARE_QUERIES = 200
-
-
-def current_version(ds: lance.LanceDataset) -> int | None:
-    """The version the `current` tag names, or None for a table without it."""
-    tag = ds.tags.list().get(CURRENT_TAG)
-    return None if tag is None else int(tag["version"])
-
-
-def held_version(ds: lance.LanceDataset) -> int | None:
-    """The version a rollback holds `current` at, or None when jobs may move it."""
-    tag = ds.tags.list().get(HELD_TAG)
-    return None if tag is None else int(tag["version"])
 
 
 def pin_current(ds: lance.LanceDataset) -> int:
@@ -77,7 +63,6 @@ def model_change_report(uri: str, old_version: int, new_version: int, beir: str)
     queries (at most `COMPARE_QUERIES`), each embedded with its own version's model."""
     import numpy as np
 
-    from jobs.api import open_table
     from operators.evaluate import load_beir
 
     texts = load_beir(beir).texts[:COMPARE_QUERIES]

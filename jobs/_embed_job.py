@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from jobs._calibrate import calibrate_ranges, sample_chunks
 from jobs._checkpoint import Checkpointer
-from jobs._cutover import CURRENT_TAG, cut_over, pin_current
+from jobs._cutover import cut_over, pin_current
 from jobs._index import ClusterBuilder, index_workers
 from jobs._lance_io import (
     MIN_ROWS_PER_WRITE,
@@ -42,6 +42,7 @@ from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
 from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
 from jobs._reindex import delete_on_cluster, plan_reindex, reconcile_schema, with_doc_hash
+from jobs._tags import CURRENT_TAG
 from jobs._unchanged import (
     listing_key,
     record_inputs,

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs._cutover import CURRENT_TAG, HELD_TAG, current_version, held_version
 from jobs._embed_job import rejects_uri
 from jobs._index import ClusterBuilder, index_workers
 from jobs._ray import cluster_resources, ensure_ray
+from jobs._tags import CURRENT_TAG, HELD_TAG, current_version, held_version
 from operators.exclusions import exclude
 from operators.index import COMPACT_MIN_FRAGMENTS, LOCAL, add_to_indices, index_segments
 from operators.lease import Lease

@@ -10,18 +10,12 @@ Usage (see the README for a runnable walk-through)::
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lance
-import numpy as np
-import pyarrow.compute as pc
 
-from jobs._cutover import current_version
 from jobs._embed_job import JobSummary, rejects_uri, run_embed
 from jobs._maintenance import (
     delete_documents,
@@ -35,21 +29,20 @@ from jobs._maintenance import (
     table_stats,
 )
 from jobs._quality import quality_report
-from operators.embed import Embedder, TextEncoder
+from jobs.table import (  # noqa: F401  (re-exported: the public API)
+    MAX_BATCH,
+    MAX_K,
+    SEARCH_MODES,
+    Hit,
+    Table,
+    Where,
+    open_table,
+    shared_encoder,
+)
 from operators.evaluate import load_beir, score_runs
-from operators.filters import compile_filter
-from operators.fulltext import HYBRID_CANDIDATES, RRF_K, fts_candidates, rrf_fuse
-from operators.model import describe_model
-from operators.search import DEFAULT_COLUMNS, VectorSearcher, take_rows, top_documents
-from schemas.errors import ManifestMismatchError, QueryError, TableError
+from schemas.errors import TableError
 from schemas.manifest import TableManifest
-from schemas.records import CODEC_COLUMNS, HASH_COLUMNS
-from schemas.spec import JobSpec, ModelSpec, load_spec
-
-SEARCH_MODES = ("dense", "fts", "hybrid")
-MAX_K = 10_000
-MAX_BATCH = 1_000
-Where = Mapping[str, Any] | pc.Expression | None
+from schemas.spec import JobSpec, load_spec
 
 __all__ = ["Hit", "JobSummary", "Table", "delete_documents", "evaluate", "export_table",
            "include", "info", "list_tags", "load_spec", "open_table", "optimize", "plan",
@@ -71,219 +64,6 @@ def run(spec: JobSpec | str | Path, *, wait: bool = False) -> JobSummary:
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     return run_embed(spec, wait=wait)
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: a chunk and its similarity to the query."""
-
-    id: str
-    doc_id: str
-    chunk: int
-    score: float
-    text: str
-    fields: dict = field(default_factory=dict)
-    """Extra columns the search asked for (metadata such as `year`)."""
-
-
-class Table:
-    """A Quiver table opened for search, with its own model loaded once.
-
-    Args:
-        uri: The Lance dataset.
-        model: A local model folder to use instead of the manifest's name (for a table
-            copied to another machine); its weights must hash to the manifest's.
-        version: A version number or a tag name to read (time travel); None is the
-            version the `current` tag names (the last complete, indexed one), or the
-            latest for a table without it.
-        storage_options: Object-store options (endpoint, credentials) for `uri`.
-    """
-
-    def __init__(self, uri: str | Path, *, model: str | None = None,
-                 version: int | str | None = None,
-                 storage_options: dict[str, str] | None = None) -> None:
-        self.uri = str(uri)
-        try:
-            self.ds = lance.dataset(self.uri, version=version,
-                                    storage_options=storage_options or None)
-        except (ValueError, OSError) as err:
-            raise TableError(f"{self.uri}: cannot open as a Lance table: {err}") from None
-        if version is None and (pinned := current_version(self.ds)) is not None:
-            self.ds = self.ds.checkout_version(pinned)  # the last complete, indexed version
-        self.manifest = TableManifest.from_schema(self.ds.schema, where=self.uri)
-        m = self.manifest.model
-        model_info = describe_model(ModelSpec(
-            name=model or m.name, pooling=m.pooling, normalize=m.normalize,
-            max_tokens=m.max_tokens, query_prefix=m.query_prefix,
-            document_prefix=m.document_prefix,
-        ))
-        if model_info.weights_sha256 != m.weights_sha256:
-            raise ManifestMismatchError(
-                f"{self.uri} was embedded with {m.name} (weights sha256 "
-                f"{m.weights_sha256[:12]}…) but {model or m.name} has weights "
-                f"{model_info.weights_sha256[:12]}…; query it with the same model"
-            )
-        if model_info.dim != m.dim:
-            raise ManifestMismatchError(
-                f"{self.uri} holds {m.dim}-d vectors but the model gives {model_info.dim}-d"
-            )
-        self._encoder = shared_encoder(model_info)
-        self.searcher = VectorSearcher(self.ds, self.manifest)
-
-    def embed_queries(self, texts: list[str]) -> np.ndarray:
-        """Query vectors built exactly as the table's documents were (prefix, pooling)."""
-        return self._encoder.encode(texts, kind="query")
-
-    def _filter(self, mode: str, k: int, where: Where) -> pc.Expression | None:
-        """Check mode and k; compile a structured filter against this table's schema."""
-        if mode not in SEARCH_MODES:
-            raise QueryError(f"unknown search mode {mode!r}; use one of "
-                             f"{', '.join(SEARCH_MODES)}")
-        if not 1 <= k <= MAX_K:
-            raise QueryError(f"Got k={k}. Must be between 1 and {MAX_K}.")
-        if where is None or isinstance(where, pc.Expression):
-            return where
-        return compile_filter(where, self.ds.schema)
-
-    def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
-                    mode: str = "dense", using: str = "auto", rescore: int | None = None,
-                    exact: bool = False, where: Where = None,
-                    rrf_k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
-        expr = self._filter(mode, k, where)
-        if mode != "dense" and text is None:
-            raise QueryError(f"mode {mode!r} needs the query text, not only a vector")
-        dense = dict(using=using, rescore=rescore, exact=exact, where=expr)
-        if mode == "dense":
-            return self.searcher.candidates(vector, k=k, **dense)
-        if mode == "fts":
-            return fts_candidates(self.ds, text, k=k, where=expr)
-        n = max(k, HYBRID_CANDIDATES)
-        dense_ids, _ = self.searcher.candidates(vector, k=n, **dense)
-        text_ids, _ = fts_candidates(self.ds, text, k=n, where=expr)
-        return rrf_fuse([dense_ids, text_ids], k=k, rrf_k=rrf_k)
-
-    def _check_columns(self, columns: Sequence[str]) -> None:
-        """Refuse, by name, a requested column the table does not have (or that holds
-        vectors or hashes, which hits do not carry)."""
-        names = set(self.ds.schema.names) - set(HIDDEN_COLUMNS)
-        unknown = [c for c in columns if c not in names]
-        if unknown:
-            raise QueryError(f"unknown column {unknown[0]!r} in columns; this table returns "
-                             + ", ".join(sorted(names)))
-
-    def _search(self, text: str | None, vector: np.ndarray | None, *, k: int,
-                columns: Sequence[str] = DEFAULT_COLUMNS, mode: str = "dense",
-                where: Where = None, **options) -> list[Hit]:
-        self._check_columns(columns)
-        if mode == "dense":  # one Lance call for float search, no row-id round trip
-            expr = self._filter(mode, k, where)
-            rows = self.searcher.search(vector, k=k, columns=columns, where=expr, **options)
-        else:
-            ids, scores = self._candidates(text, vector, k=k, mode=mode, where=where,
-                                           **options)
-            rows = take_rows(self.ds, ids, scores, columns)
-        return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"],
-                    {c: h[c] for c in columns if c not in DEFAULT_COLUMNS})
-                for h in rows.to_pylist()]
-
-    def search(self, text: str, *, k: int = 10, mode: str = "dense", using: str = "auto",
-               rescore: int | None = None, exact: bool = False, where: Where = None,
-               columns: Sequence[str] = DEFAULT_COLUMNS, rrf_k: int = RRF_K) -> list[Hit]:
-        """Top-k chunks for a query text.
-
-        Args:
-            text: The query.
-            k: Hits wanted (at most `MAX_K`).
-            mode: 'dense' (vectors), 'fts' (BM25 on `text`), or 'hybrid' (both, fused by
-                reciprocal rank; see `operators.fulltext`).
-            using: Dense first-stage column: 'float', 'int8', 'binary' or 'auto'.
-            rescore: Candidates per hit re-scored with the best column (1 = off).
-            exact: Skip ANN indices.
-            where: A filter, `{"year": {"gte": 2020}, "lang": {"in": ["en", "de"]}}`
-                (see `operators.filters`), applied before the search.
-            columns: Extra columns to return land in `Hit.fields`.
-            rrf_k: Reciprocal-rank-fusion constant for hybrid search
-                (see `operators.fulltext`).
-        """
-        vector = None if mode == "fts" else self.embed_queries([text])[0]
-        extra = {"rrf_k": rrf_k} if mode == "hybrid" else {}
-        return self._search(text, vector, k=k, mode=mode, using=using, rescore=rescore,
-                            exact=exact, where=where, columns=_with_defaults(columns),
-                            **extra)
-
-    def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
-                      rescore: int | None = None, exact: bool = False, where: Where = None,
-                      columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Hit]:
-        """Top-k chunks for a query vector (model dims; cut to the table's own dims)."""
-        return self._search(None, np.asarray(vector, np.float32), k=k, mode="dense",
-                            using=using, rescore=rescore, exact=exact, where=where,
-                            columns=_with_defaults(columns))
-
-    def search_batch(self, texts: Sequence[str], *, k: int = 10, mode: str = "dense",
-                     **options) -> list[list[Hit]]:
-        """Many queries: embedded together in one batch, then searched one by one."""
-        if len(texts) > MAX_BATCH:
-            raise QueryError(f"{len(texts)} queries in one batch; the limit is {MAX_BATCH}")
-        options["columns"] = _with_defaults(options.get("columns", ()))
-        if mode == "fts":
-            return [self._search(t, None, k=k, mode=mode, **options) for t in texts]
-        vectors = self.embed_queries(list(texts)) if texts else []
-        return [self._search(t, v, k=k, mode=mode, **options)
-                for t, v in zip(texts, vectors, strict=True)]
-
-    def search_documents(self, vectors: np.ndarray, *, k: int = 100,
-                         chunks_per_query: int | None = None, mode: str = "dense",
-                         texts: Sequence[str] | None = None,
-                         **options) -> list[list[tuple[str, float]]]:
-        """Top-k documents per query: chunk hits folded to their document (max score)."""
-        chunks_per_query = chunks_per_query or max(k * 3, 100)
-        out = []
-        for i, v in enumerate(vectors):
-            text = texts[i] if texts is not None else None
-
-            def fetch(n: int, text=text, v=v) -> tuple[list[str], list[float]]:
-                ids, scores = self._candidates(text, v, k=n, mode=mode, **options)
-                hits = take_rows(self.ds, ids, scores, ("doc_id",))
-                return hits.column("doc_id").to_pylist(), hits.column("score").to_pylist()
-
-            out.append(top_documents(fetch, k=k, chunks=chunks_per_query))
-        return out
-
-
-def _with_defaults(columns: Sequence[str]) -> tuple[str, ...]:
-    return (*DEFAULT_COLUMNS, *(c for c in columns if c not in DEFAULT_COLUMNS))
-
-
-HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), *HASH_COLUMNS)
-"""Columns a hit never carries: vectors and hashes (bytes, not answers)."""
-
-_ENCODERS: dict[tuple, TextEncoder] = {}
-_ENCODER_LOCKS: dict[tuple, threading.Lock] = {}
-_ENCODERS_LOCK = threading.Lock()
-
-
-def shared_encoder(info) -> TextEncoder:
-    """The query encoder for a model, loaded once per process and weights hash however
-    many tables or versions use it (a server that follows reindexes would otherwise
-    gain a model copy per version). Concurrent first requests wait for one load; loads
-    of different models do not wait for each other."""
-    key = (info.path, info.weights_sha256, info.pooling, info.normalize, info.max_tokens,
-           info.query_prefix, info.document_prefix)
-    with _ENCODERS_LOCK:
-        if key in _ENCODERS:
-            return _ENCODERS[key]
-        lock = _ENCODER_LOCKS.setdefault(key, threading.Lock())
-    with lock:
-        if key not in _ENCODERS:
-            _ENCODERS[key] = TextEncoder(Embedder(info, precision="fp32"))
-        return _ENCODERS[key]
-
-
-def open_table(uri: str | Path, *, model: str | None = None,
-               version: int | str | None = None,
-               storage_options: dict[str, str] | None = None) -> Table:
-    """Open a Quiver table for search (see `Table`)."""
-    return Table(uri, model=model, version=version, storage_options=storage_options)
 
 
 def evaluate(uri: str | Path, beir: str | Path, *, model: str | None = None,

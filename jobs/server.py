@@ -172,7 +172,7 @@ class Warehouse:
         reindex or a model cut-over reaches the server without a restart."""
         import lance
 
-        from jobs._cutover import current_version
+        from jobs._tags import current_version
         from jobs.api import open_table
 
         if version is None:

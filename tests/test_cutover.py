@@ -9,8 +9,8 @@ from pathlib import Path
 import lance
 from conftest import write_jsonl
 
-from jobs._cutover import CURRENT_TAG, current_version
 from jobs._embed_job import run_embed
+from jobs._tags import CURRENT_TAG, current_version
 from jobs.api import open_table
 from schemas.manifest import TableManifest
 from schemas.spec import parse_spec

@@ -354,3 +354,15 @@ def test_warehouse_reads_its_listing_and_current_version_again_after_refresh_s(
     now[0] = 2.0
     assert store.names() == ["docs", "later"]
     assert store.table("docs").ds.version == older
+
+
+def test_opening_a_table_for_search_imports_nothing_that_runs_jobs() -> None:
+    """The search side (`jobs.table`) and a cut-over's comparison (`jobs._cutover`) load
+    without the job machinery: no import cycle through `jobs.api` is left to hide."""
+    code = ("import sys, jobs._cutover, jobs.table, jobs.server\n"
+            "print(sorted(m for m in sys.modules if m in ('jobs.api', 'jobs._embed_job',"
+            " 'jobs._maintenance', 'jobs._dryrun')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -14,8 +14,8 @@ import pytest
 from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from jobs._cutover import CURRENT_TAG, current_version
 from jobs._embed_job import run_embed
+from jobs._tags import CURRENT_TAG, current_version
 from jobs.api import open_table
 from jobs.cli import app
 from schemas.errors import TableError
