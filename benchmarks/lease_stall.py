@@ -6,9 +6,11 @@ try: whether A committed anything after B's takeover, whether the table reads ba
 
 Both runs use the tiny model on 2,000 documents (shards of 50, a checkpoint every 2), and
 `QUIVER_LEASE_TIMEOUT_S` (default here 5 s, Quiver's own default 60 s) so a try takes
-seconds, not minutes. Local tables only (the same on S3 through moto is not written yet).
+seconds, not minutes. With `--s3` the table (and so its lease object and the fence) lives
+on S3: moto in server mode on 127.0.0.1, the lease taken with conditional writes.
 
     python benchmarks/lease_stall.py --tries 3
+    python benchmarks/lease_stall.py --tries 3 --s3
 """
 
 from __future__ import annotations
@@ -92,10 +94,42 @@ def one_try(n: int, work: Path, corpus: Path, model: str, expected: list[str],
     }
 
 
+BUCKET = "quiver-lease-stall"
+
+
+def start_moto() -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3 server on a free 127.0.0.1 port, with a bucket; (process, options)."""
+    import socket
+
+    import pyarrow.fs as pafs
+    from conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("moto server did not start") from None
+            time.sleep(0.2)
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                      region="us-east-1", access_key="testing", secret_key="testing",
+                      allow_bucket_creation=True).create_dir(BUCKET)
+    return proc, {"aws_endpoint": f"http://127.0.0.1:{port}", "allow_http": "true",
+                  "aws_region": "us-east-1", "aws_access_key_id": "testing",
+                  "aws_secret_access_key": "testing"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tries", type=int, default=3)
     parser.add_argument("--timeout-s", type=float, default=5.0)
+    parser.add_argument("--s3", action="store_true",
+                        help="the table on S3 (moto on 127.0.0.1) instead of a local folder")
     args = parser.parse_args()
     from conftest import chunk_ids, write_jsonl
     from tiny_model import make_tiny_model
@@ -108,16 +142,22 @@ def main() -> None:
     docs = _docs()
     corpus = write_jsonl(work / "c.jsonl", docs)
     expected = sorted(chunk_ids(describe_model(ModelSpec(name=model)), docs))
-    options = None
+    moto, options = start_moto() if args.s3 else (None, None)
     results = []
-    for n in range(1, args.tries + 1):
-        table = str(work / f"t{n}.lance")
-        results.append(one_try(n, work, corpus, model, expected, table, options,
-                               args.timeout_s))
-        print(json.dumps(results[-1]), flush=True)
+    try:
+        for n in range(1, args.tries + 1):
+            table = f"s3://{BUCKET}/try-{n}/t.lance" if args.s3 else str(work / f"t{n}.lance")
+            results.append(one_try(n, work, corpus, model, expected, table, options,
+                                   args.timeout_s))
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait(timeout=10)
     survived = sum(1 for r in results if r.get("b_code") == 0 and not r["rows_lost"]
                    and not r["rows_twice"] and not r["a_committed_after_takeover"])
-    print(f"\nlocal, lease timeout {args.timeout_s:g}s: {len(results)} tries, {survived} "
+    where = "S3 (moto)" if args.s3 else "local"
+    print(f"\n{where}, lease timeout {args.timeout_s:g}s: {len(results)} tries, {survived} "
           f"survived, rows lost {sum(r.get('rows_lost', 0) for r in results)}, rows twice "
           f"{sum(r.get('rows_twice', 0) for r in results)}")
 

@@ -15,6 +15,7 @@ import lance
 
 from jobs._tags import CURRENT_TAG, current_version, held_version
 from jobs.table import open_table
+from operators.lease import Lease
 from schemas.manifest import TableManifest
 
 COMPARE_QUERIES = 200
@@ -30,12 +31,14 @@ def pin_current(ds: lance.LanceDataset) -> int:
 
 
 def cut_over(ds: lance.LanceDataset, manifest: TableManifest, *,
-             compare: str | None = None) -> dict | None:
+             compare: str | None = None, lease: Lease | None = None) -> dict | None:
     """Move `current` to `ds.version`; when that changes the embedding configuration,
     return a report (versions, and the top-10 overlap on `compare`'s queries).
 
     A held table (`HELD_TAG`, after a rollback) keeps `current` where it is: the report
-    then says so, and readers stay on the version the user chose.
+    then says so, and readers stay on the version the user chose. A tag is no Lance
+    transaction, so no fence reaches it: `lease` is checked just before the tag is
+    written, and a run that was taken over leaves `current` alone (`LeaseLostError`).
     """
     previous = current_version(ds)
     held = held_version(ds)
@@ -51,6 +54,8 @@ def cut_over(ds: lance.LanceDataset, manifest: TableManifest, *,
                       "from_model": old.model.name, "to_model": manifest.model.name}
             if compare:
                 report.update(model_change_report(ds.uri, previous, ds.version, compare))
+    if lease is not None and previous != ds.version:
+        lease.check()
     if previous is None:
         ds.tags.create(CURRENT_TAG, ds.version)
     elif previous != ds.version:

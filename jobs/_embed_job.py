@@ -802,9 +802,8 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     # Before the tag, so it tags the last version; fenced by the lease's epoch.
     mark_finished(run.table(), job=planned.job, storage_options=opts,
                   epoch=planned.lease.record.epoch if planned.lease is not None else 0)
-    if planned.lease is not None:
-        planned.lease.check()  # a tag is no Lance transaction: the lease is its fence
-    change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries)
+    change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries,
+                             lease=planned.lease)  # the lease is a tag's only fence
     if change_report and change_report.get("held"):
         progress(change_report["hint"])
     elif change_report:

@@ -180,3 +180,24 @@ def test_a_holder_on_this_machine_that_exited_is_taken_over_at_once(tmp_path) ->
     with Lease.acquire(str(table)) as lease:
         assert lease.record.epoch == 4 and lease.previous.pid == pid
         assert lease.orphans_before() >= record.heartbeat
+
+
+def test_a_holder_that_lost_its_lease_moves_no_tag(tmp_path) -> None:
+    """A tag is no Lance transaction, so no fence reaches it: the `current` tag is moved
+    only after a lease check, and a run that was taken over leaves it alone."""
+    from jobs._cutover import cut_over
+    from jobs._tags import CURRENT_TAG, current_version
+
+    table = tmp_path / "t.lance"
+    lance.write_dataset(pa.table({"id": ["a"]}), str(table))
+    stalled = Lease.acquire(str(table))
+    time.sleep(0.2)
+    taker = Lease.acquire(str(table), timeout_s=0.1)  # fences: the table moves on
+    with pytest.raises(LeaseLostError, match="was taken over"):
+        cut_over(lance.dataset(str(table)), None, lease=stalled)
+    assert CURRENT_TAG not in lance.dataset(str(table)).tags.list()
+    latest = lance.dataset(str(table))
+    cut_over(latest, None, lease=taker)
+    assert current_version(lance.dataset(str(table))) == latest.version
+    stalled.release()
+    taker.release()
