@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from operators.sources.read import read_groups, read_shards
+from operators.sources.read import read_blocks, read_groups
 from operators.timing import (
     EMBEDDED_AT,
     LOADED_BY,
@@ -81,20 +81,17 @@ class ShardDatasource(Datasource):
 
         def make(group: tuple[Shard, ...]) -> ReadTask:
             def read() -> Iterable[pa.Table]:
-                # Small shards are labelled and handed over together, one table per
-                # BLOCK_DOCS documents: per-shard table work was what made 20,000 shards
-                # of 10 records cost 1.85x the read task-seconds of 200 shards.
+                # Small shards are read into one table and labelled together, at least
+                # BLOCK_DOCS documents at a time: per-shard table work was what made
+                # 20,000 shards of 10 records cost 1.85x the read task-seconds of 200.
                 started = time.perf_counter()
-                held: list[tuple[str, pa.Table]] = []
-                for shard, docs in read_shards(group, source=source, metadata=metadata,
-                                               chosen=chosen):
-                    if docs.num_rows:  # an all-rejected shard is committed empty
-                        held.append((shard.shard_id, docs))
-                    if sum(t.num_rows for _, t in held) >= BLOCK_DOCS:
-                        yield label_documents(held, read_s=time.perf_counter() - started)
-                        held, started = [], time.perf_counter()
-                if held:
-                    yield label_documents(held, read_s=time.perf_counter() - started)
+                for block in read_blocks(group, source=source, metadata=metadata,
+                                         chosen=chosen, rows=BLOCK_DOCS):
+                    if block.table.num_rows:  # all-rejected shards are committed empty
+                        yield label_documents(
+                            [(shard.shard_id, n) for shard, n in block.shards], block.table,
+                            read_s=time.perf_counter() - started)
+                    started = time.perf_counter()
 
             rows = sum(s.documents or 0 for s in group)
             meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None,
@@ -111,17 +108,17 @@ BLOCK_DOCS = 1_000
 """Documents a read task gathers (whole shards) before it hands a table over."""
 
 
-def label_documents(shards: list[tuple[str, pa.Table]], *, read_s: float) -> pa.Table:
-    """Whole shards' documents as one table, each row labelled with its shard and the
-    shard's document count, and the rows' share of the read seconds.
+def label_documents(shards: list[tuple[str, int]], docs: pa.Table, *,
+                    read_s: float) -> pa.Table:
+    """Whole shards' documents (`docs`, in shard order; `shards` gives each shard's id and
+    rows), each row labelled with its shard and the shard's document count, and the
+    rows' share of the read seconds.
 
-    >>> t = label_documents([("a", pa.table({"x": [1, 2]})), ("b", pa.table({"x": [3]}))],
-    ...                     read_s=3.0)
+    >>> t = label_documents([("a", 2), ("b", 1)], pa.table({"x": [1, 2, 3]}), read_s=3.0)
     >>> t.column("_shard").to_pylist(), t.column("_shard_docs").to_pylist()
     (['a', 'a', 'b'], [2, 2, 1])
     """
-    counts = np.array([t.num_rows for _, t in shards], np.int64)
-    docs = pa.concat_tables([t for _, t in shards]) if len(shards) > 1 else shards[0][1]
+    counts = np.array([n for _, n in shards], np.int64)
     ids = pa.array([shard_id for shard_id, _ in shards], pa.string())
     at = np.repeat(np.arange(len(shards)), counts)
     docs = docs.append_column(SHARD_COLUMN, ids.take(pa.array(at)))
