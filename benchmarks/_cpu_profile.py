@@ -16,7 +16,8 @@ import psutil
 
 ROLES = (
     ("embed actor", ("MapBatches(Embedder)", "MapWorker(")),
-    ("read + chunk + tokenize tasks", ("ReadQuiverShards", "QuiverShards")),
+    ("read tasks", ("ReadQuiverShards", "QuiverShards")),
+    ("chunk + tokenize tasks", ("ChunkBlocks",)),
     ("write tasks", ("Write", "QuiverLance", "write_shard_fragments")),
     ("plan tasks (validate, dedup, rejects)", ("ray::_scan", "ray::_dedup", "ray::_rejects")),
     ("Ray Data helper actors", ("_StatsActor", "_AutoscalingCoordinator",
@@ -24,7 +25,7 @@ ROLES = (
     ("Ray daemons (gcs, raylet, agents, log monitor)",
      ("gcs_server", "raylet", "dashboard", "agent", "log_monitor", "monitor.py",
       "runtime_env", "ray_client")),
-    ("idle Ray workers", ("ray::IDLE",)),
+    ("idle Ray workers (and workers starting up)", ("ray::IDLE",)),
 )
 
 
