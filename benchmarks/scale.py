@@ -253,6 +253,9 @@ def main() -> None:
                         default=CPU_ROWS_PER_BLOCK,
                         help="compute.rows_per_batch of the job, and the batches of the "
                         "bare forward it is compared with")
+    parser.add_argument("--limit-runs", type=int, default=LIMIT_RUNS, metavar="N",
+                        help="machinery-limit measurements before the job and after it "
+                        "(1 for a quick comparison of two builds)")
     args = parser.parse_args()
     if not (EVAL / "scifact" / "corpus.jsonl").is_file():
         raise SystemExit(f"{EVAL} not present: the corpus is cut from ../shared/eval")
@@ -266,11 +269,11 @@ def main() -> None:
     for n in args.sizes:
         corpus = build_corpus(n)
         runs = [machinery_limit(corpus, model, n, args.rows_per_batch)
-                for _ in range(LIMIT_RUNS)]
+                for _ in range(args.limit_runs)]
         job = run_job(corpus, model, n, CACHE / f"table-{n}-local.lance",
                       args.rows_per_batch)
         runs += [machinery_limit(corpus, model, n, args.rows_per_batch)
-                 for _ in range(LIMIT_RUNS)]  # after too: this machine's speed drifts
+                 for _ in range(args.limit_runs)]  # after too: this machine's speed drifts
         limit = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         spread = [round((r["tokenize_cpu_s"] + r["forward_cpu_s"]) / cores, 1) for r in runs]
         s = job["summary"]
