@@ -150,6 +150,35 @@ def pack_bits(vectors: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(vectors) > 0, axis=1)
 
 
+_BYTE_SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1
+                            ).astype(np.float32) * 2 - 1
+"""(256, 8): the +1/-1 signs a packed byte holds, most significant bit first."""
+
+
+def sign_table(query: np.ndarray) -> np.ndarray:
+    """(dims / 8, 256) lookup table of a float query against packed sign bits: entry
+    [j, b] is `q[8j:8j+8] . signs(b)`, so a row's asymmetric score `q . sign(x)` is the
+    sum of its bytes' entries (`operators.codecs.lookup_scores`).
+
+    >>> sign_table(np.array([1, 2, 0, 0, 0, 0, 0, 4], np.float32))[0, [0, 255, 0b10000001]]
+    array([-7.,  7.,  3.], dtype=float32)
+    """
+    q = np.asarray(query, np.float32).reshape(-1, 8)
+    return (q @ _BYTE_SIGNS.T).astype(np.float32)
+
+
+def sign_cosine(scores: np.ndarray, query: np.ndarray, dims: int) -> np.ndarray:
+    """Cosine estimates from asymmetric sign scores `q . sign(x)`: for a unit row whose
+    coordinates spread like a Gaussian's, `E|x_i| = sqrt(2 / (pi * dims))`, so
+    `q . x ~ (q . sign(x)) * sqrt(2 / (pi * dims))`, divided by |q| and clipped.
+
+    >>> [round(float(c), 3) for c in sign_cosine(np.array([4.0, -40.0]), np.array([2.0]), 8)]
+    [0.564, -1.0]
+    """
+    norm = max(float(np.linalg.norm(query)), 1e-12)
+    return np.clip(scores * np.sqrt(2 / (np.pi * dims)) / norm, -1.0, 1.0).astype(np.float32)
+
+
 def hamming(query_bits: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Differing bits between one packed query and each packed row."""
     return _POPCOUNT[np.bitwise_xor(codes, query_bits)].sum(axis=1, dtype=np.int32)

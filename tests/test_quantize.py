@@ -144,49 +144,85 @@ def test_each_mode_ranks_like_numpy_brute_force(coded, full) -> None:
         np.testing.assert_allclose(got.column("score").to_numpy(),
                                    np.sort(i8)[::-1][:10], atol=1e-4)
 
-        ham = hamming(pack_bits(q[None, :])[0], bits)
+        # Binary: the float query against the rows' signs (asymmetric), as a cosine
+        # estimate, computed here from the unpacked bits.
+        asym = (np.unpackbits(bits, axis=1).astype(np.float32) * 2 - 1) @ q
         got = searcher.search(q, k=10, using="binary", rescore=1, exact=True, columns=("id",))
-        expected = np.cos(np.pi * np.sort(ham)[:10] / 384)
+        expected = np.clip(np.sort(asym)[::-1][:10] * np.sqrt(2 / (np.pi * 384))
+                           / np.linalg.norm(q), -1, 1)
         np.testing.assert_allclose(got.column("score").to_numpy(), expected, atol=1e-5)
 
-        # Binary + rescore: the 40 nearest by hamming, re-ranked by float dot product.
+        # Binary + rescore: the 40 best by the asymmetric score, re-ranked by float dot.
         got = searcher.search(q, k=10, using="binary", rescore=4, exact=True, columns=("id",))
-        cutoff = np.sort(ham)[39]
-        pool = np.flatnonzero(ham <= cutoff)  # ties at the cutoff may enter either way
+        distance = -asym  # lower is nearer
+        cutoff = np.sort(distance)[39]
+        pool = np.flatnonzero(distance <= cutoff)  # ties at the cutoff may enter either way
         best = np.sort(float_scores[pool])[::-1][:10]
         assert np.all(got.column("score").to_numpy() <= best[0] + 1e-5)
         assert set(got.column("id").to_pylist()) <= set(ids[pool])
         # A candidate that surely entered (strictly under the cutoff) and that fewer than
         # 10 rows of the whole pool beat by float is in the top 10 whatever ties entered.
-        sure = np.flatnonzero(ham < cutoff)
+        sure = np.flatnonzero(distance < cutoff)
         must = ids[sure[float_scores[sure] > best[min(9, len(best) - 1)]]]
         assert set(must) <= set(got.column("id").to_pylist())
         checked += len(must)
     assert checked >= 10  # the property above was tested, not skipped
 
 
-def test_int8_scan_streams_a_column_too_big_to_hold(coded, full) -> None:
-    """Past `int8_cache_bytes` each int8 search streams the column in batches and keeps
-    nothing; its hits equal those of the held column, filtered or not."""
+def test_binary_search_through_a_hamming_index_keeps_the_best_asymmetric_scores(
+        coded, full, tmp_path: Path) -> None:
+    """With an IVF hamming index (and no `exact`), the index's BITS_POOL * k nearest by
+    hamming are ranked by the float query against their bits, best first."""
+    import shutil
+
+    from operators.index import build_bits_index
+    from operators.search import BITS_POOL
+    from schemas.spec import IndexSpec
+
+    ds, manifest = coded
+    copy = tmp_path / "indexed.lance"
+    shutil.copytree(ds.uri, copy)
+    indexed = lance.dataset(str(copy))
+    build_bits_index(indexed, IndexSpec(num_partitions=4))
+    indexed = lance.dataset(str(copy))
+    searcher = VectorSearcher(indexed, manifest)
+    for q in full[::60]:
+        pool = indexed.to_table(nearest={"column": "vector_bits", "k": BITS_POOL * 10,
+                                         "q": pack_bits(q[None, :])[0], "metric": "hamming"},
+                                columns=["id", "vector_bits"])
+        bits = column_matrix(pool.column("vector_bits"))
+        asym = (np.unpackbits(bits, axis=1).astype(np.float32) * 2 - 1) @ q
+        got = searcher.search(q, k=10, using="binary", rescore=1, columns=("id",))
+        expected = np.array(pool.column("id").to_pylist())[np.argsort(-asym,
+                                                                      kind="stable")[:10]]
+        assert got.column("id").to_pylist() == list(expected)
+        assert np.all(np.diff(got.column("score").to_numpy()) <= 1e-7)
+
+
+@pytest.mark.parametrize("using,column", [("int8", "vector_i8"), ("binary", "vector_bits")])
+def test_code_scan_streams_a_column_too_big_to_hold(coded, full, using, column) -> None:
+    """Past `cache_bytes` each int8 or binary search streams the column in batches and
+    keeps nothing; its hits equal those of the held column, filtered or not."""
     import operators.search as search
 
     ds, manifest = coded
     held = VectorSearcher(ds, manifest)
-    streamed = VectorSearcher(ds, manifest, int8_cache_bytes=0)
+    streamed = VectorSearcher(ds, manifest, cache_bytes=0)
     where = pc.field("chunk") > 0
-    old, search.INT8_SCAN_ROWS = search.INT8_SCAN_ROWS, 7  # many batches on a small table
+    old, search.CODE_SCAN_ROWS = search.CODE_SCAN_ROWS, 7  # many batches on a small table
     try:
         for q in full[::50]:
             for filt in (None, where):
-                a = held.search(q, k=10, using="int8", rescore=1, columns=("id",), where=filt)
-                b = streamed.search(q, k=10, using="int8", rescore=1, columns=("id",),
-                                    where=filt)
+                a = held.search(q, k=10, using=using, rescore=1, exact=True, columns=("id",),
+                                where=filt)
+                b = streamed.search(q, k=10, using=using, rescore=1, exact=True,
+                                    columns=("id",), where=filt)
                 assert b.column("id").to_pylist() == a.column("id").to_pylist()
                 np.testing.assert_allclose(b.column("score").to_numpy(),
                                            a.column("score").to_numpy(), atol=1e-6)
     finally:
-        search.INT8_SCAN_ROWS = old
-    assert held._int8 is not None and streamed._int8 is None
+        search.CODE_SCAN_ROWS = old
+    assert column in held._held and not streamed._held
 
 
 def test_modes_the_table_lacks_are_refused(coded, model_info, full, tmp_path: Path) -> None:

@@ -1,0 +1,292 @@
+"""Fitted first-stage codes: a linear projection, then a quantizer, scored asymmetrically.
+
+The papers Quiver started from compress the first stage of a two-stage search: a compact
+code picks candidates, the stored float vectors rescore them. Every code here has the
+same shape, so one scan serves them all:
+
+- a projection fitted on a sample of the table's vectors: `first` keeps the first dims
+  (Matryoshka), `pca` the top principal directions, `rot` PCA then a random rotation
+  (which spreads variance evenly, RaBitQ's first step), `itq` PCA then a rotation fitted
+  to the sign quantizer (Gong & Lazebnik's iterative quantization), `opq` a rotation
+  fitted to product quantization;
+- a quantizer: `b1`, `b2`, `b4` keep 1, 2 or 4 bits per projected dimension with levels
+  fitted per dimension (1-D Lloyd-Max on the sample), `pq` keeps one byte per
+  sub-vector (256 k-means centroids per subspace, product quantization).
+
+Scoring is asymmetric: the float query is projected, never quantized, and scores a row
+as `project(q) . decode(code)`. That equals `q . x` up to the code's error and a term
+that is the same for every row (the projection's centring), so rankings are kept. The
+score of one query against n codes is a table lookup per code byte
+(`Codec.lookup`), which is what product quantization's asymmetric distance does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Projection = Literal["first", "pca", "rot", "itq", "opq"]
+Quantizer = Literal["b1", "b2", "b4", "pq"]
+PROJECTIONS: tuple[str, ...] = ("first", "pca", "rot", "itq", "opq")
+QUANTIZERS: tuple[str, ...] = ("b1", "b2", "b4", "pq")
+PQ_CENTROIDS = 256
+LLOYD_ITERS = 25
+ITQ_ITERS = 50
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A fitted code: everything needed to encode rows and score float queries.
+
+    Attributes:
+        name: `<projection>-<quantizer>`, for example `pca-b1` or `opq-pq`.
+        nbytes: Bytes per encoded vector.
+        mean: (dims_in,) the sample mean subtracted before projecting.
+        projection: (dims_out, dims_in) orthonormal rows; `x -> projection @ (x - mean)`.
+        levels: (dims_out, 2**bits) reconstruction levels per dimension (scalar codes).
+        centroids: (subspaces, 256, sub_dims) product-quantization centroids.
+    """
+
+    name: str
+    nbytes: int
+    mean: np.ndarray
+    projection: np.ndarray
+    levels: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+
+    @property
+    def bits(self) -> int:
+        """Bits per projected dimension of a scalar code (8 per sub-vector for PQ)."""
+        return 8 if self.levels is None else int(np.log2(self.levels.shape[1]))
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """Rows (n, dims_in) in the code's space (n, dims_out), centred."""
+        return (np.asarray(x, np.float32) - self.mean) @ self.projection.T
+
+    def query(self, q: np.ndarray) -> np.ndarray:
+        """A query in the code's space, not centred: `query(q) . decode(c)` ranks rows
+        as `q . x` does (the centring adds `q . mean` to every row alike)."""
+        return np.asarray(q, np.float32) @ self.projection.T
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """(n, nbytes) uint8 codes of float rows."""
+        y = self.project(x)
+        if self.centroids is not None:
+            return _pq_assign(y, self.centroids)
+        return pack(_level_codes(y, self.levels), self.bits)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(n, dims_out) float32 reconstructions in the code's space (centred)."""
+        codes = np.asarray(codes, np.uint8)
+        if self.centroids is not None:
+            m = self.centroids.shape[0]
+            parts = [self.centroids[j][codes[:, j]] for j in range(m)]
+            return np.concatenate(parts, axis=1)
+        dims = self.levels.shape[0]
+        return self.levels[np.arange(dims), unpack(codes, self.bits, dims)]
+
+    def lookup(self, q: np.ndarray) -> np.ndarray:
+        """(nbytes, 256) float32 table: entry [j, b] is what code byte j = b adds to
+        the score of the projected query, so `scores = sum_j table[j, codes[:, j]]`."""
+        qp = self.query(q)
+        if self.centroids is not None:
+            return np.einsum("msd,md->ms", self.centroids,
+                             qp.reshape(self.centroids.shape[0], -1)).astype(np.float32)
+        per = 8 // self.bits
+        # every[b, i]: the code of the i-th dimension packed in a byte of value b
+        every = unpack(np.arange(256, dtype=np.uint8)[:, None], self.bits, per)
+        table = np.zeros((self.nbytes, 256), np.float32)
+        for j in range(self.nbytes):
+            for i in range(per):
+                c = j * per + i
+                table[j] += qp[c] * self.levels[c, every[:, i]]
+        return table
+
+    def scores(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """`query(q) . decode(code)` of every row, by table lookup (no decoded matrix)."""
+        return lookup_scores(self.lookup(q), codes)
+
+
+def lookup_scores(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Asymmetric scores of byte codes: `sum_j table[j, codes[:, j]]` for every row.
+
+    One gather per code byte over a column of the codes: a (rows, bytes) matrix is read
+    column by column, so each gather touches one byte per row.
+
+    >>> lookup_scores(np.array([[0.0, 1.0], [10.0, 20.0]], np.float32),
+    ...               np.array([[1, 0], [0, 1]], np.uint8))
+    array([11., 20.], dtype=float32)
+    """
+    codes = np.asarray(codes, np.uint8)
+    out = np.zeros(len(codes), np.float32)
+    for j in range(codes.shape[1]):
+        out += table[j].take(codes[:, j])
+    return out
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(n, d) integer codes below 2**bits as (n, d * bits / 8) bytes, first code in the
+    high bits (numpy.packbits' order for 1 bit).
+
+    >>> pack(np.array([[3, 0, 1, 2]]), 2)
+    array([[198]], dtype=uint8)
+    """
+    n, d = codes.shape
+    per = 8 // bits
+    if d % per:
+        raise ValueError(f"{d} dims do not fill whole bytes at {bits} bits each")
+    c = codes.astype(np.uint8).reshape(n, d // per, per)
+    shifts = (8 - bits * (np.arange(per) + 1)).astype(np.uint8)
+    return np.bitwise_or.reduce(c << shifts, axis=2).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int, dims: int) -> np.ndarray:
+    """The inverse of `pack`: (n, bytes) to (n, dims) codes.
+
+    >>> unpack(np.array([[198]], np.uint8), 2, 4)
+    array([[3, 0, 1, 2]], dtype=uint8)
+    """
+    per = 8 // bits
+    shifts = (8 - bits * (np.arange(per) + 1)).astype(np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    out = (packed[:, :, None] >> shifts) & mask
+    return out.reshape(len(packed), -1)[:, :dims]
+
+
+def _level_codes(y: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Nearest level per dimension: thresholds are the midpoints of sorted levels."""
+    cuts = (levels[:, 1:] + levels[:, :-1]) / 2  # (d, L-1)
+    return (y[:, :, None] > cuts[None]).sum(axis=2).astype(np.uint8)
+
+
+def fit_levels(y: np.ndarray, bits: int, iters: int = LLOYD_ITERS) -> np.ndarray:
+    """Per-dimension Lloyd-Max levels (1-D k-means) of a sample, (d, 2**bits), sorted.
+
+    Started at the quantiles of each dimension, which k-means then moves toward the
+    means of the rows they take.
+    """
+    count = 1 << bits
+    qs = (np.arange(count) + 0.5) / count
+    levels = np.quantile(y, qs, axis=0).T.astype(np.float32)  # (d, L)
+    for _ in range(iters):
+        codes = _level_codes(y, levels)
+        for level in range(count):
+            hit = codes == level
+            n = hit.sum(axis=0)
+            total = np.where(hit, y, 0.0).sum(axis=0)
+            levels[:, level] = np.where(n > 0, total / np.maximum(n, 1), levels[:, level])
+        levels.sort(axis=1)
+    return levels
+
+
+def _pq_assign(y: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest centroid per subspace, as one byte each."""
+    m, _, sub = centroids.shape
+    out = np.empty((len(y), m), np.uint8)
+    for j in range(m):
+        part = y[:, j * sub:(j + 1) * sub]
+        c = centroids[j]
+        out[:, j] = np.argmax(part @ c.T - 0.5 * np.einsum("ij,ij->i", c, c), axis=1)
+    return out
+
+
+def _pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and the top `dims` principal directions (rows) of a sample."""
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean.astype(np.float32), vt[:dims].astype(np.float32)
+
+
+def _random_rotation(dims: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((dims, dims)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def _itq(v: np.ndarray, rng: np.random.Generator, iters: int = ITQ_ITERS) -> np.ndarray:
+    """ITQ: the rotation R minimising ||sign(vR) - vR|| (orthogonal Procrustes steps)."""
+    rot = _random_rotation(v.shape[1], rng)
+    for _ in range(iters):
+        b = np.sign(v @ rot)
+        u, _, wt = np.linalg.svd(v.T @ b)
+        rot = (u @ wt).astype(np.float32)
+    return rot
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k centroids of x by faiss' k-means (the maintained implementation)."""
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, verbose=False)
+    km.train(np.ascontiguousarray(x, np.float32))
+    return km.centroids.astype(np.float32)
+
+
+def _opq(x: np.ndarray, subspaces: int) -> np.ndarray:
+    """The OPQ rotation (dims, dims) fitted by faiss for `subspaces` sub-vectors."""
+    import faiss
+
+    dims = x.shape[1]
+    opq = faiss.OPQMatrix(dims, subspaces)
+    opq.train(np.ascontiguousarray(x, np.float32))
+    return faiss.vector_to_array(opq.A).reshape(dims, dims).astype(np.float32)
+
+
+def budget_dims(quantizer: str, nbytes: int, dims_in: int) -> int | None:
+    """Projected dims a quantizer gets from a byte budget; None when it cannot meet it
+    (more dims than the vector has, or PQ sub-vectors that do not divide it).
+
+    >>> budget_dims("b1", 24, 384), budget_dims("b4", 24, 384), budget_dims("pq", 24, 384)
+    (192, 48, 384)
+    >>> budget_dims("b1", 64, 384), budget_dims("pq", 7, 384)
+    (None, None)
+    """
+    if quantizer == "pq":
+        return dims_in if dims_in % nbytes == 0 else None
+    dims = nbytes * 8 // int(quantizer[1:])
+    return dims if dims <= dims_in else None
+
+
+def fit(sample: np.ndarray, name: str, nbytes: int, *, seed: int = 0) -> Codec:
+    """Fit a code named `<projection>-<quantizer>` to `nbytes` per vector on a sample.
+
+    Raises:
+        ValueError: an unknown name, a budget the code cannot meet, or a sample with
+            fewer rows than the code has parameters to fit.
+    """
+    projection, _, quantizer = name.partition("-")
+    if projection not in PROJECTIONS or quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown code {name!r}: use <{'|'.join(PROJECTIONS)}>-"
+                         f"<{'|'.join(QUANTIZERS)}>")
+    x = np.ascontiguousarray(sample, np.float32)
+    dims_in = x.shape[1]
+    dims = budget_dims(quantizer, nbytes, dims_in)
+    if dims is None:
+        raise ValueError(f"{name} cannot spend exactly {nbytes} bytes on {dims_in} dims")
+    if quantizer == "pq" and projection not in ("first", "pca", "opq"):
+        raise ValueError(f"{name}: product quantization takes first, pca or opq")
+    if quantizer != "pq" and projection == "opq":
+        raise ValueError(f"{name}: opq is fitted for product quantization only")
+    if len(x) < max(PQ_CENTROIDS if quantizer == "pq" else 2, dims):
+        raise ValueError(f"a sample of {len(x)} rows is too small to fit {name}")
+    rng = np.random.default_rng(seed)
+    if projection == "first":
+        mean = np.zeros(dims_in, np.float32)
+        proj = np.eye(dims_in, dtype=np.float32)[:dims]
+    else:
+        mean, proj = _pca(x, dims)
+        if projection == "rot":
+            proj = _random_rotation(dims, rng).T @ proj
+        elif projection == "itq":
+            proj = _itq((x - mean) @ proj.T, rng).T @ proj
+        elif projection == "opq":
+            proj = _opq((x - mean) @ proj.T, nbytes) @ proj
+    y = (x - mean) @ proj.T
+    if quantizer == "pq":
+        sub = dims // nbytes
+        centroids = np.stack([_kmeans(y[:, j * sub:(j + 1) * sub], PQ_CENTROIDS, seed + j)
+                              for j in range(nbytes)])
+        return Codec(name, nbytes, mean, proj.astype(np.float32), centroids=centroids)
+    levels = fit_levels(y, int(quantizer[1:]))
+    return Codec(name, nbytes, mean, proj.astype(np.float32), levels=levels)
