@@ -135,6 +135,11 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, nargs="+", default=list(BYTES))
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS))
     parser.add_argument("--distractors", type=int, default=1_000_000)
+    parser.add_argument("--fits", nargs="+", default=["sample", "real"],
+                        choices=("sample", "real"),
+                        help="what codes are fitted on among distractors: a sample of the "
+                        "rows searched, or the real vectors only (alone, both are the "
+                        "real vectors)")
     parser.add_argument("--json", type=Path, help="Write the rows to this JSON file.")
     args = parser.parse_args()
 
@@ -189,32 +194,33 @@ def main() -> None:
         for name in args.codes:
             if budget_dims(name.split("-")[1], nbytes, real.shape[1]) is None:
                 continue
-            fits = {"real": real}
-            if len(extra_all):
+            # (fit name, fitted on, settings searched): alone, codes are fitted on the
+            # real vectors; among distractors, on a sample of all rows and/or real only.
+            plans = [("real", real, [0] if "real" not in args.fits else settings)]
+            if len(extra_all) and "sample" in args.fits:
                 pick = rng.choice(len(real) + len(extra_all),
                                   size=min(FIT_SAMPLE, len(real) + len(extra_all)),
                                   replace=False)
-                fits["sample"] = np.vstack([real[pick[pick < len(real)]],
-                                            extra_all[pick[pick >= len(real)] - len(real)]])
-            for fitted, sample in fits.items():
+                plans.append(("sample", np.vstack(
+                    [real[pick[pick < len(real)]],
+                     extra_all[pick[pick >= len(real)] - len(real)]]), settings[1:]))
+            for fitted, sample, searched in plans:
                 t0 = time.perf_counter()
                 try:
                     codec = fit(sample, name, nbytes, seed=SEED)
                 except ValueError as err:
-                    print(f"[codecs] skip {name} {nbytes} B: {err}", flush=True)
-                    break
+                    print(f"[codecs] skip {name} {nbytes} B fit={fitted}: {err}", flush=True)
+                    continue
                 fit_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 extra_codes = np.vstack([codec.encode(extra_all[s:s + BLOCK])
                                          for s in range(0, len(extra_all), BLOCK)]) \
-                    if len(extra_all) else None
+                    if max(searched) else None
                 enc_s = time.perf_counter() - t0
                 for coll in colls:
                     own = codec.encode(coll.vectors)
                     q = codec.query(coll.queries)
-                    for n_extra in settings:
-                        if n_extra == 0 and fitted == "sample" and len(extra_all):
-                            continue  # alone, the real fit is the table's own sample
+                    for n_extra in searched:
                         codes = own if n_extra == 0 else np.vstack([own, extra_codes])
 
                         def block(a, b, cd=codes, qq=q, cc=codec):
@@ -223,7 +229,8 @@ def main() -> None:
                         cand = top_rows(block, len(codes), len(coll.queries), depth)
                         record(coll, extra_all[:n_extra], cand, name, nbytes, fitted)
                 print(f"[codecs] {name} {nbytes} B fit={fitted}: fit {fit_s:.1f} s, encode "
-                      f"{len(extra_all):,} rows {enc_s:.1f} s; kept@100 " + ", ".join(
+                      f"{len(extra_all) if max(searched) else 0:,} rows {enc_s:.1f} s; "
+                      "kept@100 " + ", ".join(
                           f"{r['set']}/{r['distractors']:,}={r['kept']:.3f}"
                           for r in results if r["codec"] == name and r["bytes"] == nbytes
                           and r["fit"] == fitted and r["depth"] == 100), flush=True)

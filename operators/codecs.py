@@ -22,6 +22,8 @@ score of one query against n codes is a table lookup per code byte
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,18 +110,55 @@ class Codec:
         """`query(q) . decode(code)` of every row, by table lookup (no decoded matrix)."""
         return lookup_scores(self.lookup(q), codes)
 
+    def to_bytes(self) -> bytes:
+        """The fitted arrays as one `.npz` file's bytes (stored with the table)."""
+        arrays = {"name": np.array(self.name), "nbytes": np.array(self.nbytes),
+                  "mean": self.mean, "projection": self.projection}
+        if self.levels is not None:
+            arrays["levels"] = self.levels
+        if self.centroids is not None:
+            arrays["centroids"] = self.centroids
+        out = io.BytesIO()
+        np.savez(out, **arrays)
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, sha256: str | None = None) -> Codec:
+        """A codec from `to_bytes`' output, checked against the digest a table's
+        manifest recorded for it.
+
+        Raises:
+            ValueError: the bytes do not hash to `sha256` (another fit's codebook, or a
+                damaged file), or are not a codebook.
+        """
+        if sha256 is not None and digest(data) != sha256:
+            raise ValueError(f"codebook digest {digest(data)[:12]} does not match the "
+                             f"table's {sha256[:12]}: it belongs to another fit")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return cls(str(z["name"]), int(z["nbytes"]), z["mean"], z["projection"],
+                           z.get("levels"),
+                           z.get("centroids"))
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"not a Quiver codebook: {err}") from None
+
+
+def digest(data: bytes) -> str:
+    """The sha256 a manifest records for a codebook's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
 
 def lookup_scores(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Asymmetric scores of byte codes: `sum_j table[j, codes[:, j]]` for every row.
 
-    One gather per code byte over a column of the codes: a (rows, bytes) matrix is read
-    column by column, so each gather touches one byte per row.
+    One gather per code byte over a column of the codes; a column-major (Fortran-order)
+    matrix makes each column contiguous, about twice as fast at 1M rows.
 
     >>> lookup_scores(np.array([[0.0, 1.0], [10.0, 20.0]], np.float32),
     ...               np.array([[1, 0], [0, 1]], np.uint8))
     array([11., 20.], dtype=float32)
     """
-    codes = np.asarray(codes, np.uint8)
+    codes = np.asanyarray(codes, np.uint8)
     out = np.zeros(len(codes), np.float32)
     for j in range(codes.shape[1]):
         out += table[j].take(codes[:, j])

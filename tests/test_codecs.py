@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from operators.chunk import Chunker
-from operators.codecs import budget_dims, fit, lookup_scores, pack, unpack
+from operators.codecs import Codec, budget_dims, digest, fit, lookup_scores, pack, unpack
 from operators.quantize import pack_bits, sign_table
 
 CODES = ["first-b1", "pca-b1", "itq-b1", "pca-b2", "rot-b2", "rot-b4", "pca-pq", "opq-pq"]
@@ -89,3 +89,16 @@ def test_budgets_a_code_cannot_meet_are_refused(vectors) -> None:
         fit(vectors, "opq-b1", 24)
     with pytest.raises(ValueError, match="too small"):
         fit(vectors[:100], "pca-pq", 24)
+
+
+def test_a_codebook_round_trips_and_a_mismatched_one_is_refused(vectors) -> None:
+    codec = fit(vectors, "opq-pq", 16, seed=3)
+    data = codec.to_bytes()
+    back = Codec.from_bytes(data, sha256=digest(data))
+    np.testing.assert_array_equal(back.encode(vectors[:50]), codec.encode(vectors[:50]))
+    assert (back.name, back.nbytes) == ("opq-pq", 16)
+    other = fit(vectors, "opq-pq", 16, seed=4).to_bytes()
+    with pytest.raises(ValueError, match="belongs to another fit"):
+        Codec.from_bytes(other, sha256=digest(data))
+    with pytest.raises(ValueError, match="not a Quiver codebook"):
+        Codec.from_bytes(b"not an npz file")
