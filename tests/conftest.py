@@ -49,6 +49,27 @@ def stdlib_docs(tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def stdlib_chunks(model_info, stdlib_docs):
+    """The first 120 standard-library docstrings cut into 128-token chunks (about 500)."""
+    import pyarrow as pa
+
+    from operators.chunk import Chunker
+
+    docs = pa.table({"doc_id": [d["id"] for d in stdlib_docs[:120]],
+                     "text": pa.array([d["text"] for d in stdlib_docs[:120]], pa.large_string())})
+    chunker = Chunker(model_info.path, max_tokens=128, overlap=16, document_prefix="",
+                      metadata=pa.schema([]), config_fingerprint="test")
+    return chunker(docs)
+
+
+@pytest.fixture(scope="session")
+def stdlib_vectors(embedder, stdlib_chunks):
+    """Real all-MiniLM-L6-v2 output (full size, float32) for every `stdlib_chunks` row,
+    embedded once for the codec and search tests."""
+    return embedder.embed_ids(stdlib_chunks.column("input_ids").to_pylist())
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 

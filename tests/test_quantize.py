@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import manifest_for
 
-from operators.chunk import Chunker
 from operators.embed import Embedder
 from operators.quantize import (
     Codebook,
@@ -37,18 +36,14 @@ ALL = ["float32", "int8", "binary"]
 
 
 @pytest.fixture(scope="module")
-def chunks(model_info, stdlib_docs) -> pa.Table:
-    docs = pa.table({"doc_id": [d["id"] for d in stdlib_docs[:120]],
-                     "text": pa.array([d["text"] for d in stdlib_docs[:120]], pa.large_string())})
-    chunker = Chunker(model_info.path, max_tokens=128, overlap=16, document_prefix="",
-                      metadata=pa.schema([]), config_fingerprint="test")
-    return chunker(docs)
+def chunks(stdlib_chunks) -> pa.Table:
+    return stdlib_chunks
 
 
 @pytest.fixture(scope="module")
-def full(embedder, chunks) -> np.ndarray:
+def full(stdlib_vectors) -> np.ndarray:
     """Full-size float32 model output for every chunk."""
-    return embedder.embed_ids(chunks.column("input_ids").to_pylist())
+    return stdlib_vectors
 
 
 def _book(model_info, full: np.ndarray, codecs=ALL, dims=None) -> tuple[object, Codebook]:

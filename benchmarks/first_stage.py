@@ -1,0 +1,154 @@
+"""First stages at 1M vectors: latency and memory of a compact code plus rescoring,
+against the float IVF_HNSW_SQ index Quiver builds by default.
+
+The rows are `benchmarks/ann.py`'s: 1M × 384 vectors sampled from a mixture fitted to the
+real scifact and cranfield chunk vectors, written to a Lance table (`id`, `vector`) with
+Quiver's default ANN index (kept under benchmarks/.warehouse and reused). Queries are held
+out from the same mixture; the truth is a numpy brute force.
+
+Ways, each one query at a time as a server runs them:
+- `float IVF_HNSW_SQ`: Lance's nearest search with Quiver's default nprobes;
+- `<code> + rescore N`: the code held in memory (column-major, as `VectorSearcher` holds
+  the sign bits), scanned with the float query (`operators.codecs.lookup_scores`), the
+  best N rows fetched by row id from Lance and rescored with their float vectors.
+
+For each: recall@10 against the exact top 10, p50 and p99 milliseconds, and the memory
+the first stage holds (codes only; the float index's is its partitions and SQ codes).
+
+    python benchmarks/first_stage.py                 # 1M rows, 200 queries
+    python benchmarks/first_stage.py --rows 100000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from ann import (  # noqa: E402
+    DIMS,
+    SEED,
+    TABLES,
+    WAREHOUSE,
+    batches,
+    exact_topk,
+    fit_mixture,
+    read_vectors,
+    recall,
+)
+
+CODES = (("sign bits (asymmetric)", None, 48), ("pca-b1", "pca-b1", 24),
+         ("opq-pq", "opq-pq", 24))
+FIT_SAMPLE = 50_000
+
+
+def table(rows: int, matrix: np.ndarray, mixture) -> object:
+    """The synthetic table with its float index, built once per row count and reused."""
+    import lance
+    import pyarrow as pa
+
+    from operators.index import build_vector_index
+    from schemas.spec import IndexSpec
+
+    out = WAREHOUSE / f"first-stage-{rows}.lance"
+    sample = np.random.default_rng(SEED + 1)
+    if out.is_dir() and lance.dataset(str(out)).list_indices():
+        for start in range(0, rows, 50_000):  # the same rows, regenerated for the truth
+            n = min(50_000, rows - start)
+            matrix[start:start + n] = mixture.sample(n, sample)
+        print(f"[first-stage] reusing {out}", flush=True)
+        return lance.dataset(str(out))
+    schema = pa.schema([("id", pa.string()),
+                        ("vector", pa.list_(pa.field("item", pa.float32()), DIMS))])
+    reader = pa.RecordBatchReader.from_batches(schema, batches(mixture, rows, matrix, sample))
+    ds = lance.write_dataset(reader, str(out), schema=schema, mode="overwrite",
+                             max_rows_per_file=200_000)
+    t = time.perf_counter()
+    index = build_vector_index(ds, IndexSpec(), metric="dot", dims=DIMS)
+    print(f"[first-stage] built {index} in {time.perf_counter() - t:.1f} s", flush=True)
+    return lance.dataset(str(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--rescore", type=int, nargs="+", default=[100])
+    args = parser.parse_args()
+
+    from operators.codecs import fit, lookup_scores
+    from operators.embed import cpu_flags
+    from operators.quantize import column_matrix, pack_bits, sign_table
+    from operators.search import default_nprobes
+
+    flags = cpu_flags()
+    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2'}", flush=True)
+    WAREHOUSE.mkdir(parents=True, exist_ok=True)
+    real = read_vectors(list(TABLES))
+    mixture = fit_mixture(real, 256, 8, np.random.default_rng(SEED))
+    matrix = np.empty((args.rows, DIMS), np.float32)
+    ds = table(args.rows, matrix, mixture)
+    row_ids = ds.to_table(columns=[], with_row_id=True).column("_rowid").to_numpy()
+    queries = mixture.sample(args.queries, np.random.default_rng(SEED + 2))
+    truth = exact_topk(matrix, queries, 10)
+    results = []
+
+    nprobes = default_nprobes(args.rows)
+    found, ms = np.zeros((len(queries), 10), np.int64) - 1, []
+    for warm in (True, False):
+        ms = []
+        for i, q in enumerate(queries):
+            t = time.perf_counter()
+            hits = ds.to_table(nearest={"column": "vector", "q": q, "k": 10, "metric": "dot",
+                                        "nprobes": nprobes}, columns=["id", "_distance"])
+            ms.append((time.perf_counter() - t) * 1000)
+            found[i, :hits.num_rows] = [int(v) for v in hits.column("id").to_pylist()]
+        if not warm:
+            results.append(("float IVF_HNSW_SQ", f"nprobes {nprobes}", 0, recall(found, truth),
+                            *np.percentile(ms, [50, 99])))
+
+    rng = np.random.default_rng(SEED + 4)
+    for label, name, nbytes in CODES:
+        t = time.perf_counter()
+        if name is None:
+            codes, tables = pack_bits(matrix), sign_table
+        else:
+            codec = fit(matrix[rng.choice(len(matrix), FIT_SAMPLE, replace=False)], name,
+                        nbytes, seed=SEED)
+            codes = np.vstack([codec.encode(matrix[s:s + 100_000])
+                               for s in range(0, len(matrix), 100_000)])
+            tables = codec.lookup
+        held = np.asfortranarray(codes)
+        prep_s = time.perf_counter() - t
+        for depth in args.rescore:
+            ms = []
+            for i, q in enumerate(queries):
+                t = time.perf_counter()
+                scores = lookup_scores(tables(q), held)
+                top = np.argpartition(-scores, depth - 1)[:depth]
+                rows = ds._take_rows(row_ids[top].tolist(), columns=["vector", "id"])
+                exact = column_matrix(rows.column("vector")) @ q
+                best = np.argsort(-exact)[:10]
+                ms.append((time.perf_counter() - t) * 1000)
+                found[i] = [int(v) for v in np.asarray(rows.column("id").to_pylist())[best]]
+            results.append((f"{label} + rescore {depth}", f"fit+encode {prep_s:.1f} s",
+                            held.nbytes, recall(found, truth), *np.percentile(ms, [50, 99])))
+            print(f"[first-stage] {results[-1]}", flush=True)
+
+    print(f"\n{args.rows:,} rows x {DIMS} (mixture fitted to {len(real):,} real vectors); "
+          f"{args.queries} held-out queries; float32 column {matrix.nbytes / 2**20:,.0f} MiB")
+    print("| first stage | notes | code memory | recall@10 | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for label, note, nbytes, r, p50, p99 in results:
+        mem = "index" if not nbytes else f"{nbytes / 2**20:.1f} MiB (1/{matrix.nbytes // nbytes})"
+        print(f"| {label} | {note} | {mem} | {r:.3f} | {p50:.1f} | {p99:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
