@@ -5,8 +5,9 @@ For each BEIR collection under ../shared/eval (scifact, cranfield, limit-small) 
 `benchmarks/quality.py`'s spec and reused) is searched in two stages:
 
 1. a first stage scores every row with a code from `operators.codecs` (the float query
-   against the code: asymmetric), or with today's symmetric hamming (`hamming`, the query
-   binarised too), and keeps the best `depth` rows;
+   against the code: asymmetric), or on the stored sign bits with `sign` (the float query
+   against +-1, Quiver's binary stage) or `hamming` (the query binarised too, Quiver's
+   binary stage before), and keeps the best `depth` rows;
 2. those candidates are rescored with their float vectors, folded to documents (best
    chunk), and the top 10 documents are scored with nDCG@10 against the qrels.
 
@@ -131,7 +132,11 @@ def ndcg(coll: Collection, extra: np.ndarray, candidates: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    parser.add_argument("--codes", nargs="+", default=list(CODES))
+    parser.add_argument("--codes", nargs="*", default=list(CODES))
+    parser.add_argument("--baselines", nargs="*", default=["hamming", "sign"],
+                        choices=("hamming", "sign"),
+                        help="first stages on the stored sign bits, no fit: hamming "
+                        "(query binarised) and sign (float query against +-1)")
     parser.add_argument("--bytes", type=int, nargs="+", default=list(BYTES))
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS))
     parser.add_argument("--distractors", type=int, default=1_000_000)
@@ -181,13 +186,20 @@ def main() -> None:
             floats[(coll.name, n_extra)] = ndcg(coll, extra, cand)
             print(f"[codecs] {coll.name} float exact nDCG@10 among {n_extra:,} distractors: "
                   f"{floats[(coll.name, n_extra)]:.4f}", flush=True)
-            # today's binary first stage: hamming between sign bits (query binarised too)
+            # the stored sign bits (threshold 0): hamming, the query binarised too (Quiver
+            # before), and `sign`, the float query against +-1 (Quiver's binary stage now)
             bits = pack_bits(rows)
-            qbits = pack_bits(coll.queries)
-            cand = top_rows(lambda a, b, bt=bits, qb=qbits: -np.stack(
-                [hamming(q, bt[a:b]) for q in qb], axis=1).astype(np.float32),
-                len(rows), len(coll.queries), depth)
-            record(coll, extra, cand, "hamming", bits.shape[1], "none")
+            if "hamming" in args.baselines:
+                qbits = pack_bits(coll.queries)
+                cand = top_rows(lambda a, b, bt=bits, qb=qbits: -np.stack(
+                    [hamming(q, bt[a:b]) for q in qb], axis=1).astype(np.float32),
+                    len(rows), len(coll.queries), depth)
+                record(coll, extra, cand, "hamming", bits.shape[1], "none")
+            if "sign" in args.baselines:
+                cand = top_rows(lambda a, b, bt=bits, c=coll: (
+                    np.unpackbits(bt[a:b], axis=1).astype(np.float32) * 2 - 1) @ c.queries.T,
+                    len(rows), len(coll.queries), depth)
+                record(coll, extra, cand, "sign", bits.shape[1], "none")
             del rows, bits
 
     for nbytes in args.bytes:
