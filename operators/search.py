@@ -12,8 +12,8 @@ The binary first stage is asymmetric: the float query scores each row's sign bit
 distractors, rescoring 100 candidates, it keeps 100% / 95.6% / 91.6% of float nDCG@10 on
 scifact / cranfield / limit-small, where hamming between binarised queries and rows kept
 96.8% / 87.0% / 61.7% (`benchmarks/codecs.py`). With an IVF hamming index on the bits
-(large tables) and no `exact`, the index picks `BITS_POOL` times the candidates by hamming and the asymmetric
-score keeps the best of them.
+(large tables) and no `exact`, the index picks `BITS_POOL` times the candidates by
+hamming and the asymmetric score keeps the best of them.
 
 Scores are similarities (higher is closer): `dot` for normalised tables, cosine
 otherwise, and for sign bits alone an estimate of the cosine (`sign_cosine`).
