@@ -25,12 +25,9 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-Projection = Literal["first", "pca", "rot", "itq", "opq"]
-Quantizer = Literal["b1", "b2", "b4", "pq"]
 PROJECTIONS: tuple[str, ...] = ("first", "pca", "rot", "itq", "opq")
 QUANTIZERS: tuple[str, ...] = ("b1", "b2", "b4", "pq")
 PQ_CENTROIDS = 256
