@@ -74,6 +74,7 @@ from operators.sources.plan import ReadPlan, listing_fingerprint
 from operators.write import (
     cleanup_checkpoints,
     committed_shards,
+    has_committed,
     job_finished,
     mark_finished,
     remove_orphans,
@@ -418,7 +419,7 @@ def _resumable_plan(spec: JobSpec, existing: lance.LanceDataset | None,
     if found is None:
         return None
     plan, job = found
-    if job_finished(existing, job=job) or not committed_shards(existing, job=job):
+    if job_finished(existing, job=job) or not has_committed(existing, job=job):
         return None
     return plan
 

@@ -58,8 +58,8 @@ def worker_soft_limit(cpus: int) -> int:
     At Ray's default, a 2-CPU machine runs six workers at once (two actors, four tasks)
     but keeps two idle; every other one was killed between tasks and restarted, importing
     torch and transformers again. Measured at 100k documents (`benchmarks/scale.py`, 2
-    cores): idle and starting workers 19.7-19.9 CPU-s at the default against 8.6-9.5 at
-    this limit, the Ray daemons 17-18 against 10-11, and the job 12-15% faster.
+    cores): idle and starting workers 19.4-19.9 CPU-s at the default against 8.6-9.5 at
+    this limit, the Ray daemons 16-18 against 10-11, and the job 111-118 s against 99-106 s.
 
     >>> worker_soft_limit(2), worker_soft_limit(64)
     (6, 68)

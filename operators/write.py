@@ -9,7 +9,7 @@ is what lets a killed job resume without redoing or duplicating work.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -138,31 +138,40 @@ def committed_shards(ds: lance.LanceDataset, *, job: str) -> set[str]:
     """Shards this job has committed so far, read back from the transaction log.
 
     Each commit records only the shards it adds, so a commit's metadata stays the same
-    size however long the job runs; the job's set is the union over its commits. Walking
-    back from the latest version skips commits without a job (index builds, compaction),
-    follows a restore to the version it restored, and stops at another job's commit or
-    at an overwrite (this job's first commit is one).
+    size however long the job runs; the job's set is the union over its commits.
     """
+    return {shard for shards in _job_commits(ds, job) for shard in shards}
+
+
+def has_committed(ds: lance.LanceDataset, *, job: str) -> bool:
+    """Whether this job committed any shard: the log read back only to the job's latest
+    commit, not through every commit as `committed_shards` does."""
+    return any(shards for shards in _job_commits(ds, job))
+
+
+def _job_commits(ds: lance.LanceDataset, job: str) -> Iterator[list[str]]:
+    """The shards of each of this job's commits, newest first. Walking back from the
+    latest version skips commits without a job (index builds, compaction), follows a
+    restore to the version it restored, and stops at another job's commit or at an
+    overwrite (this job's first commit is one)."""
     versions = sorted((x["version"] for x in ds.versions()), reverse=True)
     ceiling = versions[0] if versions else 0
-    shards: set[str] = set()
     for v in versions:
         if v > ceiling:
             continue
         txn = ds.read_transaction(v)
         if txn is None:
-            break
+            return
         props = txn.transaction_properties or {}
         if JOB_KEY in props:
             if props[JOB_KEY] != job:
-                break
-            shards.update(json.loads(props[SHARDS_KEY]))
+                return
+            yield json.loads(props[SHARDS_KEY])
         if isinstance(txn.operation, lance.LanceOperation.Restore):
             ceiling = txn.operation.version
         elif isinstance(txn.operation, (lance.LanceOperation.Overwrite,
                                         lance.LanceOperation.Delete)):
-            break  # a delete (`quiver table delete`) ends the run before it
-    return shards
+            return  # a delete (`quiver table delete`) ends the run before it
 
 
 DONE_ROWS_KEY = "quiver.job_done_rows"

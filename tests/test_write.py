@@ -8,7 +8,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from operators.write import commit, committed_shards, write_fragments
+from operators.write import commit, committed_shards, has_committed, write_fragments
 
 SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("vector", pa.list_(pa.float32(), 4))],
                    metadata={b"quiver.manifest": b"{}"})
@@ -52,6 +52,27 @@ def test_committed_shards_follow_the_job_through_index_commits(tmp_path: Path) -
     ds = lance.dataset(uri)
     assert committed_shards(ds, job="J") == set()
     assert committed_shards(ds, job="K") == {"k1"}
+
+
+def test_has_committed_reads_the_log_only_back_to_the_jobs_latest_commit(
+        tmp_path: Path) -> None:
+    uri = str(tmp_path / "t.lance")
+    ds = commit(uri, write_fragments(_rows(["a"]), uri, schema=SCHEMA), mode="create",
+                schema=SCHEMA, job="J", shards=["s1"])
+    for n in range(2, 6):
+        ds = commit(uri, write_fragments(_rows([f"r{n}"]), uri, schema=SCHEMA),
+                    mode="append", schema=SCHEMA, read_version=ds.version, job="J",
+                    shards=[f"s{n}"])
+    ds = lance.dataset(uri)
+    read: list[int] = []
+    real = ds.read_transaction
+    ds.read_transaction = lambda v: read.append(v) or real(v)  # count what each walk reads
+    assert has_committed(ds, job="J") and read == [5]
+    read.clear()
+    assert committed_shards(ds, job="J") == {f"s{n}" for n in range(1, 6)}
+    assert read == [5, 4, 3, 2, 1]
+    read.clear()
+    assert not has_committed(ds, job="other") and read == [5]  # another job's commit ends it
 
 
 def test_a_commit_refuses_when_another_writer_moved_the_table(tmp_path: Path) -> None:
