@@ -14,10 +14,10 @@ For each size it runs `quiver run` in a fresh process and reports:
   (median of LIMIT_RUNS measurements before the job and LIMIT_RUNS after: between runs
   of the benchmark the limit itself moved by up to 40% here, so it is printed per run);
 - the loaded limit: the same measurement run in one process per core at once, before and
-  after the job (their mean). On 2-vCPU machines whose cores slow each other down, each
-  busy core does less than a lone one: here a pure-Python loop took 15-27% more
-  CPU-seconds with both cores busy. The job always has every core busy, so both ratios
-  are printed;
+  after the job (their mean). Some machines' cores slow each other down (here a
+  pure-Python loop took 15-27% more CPU-seconds with both cores busy; tokenizing and the
+  tiny forward did not), and the job always has every core busy, so both ratios are
+  printed;
 - the time from launch to the first committed checkpoint (the first manifest on disk);
 - the driver's peak RSS (sampled every 0.2 s);
 - model loads per job, and the bytes of each checkpoint commit's transaction file.
@@ -154,8 +154,8 @@ def loaded_limit(corpus: Path, model: str, n: int, rows_per_batch: int, cores: i
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
-        runs = list(pool.map(machinery_limit, *zip(*[(corpus, model, n, rows_per_batch)]
-                                                   * cores, strict=True)))
+        runs = [f.result() for f in [pool.submit(machinery_limit, corpus, model, n,
+                                                 rows_per_batch) for _ in range(cores)]]
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 

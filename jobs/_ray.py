@@ -101,13 +101,13 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         route_ray_logs()
         return
-    # "local" stops Ray from joining whatever cluster `ray start` left on this machine:
-    # without an address Quiver promises a private, in-process run.
-    # a limit set in the environment (Ray's own variable) wins
     from ray._private.utils import get_num_cpus  # the count Ray itself will use (cgroups)
 
+    # a limit set in the environment (Ray's own variable) wins
     system = {} if SOFT_LIMIT_ENV in os.environ else \
         {"num_workers_soft_limit": worker_soft_limit(int(get_num_cpus()) or 1)}
+    # "local" stops Ray from joining whatever cluster `ray start` left on this machine:
+    # without an address Quiver promises a private, in-process run.
     with ray_on_loopback():
         ray.init(
             address="local",
