@@ -98,7 +98,8 @@ def read_seconds(packed: Path) -> dict:
     planned = time.perf_counter() - started
     started = time.perf_counter()
     docs = sum(t.num_rows for _, t in read_shards(plan.shards, source=source,
-                                                  metadata=plan.metadata, chosen=plan.chosen))
+                                                  metadata=plan.metadata, chosen=plan.chosen,
+                                                  skips=plan.skips))
     return {"shards": len(plan.shards), "documents": docs, "plan_s": round(planned, 1),
             "read_s": round(time.perf_counter() - started, 1)}
 

@@ -174,7 +174,7 @@ def chunk_source(spec_dict: dict, table: Path) -> Hashes:
     hashes: Hashes = {}
     for shard in plan.shards:
         chunks = chunker(read_shard(shard, source=spec.source, metadata=plan.metadata,
-                                    chosen=plan.chosen))
+                                    chosen=plan.chosen, skips=plan.skips))
         for cid, digest in zip(chunks.column("id").to_pylist(),
                                chunks.column("content_hash").to_pylist(), strict=True):
             if cid in hashes:

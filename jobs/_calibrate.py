@@ -15,20 +15,21 @@ import pyarrow as pa
 from operators.embed import Embedder
 from operators.quantize import calibrate_int8, sample_positions, truncate
 from operators.sources.read import sample_documents
+from operators.sources.skips import Skips
 from schemas.source import Shard
 from schemas.spec import SourceSpec
 
 
 def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
                   chosen: dict[str, str], chunker: Callable[[pa.Table], pa.Table],
-                  wanted: int) -> list[list[int]]:
+                  wanted: int, skips: Skips | None) -> list[list[int]]:
     """Token ids of about `wanted` chunks, from shards spread evenly over the source.
 
     Enough documents are read for twice the wanted rows (so the sample is spread within
     them too), always deterministically, so a rerun calibrates identically.
     """
     docs = sample_documents(shards, wanted=2 * wanted, source=source, metadata=metadata,
-                            chosen=chosen)
+                            chosen=chosen, skips=skips)
     if docs is None:
         return []
     ids = chunker(docs).column("input_ids")

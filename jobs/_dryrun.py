@@ -28,7 +28,7 @@ from operators.model import describe_model
 from operators.quantize import sample_positions
 from operators.sources.plan import ReadPlan
 from operators.sources.read import sample_documents
-from operators.sources.rejects import shard_rejects
+from operators.sources.rejects import shard_rejects, with_duplicates
 from operators.sources.scan import units_of
 from schemas.errors import ManifestMismatchError
 from schemas.manifest import TableManifest
@@ -47,7 +47,7 @@ FINISH_SECONDS = 3.0
 def _sample_documents(plan: ReadPlan, spec: JobSpec) -> pa.Table | None:
     """About SAMPLE_DOCUMENTS documents from shards spread evenly over the source."""
     docs = sample_documents(plan.shards, wanted=SAMPLE_DOCUMENTS, source=spec.source,
-                            metadata=plan.metadata, chosen=plan.chosen)
+                            metadata=plan.metadata, chosen=plan.chosen, skips=plan.skips)
     if docs is None or docs.num_rows <= SAMPLE_DOCUMENTS:
         return docs
     return docs.take(sample_positions(docs.num_rows, SAMPLE_DOCUMENTS))
@@ -68,9 +68,10 @@ def _reject_sample(plan: ReadPlan, spec: JobSpec) -> list[dict]:
     """The first few rejects with their file, line and reason (from the first dirty
     shards only: the whole source is never read again for this)."""
     rows: list[dict] = []
-    for shard, duplicates in plan.dirty:
+    for shard in plan.dirty:
         if len(rows) >= REJECT_SAMPLE:
             break
+        (shard, duplicates), = with_duplicates([shard], plan.skips)
         found = shard_rejects(shard, spec.source, chosen=plan.chosen, duplicates=duplicates)
         rows += found.select(["source", "position", "position_kind", "record_id",
                               "reason"]).to_pylist()[:REJECT_SAMPLE - len(rows)]
@@ -97,7 +98,7 @@ def dry_run(spec: JobSpec) -> dict:
     """Plan `spec` and estimate its time; writes nothing (see the module docstring)."""
     started = time.perf_counter()
     listing, _ = units_of(spec.source)
-    planned = _plan(spec, started, describe_model(spec.model))
+    planned = _plan(spec, started, describe_model(spec.model), save=False)
     plan, info, manifest = planned.plan, planned.info, planned.manifest
     layout = actor_layout(spec, cpus=planned.cpus, gpus=planned.gpus,
                           cores=int(largest_node_cpus()) or 1, documents=plan.documents,

@@ -44,10 +44,12 @@ from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_no
 from jobs._reindex import delete_on_cluster, plan_reindex, reconcile_schema, with_doc_hash
 from jobs._tags import CURRENT_TAG
 from jobs._unchanged import (
+    drop_skips,
     listing_key,
     record_inputs,
     save_plan,
     saved_plan,
+    skips_folder,
     unchanged_counts,
 )
 from operators.chunk import Chunker
@@ -293,7 +295,7 @@ def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
     started = time.perf_counter()
     sample = sample_chunks(plan.shards, source=spec.source, metadata=plan.metadata,
                            chosen=plan.chosen, chunker=chunk,
-                           wanted=spec.vectors.calibration_sample)
+                           wanted=spec.vectors.calibration_sample, skips=plan.skips)
     vectors = manifest.vectors
     if sample:
         embedder = Embedder(info, precision=resolve_precision(spec.model.precision,
@@ -368,9 +370,10 @@ class _Decision:
 
 
 def _plan(spec: JobSpec, started: float, info: ModelInfo,
-          listing: Listing | None = None) -> _Planned:
+          listing: Listing | None = None, *, save: bool = True) -> _Planned:
     """Model and source, validated before any embedding: the source in cluster tasks
-    (listed here unless `listing` is given)."""
+    (listed here unless `listing` is given); with `save`, the plan is saved beside the
+    table for a resume (a dry run does not)."""
     ensure_ray()
     ray_start = time.perf_counter() - started
     cpus, gpus = cluster_resources()
@@ -387,7 +390,8 @@ def _plan(spec: JobSpec, started: float, info: ModelInfo,
     key = listing_key(listing_fingerprint(listing), spec, _shaping(spec, info), excluded)
     precision = resolve_precision(spec.model.precision, on_gpu=uses_gpus(spec, gpus))
     manifest = build_manifest(spec, info, precision=precision)
-    saved = _resumable_plan(spec, existing, key) if spec.source.limit is None else None
+    save = save and spec.source.limit is None
+    saved = _resumable_plan(spec, existing, key) if save else None
     if saved is not None:
         plan, documents = saved, None
         progress(f"resuming from the saved plan ({len(plan.shards)} shards; the source's "
@@ -395,7 +399,9 @@ def _plan(spec: JobSpec, started: float, info: ModelInfo,
     else:  # with a table to compare with, pass 1 keeps each document's hash (a reindex)
         plan, documents = plan_on_cluster(
             spec.source, task_cpus=min(1.0, cpus), cpus=cpus, documents=existing is not None,
-            excluded=excluded_keys(excluded) if excluded else None, listing=listing)
+            excluded=excluded_keys(excluded) if excluded else None, listing=listing,
+            keep=skips_folder(spec.table) if save else None,
+            storage_options=spec.write.storage_options)
     plan_seconds = time.perf_counter() - plan_started
     _check_filterable(spec, plan)
     _check_reject_rate(spec, plan)
@@ -403,7 +409,7 @@ def _plan(spec: JobSpec, started: float, info: ModelInfo,
               f"normalize={info.normalize}, max {info.max_tokens} tokens, {precision}")
     _warn_untrained_truncation(info, manifest.vectors)
     job = _job_fingerprint(plan, manifest, spec, excluded=excluded)
-    if saved is None and spec.source.limit is None:
+    if saved is None and save:
         save_plan(spec, key=key, job=job, plan=plan)
     return _Planned(info, plan, manifest, precision, job,
                     cpus, gpus, ray_start, plan_seconds, documents, listing_key=key)
@@ -716,7 +722,7 @@ def _build_work(spec: JobSpec, planned: _Planned, decision: _Decision, plan: Rea
     def dataset(layout: ActorLayout):
         # every pending shard, so a file's run is not cut by an all-rejected one
         shards = ShardDatasource(pending, source=spec.source, metadata=plan.metadata,
-                                 chosen=plan.chosen,
+                                 chosen=plan.chosen, skips=plan.skips,
                                  tasks=2 * max(1, int(planned.cpus // layout.read_cpus)))
         ds = ray.data.read_datasource(shards, override_num_blocks=len(shards.groups),
                                       num_cpus=layout.read_cpus)
@@ -888,6 +894,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     if spec.source.limit is None:  # a rerun of these inputs on this version does nothing
         record_inputs(spec, version=final.version, rows=final.count_rows(),
                       key=planned.listing_key, plan=plan)
+    # older plannings' left-out records: no saved plan names them (the lease is held)
+    drop_skips(spec.table, spec.write.storage_options, own=plan.skips)
     pending = len(plan.shards) - len(decision.done)
     index = "unchanged" if report is None else \
         report.vector + ("; " + ", ".join(report.scalar) if report.scalar else "")

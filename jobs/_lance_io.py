@@ -17,6 +17,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from operators.sources.read import read_blocks, read_groups
+from operators.sources.skips import Skips
 from operators.timing import (
     EMBEDDED_AT,
     LOADED_BY,
@@ -64,10 +65,13 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                 chosen: dict[str, str], tasks: int | None = None) -> None:
-        """`tasks` is how many read tasks to aim for (None: one per shard)."""
+                 chosen: dict[str, str], skips: Skips | None,
+                 tasks: int | None = None) -> None:
+        """`tasks` is how many read tasks to aim for (None: one per shard); `skips`, where
+        the plan's left-out records are (each task carries only its part)."""
         super().__init__()
         self.groups = read_groups(shards, tasks=len(shards) if tasks is None else tasks)
+        self._skips = skips
         self._source = source
         self._metadata = metadata
         self._chosen = chosen
@@ -80,13 +84,15 @@ class ShardDatasource(Datasource):
         source, metadata, chosen = self._source, self._metadata, self._chosen
 
         def make(group: tuple[Shard, ...]) -> ReadTask:
+            skips = None if self._skips is None else self._skips.only(group)
+
             def read() -> Iterable[pa.Table]:
                 # Small shards are read into one table and labelled together, at least
                 # BLOCK_DOCS documents at a time: per-shard table work was what made
                 # 20,000 shards of 10 records cost 1.85x the read task-seconds of 200.
                 started = time.perf_counter()
                 for block in read_blocks(group, source=source, metadata=metadata,
-                                         chosen=chosen, rows=BLOCK_DOCS):
+                                         chosen=chosen, rows=BLOCK_DOCS, skips=skips):
                     if block.table.num_rows:  # all-rejected shards are committed empty
                         yield label_documents(
                             [(shard.shard_id, n) for shard, n in block.shards], block.table,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
 
@@ -12,10 +13,11 @@ import lance
 import pyarrow as pa
 
 from operators.sources.base import Listing
-from operators.sources.dedup import find_duplicates, source_documents
+from operators.sources.dedup import find_duplicates, loser_counts, source_documents
 from operators.sources.plan import ReadPlan, settle
 from operators.sources.rejects import reject_groups, rejects_of
 from operators.sources.scan import scan_unit, units_of
+from operators.sources.skips import Skips, gather_skips, part_bounds, split_by_part, write_part
 from operators.write import latest_version, write_fragments
 from schemas.records import REJECTS_SCHEMA
 from schemas.spec import SourceSpec
@@ -33,15 +35,28 @@ def _scan(unit, source: SourceSpec, buckets: int, documents: bool):
     return (scan, *tables)
 
 
-def _dedup(bad: frozenset, excluded: pa.Table | None, *tables: pa.Table) -> pa.Table:
-    return find_duplicates(list(tables), bad=bad, excluded=excluded)
+def _dedup(bad: frozenset, excluded: pa.Table | None, bounds: list[int],
+           *tables: pa.Table) -> tuple[pa.Table, ...]:
+    """Pass 2 over one bucket: its loser counts, then its losers cut into parts."""
+    losers = find_duplicates(list(tables), bad=bad, excluded=excluded)
+    return (loser_counts(losers), *split_by_part(losers, bounds))
 
 
-def _dedup_documents(bad: frozenset, excluded: pa.Table | None, *tables: pa.Table
-                     ) -> tuple[pa.Table, pa.Table]:
+def _dedup_documents(bad: frozenset, excluded: pa.Table | None, bounds: list[int],
+                     *tables: pa.Table) -> tuple[pa.Table, ...]:
+    """`_dedup`, with the bucket's documents (a reindex's diff) second."""
     rows = [pa.concat_tables(tables)] if tables else []  # concatenated once, for both
     losers = find_duplicates(rows, bad=bad, excluded=excluded)
-    return losers, source_documents(rows, bad=bad, losers=losers)
+    return (loser_counts(losers), source_documents(rows, bad=bad, losers=losers),
+            *split_by_part(losers, bounds))
+
+
+def _gather(units: pa.Table, uri: str | None, storage_options: dict[str, str],
+            *tables: pa.Table) -> pa.Table | str:
+    """One part of the left-out records from every bucket; kept in a file at `uri` (a
+    resume reads it back) or returned to the object store."""
+    table = gather_skips(units, *tables)
+    return table if uri is None else write_part(table, uri, storage_options)
 
 
 @dataclass
@@ -61,9 +76,9 @@ class SourceDocuments:
         return len(self.refs)
 
 
-def _rejects(dirty: list, source: SourceSpec, chosen: dict[str, str], uri: str,
-             storage_options: dict[str, str]):
-    rows = rejects_of(dirty, source, chosen=chosen)
+def _rejects(dirty: list, source: SourceSpec, chosen: dict[str, str], skips: Skips | None,
+             uri: str, storage_options: dict[str, str]):
+    rows = rejects_of(dirty, source, chosen=chosen, skips=skips)
     return write_fragments(rows, uri, schema=REJECTS_SCHEMA, storage_options=storage_options)
 
 
@@ -167,7 +182,9 @@ def _units_for_limit(units: list, source: SourceSpec, buckets: int, documents: b
 
 def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
                     documents: bool = False, excluded: pa.Table | None = None,
-                    listing: Listing | None = None) -> tuple[ReadPlan, SourceDocuments | None]:
+                    listing: Listing | None = None, keep: str | None = None,
+                    storage_options: dict[str, str] | None = None
+                    ) -> tuple[ReadPlan, SourceDocuments | None]:
     """List the source here (file metadata only); validate and dedup it in Ray tasks.
 
     Args:
@@ -179,6 +196,9 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
         excluded: The table's excluded ids (`excluded_keys`), left out like duplicates;
             put in the object store once and read by every dedup task.
         listing: The source's listing, when the caller already made it.
+        keep: A folder to keep the records left out by id in (`operators.sources.skips`),
+            one file per part, for a resume; None keeps them in the object store.
+        storage_options: For `keep`.
     """
     import ray
 
@@ -197,16 +217,31 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
     gone = None if excluded is None or not excluded.num_rows else ray.put(excluded)
     parts = fan_in.per_bucket()
     kept: list | None = None
+    bounds = part_bounds(len(units))
 
-    def dedup(bad: frozenset) -> list[pa.Table]:  # pass 2, one task per bucket
-        nonlocal kept
-        if not documents:
-            task = ray.remote(_dedup).options(num_cpus=task_cpus)
-            return ray.get([task.remote(bad, gone, *parts[b]) for b in range(buckets)])
-        task = ray.remote(_dedup_documents).options(num_cpus=task_cpus, num_returns=2)
-        pairs = [task.remote(bad, gone, *parts[b]) for b in range(buckets)]
-        kept = [p[1] for p in pairs]
-        return ray.get([p[0] for p in pairs])
+    def dedup(bad: frozenset, unit_rows: pa.Table) -> tuple[list[pa.Table], Skips | None]:
+        nonlocal kept  # pass 2, one task per bucket, then one gathering task per part
+        head = 2 if documents else 1
+        task = ray.remote(_dedup_documents if documents else _dedup).options(
+            num_cpus=task_cpus, num_returns=head + len(bounds))
+        out = [task.remote(bad, gone, bounds, *parts[b]) for b in range(buckets)]
+        if documents:
+            kept = [refs[1] for refs in out]
+        counts = ray.get([refs[0] for refs in out])
+        lost = {int(u) for t in counts for u in t.column("unit").to_numpy()}
+        if not lost:
+            return counts, None
+        needed = sorted({bisect_right(bounds, u) - 1 for u in lost})
+        gather = ray.remote(_gather).options(num_cpus=task_cpus)
+        units_ref = ray.put(unit_rows)
+        found = {p: gather.remote(units_ref, None if keep is None else
+                                  f"{keep}/part-{p:05d}.arrow", storage_options or {},
+                                  *[refs[head + p] for refs in out]) for p in needed}
+        del out  # the gathering tasks hold the parts now
+        if keep is not None:
+            found = dict(zip(found, ray.get(list(found.values())), strict=True))
+        return counts, Skips(tuple(bounds), tuple(found.get(p) for p in range(len(bounds))),
+                             storage_options or {})
 
     plan = settle(listing, scans, source, dedup)
     parts.clear()  # with fan_in, the last refs to the bucket tables: they can go
@@ -240,7 +275,9 @@ def write_rejects(plan: ReadPlan, source: SourceSpec, *, uri: str,
     if not plan.dirty and not replace_existing:
         return
     task = ray.remote(_rejects).options(num_cpus=task_cpus)
-    parts = ray.get([task.remote(group, source, plan.chosen, uri, storage_options)
+    parts = ray.get([task.remote(group, source, plan.chosen,
+                                 None if plan.skips is None else plan.skips.only(group),
+                                 uri, storage_options)
                      for group in reject_groups(plan.dirty)])
     fragments = [f for part in parts for f in part]
     operation = lance.LanceOperation.Overwrite(REJECTS_SCHEMA, fragments)

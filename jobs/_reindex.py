@@ -44,6 +44,7 @@ from operators.reindex import (
 from operators.sources.plan import ReadPlan
 from operators.sources.read import bridged, read_groups, read_shards
 from operators.sources.scan import bucket_of, id_key
+from operators.sources.skips import Skips
 from operators.write import write_fragments
 from schemas.records import CODEC_COLUMNS, CONTENT_HASH_BYTES, DOC_HASH_COLUMN, WORK_COLUMNS
 from schemas.source import Shard
@@ -116,7 +117,8 @@ def _changed_documents(existing: lance.LanceDataset, documents: SourceDocuments,
 
 
 def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
-                   spec: JobSpec, metadata: pa.Schema, chosen: dict[str, str],
+                   skips: Skips | None, spec: JobSpec, metadata: pa.Schema,
+                   chosen: dict[str, str],
                    chunk: Callable[[pa.Table], pa.Table], uri: str, version: int,
                    schema: pa.Schema) -> tuple[list[dict], pa.Table]:
     """Step 3 for consecutive shards, read in one pass (`read_shards`): chunk each one's
@@ -148,7 +150,7 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
 
     started = time.perf_counter()
     for shard, docs in read_shards(group, source=spec.source, metadata=metadata,
-                                   chosen=chosen, only=wanted):
+                                   chosen=chosen, only=wanted, skips=skips):
         if shard.shard_id not in wanted:  # read through on the way (`bridged`)
             started = time.perf_counter()
             continue
@@ -219,6 +221,7 @@ def plan_reindex(existing: lance.LanceDataset, plan: ReadPlan, documents: Source
                          tasks=2 * max(1, int(cpus)))
     refs = [task.remote(group, {s.shard_id: sorted(docs[s.shard_id]) for s in group
                                 if s.shard_id in docs},
+                        skips=None if plan.skips is None else plan.skips.only(group),
                         uri=existing.uri, version=existing.version, **shared)
             for group in groups]
     summaries = ray.get([r[0] for r in refs])

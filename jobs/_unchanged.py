@@ -11,7 +11,9 @@ optimize) takes the full path: plan, then resume or reindex; which records the n
 when it ends, so a touched but identical file costs one full check, not one per rerun.
 
 A resume costs a listing too. Every run that plans saves its plan beside the table
-(`x.plan.json.gz`: the shards, counts and schema; no record) under the same key and the
+(`x.plan.json.gz`: the shards, counts and schema; no record; the records it leaves out
+by id, duplicates and excluded ids, in files under `x.plan.skips/`, written by the
+planning tasks, never by the driver) under the same key and the
 job's fingerprint. A run killed half-way and started again finds the key unchanged and
 its job's commits in the table, and reads the plan back instead of parsing the source
 again; only the shards not yet committed are then read. A reindex still runs pass 1 (its
@@ -25,15 +27,18 @@ import gzip
 import hashlib
 import json
 import time
+import uuid
 from collections import Counter
 
 import pyarrow as pa
+from pyarrow.fs import FileSelector, FileType
 
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside, resolve
 from operators.sources import FORMATS
 from operators.sources.base import Listing, list_source
 from operators.sources.plan import ReadPlan, listing_fingerprint
+from operators.sources.skips import Skips
 from schemas.source import shard_from_json, shard_to_json
 from schemas.spec import JobSpec
 
@@ -103,18 +108,23 @@ def plan_uri(table_uri: str) -> str:
     return beside(table_uri, ".plan.json.gz")
 
 
+PLAN_FORMAT = 2
+"""The saved plan's layout; a plan saved in another is planned again. 2: shards count
+their left-out records, which are kept in files (`skips_folder`), not in the plan."""
+
+
 def save_plan(spec: JobSpec, *, key: str, job: str, plan: ReadPlan) -> None:
     """Keep the plan for a resume: its shards (with their byte offsets), counts and
     metadata schema, gzipped JSON (a few hundred bytes per shard before compression)."""
     body = {
-        "key": key, "job": job, "kind": plan.kind, "records": plan.records,
+        "format": PLAN_FORMAT, "key": key, "job": job, "kind": plan.kind, "records": plan.records,
         "rejected": plan.rejected, "reasons": dict(plan.reject_reasons),
         "fingerprint": plan.fingerprint, "files": plan.files, "skipped": plan.skipped,
         "excluded": plan.excluded, "chosen": plan.chosen,
         "metadata": base64.b64encode(plan.metadata.serialize().to_pybytes()).decode(),
         "shards": [shard_to_json(s) for s in plan.shards],
-        "dirty": [[shard_to_json(s), {str(k): list(v) for k, v in dups.items()}]
-                  for s, dups in plan.dirty]}
+        "dirty": [s.shard_id for s in plan.dirty],
+        "skips": None if plan.skips is None else plan.skips.to_json()}
     fs, path = resolve(plan_uri(spec.table), spec.write.storage_options)
     with fs.open_output_stream(path) as out:
         out.write(gzip.compress(json.dumps(body).encode(), compresslevel=3))
@@ -129,15 +139,66 @@ def saved_plan(spec: JobSpec, *, key: str) -> tuple[ReadPlan, str] | None:
             body = json.loads(gzip.decompress(f.read()))
     except (FileNotFoundError, OSError, ValueError):
         return None  # none, or a torn one: plan again
-    if body.get("key") != key:
+    if body.get("key") != key or body.get("format") != PLAN_FORMAT:
         return None
+    opts = spec.write.storage_options
+    skips = None if body.get("skips") is None else Skips.from_json(body["skips"], opts)
+    if skips is not None and not _all_kept(skips):
+        return None  # its left-out records are gone (a finished job removes them): plan again
     metadata = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(body["metadata"])))
+    shards = [shard_from_json(s) for s in body["shards"]]
+    dirty = set(body["dirty"])
     plan = ReadPlan(
-        kind=body["kind"], shards=[shard_from_json(s) for s in body["shards"]],
+        kind=body["kind"], shards=shards,
         metadata=metadata, chosen=body["chosen"], records=body["records"],
         rejected=body["rejected"], reject_reasons=Counter(body["reasons"]),
         fingerprint=body["fingerprint"], files=body["files"], skipped=body["skipped"],
-        dirty=[(shard_from_json(s), {int(k): tuple(v) for k, v in dups.items()})
-               for s, dups in body["dirty"]],
-        excluded=body["excluded"], bytes_read=0)
+        dirty=[s for s in shards if s.shard_id in dirty],
+        excluded=body["excluded"], bytes_read=0, skips=skips)
     return plan, body["job"]
+
+
+def skips_folder(table_uri: str) -> str:
+    """A new folder for one planning's left-out records (`operators.sources.skips`),
+    beside the table: a resume reads them back; the job removes them when it finishes."""
+    return f"{beside(table_uri, '.plan.skips')}/{uuid.uuid4().hex}"
+
+
+def _all_kept(skips: Skips) -> bool:
+    """Whether every file of a saved plan's left-out records is still there."""
+    kept = [p for p in skips.parts if p is not None]
+    if not kept:
+        return True
+    fs, _ = resolve(kept[0], skips.storage_options)
+    paths = [resolve(p, skips.storage_options)[1] for p in kept]
+    return all(i.type == FileType.File for i in fs.get_file_info(paths))
+
+
+STALE_SKIPS_S = 3600.0
+"""Age after which a finishing job removes another planning's left-out records (a job
+that stopped and was not resumed, or whose plan a later planning replaced). A younger
+planning may belong to a run about to take the lease."""
+
+
+def drop_skips(table_uri: str, storage_options: dict[str, str], *, own: Skips | None) -> int:
+    """Remove the left-out records no saved plan needs: every other planning's older than
+    `STALE_SKIPS_S` (a resume of one finds them gone and plans again). The job's own
+    (`own`) stay, as its saved plan does: a table restored to a version before the job
+    finished resumes from them. So a table keeps about one planning's. Run while holding
+    the table's lease. Returns the folders removed."""
+    fs, root = resolve(beside(table_uri, ".plan.skips"), storage_options)
+    mine = {resolve(p, storage_options)[1].rsplit("/", 1)[0]
+            for p in (own.parts if own is not None else ()) if isinstance(p, str)}
+    files = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    newest: dict[str, float] = {}
+    for info in files:
+        if info.type == FileType.File:
+            folder = info.path.rsplit("/", 1)[0]
+            stamp = info.mtime.timestamp() if info.mtime is not None else time.time()
+            newest[folder] = max(newest.get(folder, 0.0), stamp)
+    removed = 0
+    for folder, stamp in newest.items():
+        if time.time() - stamp > STALE_SKIPS_S and folder not in mine:
+            fs.delete_dir(folder)
+            removed += 1
+    return removed

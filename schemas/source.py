@@ -52,7 +52,8 @@ class Shard:
     A shard is `records` consecutive records of one unit starting at record `start`
     (0-based, counted over the unit's non-blank records). `skip` holds the record numbers
     the plan rejected as duplicates or left out as excluded ids (the table's exclusion
-    list); readers find the other rejects again themselves.
+    list), once a task has attached them; readers find the other rejects again
+    themselves.
     """
 
     shard_id: str
@@ -69,8 +70,13 @@ class Shard:
     part: int = 0
     """Parquet: the row group; `start` then counts rows of the file."""
     skip: frozenset[int] = field(default_factory=frozenset)
+    """Filled only inside the task that reads the shard (`operators.sources.skips`): the
+    driver's shards hold `left_out`, a count."""
     documents: int | None = None
     """Valid documents the plan counted; a reader that finds another number refuses."""
+    left_out: int = 0
+    """Records the plan leaves out by id (duplicates, excluded ids): their numbers are
+    kept off the driver, in the plan's `Skips`."""
 
     @property
     def path(self) -> str:

@@ -130,8 +130,10 @@ def test_rerun_is_a_no_op_and_resume_skips_committed_shards(table, corpus, model
     assert lance.dataset(str(partial)).count_rows() < first.chunks
     resumed = run_embed(_spec(corpus, partial))
     assert resumed.shards_skipped >= 1 and resumed.tokens > 0
-    # the inputs are unchanged: the resume read its saved plan, not the source, to plan
+    # the inputs are unchanged: the resume read its saved plan, not the source, to plan;
+    # the duplicate it leaves out came from the planning tasks' files beside the table
     assert resumed.source_bytes_read == 0
+    assert len(list(tmp_path.glob("partial.plan.skips/*/part-*.arrow"))) == 1
     assert (resumed.documents, resumed.rejects, resumed.shards, resumed.reject_reasons) == \
         (first.documents, first.rejects, first.shards, first.reject_reasons)
     ids = lance.dataset(str(partial)).to_table(columns=["id"]).column("id").to_pylist()

@@ -20,7 +20,8 @@ from schemas.spec import SourceSpec
 
 def _read_all(plan, source: SourceSpec) -> pa.Table:
     return pa.concat_tables(
-        [read_shard(s, source=source, metadata=plan.metadata, chosen=plan.chosen)
+        [read_shard(s, source=source, metadata=plan.metadata, chosen=plan.chosen,
+                    skips=plan.skips)
          for s in plan.shards]
     )
 

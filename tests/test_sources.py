@@ -21,7 +21,8 @@ from schemas.spec import SourceSpec
 
 def _docs(plan, source: SourceSpec) -> pa.Table:
     return pa.concat_tables([read_shard(s, source=source, metadata=plan.metadata,
-                                        chosen=plan.chosen) for s in plan.shards])
+                                        chosen=plan.chosen, skips=plan.skips)
+                             for s in plan.shards])
 
 
 def _write(path: Path, rows: list[dict], *, opener=open) -> Path:
@@ -81,7 +82,7 @@ def test_shards_of_a_compressed_file_share_one_read_pass(shards_folder: Path) ->
     groups = read_groups(plan.shards, tasks=1)
     assert [(g[0].path.rsplit("/", 1)[-1], len(g)) for g in groups] == [
         ("part-0.jsonl.gz", 4), ("part-1.jsonl", 3), ("part-2.jsonl.zst", 2)]
-    kw = dict(source=source, metadata=plan.metadata, chosen=plan.chosen)
+    kw = dict(source=source, metadata=plan.metadata, chosen=plan.chosen, skips=plan.skips)
     for group in groups:
         together = list(read_shards(group, **kw))
         assert [shard for shard, _ in together] == list(group)
@@ -218,7 +219,12 @@ def test_planning_and_reading_hash_each_document_alike(tmp_path: Path) -> None:
 def test_rejects_of_a_compressed_file_come_from_one_pass(tmp_path: Path) -> None:
     """Pass 3 reads a compressed file once for all its dirty shards (clean shards between
     them skipped), and finds exactly the rows that reading each dirty shard alone finds."""
-    from operators.sources.rejects import reject_groups, rejects_of, shard_rejects
+    from operators.sources.rejects import (
+        reject_groups,
+        rejects_of,
+        shard_rejects,
+        with_duplicates,
+    )
 
     lines = []
     for i in range(40):
@@ -234,9 +240,9 @@ def test_rejects_of_a_compressed_file_come_from_one_pass(tmp_path: Path) -> None
     plan = plan_source(source)
     groups = reject_groups(plan.dirty)
     assert len(groups) == 1 and len(groups[0]) == len(plan.dirty) == 4  # shards 0,4,7,8
-    together = rejects_of(groups[0], source, chosen=plan.chosen)
+    together = rejects_of(groups[0], source, chosen=plan.chosen, skips=plan.skips)
     alone = pa.concat_tables([shard_rejects(s, source, chosen=plan.chosen, duplicates=d)
-                              for s, d in plan.dirty])
+                              for s, d in with_duplicates(plan.dirty, plan.skips)])
     assert together.equals(alone)
     assert together.column("position").to_pylist() == [4, 18, 19, 31, 36]
     assert together.equals(plan.rejects)

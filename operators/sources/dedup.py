@@ -22,8 +22,14 @@ from operators.sources.scan import BUCKET_SCHEMA, DOCUMENT_FIELDS, id_key
 
 SOURCE_DOCUMENTS_SCHEMA = pa.schema([*DOCUMENT_FIELDS, ("unit", pa.int32()),
                                      ("shard", pa.int32())])
-LOSERS_SCHEMA = pa.schema([("unit", pa.int32()), ("ordinal", pa.int64()),
-                           ("w_unit", pa.int32()), ("w_position", pa.int64())])
+LOSERS_SCHEMA = pa.schema([("unit", pa.int32()), ("shard", pa.int32()),
+                           ("ordinal", pa.int64()), ("w_unit", pa.int32()),
+                           ("w_position", pa.int64())])
+COUNTS_SCHEMA = pa.schema([("unit", pa.int32()), ("shard", pa.int32()),
+                           ("duplicates", pa.int64()), ("excluded", pa.int64())])
+"""Per shard (unit, its shard number), how many of its records lost: all the driver
+learns of pass 2 (`loser_counts`); the losers themselves stay where the tasks put them
+(`operators.sources.skips`)."""
 
 
 
@@ -73,7 +79,7 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
     ...   0], pa.int32()), "ordinal": pa.array([0, 3, 4], pa.int64()), "position":
     ...   pa.array([1, 4, 5], pa.int64()), "sig": pa.array([0, 0, 0], pa.int32())})
     >>> find_duplicates([t], bad=frozenset()).to_pylist()
-    [{'unit': 1, 'ordinal': 0, 'w_unit': 0, 'w_position': 4}]
+    [{'unit': 1, 'shard': 0, 'ordinal': 0, 'w_unit': 0, 'w_position': 4}]
     """
     rows = pa.concat_tables(tables) if tables else BUCKET_SCHEMA.empty_table()
     if rows.num_rows == 0:
@@ -86,7 +92,8 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
                      rows.column("ordinal"))
         rows = rows.append_column("_key", key)
         gone = rows.join(excluded, keys=["hi", "lo"], join_type="left semi")
-        out = pa.table({"unit": gone.column("unit"), "ordinal": gone.column("ordinal"),
+        out = pa.table({"unit": gone.column("unit"), "shard": gone.column("shard"),
+                        "ordinal": gone.column("ordinal"),
                         "w_unit": pa.array(np.full(gone.num_rows, EXCLUDED_UNIT), pa.int32()),
                         "w_position": pa.array(np.full(gone.num_rows, -1), pa.int64())},
                        schema=LOSERS_SCHEMA)
@@ -101,9 +108,31 @@ def find_duplicates(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, in
     first = np.maximum.accumulate(np.where(same, 0, np.arange(len(order))))
     losers, winners = order[same], order[first[same]]
     return pa.concat_tables([out, pa.table(
-        {"unit": col["unit"][losers], "ordinal": col["ordinal"][losers],
+        {"unit": col["unit"][losers], "shard": col["shard"][losers],
+         "ordinal": col["ordinal"][losers],
          "w_unit": col["unit"][winners], "w_position": col["position"][winners]},
         schema=LOSERS_SCHEMA)])
+
+
+def loser_counts(losers: pa.Table) -> pa.Table:
+    """COUNTS_SCHEMA rows: each shard's duplicates and excluded records, one row per shard
+    that has any (bounded by the shards, whatever the number of losers).
+
+    >>> t = pa.table({"unit": pa.array([0, 0, 2], pa.int32()), "shard": pa.array([1, 1, 0],
+    ...   pa.int32()), "w_unit": pa.array([3, EXCLUDED_UNIT, 0], pa.int32())})
+    >>> sorted(loser_counts(t).to_pylist(), key=lambda r: r["unit"])[0]
+    {'unit': 0, 'shard': 1, 'duplicates': 1, 'excluded': 1}
+    """
+    if not losers.num_rows:
+        return COUNTS_SCHEMA.empty_table()
+    gone = pc.cast(pc.equal(losers.column("w_unit"), EXCLUDED_UNIT), pa.int64())
+    rows = pa.table({"unit": losers.column("unit"), "shard": losers.column("shard"),
+                     "gone": gone})
+    counts = rows.group_by(["unit", "shard"]).aggregate([("gone", "sum"), ("gone", "count")])
+    excluded = counts.column("gone_sum")
+    return pa.table({"unit": counts.column("unit"), "shard": counts.column("shard"),
+                     "duplicates": pc.subtract(counts.column("gone_count"), excluded),
+                     "excluded": excluded}, schema=COUNTS_SCHEMA)
 
 
 def source_documents(tables: list[pa.Table], *, bad: frozenset[tuple[int, int, int]],

@@ -8,12 +8,13 @@ each in its own module:
    them).
 2. `dedup.find_duplicates`, once per bucket: every record whose id an earlier record (in
    file, position order) already has is a duplicate; records rejected for their types
-   never count as the first.
+   never count as the first. The driver gets each shard's count of them; the records
+   themselves stay off the driver, cut by unit range (`skips`).
 3. `rejects.rejects_of`, once per group of shards that have any reject: the reject rows,
    with file, position and reason.
 
 This module is the driver's part: it merges only bounded summaries (`assemble_plan`):
-per-shard counts, the type signatures seen, and the duplicates found, into a `ReadPlan`;
+per-shard counts, the type signatures seen, and the duplicates counted, into a `ReadPlan`;
 `read.read_shard` then reads a shard's documents. There is one planner: `settle` is
 the driver's part, whether the passes ran in this process (`plan_source`, for tests and
 small sources) or as Ray tasks (`jobs._plan.plan_on_cluster`, every job).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -33,17 +33,24 @@ import pyarrow as pa
 from operators.sources import FORMATS
 from operators.sources.base import KIND_TYPES, Listing, mismatch
 from operators.sources.dedup import (
-    EXCLUDED_UNIT,
-    LOSERS_SCHEMA,
+    COUNTS_SCHEMA,
     excluded_keys,
     find_duplicates,
+    loser_counts,
 )
-from operators.sources.rejects import reject_groups, rejects_of, shard_rejects
+from operators.sources.rejects import reject_groups, rejects_of, shard_rejects, with_duplicates
 from operators.sources.scan import (
     UnitScan,
     check_metadata_fields,
     scan_unit,
     units_of,
+)
+from operators.sources.skips import (
+    UNITS_SCHEMA,
+    Skips,
+    gather_skips,
+    part_bounds,
+    split_by_part,
 )
 from schemas.errors import SourceError
 from schemas.records import REJECTS_SCHEMA, check_metadata_names
@@ -68,8 +75,8 @@ class ReadPlan:
     files: int
     skipped: dict[str, int]
     """Files not read, by suffix."""
-    dirty: list[tuple[Shard, dict[int, tuple[str, int]]]]
-    """Shards with rejects, each with its duplicates: record -> (first file, position)."""
+    dirty: list[Shard]
+    """Shards with rejects (pass 3 reads them again for the reject rows)."""
     rejects: pa.Table | None = None
     """The reject rows, when the plan was made in this process (`plan_source`)."""
     excluded: int = 0
@@ -78,6 +85,9 @@ class ReadPlan:
     """Bytes of line-format source files pass 1 read (decompressed)."""
     text_chars: int = 0
     """Characters of the valid records' texts (duplicates and excluded ids included)."""
+    skips: Skips | None = None
+    """Where the records left out by id are (None: there are none); tasks attach them to
+    the shards they read (`Skips.attach`)."""
 
     @property
     def documents(self) -> int:
@@ -172,66 +182,68 @@ def line_bases(scans: list[UnitScan]) -> dict[int, int]:
     return bases
 
 
-def assemble_plan(listing: Listing, scans: list[UnitScan], losers: list[pa.Table], *,
+def units_table(scans: list[UnitScan]) -> pa.Table:
+    """UNITS_SCHEMA: each unit's file and the lines before it there, which name a
+    duplicate's first record (`skips.gather_skips`). One row per unit, never per record."""
+    lines = line_bases(scans)
+    return pa.table({"w_unit": pa.array([s.unit.index for s in scans], pa.int32()),
+                     "first_path": [s.unit.file.path for s in scans],
+                     "base": pa.array([lines.get(s.unit.index, 0) for s in scans], pa.int64())},
+                    schema=UNITS_SCHEMA)
+
+
+def assemble_plan(listing: Listing, scans: list[UnitScan], counts: list[pa.Table], *,
                   chosen: dict[str, str], metadata: pa.Schema,
-                  bad: dict[tuple[int, int, int], tuple[str, int]]) -> ReadPlan:
-    """Merge the passes' summaries into shards that know which records to skip."""
+                  bad: dict[tuple[int, int, int], tuple[str, int]],
+                  skips: Skips | None) -> ReadPlan:
+    """Merge the passes' summaries into shards that know how many records to leave out
+    (`counts`: pass 2's COUNTS_SCHEMA rows; the records themselves stay in `skips`)."""
     try:
         check_metadata_names(metadata)
     except ValueError as err:
         raise SourceError(str(err)) from None
-    by_unit: dict[int, list[tuple[int, int, int]]] = {}
-    excluded_by_unit: dict[int, list[int]] = {}
-    for table in losers:
-        for unit, ordinal, w_unit, w_pos in zip(*(table.column(n).to_pylist()
-                                                  for n in LOSERS_SCHEMA.names), strict=True):
-            if w_unit == EXCLUDED_UNIT:
-                excluded_by_unit.setdefault(unit, []).append(ordinal)
-            else:
-                by_unit.setdefault(unit, []).append((ordinal, w_unit, w_pos))
-    paths = {s.unit.index: s.unit.file.path for s in scans}
+    lost: dict[tuple[int, int], tuple[int, int]] = {}  # (unit, shard) -> (dups, excluded)
+    for table in counts:
+        for unit, number, dups, gone in zip(*(table.column(n).to_pylist()
+                                              for n in COUNTS_SCHEMA.names), strict=True):
+            before = lost.get((unit, number), (0, 0))
+            lost[(unit, number)] = (before[0] + dups, before[1] + gone)
     lines = line_bases(scans)
     bad_here: dict[tuple[int, int], list[tuple[str, int]]] = {}
     for (u, i, _), found in bad.items():
         bad_here.setdefault((u, i), []).append(found)
     reasons: Counter[str] = Counter()
     shards: list[Shard] = []
-    dirty: list[tuple[Shard, dict[int, tuple[str, int]]]] = []
+    dirty: list[Shard] = []
     records = rejected = excluded = 0
     for scan in scans:
-        starts = [s.start for s in scan.shards]
-        dups: list[dict[int, tuple[str, int]]] = [{} for _ in scan.shards]
-        for ordinal, w_unit, w_pos in by_unit.get(scan.unit.index, []):
-            dups[bisect_right(starts, ordinal) - 1][ordinal] = (paths[w_unit],
-                                                                w_pos + lines.get(w_unit, 0))
-        gone: list[set[int]] = [set() for _ in scan.shards]
-        for ordinal in excluded_by_unit.get(scan.unit.index, []):
-            gone[bisect_right(starts, ordinal) - 1].add(ordinal)
         for s, info in enumerate(scan.shards):
+            dups, gone = lost.get((scan.unit.index, s), (0, 0))
             typed = bad_here.get((scan.unit.index, s), [])
             typed_out = sum(n for _, n in typed)
-            out = sum(info.rejects.values()) + typed_out + len(dups[s])
+            out = sum(info.rejects.values()) + typed_out + dups
             shard = Shard(shard_id_for(scan.unit, info.start), scan.unit.kind, scan.unit,
                           info.start, info.records,
                           info.first_position + lines.get(scan.unit.index, 0), info.offset,
-                          info.part, frozenset(dups[s]) | frozenset(gone[s]),
-                          info.records - out - len(gone[s]))
-            excluded += len(gone[s])
+                          info.part, documents=info.records - out - gone,
+                          left_out=dups + gone)
+            excluded += gone
             for reason, n in typed:
                 reasons[reason_key(reason)] += n
             for reason, n in info.rejects.items():
                 reasons[reason_key(reason)] += n
-            if dups[s]:
-                reasons["duplicate id"] += len(dups[s])
+            if dups:
+                reasons["duplicate id"] += dups
             records += info.records
             rejected += out
             shards.append(shard)
             if out:
-                dirty.append((shard, dups[s]))
+                dirty.append(shard)
     return ReadPlan(listing.kind, shards, metadata, chosen, records, rejected, reasons,
                     listing_fingerprint(listing), len(listing.files), listing.skipped, dirty,
                     excluded=excluded, bytes_read=sum(s.bytes_read for s in scans),
-                    text_chars=sum(i.text_chars for s in scans for i in s.shards))
+                    text_chars=sum(i.text_chars for s in scans for i in s.shards),
+                    skips=skips if any(s.left_out for s in shards) else None)
 
 
 def listing_fingerprint(listing: Listing) -> str:
@@ -261,9 +273,9 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
     if kept == plan.shards:  # nothing dropped and no shard cut
         return plan
     ids = {s.shard_id for s in kept}
-    dirty = [(s, d) for s, d in plan.dirty if s.shard_id in ids]
+    dirty = [s for s in plan.dirty if s.shard_id in ids]
     reasons: Counter[str] = Counter()
-    for shard, duplicates in dirty:
+    for shard, duplicates in with_duplicates(dirty, plan.skips):
         rows = shard_rejects(shard, source, chosen=plan.chosen, duplicates=duplicates)
         reasons.update(reason_key(r) for r in rows.column("reason").to_pylist())
     records = sum(s.records for s in kept)
@@ -271,21 +283,24 @@ def first_documents(plan: ReadPlan, n: int, source: SourceSpec) -> ReadPlan:
     return ReadPlan(plan.kind, kept, plan.metadata, plan.chosen, records, rejected, reasons,
                     plan.fingerprint, plan.files, plan.skipped, dirty,
                     excluded=records - rejected - documents, bytes_read=plan.bytes_read,
-                    text_chars=plan.text_chars * documents // max(1, plan.documents))
+                    text_chars=plan.text_chars * documents // max(1, plan.documents),
+                    skips=plan.skips)
 
 
 def settle(listing: Listing, scans: list[UnitScan], source: SourceSpec,
-           dedup: Callable[[frozenset], list[pa.Table]]) -> ReadPlan:
+           dedup: Callable[[frozenset, pa.Table], tuple[list[pa.Table], Skips]]) -> ReadPlan:
     """The driver's part of planning, once pass 1 has scanned every unit: check the
     metadata fields, choose each field's kind, find the records of the wrong kind, run
-    pass 2 (`dedup(bad)`: one duplicates table per bucket, wherever it runs), merge the
-    summaries into the plan, and cut it to `source.limit`. Both planners, this process's
-    (`plan_source`) and the cluster's (`jobs._plan.plan_on_cluster`), end here."""
+    pass 2 (`dedup(bad, units)`: each bucket's loser counts, and where the losers are
+    kept, wherever it runs), merge the summaries into the plan, and cut it to
+    `source.limit`. Both planners, this process's (`plan_source`) and the cluster's
+    (`jobs._plan.plan_on_cluster`), end here."""
     check_metadata_fields(scans, source)
     chosen, metadata = choose_kinds(scans, FORMATS[listing.kind].typed)
     bad = bad_signatures(scans, chosen)
-    losers = dedup(frozenset(bad))
-    plan = assemble_plan(listing, scans, losers, chosen=chosen, metadata=metadata, bad=bad)
+    counts, skips = dedup(frozenset(bad), units_table(scans))
+    plan = assemble_plan(listing, scans, counts, chosen=chosen, metadata=metadata, bad=bad,
+                         skips=skips)
     return plan if source.limit is None else first_documents(plan, source.limit, source)
 
 
@@ -300,10 +315,17 @@ def plan_source(source: SourceSpec, *, buckets: int = 4,
     listing, units = units_of(source)
     results = [scan_unit(u, source, buckets=buckets) for u in units]
     keys = excluded_keys(excluded) if excluded else None
-    plan = settle(listing, [r[0] for r in results], source, lambda bad: [
-        find_duplicates([r[1][b] for r in results], bad=bad, excluded=keys)
-        for b in range(buckets)])
-    tables = [rejects_of(group, source, chosen=plan.chosen)
+    bounds = part_bounds(len(units))
+
+    def dedup(bad: frozenset, units: pa.Table) -> tuple[list[pa.Table], Skips]:
+        losers = [find_duplicates([r[1][b] for r in results], bad=bad, excluded=keys)
+                  for b in range(buckets)]
+        parts = zip(*(split_by_part(t, bounds) for t in losers), strict=True)
+        return ([loser_counts(t) for t in losers],
+                Skips(tuple(bounds), tuple(gather_skips(units, *p) for p in parts)))
+
+    plan = settle(listing, [r[0] for r in results], source, dedup)
+    tables = [rejects_of(group, source, chosen=plan.chosen, skips=plan.skips)
               for group in reject_groups(plan.dirty)]
     plan.rejects = pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
     return plan

@@ -28,6 +28,7 @@ from operators.sources.base import (
 )
 from operators.sources.partitions import records
 from operators.sources.scan import validate
+from operators.sources.skips import Skips, attached
 from schemas.errors import SourceChangedError
 from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN
 from schemas.source import Shard, Unit
@@ -223,8 +224,8 @@ def compressed(shard: Shard) -> bool:
 
 
 def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Schema,
-                chosen: dict[str, str], only: Mapping[str, Collection[str]] | None = None
-                ) -> Iterator[tuple[Shard, pa.Table]]:
+                chosen: dict[str, str], only: Mapping[str, Collection[str]] | None = None,
+                skips: Skips | None = None) -> Iterator[tuple[Shard, pa.Table]]:
     """Each shard with its documents (`doc_id`, `text`, `doc_hash`, typed metadata), in
     one pass; with `only`, just the documents it names for each shard id (a reindex's
     changed ones), the others validated and counted but not built.
@@ -232,12 +233,13 @@ def read_shards(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Sch
     The shards follow each other in one unit (`follows`), so the file is opened once at
     the first shard and read straight through: a compressed file is decompressed once,
     not once per shard up to that shard's offset. Each shard is yielded as soon as its
-    last record is read. Rejected records (invalid, ill-typed, and the duplicates in
-    `shard.skip`) are dropped; pass 3 has written them to the rejects.
+    last record is read. Rejected records (invalid, ill-typed, and the duplicates and
+    excluded ids the plan's `skips` hold) are dropped; pass 3 has written them to the
+    rejects.
     """
-    for block in read_blocks(shards, source=source, metadata=metadata, chosen=chosen,
-                             only=only, rows=0):
-        (shard, _), = block.shards
+    blocks = read_blocks(shards, source=source, metadata=metadata, chosen=chosen, only=only,
+                         rows=0, skips=skips)  # one block per shard
+    for shard, block in zip(shards, blocks, strict=True):
         yield shard, block.table
 
 
@@ -252,12 +254,17 @@ class Block:
 
 def read_blocks(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Schema,
                 chosen: dict[str, str], only: Mapping[str, Collection[str]] | None = None,
-                rows: int) -> Iterator[Block]:
+                rows: int, skips: Skips | None = None) -> Iterator[Block]:
     """`read_shards`, with whole shards gathered until they hold at least `rows`
     documents (0: one shard per block): a task reading 20,000 shards of 10 records
-    builds 200 tables, not 20,000."""
+    builds 200 tables, not 20,000. The shards' left-out records are fetched from
+    `skips` here, in the task."""
     if not shards:
         return
+    if any(s.left_out and not s.skip for s in shards):
+        if skips is None:
+            raise ValueError("the shards leave records out by id, but no skips were given")
+        shards = attached(shards, skips)
     for before, shard in zip(shards, shards[1:], strict=False):
         if not follows(before, shard):
             raise ValueError(f"shard {shard.shard_id} does not follow {before.shard_id}")
@@ -295,13 +302,15 @@ def read_blocks(shards: Sequence[Shard], *, source: SourceSpec, metadata: pa.Sch
 
 
 def read_shard(shard: Shard, *, source: SourceSpec, metadata: pa.Schema,
-               chosen: dict[str, str]) -> pa.Table:
+               chosen: dict[str, str], skips: Skips | None = None) -> pa.Table:
     """One shard's documents (see `read_shards`)."""
-    return next(read_shards([shard], source=source, metadata=metadata, chosen=chosen))[1]
+    return next(read_shards([shard], source=source, metadata=metadata, chosen=chosen,
+                            skips=skips))[1]
 
 
 def sample_documents(shards: Sequence[Shard], *, wanted: int, source: SourceSpec,
-                     metadata: pa.Schema, chosen: dict[str, str]) -> pa.Table | None:
+                     metadata: pa.Schema, chosen: dict[str, str],
+                     skips: Skips | None = None) -> pa.Table | None:
     """The documents of enough shards, spread evenly over the source, to hold about
     `wanted` documents (None without any): what `quiver plan`'s calibration and int8
     calibration sample from. Deterministic, so a rerun samples the same documents."""
@@ -310,6 +319,7 @@ def sample_documents(shards: Sequence[Shard], *, wanted: int, source: SourceSpec
     shards = [s for s in shards if s.documents is None or s.documents]
     per_shard = max(1, min(s.documents or s.records for s in shards)) if shards else 1
     count = min(len(shards), max(1, -(-wanted // per_shard)))
-    tables = [read_shard(shards[i], source=source, metadata=metadata, chosen=chosen)
+    tables = [read_shard(shards[i], source=source, metadata=metadata, chosen=chosen,
+                         skips=skips)
               for i in sample_positions(len(shards), count)]
     return pa.concat_tables(tables) if tables else None

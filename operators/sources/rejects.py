@@ -20,6 +20,7 @@ from operators.sources import FORMATS
 from operators.sources.base import RawRecord, mismatch, raw_preview, record_kinds
 from operators.sources.read import compressed, shard_records
 from operators.sources.scan import validate
+from operators.sources.skips import Skips
 from schemas.records import REJECTS_SCHEMA
 from schemas.source import Shard
 from schemas.spec import SourceSpec
@@ -58,26 +59,37 @@ def _reject_row(rec: RawRecord, shard: Shard, source: SourceSpec, chosen: dict[s
             "reason": reason, "raw": raw_preview(rec)}
 
 
-def rejects_of(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]],
-               source: SourceSpec, *, chosen: dict[str, str]) -> pa.Table:
-    """Pass 3 over several dirty shards (each with its duplicates) of one unit, in record
-    order: a compressed file is read once from the first of them to the last, instead
-    of once from its top for each shard; a seekable file seeks to each shard.
+def with_duplicates(shards: Sequence[Shard], skips: Skips | None
+                    ) -> list[tuple[Shard, dict[int, tuple[str, int]]]]:
+    """Each shard with its skip set attached and its duplicates (record -> the first
+    record's file and position), from the plan's `skips`."""
+    if skips is None:
+        return [(shard, {}) for shard in shards]
+    return skips.attach(shards)
+
+
+def rejects_of(dirty: Sequence[Shard], source: SourceSpec, *, chosen: dict[str, str],
+               skips: Skips | None) -> pa.Table:
+    """Pass 3 over several dirty shards of one unit, in record order: a compressed file
+    is read once from the first of them to the last, instead of once from its top for
+    each shard; a seekable file seeks to each shard. A duplicate's first record comes
+    from the plan's `skips`.
     """
     if not dirty:
         return REJECTS_SCHEMA.empty_table()
-    if not compressed(dirty[0][0]) or len(dirty) == 1:
+    pairs = with_duplicates(dirty, skips)
+    if not compressed(dirty[0]) or len(pairs) == 1:
         tables = [shard_rejects(shard, source, chosen=chosen, duplicates=dups)
-                  for shard, dups in dirty]
+                  for shard, dups in pairs]
         return pa.concat_tables(tables)
-    dirty = sorted(dirty, key=lambda item: item[0].start)
-    first, last = dirty[0][0], dirty[-1][0]
+    pairs = sorted(pairs, key=lambda item: item[0].start)
+    first, last = pairs[0][0], pairs[-1][0]
     span = replace(first, records=last.start + last.records - first.start)
-    starts = [shard.start for shard, _ in dirty]
+    starts = [shard.start for shard, _ in pairs]
     rows = []
     for rec in shard_records(span, source):
         at = bisect_right(starts, rec.ordinal) - 1
-        shard, dups = dirty[at]
+        shard, dups = pairs[at]
         if rec.ordinal >= shard.start + shard.records:
             continue  # a clean shard between two dirty ones
         row = _reject_row(rec, shard, source, chosen, dups)
@@ -86,16 +98,14 @@ def rejects_of(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]],
     return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
 
 
-def reject_groups(dirty: Sequence[tuple[Shard, dict[int, tuple[str, int]]]], *,
-                  per_task: int = 64) -> list[list[tuple[Shard, dict[int, tuple[str, int]]]]]:
+def reject_groups(dirty: Sequence[Shard], *, per_task: int = 64) -> list[list[Shard]]:
     """Dirty shards grouped into pass-3 tasks: a compressed file's all in one (it is
     read once), a seekable file's `per_task` at a time."""
-    groups: list[list] = []
-    for item in dirty:
-        shard = item[0]
-        if groups and groups[-1][0][0].unit == shard.unit and (
+    groups: list[list[Shard]] = []
+    for shard in dirty:
+        if groups and groups[-1][0].unit == shard.unit and (
                 compressed(shard) or len(groups[-1]) < per_task):
-            groups[-1].append(item)
+            groups[-1].append(shard)
         else:
-            groups.append([item])
+            groups.append([shard])
     return groups
