@@ -11,13 +11,22 @@ from dataclasses import dataclass
 
 import lance
 import pyarrow as pa
+from pyarrow.fs import FileType
 
+from operators.filesystems import resolve
 from operators.sources.base import Listing
 from operators.sources.dedup import find_duplicates, loser_counts, source_documents
 from operators.sources.plan import ReadPlan, settle
 from operators.sources.rejects import reject_groups, rejects_of
 from operators.sources.scan import scan_unit, units_of
-from operators.sources.skips import Skips, gather_skips, part_bounds, split_by_part, write_part
+from operators.sources.skips import (
+    Skips,
+    gather_skips,
+    part_bounds,
+    read_part,
+    split_by_part,
+    write_part,
+)
 from operators.write import latest_version, write_fragments
 from schemas.records import REJECTS_SCHEMA
 from schemas.spec import SourceSpec
@@ -35,28 +44,62 @@ def _scan(unit, source: SourceSpec, buckets: int, documents: bool):
     return (scan, *tables)
 
 
-def _dedup(bad: frozenset, excluded: pa.Table | None, bounds: list[int],
-           *tables: pa.Table) -> tuple[pa.Table, ...]:
-    """Pass 2 over one bucket: its loser counts, then its losers cut into parts."""
-    losers = find_duplicates(list(tables), bad=bad, excluded=excluded)
-    return (loser_counts(losers), *split_by_part(losers, bounds))
+@dataclass(frozen=True)
+class _Parts:
+    """Where pass 2 puts its losers: cut at `bounds` (`operators.sources.skips`), and kept
+    in files under `keep`, or, without one, returned to the object store."""
+
+    bounds: list[int]
+    keep: str | None
+    storage_options: dict[str, str]
+
+    def out(self, losers: pa.Table, bucket: int) -> list[pa.Table | str | None]:
+        """One bucket's losers, one entry per part. With `keep`, a part is written to a
+        file and only its name is returned (None for an empty one): Ray keeps a task's
+        returns under 100 KiB in its caller's memory, so returning a job's many small
+        parts would hold every loser on the driver until the parts are gathered."""
+        parts = split_by_part(losers, self.bounds)
+        if self.keep is None:
+            return parts
+        return [write_part(t, f"{self.keep}/bucket-{bucket:03d}-part-{p:05d}.arrow",
+                           self.storage_options) if t.num_rows else None
+                for p, t in enumerate(parts)]
 
 
-def _dedup_documents(bad: frozenset, excluded: pa.Table | None, bounds: list[int],
-                     *tables: pa.Table) -> tuple[pa.Table, ...]:
-    """`_dedup`, with the bucket's documents (a reindex's diff) second."""
+def _dedup(bucket: int, parts: _Parts, documents: bool, bad: frozenset,
+           excluded: pa.Table | None, *tables: pa.Table) -> tuple:
+    """Pass 2 over one bucket: its loser counts, with `documents` the bucket's documents
+    (a reindex's diff), then its losers, one entry per part (`_Parts.out`)."""
     rows = [pa.concat_tables(tables)] if tables else []  # concatenated once, for both
     losers = find_duplicates(rows, bad=bad, excluded=excluded)
-    return (loser_counts(losers), source_documents(rows, bad=bad, losers=losers),
-            *split_by_part(losers, bounds))
+    head = (loser_counts(losers),)
+    if documents:
+        head += (source_documents(rows, bad=bad, losers=losers),)
+    return (*head, *parts.out(losers, bucket))
 
 
 def _gather(units: pa.Table, uri: str | None, storage_options: dict[str, str],
-            *tables: pa.Table) -> pa.Table | str:
-    """One part of the left-out records from every bucket; kept in a file at `uri` (a
-    resume reads it back) or returned to the object store."""
+            *found: pa.Table | str | None) -> pa.Table | str:
+    """One part of the left-out records, from every bucket that has any (tables, or the
+    files `_Parts.out` wrote, removed once gathered); kept in one file at `uri` (a resume
+    reads it back) or returned to the object store."""
+    files = [f for f in found if isinstance(f, str)]
+    tables = [f for f in found if isinstance(f, pa.Table)]
+    try:
+        tables += [read_part(f, storage_options) for f in files]
+    except OSError:  # a retry of a task that was gathering when its worker died
+        fs, path = resolve(uri or "", storage_options)
+        if uri is not None and fs.get_file_info(path).type == FileType.File:
+            return uri  # written before any bucket file was removed
+        raise
     table = gather_skips(units, *tables)
-    return table if uri is None else write_part(table, uri, storage_options)
+    if uri is None:
+        return table
+    write_part(table, uri, storage_options)
+    for name in files:
+        fs, path = resolve(name, storage_options)
+        fs.delete_file(path)
+    return uri
 
 
 @dataclass
@@ -218,13 +261,13 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
     parts = fan_in.per_bucket()
     kept: list | None = None
     bounds = part_bounds(len(units))
+    where = _Parts(bounds, keep, storage_options or {})
 
     def dedup(bad: frozenset, unit_rows: pa.Table) -> tuple[list[pa.Table], Skips | None]:
         nonlocal kept  # pass 2, one task per bucket, then one gathering task per part
         head = 2 if documents else 1
-        task = ray.remote(_dedup_documents if documents else _dedup).options(
-            num_cpus=task_cpus, num_returns=head + len(bounds))
-        out = [task.remote(bad, gone, bounds, *parts[b]) for b in range(buckets)]
+        task = ray.remote(_dedup).options(num_cpus=task_cpus, num_returns=head + len(bounds))
+        out = [task.remote(b, where, documents, bad, gone, *parts[b]) for b in range(buckets)]
         if documents:
             kept = [refs[1] for refs in out]
         counts = ray.get([refs[0] for refs in out])

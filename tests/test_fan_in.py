@@ -56,15 +56,17 @@ def test_fan_in_merges_in_groups_and_keeps_every_row(ray_local, monkeypatch, buc
 
 def test_the_plan_is_the_same_whatever_the_fan_in(ray_local, monkeypatch, tmp_path) -> None:
     """12 files whose ids repeat across files: the first in (file, position) order wins,
-    with fan-in 2 (merges of merges) exactly as with the default."""
+    with fan-in 2 (merges of merges) exactly as with the default, and with the left-out
+    records kept in files (a job's way) exactly as in the object store."""
     for f in range(12):
         write_jsonl(tmp_path / f"part-{f:02d}.jsonl",
                     [{"id": f"d{(f * 7 + i) % 50}", "text": f"file {f} line {i}"}
                      for i in range(9)])
     source = SourceSpec(uri=str(tmp_path), id_field="id", records_per_shard=4)
 
-    def planned():
-        plan, documents = plan_on_cluster(source, task_cpus=0.5, cpus=2, documents=True)
+    def planned(keep=None):
+        plan, documents = plan_on_cluster(source, task_cpus=0.5, cpus=2, documents=True,
+                                          keep=keep)
         import ray
 
         docs = pa.concat_tables(ray.get(documents.refs)).sort_by("doc_id")
@@ -77,6 +79,12 @@ def test_the_plan_is_the_same_whatever_the_fan_in(ray_local, monkeypatch, tmp_pa
                 [s.shard_id for s in plan.shards], first, docs.to_pylist())
 
     default = planned()
+    kept = tmp_path.parent / f"{tmp_path.name}-kept"
+    assert planned(str(kept)) == default
+    # one file per part that has any (a part per file here, the first file has none);
+    # each bucket's share of a part was removed once gathered
+    assert sorted(p.name for p in kept.iterdir()) == [f"part-{u:05d}.arrow"
+                                                      for u in range(1, 12)]
     monkeypatch.setattr(plan_module, "FAN_IN", 2)
     assert planned() == default
     assert default[0] == 50 and default[1] == 12 * 9 - 50

@@ -85,14 +85,22 @@ def gather_skips(units: pa.Table, *tables: pa.Table) -> pa.Table:
 
 
 def write_part(table: pa.Table, uri: str, storage_options: dict[str, str]) -> str:
-    """Keep a part as one zstd-compressed Arrow file (a resume reads it back)."""
+    """Keep a table as one zstd-compressed Arrow file: a part (a resume reads it back),
+    or one bucket's share of a part before it is gathered."""
     fs, path = resolve(uri, storage_options)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     options = pa.ipc.IpcWriteOptions(compression="zstd")
-    with fs.open_output_stream(path) as out, pa.ipc.new_file(out, SKIPS_SCHEMA,
+    with fs.open_output_stream(path) as out, pa.ipc.new_file(out, table.schema,
                                                               options=options) as writer:
         writer.write_table(table)
     return uri
+
+
+def read_part(uri: str, storage_options: dict[str, str]) -> pa.Table:
+    """A table `write_part` kept."""
+    fs, path = resolve(uri, storage_options)
+    with fs.open_input_file(path) as f:
+        return pa.ipc.open_file(f).read_all()
 
 
 def _key(unit: int | np.ndarray, ordinal: int | np.ndarray) -> Any:
@@ -125,9 +133,7 @@ class Skips:
         if isinstance(found, pa.Table):
             return found
         if isinstance(found, str):
-            fs, path = resolve(found, self.storage_options)
-            with fs.open_input_file(path) as f:
-                return pa.ipc.open_file(f).read_all()
+            return read_part(found, self.storage_options)
         if found is None:
             raise ValueError(f"part {part} of the left-out records was not carried")
         import ray
