@@ -785,6 +785,11 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     """Compact what the job wrote, index it, move the `current` tag, mark the job done,
     clean versions."""
     manifest, opts = decision.manifest, spec.write.storage_options
+    # Opened before the lease check below, and kept: each compaction, index build and
+    # config write here commits from this object's version (it moves to each commit it
+    # makes), so a takeover after the check, which fences the table with a Restore, makes
+    # Lance refuse them. Opening the latest version after the check would build on top
+    # of the fence.
     final = run.table()
     if not run.versions and decision.action in ("finished", "resume") and \
             job_finished(final, job=planned.job):
@@ -803,7 +808,6 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     settled = {f.fragment_id for f in before.get_fragments()} \
         if before is not None and decision.action in ("reindex", "cutover") else set()
     compaction = _compact(final, builder, settled) if spec.write.compact else None
-    final = run.table()
     progress(f"indexing {final.count_rows()} rows")
     if diff is not None:
         report = maintain_indices(final, spec.index, metric=manifest.metric,
@@ -815,7 +819,7 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                builder=builder)
     # Before the tag, so it tags the last version; fenced by the lease's epoch.
-    mark_finished(run.table(), job=planned.job, storage_options=opts,
+    mark_finished(final, job=planned.job, storage_options=opts,
                   epoch=planned.lease.record.epoch if planned.lease is not None else 0)
     change_report = cut_over(run.table(), manifest, compare=spec.write.compare_queries,
                              lease=planned.lease)  # the lease is a tag's only fence

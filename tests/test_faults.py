@@ -264,3 +264,34 @@ def test_worker_node_removed_mid_job(docs, model_info, tmp_path) -> None:
         assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
     finally:
         cluster.shutdown()
+
+
+def test_a_run_taken_over_after_its_last_lease_check_builds_no_index(
+        docs, model_info, tmp_path, ray_local, monkeypatch) -> None:
+    """A run passes its last lease check, then stalls while another run takes the table
+    over and fences it (here: the fence, committed as the run's end-of-job compaction
+    returns). Its index builds and `mark_finished` run on the object it opened before the
+    check, which moved only to its own commits, so Lance refuses them: nothing of it
+    lands after the fence. (Opening the table again after compacting, as the job once
+    did, built the indices on top of the fence.)"""
+    from lance.commit import CommitConflictError
+
+    import jobs._embed_job as job_module
+    from operators.lease import fence
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    table = tmp_path / "t.lance"
+    real, fenced = job_module._compact, []
+
+    def then_taken_over(ds, *args, **kwargs):
+        report = real(ds, *args, **kwargs)
+        fenced.append(fence(str(table), None, epoch=99))
+        return report
+
+    monkeypatch.setattr(job_module, "_compact", then_taken_over)
+    with pytest.raises((CommitConflictError, OSError), match="ncompatible|onflict"):
+        run_embed(parse_spec(_spec_dict(corpus, table)))
+    after = lance.dataset(str(table))
+    assert fenced and after.version == fenced[0]  # no commit of the run after the fence
+    assert after.list_indices() == [] and "quiver.job_done" not in after.config()
+    assert _ids(table) == chunk_ids(model_info, docs)  # the data is whole
