@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray starts its workers at nice 15. Beside any load at nice 0 (another build, `stress`)
+# they get about 3% of a core, and a Ray test that takes 10 s takes minutes: measured,
+# `make test` beside two busy loops had run 67 of 304 tests in 20 minutes. At nice 0 a
+# busy machine slows the suite, as it should, instead of stopping it. Every Ray the tests
+# start (`ray.init`, `ray start`, `quiver` subprocesses) reads this from the environment.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO.parent / "shared" / "eval"
