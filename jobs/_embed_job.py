@@ -800,7 +800,7 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         planned.lease.check()  # a run that was taken over leaves the table alone
     builder = LOCAL
     if final.count_rows() >= spec.index.distributed_min_rows:
-        builder = ClusterBuilder(index_workers(planned.cpus), opts)
+        builder = ClusterBuilder(index_workers(planned.cpus), opts, lease=planned.lease)
     # A reindex or cut-over leaves the fragments the table held before it as they are:
     # the rewrite costs what the job wrote, not the table. A build (or its resume) made
     # every fragment of the table itself.

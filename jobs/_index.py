@@ -30,14 +30,27 @@ def index_workers(cpus: float) -> int:
 
 
 class ClusterBuilder(Builder):
-    """`operators.index.Builder` whose builds run on `workers` Ray workers."""
+    """`operators.index.Builder` whose builds run on `workers` Ray workers.
 
-    def __init__(self, workers: int, storage_options: dict[str, str]) -> None:
+    Lance-ray opens the latest version again before it commits an index, so a build it
+    runs is not refused by a takeover's fence (`operators.lease.fence`) the way a build
+    from the job's own table object is. With the run's `lease`, each such build checks
+    it first: a run taken over before a build starts builds nothing; one stalled inside
+    a build can still commit it (docs/reliability.md)."""
+
+    def __init__(self, workers: int, storage_options: dict[str, str], *,
+                 lease=None) -> None:
         self.workers = workers
         self.storage_options = storage_options or None
+        self.lease = lease
+
+    def _check(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
 
     def vector(self, ds: lance.LanceDataset, column: str, *, index_type: str, metric: str,
                params: dict) -> None:
+        self._check()
         import lance_ray
 
         lance_ray.create_index(ds.uri, column=column, index_type=index_type, metric=metric,
@@ -48,6 +61,7 @@ class ClusterBuilder(Builder):
         if kind not in DISTRIBUTED_SCALAR_KINDS:
             super().scalar(ds, column, kind)
             return
+        self._check()
         import lance_ray
 
         lance_ray.create_scalar_index(ds.uri, column=column, index_type=kind, replace=True,

@@ -129,7 +129,8 @@ def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
         them (0: this process) and the versions removed.
     """
     before = table_stats(uri, storage_options)
-    with Lease.acquire(uri, storage_options, wait=wait, purpose="quiver table optimize"):
+    with Lease.acquire(uri, storage_options, wait=wait,
+                       purpose="quiver table optimize") as lease:
         ds = open_dataset(uri, storage_options)
         start = ds.version
         builder = LOCAL
@@ -137,7 +138,7 @@ def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
                               else distributed_min_rows):
             ensure_ray()
             builder = ClusterBuilder(index_workers(cluster_resources()[0]),
-                                     dict(storage_options or {}))
+                                     dict(storage_options or {}), lease=lease)
         progress(f"compacting small fragments ({builder.workers} workers)" if builder.workers
                  else "compacting small fragments")
         rewritten = builder.compact(ds)

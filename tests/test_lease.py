@@ -201,3 +201,27 @@ def test_a_holder_that_lost_its_lease_moves_no_tag(tmp_path) -> None:
     assert current_version(lance.dataset(str(table))) == latest.version
     stalled.release()
     taker.release()
+
+
+def test_a_holder_that_lost_its_lease_starts_no_cluster_index_build(tmp_path) -> None:
+    """Lance-ray opens the latest version again before it commits an index, so no fence
+    refuses its builds: the cluster builder checks the lease before each one, and a run
+    that was taken over starts none (it fails before any Ray work)."""
+    from jobs._index import ClusterBuilder
+
+    table = tmp_path / "t.lance"
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array([0.0, 1.0, 1.0, 0.0], pa.float32()), 2)
+    lance.write_dataset(pa.table({"id": ["a", "b"], "v": vectors}), str(table))
+    stalled = Lease.acquire(str(table))
+    builder = ClusterBuilder(2, {}, lease=stalled)
+    time.sleep(0.2)
+    taker = Lease.acquire(str(table), timeout_s=0.1)
+    ds = lance.dataset(str(table))
+    with pytest.raises(LeaseLostError, match="was taken over"):
+        builder.vector(ds, "v", index_type="IVF_FLAT", metric="l2",
+                       params={"num_partitions": 1})
+    with pytest.raises(LeaseLostError, match="was taken over"):
+        builder.scalar(ds, "id", "BTREE")
+    assert lance.dataset(str(table)).list_indices() == []
+    stalled.release()
+    taker.release()
