@@ -45,6 +45,17 @@ def _scan(unit, source: SourceSpec, buckets: int, documents: bool):
 
 
 @dataclass(frozen=True)
+class ObjectStoreSkips(Skips):
+    """`Skips` whose parts are Ray object refs (a plan with no folder to keep them in:
+    `quiver plan`)."""
+
+    def fetch(self, handle) -> pa.Table:
+        import ray
+
+        return ray.get(handle)
+
+
+@dataclass(frozen=True)
 class _Parts:
     """Where pass 2 puts its losers: cut at `bounds` (`operators.sources.skips`), and kept
     in files under `keep`, or, without one, returned to the object store."""
@@ -283,8 +294,9 @@ def plan_on_cluster(source: SourceSpec, *, task_cpus: float, cpus: float,
         del out  # the gathering tasks hold the parts now
         if keep is not None:
             found = dict(zip(found, ray.get(list(found.values())), strict=True))
-        return counts, Skips(tuple(bounds), tuple(found.get(p) for p in range(len(bounds))),
-                             storage_options or {})
+        kind = Skips if keep is not None else ObjectStoreSkips
+        return counts, kind(tuple(bounds), tuple(found.get(p) for p in range(len(bounds))),
+                            storage_options or {})
 
     plan = settle(listing, scans, source, dedup)
     parts.clear()  # with fan_in, the last refs to the bucket tables: they can go

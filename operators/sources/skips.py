@@ -111,9 +111,10 @@ def _key(unit: int | np.ndarray, ordinal: int | np.ndarray) -> Any:
 @dataclass(frozen=True)
 class Skips:
     """Where a plan's left-out records are: part p holds units `bounds[p]` up to the next
-    bound. A part is an Arrow table (a plan made in this process), a Ray object ref (a
-    job's), or the URI of a file `write_part` wrote (a saved plan's); None for a part a
-    task does not need (`only`)."""
+    bound. A part is an Arrow table (a plan made in this process), the URI of a file
+    `write_part` wrote (a job's, and a saved plan's), or a handle `fetch` resolves (a
+    subclass's: `jobs._plan.ObjectStoreSkips` holds Ray object refs, so that this layer
+    needs no Ray); None for a part a task does not need (`only`)."""
 
     bounds: tuple[int, ...]
     parts: tuple[Any, ...]
@@ -136,9 +137,11 @@ class Skips:
             return read_part(found, self.storage_options)
         if found is None:
             raise ValueError(f"part {part} of the left-out records was not carried")
-        import ray
+        return self.fetch(found)
 
-        return ray.get(found)
+    def fetch(self, handle: Any) -> pa.Table:
+        """A part held by some other means than a table or a file."""
+        raise TypeError(f"no way to fetch a part held as {type(handle).__name__}")
 
     def attach(self, shards: Sequence[Shard]
                ) -> list[tuple[Shard, dict[int, tuple[str, int]]]]:
