@@ -8,7 +8,6 @@ is what lets a killed job resume without redoing or duplicating work.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
@@ -18,10 +17,13 @@ import pyarrow as pa
 from lance.dataset import Transaction
 from lance.fragment import FragmentMetadata
 
+from operators import shard_labels
 from schemas.errors import ConcurrentWriteError
 
 JOB_KEY = "quiver.job"
 SHARDS_KEY = "quiver.shards"
+"""Transaction property naming the shards a commit adds, as `operators.shard_labels` runs
+(older tables hold a plain JSON list under the same key; `decode` reads both)."""
 
 
 def write_fragments(table: pa.Table, uri: str | Path, *, schema: pa.Schema,
@@ -116,7 +118,7 @@ def _commit(uri: str | Path, fragments: list[FragmentMetadata], *,
                 updated_fragments=list(updated_fragments), new_fragments=fragments)
         else:
             operation = lance.LanceOperation.Append(fragments)
-    properties = {JOB_KEY: job, SHARDS_KEY: json.dumps(sorted(shards))}
+    properties = {JOB_KEY: job, SHARDS_KEY: shard_labels.encode(shards)}
     transaction = Transaction(read_version, operation, transaction_properties=properties)
     return lance.LanceDataset.commit(
         str(uri), transaction,
@@ -169,7 +171,7 @@ def _job_commits(ds: lance.LanceDataset, job: str) -> Iterator[list[str]]:
         if JOB_KEY in props:
             if props[JOB_KEY] != job:
                 return
-            yield json.loads(props[SHARDS_KEY])
+            yield shard_labels.decode(props[SHARDS_KEY])
         if isinstance(txn.operation, lance.LanceOperation.Restore):
             ceiling = txn.operation.version
         elif isinstance(txn.operation, (lance.LanceOperation.Overwrite,

@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, loopback_cluster
 
 from jobs._embed_job import run_embed
+from operators import shard_labels
 from operators.index import COMPACT_MIN_FRAGMENTS
 from operators.write import JOB_KEY, SHARDS_KEY
 from schemas.spec import parse_spec
@@ -66,7 +67,7 @@ def test_many_files_one_execution_commits_as_it_goes(parts, tiny_model, tmp_path
         txn = ds.read_transaction(v["version"])
         props = (txn.transaction_properties or {}) if txn else {}
         if JOB_KEY in props:
-            lists.append(json.loads(props[SHARDS_KEY]))
+            lists.append(shard_labels.decode(props[SHARDS_KEY]))
     assert len(lists) == summary.commits
     flat = [s for shard_list in lists for s in shard_list]
     assert len(flat) == len(set(flat)) == summary.shards

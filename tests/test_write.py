@@ -7,6 +7,7 @@ from pathlib import Path
 import lance
 import numpy as np
 import pyarrow as pa
+from lance.dataset import Transaction
 
 from operators.write import commit, committed_shards, has_committed, write_fragments
 
@@ -52,6 +53,33 @@ def test_committed_shards_follow_the_job_through_index_commits(tmp_path: Path) -
     ds = lance.dataset(uri)
     assert committed_shards(ds, job="J") == set()
     assert committed_shards(ds, job="K") == {"k1"}
+
+
+def test_a_commits_shard_label_stays_small_and_reads_back_exactly(tmp_path: Path) -> None:
+    """20,000 shards of 8 units in one commit: the label is runs, not 20,000 names, and a
+    commit written by an older Quiver (a plain JSON list) still resumes."""
+    import json
+
+    from operators.sources.plan import shard_id_for
+    from operators.write import JOB_KEY, SHARDS_KEY
+    from schemas.source import SourceFile, Unit
+
+    units = [Unit(index=n, kind="jsonl",
+                  file=SourceFile(path=f"part-{n}.jsonl.gz", size=1, mtime_ns=None))
+             for n in range(8)]
+    shards = {shard_id_for(u, 10 * s) for u in units for s in range(2_500)}
+    shards.add(shard_id_for(units[0], 123_457))  # off the stride: a run of its own
+    uri = str(tmp_path / "t.lance")
+    ds = commit(uri, write_fragments(_rows(["a"]), uri, schema=SCHEMA), mode="create",
+                schema=SCHEMA, job="J", shards=shards)
+    label = ds.read_transaction(ds.version).transaction_properties[SHARDS_KEY]
+    assert len(label) < 1_000 < len(json.dumps(sorted(shards)))
+    assert committed_shards(ds, job="J") == shards
+    old = lance.LanceDataset.commit(uri, Transaction(
+        ds.version, lance.LanceOperation.Append(
+            write_fragments(_rows(["b"]), uri, schema=SCHEMA)),
+        transaction_properties={JOB_KEY: "J", SHARDS_KEY: json.dumps(["legacy:x"])}))
+    assert committed_shards(old, job="J") == shards | {"legacy:x"}
 
 
 def test_has_committed_reads_the_log_only_back_to_the_jobs_latest_commit(
