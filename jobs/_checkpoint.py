@@ -23,7 +23,7 @@ import pyarrow as pa
 from lance.fragment import FragmentMetadata
 
 from jobs._plan import progress
-from operators.write import commit
+from operators.write import commit, create_empty
 from schemas.errors import TableError
 
 
@@ -92,7 +92,8 @@ class Checkpointer:
     rows in them is complete, and every write call holding rows of those shards is in
     the set. So each shard is committed whole, in one commit that names it.
 
-    `mode` is 'create' (the first commit makes the table), 'append', or 'update' (a
+    `mode` is 'create' (the first commit replaces the table: an overwrite or a cut-over;
+    a new table is `create`d empty first and appended to), 'append', or 'update' (a
     reindex: one commit at the end that also carries `deletions`).
     """
 
@@ -121,6 +122,13 @@ class Checkpointer:
     first_embedded_at: float | None = None
     versions: list[int] = field(default_factory=list)
     """Versions this job committed, in order."""
+    create: bool = False
+    """A new table: made empty (`operators.write.create_empty`) just before the first
+    commit, which then appends to it like every later one, so a takeover's fence
+    reaches the first checkpoint too (a Lance `Overwrite` that made the table would
+    land over it). A job that fails before its first commit leaves no table."""
+    created: int | None = None
+    """The version of the empty table this run made: one its cleanup removes."""
     commit_seconds: list[float] = field(default_factory=list)
     """Each commit's seconds, in order (a commit must not slow down as the table grows)."""
     first_commit_at: float | None = None
@@ -235,6 +243,11 @@ class Checkpointer:
         shards = [shard for group, _ in sets for shard in group]
         fragments = [*self.carried, *(f for _, frags in sets for f in frags)]
         started = time.perf_counter()
+        if self.create:
+            made = create_empty(self.uri, self.schema, job=self.job,
+                                storage_options=self.storage_options, lease=self.lease)
+            self.created = self.read_version = self.expect_latest = made.version
+            self.create = False
         ds = commit(self.uri, fragments, mode=self.mode, schema=self.schema,
                     read_version=self.read_version, job=self.job, shards=shards,
                     storage_options=self.storage_options,

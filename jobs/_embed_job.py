@@ -78,6 +78,7 @@ from operators.write import (
     committed_shards,
     has_committed,
     job_finished,
+    job_started,
     mark_finished,
     remove_orphans,
 )
@@ -441,6 +442,11 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
     existing = _open_existing(uri, spec.write.storage_options)
     if existing is None or spec.write.mode == "overwrite":
         return _Decision("create" if existing is None else "overwrite", existing, manifest)
+    started = job_started(existing, job=planned.job)
+    if not started and existing.count_rows() == 0 and not existing.get_fragments():
+        # made empty by a run of another configuration that failed before its first
+        # checkpoint (`create_empty`): nothing to keep, cut over or reindex
+        return _Decision("overwrite", existing, manifest)
     old = TableManifest.from_schema(existing.schema, where=uri)
     try:
         old.check_same_embedding(manifest, where=uri)
@@ -461,7 +467,7 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
         return _Decision("finished", existing, manifest,
                          {s.shard_id for s in planned.plan.shards})
     done = committed_shards(existing, job=planned.job)
-    if done:
+    if done or started:  # started: the table was made by this job (`create_empty`)
         orphans = remove_orphans(  # only what no live run can still commit
             existing, spec.write.storage_options,
             older_than=planned.lease.orphans_before() if planned.lease else None)
@@ -629,10 +635,12 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                           cores=int(largest_node_cpus()) or 1, documents=work.size,
                           node_cpus=largest_node_cpus(),
                           chunk_tokens=manifest.chunking.max_tokens)
+    new_table = decision.action == "create"  # made empty at the first commit, then appended
     checkpointer = Checkpointer(
-        uri, schema=work.schema, mode=work.mode, read_version=work.read_version,
-        job=planned.job, storage_options=opts,
+        uri, schema=work.schema, mode="append" if new_table else work.mode,
+        read_version=work.read_version, job=planned.job, storage_options=opts,
         expect_latest=existing.version if existing is not None else 0,  # other writers
+        create=new_table,
         shards_per_commit=spec.write.shards_per_commit,
         commit_interval_s=spec.write.commit_interval_s, deletions=work.deletions,
         carried=work.carried, total_shards=len(work.pending), lease=planned.lease)
@@ -830,8 +838,10 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
     final = run.table()
     cleaned = 0
     if not spec.write.keep_checkpoints and run.versions:
-        # Every version this job made before the last: checkpoints and index builds.
-        cleaned = cleanup_checkpoints(final, range(run.versions[0], final.version))
+        # Every version this job made before the last: the empty table it created,
+        # checkpoints and index builds.
+        first = run.created if run.created is not None else run.versions[0]
+        cleaned = cleanup_checkpoints(final, range(first, final.version))
     cleaned += cleanup_versions(run.table(), spec.write)
     return _Finished(report, change_report, cleaned, compaction)
 

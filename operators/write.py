@@ -79,10 +79,11 @@ def commit(uri: str | Path, fragments: Iterable[FragmentMetadata], *,
     fragments = list(fragments)
     # No lock is held around the check and the commit: a run that stalls between them
     # and is taken over is refused by Lance itself, through the takeover's fence
-    # (`operators.lease.fence`), so a stalled holder blocks nobody. Except a job's first
-    # commit in 'create' mode: Lance's `Overwrite` never conflicts (checked on pylance
-    # 14: committed over a `Restore` fence, and over a table another run created), so
-    # there only the `expect_latest` read just before it stands (docs/reliability.md).
+    # (`operators.lease.fence`), so a stalled holder blocks nobody. Except a commit in
+    # 'create' mode, which only a job replacing a table makes (`write.mode: overwrite`,
+    # a cut-over; a new table is made by `create_empty`): Lance's `Overwrite` never
+    # conflicts (checked on pylance 14: committed over a `Restore` fence), so there only
+    # the `expect_latest` read just before it stands (docs/reliability.md).
     if lease is not None:
         lease.check()
     if expect_latest is not None:
@@ -126,6 +127,39 @@ def _commit(uri: str | Path, fragments: list[FragmentMetadata], *,
     )
 
 
+def create_empty(uri: str | Path, schema: pa.Schema, *, job: str,
+                 storage_options: Mapping[str, str] | None = None,
+                 lease=None) -> lance.LanceDataset:
+    """Create the table with `schema` and no rows, refusing one that already exists: the
+    first commit of a job that makes a new table.
+
+    Why not commit the first checkpoint as an `Overwrite`: Lance never refuses an
+    `Overwrite` (pylance 14: one landed over a takeover's `Restore` fence and over a
+    table another run had created), so a run stalled at its first commit could land
+    after being taken over. `mode="create"` is refused when anything is there, whoever
+    made it, and every checkpoint after it is an `Append` read from this version, which
+    a takeover's fence (`operators.lease.fence`) makes Lance refuse. The creation names
+    the job (with no shards), so a rerun after a failure before the first checkpoint
+    resumes on this table (`job_started`).
+
+    Raises:
+        ConcurrentWriteError: the table appeared since this run looked (another run).
+    """
+    if lease is not None:
+        lease.check()
+    try:
+        return lance.write_dataset(
+            schema.empty_table(), str(uri), schema=schema, mode="create",
+            storage_options=dict(storage_options) if storage_options else None,
+            transaction_properties={JOB_KEY: job, SHARDS_KEY: shard_labels.encode([])})
+    except OSError as err:
+        if "already exists" not in str(err):
+            raise
+        raise ConcurrentWriteError(
+            f"{uri}: another run created this table while this one was planning; nothing "
+            "was written. Run the job again when the other run is done.") from None
+
+
 def latest_version(uri: str | Path, storage_options: Mapping[str, str] | None = None) -> int:
     """The table's latest version, 0 when there is no table yet."""
     try:
@@ -152,6 +186,12 @@ def has_committed(ds: lance.LanceDataset, *, job: str) -> bool:
     """Whether this job committed any shard: the log read back only to the job's latest
     commit, not through every commit as `committed_shards` does."""
     return any(shards for shards in _job_commits(ds, job))
+
+
+def job_started(ds: lance.LanceDataset, *, job: str) -> bool:
+    """Whether this job made any commit since the table's last overwrite, its creation
+    (`create_empty`) included, even one with no shards."""
+    return next(_job_commits(ds, job), None) is not None
 
 
 def _job_commits(ds: lance.LanceDataset, job: str) -> Iterator[list[str]]:

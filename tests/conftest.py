@@ -94,6 +94,24 @@ def write_jsonl(path: Path, lines: list[object]) -> Path:
     return path
 
 
+def checkpoint_versions(path: Path | str, storage_options: dict | None = None) -> list[int]:
+    """The table's versions whose commit names shards: a job's checkpoints (a new table's
+    first version is its empty creation, which names none)."""
+    import lance
+
+    from operators.shard_labels import decode
+    from operators.write import SHARDS_KEY
+
+    ds = lance.dataset(str(path), storage_options=storage_options)
+    found = []
+    for v in sorted(x["version"] for x in ds.versions()):
+        txn = ds.read_transaction(v)
+        label = (txn.transaction_properties or {}).get(SHARDS_KEY) if txn else None
+        if label and decode(label):
+            found.append(v)
+    return found
+
+
 def manifest_for(model_info, *, codecs: list[str] | None = None, dims: int | None = None,
                  sample=None):
     """The manifest a job with these vector settings writes (int8 ranges from `sample`)."""

@@ -38,9 +38,10 @@ def _spec_dict(corpus: Path, table: Path) -> dict:
 
 
 def _version(table: Path) -> int:
-    """The latest committed version; 0 before the first commit (data files may exist)."""
+    """Commits since the job created the table: 0 before the first checkpoint (data
+    files may exist). The job creates a new table empty, as version 1."""
     try:
-        return lance.dataset(str(table)).version
+        return lance.dataset(str(table)).version - 1
     except ValueError:
         return 0
 
@@ -264,6 +265,81 @@ def test_worker_node_removed_mid_job(docs, model_info, tmp_path) -> None:
         assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
     finally:
         cluster.shutdown()
+
+
+def test_a_run_taken_over_just_before_its_first_checkpoint_commits_nothing(
+        docs, tmp_path, ray_local, monkeypatch) -> None:
+    """A run that makes a new table stalls just before its first checkpoint commit,
+    while another run takes the table over and fences it. Lance refuses the late
+    commit: the run creates the table empty and appends its checkpoints, which the
+    fence conflicts with. (When the first checkpoint was an `Overwrite` that made the
+    table, it landed over the fence and over a table the other run had made.)"""
+    import pyarrow as pa
+    from lance.commit import CommitConflictError
+
+    import operators.write as write_module
+    from operators.lease import fence
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    table = tmp_path / "t.lance"
+    real, fenced = write_module._commit, []
+
+    def stalled_then_taken_over(uri, *args, **kwargs):
+        if not fenced:  # the other run makes the table if this one has not yet
+            if _version(table) == 0 and not (table / "_versions").exists():
+                lance.write_dataset(pa.table({"id": ["theirs"]}), str(table), mode="create")
+            fenced.append(fence(str(table), None, epoch=99))
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(write_module, "_commit", stalled_then_taken_over)
+    with pytest.raises((CommitConflictError, OSError), match="ncompatible|onflict"):
+        run_embed(parse_spec(_spec_dict(corpus, table)))
+    after = lance.dataset(str(table))
+    assert fenced and after.version == fenced[0]  # nothing of the run after the fence
+    assert after.count_rows() == 0 and after.list_indices() == []
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_a_table_the_next_run_fills(
+        docs, tmp_path, tiny_model, ray_local, monkeypatch) -> None:
+    """A new table is created empty at the job's first commit, then appended to. A run
+    that fails between the two leaves that empty table: the same job run again resumes
+    on it (appends, fenced), and a job of another configuration replaces it (not a
+    cut-over: there is nothing to keep)."""
+    import operators.write as write_module
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs[:12])
+
+    def spec(table: Path, **chunking) -> object:
+        d = _spec_dict(corpus, table) | {"model": {"name": tiny_model}}
+        return parse_spec(d | ({"chunking": chunking} if chunking else {}))
+
+    def table_ids(table: Path) -> list[str]:
+        ds = lance.dataset(str(table))
+        return sorted(ds.to_table(columns=["id"]).column("id").to_pylist())
+
+    def fail_first_checkpoint(table: Path, **chunking) -> None:
+        def store_gone(*args, **kwargs):
+            raise OSError("injected: the store went away")
+
+        with monkeypatch.context() as m:
+            m.setattr(write_module, "_commit", store_gone)
+            with pytest.raises(OSError, match="injected"):
+                run_embed(spec(table, **chunking))
+        ds = lance.dataset(str(table))
+        assert ds.version == 1 and ds.count_rows() == 0  # created, nothing committed
+
+    reference = run_embed(spec(tmp_path / "ref.lance"))
+    same = tmp_path / "same.lance"
+    fail_first_checkpoint(same)
+    again = run_embed(spec(same))
+    assert again.shards_skipped == 0 and again.cutover is None
+    assert table_ids(same) == table_ids(tmp_path / "ref.lance")
+    assert len(table_ids(same)) == reference.chunks
+
+    other = tmp_path / "other.lance"
+    fail_first_checkpoint(other, max_tokens=64, overlap=8)
+    replaced = run_embed(spec(other))  # another configuration than the failed run's
+    assert replaced.cutover is None and table_ids(other) == table_ids(tmp_path / "ref.lance")
 
 
 def test_a_run_taken_over_after_its_last_lease_check_builds_no_index(

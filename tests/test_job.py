@@ -13,7 +13,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import REPO, checkpoint_versions, write_jsonl
 
 from jobs._embed_job import rejects_uri, run_embed
 from operators.chunk import Chunker
@@ -125,7 +125,7 @@ def test_rerun_is_a_no_op_and_resume_skips_committed_shards(table, corpus, model
     # A job that stopped after its first checkpoint: restore that version, run again.
     partial = tmp_path / "partial.lance"
     run_embed(_spec(corpus, partial, keep_checkpoints=True))
-    ds = lance.dataset(str(partial), version=1)
+    ds = lance.dataset(str(partial), version=checkpoint_versions(partial)[0])
     ds.restore()
     assert lance.dataset(str(partial)).count_rows() < first.chunks
     resumed = run_embed(_spec(corpus, partial))
