@@ -1,23 +1,33 @@
-"""int8 calibration: embed a spread-out sample of chunks on the driver, take their ranges.
+"""Calibration: embed a spread-out sample of chunks on the driver, for what the table's
+codes are fitted on (the int8 ranges, the first-stage code).
 
-It runs once, when a table is created with the int8 codec; the ranges go into the
-manifest before any actor starts, so every actor, every later append and every query
-quantize on the same grid.
+It runs once, when a table is created with the int8 codec or a `vectors.code`; the
+ranges and the codebook's digest go into the manifest before any actor starts, so every
+actor, every later append and every query quantize on the same grid.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from operators.embed import Embedder
+from jobs._plan import progress
+from operators.codebooks import save_codebook
+from operators.codecs import Codec, fit
+from operators.embed import Embedder, resolve_precision
+from operators.model import ModelInfo
 from operators.quantize import calibrate_int8, sample_positions, truncate
+from operators.sources.plan import ReadPlan
 from operators.sources.read import sample_documents
 from operators.sources.skips import Skips
+from schemas.errors import SpecError
+from schemas.manifest import CodeManifest, TableManifest
 from schemas.source import Shard
-from schemas.spec import SourceSpec
+from schemas.spec import JobSpec, SourceSpec
 
 
 def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
@@ -36,11 +46,58 @@ def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schem
     return [ids[i].as_py() for i in sample_positions(len(ids), wanted)]
 
 
-def calibrate_ranges(embedder: Embedder, input_ids: list[list[int]], *, dims: int,
-                     renormalize: bool) -> tuple[list[float], list[float]]:
-    """Per-dimension int8 ranges of the sample, after the table's truncation."""
+def sample_vectors(embedder: Embedder, input_ids: list[list[int]], *, dims: int,
+                   renormalize: bool) -> np.ndarray:
+    """The sample's vectors as the table stores them: after its truncation."""
     import torch
 
     full = embedder.embed_ids(input_ids)
-    stored = truncate(torch.from_numpy(full), dims, renormalize=renormalize).numpy()
-    return calibrate_int8(np.asarray(stored))
+    return np.asarray(truncate(torch.from_numpy(full), dims, renormalize=renormalize).numpy())
+
+
+def calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
+                chunk: Callable[[pa.Table], pa.Table], info: ModelInfo, *, int8: bool,
+                code: bool) -> tuple[TableManifest, Codec | None]:
+    """The manifest with what a sample of the corpus's vectors decides: the int8 ranges,
+    and the fitted first-stage code (its codebook written beside the table first, so
+    no version of the table ever names a file that is not there). One sample, embedded
+    once, serves both."""
+    started = time.perf_counter()
+    wanted = max(spec.vectors.calibration_sample if int8 else 0,
+                 spec.vectors.code.sample if code else 0)
+    sample = sample_chunks(plan.shards, source=spec.source, metadata=plan.metadata,
+                           chosen=plan.chosen, chunker=chunk, wanted=wanted,
+                           skips=plan.skips)
+    vectors = manifest.vectors
+    stored = np.zeros((0, vectors.dims), np.float32)
+    if sample:
+        embedder = Embedder(info, precision=resolve_precision(spec.model.precision,
+                                                              on_gpu=False),
+                            device="cpu", batch_tokens=spec.compute.batch_tokens,
+                            torch_threads=os.cpu_count() or 1,
+                            trust_remote_code=spec.model.trust_remote_code)
+        stored = sample_vectors(embedder, sample, dims=vectors.dims,
+                                renormalize=info.normalize and vectors.truncated)
+    update: dict = {}
+    if int8:
+        sampled = stored[:spec.vectors.calibration_sample]
+        if len(sampled):
+            update["int8_low"], update["int8_high"] = calibrate_int8(sampled)
+        else:  # nothing to sample: the widest range a normalised vector can span
+            update["int8_low"], update["int8_high"] = [-1.0] * vectors.dims, [1.0] * vectors.dims
+        progress(f"int8 calibrated on {len(sampled)} chunks")
+    fitted = None
+    if code:
+        wanted_code = spec.vectors.code
+        try:
+            fitted = fit(stored, wanted_code.name, wanted_code.bytes)
+        except ValueError as err:
+            raise SpecError(f"vectors.code: {err} (the sample had {len(stored)} chunks of "
+                            f"{vectors.dims} dims)") from None
+        sha = save_codebook(spec.table, fitted, spec.write.storage_options)
+        update["code"] = CodeManifest(name=fitted.name, nbytes=fitted.nbytes, sha256=sha,
+                                      sample_rows=len(stored))
+        progress(f"first-stage code {fitted.name} ({fitted.nbytes} B/vector) fitted on "
+                 f"{len(stored)} chunks; codebook {sha[:12]}")
+    progress(f"sample embedded and fitted in {time.perf_counter() - started:.1f}s")
+    return manifest.model_copy(update={"vectors": vectors.model_copy(update=update)}), fitted

@@ -27,7 +27,7 @@ from typing import Literal
 import lance
 import pyarrow as pa
 
-from jobs._calibrate import calibrate_ranges, sample_chunks
+from jobs._calibrate import calibrated
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import cut_over, pin_current
 from jobs._index import ClusterBuilder, index_workers
@@ -53,6 +53,7 @@ from jobs._unchanged import (
     unchanged_counts,
 )
 from operators.chunk import Chunker
+from operators.codebooks import load_codebook
 from operators.embed import Embedder, resolve_precision
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside
@@ -290,30 +291,6 @@ def _warn_untrained_truncation(info: ModelInfo, vectors: VectorsManifest) -> Non
         progress(message)
 
 
-def _calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
-                chunk: Callable[[pa.Table], pa.Table], info: ModelInfo) -> TableManifest:
-    """The manifest with int8 ranges measured on a sample of the corpus."""
-    started = time.perf_counter()
-    sample = sample_chunks(plan.shards, source=spec.source, metadata=plan.metadata,
-                           chosen=plan.chosen, chunker=chunk,
-                           wanted=spec.vectors.calibration_sample, skips=plan.skips)
-    vectors = manifest.vectors
-    if sample:
-        embedder = Embedder(info, precision=resolve_precision(spec.model.precision,
-                                                              on_gpu=False),
-                            device="cpu", batch_tokens=spec.compute.batch_tokens,
-                            torch_threads=os.cpu_count() or 1,
-                            trust_remote_code=spec.model.trust_remote_code)
-        low, high = calibrate_ranges(embedder, sample, dims=vectors.dims,
-                                     renormalize=info.normalize and vectors.truncated)
-    else:  # nothing to sample: the widest range a normalised vector can span
-        low, high = [-1.0] * vectors.dims, [1.0] * vectors.dims
-    progress(f"int8 calibrated on {len(sample)} chunks in "
-              f"{time.perf_counter() - started:.1f}s")
-    return manifest.model_copy(update={"vectors": vectors.model_copy(
-        update={"int8_low": low, "int8_high": high})})
-
-
 def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
                  precision: Precision, codebook: Codebook):
     """The embed actor pool over chunk rows (token ids in, codec columns out)."""
@@ -463,6 +440,7 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
     manifest = manifest.model_copy(update={
         "vectors": old.vectors, "schema_version": old.schema_version,
         "model": manifest.model.model_copy(update={"precision": old.model.precision})})
+    _check_code(spec, old, uri)
     if job_finished(existing, job=planned.job):
         return _Decision("finished", existing, manifest,
                          {s.shard_id for s in planned.plan.shards})
@@ -481,6 +459,22 @@ def _decide(spec: JobSpec, planned: _Planned) -> _Decision:
         f"{uri} already exists and holds {old.source.uri}, not {spec.source.uri}; use "
         "kind: reindex to make it follow the new source, write.mode: overwrite to "
         "replace it, or pick another table")
+
+
+def _check_code(spec: JobSpec, old: TableManifest, uri: str) -> None:
+    """Refuse a spec that asks for another first-stage code than the table holds: the
+    code is fitted when the table is made (a spec that names none keeps the table's)."""
+    wanted, have = spec.vectors.code, old.vectors.code
+    if wanted is None or (have is not None
+                          and (have.name, have.nbytes) == (wanted.name, wanted.bytes)):
+        return
+    held = f"the first-stage code {have.name} at {have.nbytes} bytes" if have \
+        else "no first-stage code"
+    raise TableError(
+        f"{uri} holds {held}; the spec asks for {wanted.name} at {wanted.bytes} bytes. A "
+        "table's code is fitted when the table is made: write a new table (or use "
+        "write.mode: overwrite) to change it. Refitting a table from its stored vectors "
+        "is not built yet.")
 
 
 def _quiver_cause(err: BaseException) -> QuiverError | None:
@@ -622,11 +616,19 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     def chunk(docs: pa.Table) -> pa.Table:
         return Chunker(model_path, **chunker_kwargs)(docs)
 
-    if "int8" in manifest.vectors.codecs and manifest.vectors.int8_low is None:
-        manifest = _calibrated(manifest, spec, plan, chunk, info)
-    schema = table_schema(plan.metadata, dim=manifest.vectors.dims,
-                          codecs=manifest.vectors.codecs).with_metadata(manifest.to_metadata())
-    codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize)
+    needs_int8 = "int8" in manifest.vectors.codecs and manifest.vectors.int8_low is None
+    needs_code = spec.vectors.code is not None and manifest.vectors.code is None
+    code = None
+    if needs_int8 or needs_code:
+        manifest, code = calibrated(manifest, spec, plan, chunk, info, int8=needs_int8,
+                                    code=needs_code)
+    if code is None and manifest.vectors.code is not None:  # the table's own codebook
+        code = load_codebook(uri, manifest.vectors.code.sha256, opts)
+    schema = table_schema(
+        plan.metadata, dim=manifest.vectors.dims, codecs=manifest.vectors.codecs,
+        code_bytes=code.nbytes if code is not None else None,
+    ).with_metadata(manifest.to_metadata())
+    codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize, code=code)
     if decision.action == "reindex":
         work = _reindex_work(spec, planned, existing, plan, chunk, schema_change)
     else:
@@ -890,7 +892,9 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     info = describe_model(spec.model)
     existing = _open_existing(spec.table, spec.write.storage_options)
     counts, listing = unchanged_counts(spec, existing, _shaping(spec, info))
-    if counts is not None:
+    if counts is not None:  # the same inputs and embedding: the code must match too
+        _check_code(spec, TableManifest.from_schema(existing.schema, where=spec.table),
+                    spec.table)
         return _unchanged_summary(spec, existing, counts, started)
     planned = _plan(spec, started, info, listing)
     planned.lease = lease

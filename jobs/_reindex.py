@@ -46,7 +46,13 @@ from operators.sources.read import bridged, read_groups, read_shards
 from operators.sources.scan import bucket_of, id_key
 from operators.sources.skips import Skips
 from operators.write import write_fragments
-from schemas.records import CODEC_COLUMNS, CONTENT_HASH_BYTES, DOC_HASH_COLUMN, WORK_COLUMNS
+from schemas.records import (
+    CODE_COLUMN,
+    CODEC_COLUMNS,
+    CONTENT_HASH_BYTES,
+    DOC_HASH_COLUMN,
+    WORK_COLUMNS,
+)
 from schemas.source import Shard
 from schemas.spec import JobSpec
 
@@ -130,7 +136,8 @@ def _group_changes(group: tuple[Shard, ...], doc_ids: dict[str, list[str]], *,
     """
     opts = spec.write.storage_options
     ds = lance.dataset(uri, version=version, storage_options=opts or None)
-    vectors = [c for c in dict.fromkeys(CODEC_COLUMNS.values()) if c in schema.names]
+    vectors = [c for c in (*dict.fromkeys(CODEC_COLUMNS.values()), CODE_COLUMN)
+               if c in schema.names]
     wanted = {sid: frozenset(ids) for sid, ids in doc_ids.items()}
     seconds: Counter[str] = Counter()
     started = time.perf_counter()

@@ -26,7 +26,8 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 TableArg = Annotated[str, typer.Argument(help="Path or URI of a Quiver Lance table.")]
 UsingOpt = Annotated[str, typer.Option(
-    "--using", help="First-stage column: float, int8, binary, or auto (the most compact).")]
+    "--using", help="First-stage column: float, int8, binary, code (the table's fitted code), "
+    "or auto (the most compact).")]
 ModeOpt = Annotated[str, typer.Option(
     "--mode", help="dense (vectors), fts (BM25 on text) or hybrid (both, rank-fused).")]
 VersionOpt = Annotated[str | None, typer.Option(

@@ -64,7 +64,7 @@ class SearchOptions(BaseModel):
 
     k: int = Field(10, ge=1, le=HTTP_MAX_K)
     mode: Literal["dense", "fts", "hybrid"] = "dense"
-    using: Literal["auto", "float", "int8", "binary"] = "auto"
+    using: Literal["auto", "float", "int8", "binary", "code"] = "auto"
     rescore: int | None = Field(None, ge=1, le=100)
     exact: bool = False
     where: dict[str, Any] | None = Field(

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from jobs._tags import current_version
+from operators.codebooks import load_codebook
 from operators.embed import Embedder, TextEncoder
 from operators.filters import compile_filter
 from operators.fulltext import HYBRID_CANDIDATES, RRF_K, fts_candidates, rrf_fuse
@@ -26,7 +27,7 @@ from operators.model import describe_model
 from operators.search import DEFAULT_COLUMNS, VectorSearcher, take_rows, top_documents
 from schemas.errors import ManifestMismatchError, QueryError, TableError
 from schemas.manifest import TableManifest
-from schemas.records import CODEC_COLUMNS, HASH_COLUMNS
+from schemas.records import CODE_COLUMN, CODEC_COLUMNS, HASH_COLUMNS
 from schemas.spec import ModelSpec
 
 SEARCH_MODES = ("dense", "fts", "hybrid")
@@ -90,7 +91,11 @@ class Table:
                 f"{self.uri} holds {m.dim}-d vectors but the model gives {model_info.dim}-d"
             )
         self._encoder = shared_encoder(model_info)
-        self.searcher = VectorSearcher(self.ds, self.manifest)
+        code = self.manifest.vectors.code
+        self.searcher = VectorSearcher(
+            self.ds, self.manifest,
+            code=(lambda: load_codebook(self.uri, code.sha256, storage_options))
+            if code is not None else None)
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         """Query vectors built exactly as the table's documents were (prefix, pooling)."""
@@ -216,7 +221,7 @@ def _with_defaults(columns: Sequence[str]) -> tuple[str, ...]:
     return (*DEFAULT_COLUMNS, *(c for c in columns if c not in DEFAULT_COLUMNS))
 
 
-HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), *HASH_COLUMNS)
+HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), CODE_COLUMN, *HASH_COLUMNS)
 """Columns a hit never carries: vectors and hashes (bytes, not answers)."""
 
 _ENCODERS: dict[tuple, TextEncoder] = {}

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROJECTIONS: tuple[str, ...] = ("first", "pca", "rot", "itq", "opq")
-QUANTIZERS: tuple[str, ...] = ("b1", "b2", "b4", "pq")
+from schemas.records import CODE_PROJECTIONS, CODE_QUANTIZERS
+
+PROJECTIONS: tuple[str, ...] = CODE_PROJECTIONS
+QUANTIZERS: tuple[str, ...] = CODE_QUANTIZERS
 PQ_CENTROIDS = 256
 LLOYD_ITERS = 25
 ITQ_ITERS = 50

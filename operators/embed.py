@@ -23,7 +23,6 @@ from operators.model import ModelInfo, load_tokenizer
 from operators.quantize import Codebook, encode, fixed_size_list
 from operators.timing import EMBEDDED_AT, LOADED_BY, STAGE_COLUMNS, constant_columns
 from schemas.kinds import Device, Pooling, Precision, PrecisionChoice
-from schemas.records import codec_fields
 
 
 def _offsets_and_values(input_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +406,7 @@ class Embedder:
         self._load_dictionary = pa.array([self.load_id])
         self._zeros = pa.array(np.zeros(0, np.int32))
         """Dictionary indices of `LOADED_BY` (all 0), sliced for each block."""
-        vector_fields = codec_fields(list(self.codebook.codecs), self.codebook.dims)
+        vector_fields = self.codebook.fields()
         self._stored = [(f.name, f.type) for f in vector_fields]
         """(name, fixed-size list type) of each stored vector column, in the table's order."""
         self._schema_in: pa.Schema | None = None

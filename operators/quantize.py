@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from schemas.records import CODEC_COLUMNS, codec_type
+from schemas.records import CODE_COLUMN, CODEC_COLUMNS, code_field, codec_fields, codec_type
 
 if TYPE_CHECKING:
     import torch
 
+    from operators.codecs import Codec
     from schemas.manifest import VectorsManifest
 
 INT8_LEVELS = 255
@@ -40,13 +41,22 @@ class Codebook:
     renormalize: bool
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+    code: Codec | None = None
+    """The table's fitted first-stage code (`operators.codecs`), loaded from its
+    codebook file; it fills `vector_code` from the stored (truncated) vectors."""
 
     @classmethod
-    def from_manifest(cls, vectors: VectorsManifest, *, normalize: bool) -> Codebook:
+    def from_manifest(cls, vectors: VectorsManifest, *, normalize: bool,
+                      code: Codec | None = None) -> Codebook:
         low = np.asarray(vectors.int8_low, np.float32) if vectors.int8_low else None
         high = np.asarray(vectors.int8_high, np.float32) if vectors.int8_high else None
         return cls(tuple(vectors.codecs), vectors.dims, normalize and vectors.truncated,
-                   low, high)
+                   low, high, code)
+
+    def fields(self) -> list[pa.Field]:
+        """The vector columns this codebook fills, in the table's order."""
+        code = [code_field(self.code.nbytes)] if self.code is not None else []
+        return [*codec_fields(list(self.codecs), self.dims), *code]
 
     @property
     def step(self) -> np.ndarray:
@@ -105,6 +115,8 @@ def encode(vectors: torch.Tensor, book: Codebook) -> dict[str, np.ndarray]:
             out[CODEC_COLUMNS[codec]] = _host((bits * weights).sum(-1).to(torch.uint8))
         else:  # pragma: no cover - the spec's Literal forbids it
             raise ValueError(f"unknown codec {codec!r}")
+    if book.code is not None:  # a projection and a lookup per byte: numpy, on the host
+        out[CODE_COLUMN] = book.code.encode(_host(x))
     return out
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.codecs import lookup_scores
+from operators.codecs import Codec, lookup_scores
 from operators.quantize import (
     Codebook,
     column_matrix,
@@ -44,7 +44,7 @@ from operators.quantize import (
 )
 from schemas.errors import QueryError
 from schemas.manifest import TableManifest
-from schemas.records import BITS_COLUMN, INT8_COLUMN, VECTOR_COLUMN
+from schemas.records import BITS_COLUMN, CODE_COLUMN, INT8_COLUMN, VECTOR_COLUMN
 
 DEFAULT_COLUMNS = ("id", "doc_id", "chunk", "text")
 DEFAULT_RESCORE = 4
@@ -56,8 +56,8 @@ CODE_SCAN_ROWS = 65_536
 """Rows per batch of a streamed code scan."""
 BITS_POOL = 4
 """With a hamming index, candidates it returns per candidate the asymmetric score keeps."""
-Using = Literal["auto", "float", "int8", "binary"]
-USING: tuple[str, ...] = ("auto", "float", "int8", "binary")
+Using = Literal["auto", "float", "int8", "binary", "code"]
+USING: tuple[str, ...] = ("auto", "float", "int8", "binary", "code")
 
 
 def default_nprobes(rows: int) -> int:
@@ -89,8 +89,11 @@ class VectorSearcher:
     """
 
     def __init__(self, ds: lance.LanceDataset, manifest: TableManifest, *,
-                 cache_bytes: int = CODE_CACHE_BYTES) -> None:
+                 cache_bytes: int = CODE_CACHE_BYTES,
+                 code: Callable[[], Codec] | None = None) -> None:
         self.ds = ds
+        self._load_code = code
+        self._code: Codec | None = None
         self.manifest = manifest
         self.book = Codebook.from_manifest(manifest.vectors, normalize=manifest.model.normalize)
         self.codecs = frozenset(manifest.vectors.codecs)
@@ -103,7 +106,10 @@ class VectorSearcher:
         self.indexed = frozenset(f for i in ds.list_indices() for f in i["fields"])
 
     def default_mode(self) -> str:
-        """Binary first stage when the table has bits, else float, else int8."""
+        """The fitted code's first stage when the table has one, else binary when it has
+        bits, else float, else int8."""
+        if self.manifest.vectors.code is not None:
+            return "code"
         if "binary" in self.codecs:
             return "binary"
         return "float" if self.has_float else "int8"
@@ -111,7 +117,8 @@ class VectorSearcher:
     def modes(self) -> list[str]:
         """The `using` choices this table supports (besides 'auto')."""
         out = ["float"] if self.has_float else []
-        return out + [m for m in ("int8", "binary") if m in self.codecs]
+        code = ["code"] if self.manifest.vectors.code is not None else []
+        return out + [m for m in ("int8", "binary") if m in self.codecs] + code
 
     def rescore_column(self) -> str | None:
         """The column second-stage rescoring reads: float, else int8, else none."""
@@ -124,7 +131,8 @@ class VectorSearcher:
         return truncate_query(query, self.book.dims, renormalize=self.book.renormalize)
 
     def resolve(self, using: str, *, k: int, rescore: int | None) -> str:
-        """Check the request and name the first stage it runs ('float', 'int8', 'binary').
+        """Check the request and name the first stage it runs ('float', 'int8', 'binary',
+        'code').
 
         Raises:
             QueryError: for k < 1, rescore < 1, an unknown choice, or a column the table
@@ -171,8 +179,9 @@ class VectorSearcher:
         Args:
             query: The float query vector (model dims; truncated here when the table is).
             k: Hits wanted.
-            using: Which column the first stage reads: 'float', 'int8', 'binary', or
-                'auto' (see `default_mode`).
+            using: Which column the first stage reads: 'float', 'int8', 'binary',
+                'code' (the table's fitted code, `vectors.code`), or 'auto' (see
+                `default_mode`).
             rescore: Candidates per hit for the second stage; 1 disables rescoring.
                 None means `DEFAULT_RESCORE` for int8/binary first stages.
             exact: Ignore ANN indices (a flat scan).
@@ -194,6 +203,8 @@ class VectorSearcher:
             want = k * factor if factor > 1 else k
             if mode == "binary":
                 row_ids, scores = self._bits_stage(q, want, exact=exact, where=where)
+            elif mode == "code":
+                row_ids, scores = self._scan(CODE_COLUMN, q, want, where=where)
             else:
                 row_ids, scores = self._scan(INT8_COLUMN, q, want, where=where)
             best = self.rescore_column()
@@ -260,8 +271,8 @@ class VectorSearcher:
             # Column-major bits: each byte's lookup reads one contiguous column, which
             # roughly halved a 1M-row scan here (48-70 ms against 92-252 ms, cores shared).
             self._held[column] = (table.column("_rowid").to_numpy(),
-                                  np.asfortranarray(codes) if column == BITS_COLUMN
-                                  else codes)
+                                  np.asfortranarray(codes)
+                                  if column in (BITS_COLUMN, CODE_COLUMN) else codes)
             yield self._held[column]
             return
         for batch in self.ds.to_batches(columns=[column], with_row_id=True,
@@ -274,7 +285,8 @@ class VectorSearcher:
         """The `k` best rows of a code column (int8 scores, or asymmetric sign scores
         for the bits): a running top-k over the pieces, so a streamed scan holds k
         candidates plus one batch."""
-        table = sign_table(q) if column == BITS_COLUMN else None
+        table = sign_table(q) if column == BITS_COLUMN \
+            else self.code().lookup(q) if column == CODE_COLUMN else None
         best_ids, best = np.zeros(0, np.uint64), np.zeros(0, np.float32)
         for row_ids, codes in self._code_batches(column, where):
             piece = lookup_scores(table, codes) if table is not None \
@@ -285,6 +297,21 @@ class VectorSearcher:
                 else np.arange(len(scores))
             best_ids, best = ids[top], scores[top]
         return best_ids, best
+
+    def code(self) -> Codec:
+        """The table's fitted code, loaded (and checked against the manifest's digest)
+        on the first search that uses it.
+
+        Raises:
+            QueryError: the table has no fitted code, or it was opened without a way
+                to load its codebook.
+        """
+        if self._code is None:
+            if self.manifest.vectors.code is None or self._load_code is None:
+                raise QueryError("this table's fitted code cannot be loaded here: open it "
+                                 "with its codebook (jobs.api.open_table)")
+            self._code = self._load_code()
+        return self._code
 
     def _rescore(self, q: np.ndarray, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score candidates against the float query with the best stored column."""

@@ -55,6 +55,19 @@ class ChunkingManifest(BaseModel):
     mode: ChunkMode = "windows"
 
 
+class CodeManifest(BaseModel):
+    """The table's fitted first-stage code: which, and the digest of its codebook file
+    (`operators.codebooks`). Not part of the embedding's fingerprint: the code is
+    derived from the stored vectors, so it never decides whether to embed again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    nbytes: int = Field(ge=1)
+    sha256: str = Field(description="Of the codebook file's bytes.")
+    sample_rows: int = Field(ge=0, description="Vectors the code was fitted on.")
+
+
 class VectorsManifest(BaseModel):
     """How the stored vectors were derived from the model's output.
 
@@ -69,6 +82,7 @@ class VectorsManifest(BaseModel):
     truncated: bool = Field(False, description="True when dims < the model's dim.")
     int8_low: list[float] | None = Field(None, description="Per-dimension int8 range floor.")
     int8_high: list[float] | None = Field(None, description="Per-dimension int8 range top.")
+    code: CodeManifest | None = Field(None, description="The fitted first-stage code.")
 
     def settings(self) -> dict:
         """What shapes the stored columns, without the calibrated ranges."""

@@ -17,6 +17,11 @@ CONTENT_HASH_BYTES = 16
 VECTOR_COLUMN = "vector"
 INT8_COLUMN = "vector_i8"
 BITS_COLUMN = "vector_bits"
+CODE_COLUMN = "vector_code"
+"""A table's fitted first-stage code (`vectors.code`): `nbytes` uint8 per row."""
+CODE_PROJECTIONS = ("first", "pca", "rot", "itq", "opq")
+CODE_QUANTIZERS = ("b1", "b2", "b4", "pq")
+"""A fitted code is named `<projection>-<quantizer>` (`operators.codecs`)."""
 DOC_HASH_COLUMN = "doc_hash"
 HASH_COLUMNS = ("content_hash", DOC_HASH_COLUMN)
 """Bookkeeping hashes: neither a filter nor a hit ever names them."""
@@ -43,7 +48,7 @@ def hash_document(doc_id: str, text: str, metadata: Mapping[str, Any]) -> bytes:
 
 
 RESERVED_COLUMNS = ("id", "doc_id", "chunk", "text", "content_hash", DOC_HASH_COLUMN,
-                    VECTOR_COLUMN, INT8_COLUMN, BITS_COLUMN)
+                    VECTOR_COLUMN, INT8_COLUMN, BITS_COLUMN, CODE_COLUMN)
 CODEC_COLUMNS = {"float32": VECTOR_COLUMN, "float16": VECTOR_COLUMN, "int8": INT8_COLUMN,
                  "binary": BITS_COLUMN}
 """Which column each codec fills."""
@@ -100,11 +105,22 @@ def chunk_schema(metadata: pa.Schema) -> pa.Schema:
     )
 
 
-def table_schema(metadata: pa.Schema, *, dim: int,
-                 codecs: list[str] | None = None) -> pa.Schema:
-    """The stored table: one row per chunk, the vector columns last."""
+def code_field(nbytes: int) -> pa.Field:
+    """The fitted code's column.
+
+    >>> code_field(24).type
+    FixedSizeListType(fixed_size_list<item: uint8>[24])
+    """
+    return pa.field(CODE_COLUMN, pa.list_(pa.uint8(), nbytes), nullable=False)
+
+
+def table_schema(metadata: pa.Schema, *, dim: int, codecs: list[str] | None = None,
+                 code_bytes: int | None = None) -> pa.Schema:
+    """The stored table: one row per chunk, the vector columns last (the fitted code's
+    after the codecs')."""
     fields = [f for f in chunk_schema(metadata) if f.name not in WORK_COLUMNS]
-    return pa.schema([*fields, *codec_fields(codecs or ["float32"], dim)])
+    code = [code_field(code_bytes)] if code_bytes else []
+    return pa.schema([*fields, *codec_fields(codecs or ["float32"], dim), *code])
 
 
 REJECTS_SCHEMA = pa.schema(

