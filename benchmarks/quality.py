@@ -10,6 +10,8 @@ recall@100, share of float32 nDCG@10 kept, and search latency p50/p99 per way.
     python benchmarks/quality.py --sets limit-small     # one set
     python benchmarks/quality.py --chunking truncate    # sentence-transformers-style truncation
     python benchmarks/quality.py --html out/            # also one HTML page with a plot per set
+    python benchmarks/quality.py --code pca-b1@24       # and a fitted first-stage code
+                                                        # (vectors.code), rescored at 40/100/200
 """
 
 from __future__ import annotations
@@ -25,26 +27,34 @@ SETS = ("scifact", "cranfield", "limit-small")
 CODECS = ["float32", "int8", "binary"]
 
 
-def table_spec(name: str, chunking: str) -> dict:
-    """The job spec of one collection's benchmark table."""
+def table_spec(name: str, chunking: str, code: str | None = None,
+               code_sample: int = 4096) -> dict:
+    """The job spec of one collection's benchmark table (`code`: `NAME@BYTES`)."""
+    vectors: dict = {"codecs": CODECS}
+    suffix = ""
+    if code:
+        code_name, _, nbytes = code.partition("@")
+        vectors["code"] = {"name": code_name, "bytes": int(nbytes), "sample": code_sample}
+        suffix = f"-{code_name}-{nbytes}"
     return {
         "kind": "embed",
         "source": {"uri": str(EVAL / name / "corpus.jsonl"), "id_field": "_id",
                    "text_fields": ["title", "text"]},
-        "table": str(WAREHOUSE / f"{name}-{chunking}.lance"),
+        "table": str(WAREHOUSE / f"{name}-{chunking}{suffix}.lance"),
         "chunking": {"mode": chunking},
-        "vectors": {"codecs": CODECS},
+        "vectors": vectors,
         "write": {"mode": "overwrite"},
     }
 
 
-def ensure_table(name: str, chunking: str) -> str:
+def ensure_table(name: str, chunking: str, code: str | None = None,
+                 code_sample: int = 4096) -> str:
     """Embed the collection unless a table from the same spec already exists."""
     from jobs import api
     from schemas.spec import parse_spec
 
-    spec = table_spec(name, chunking)
-    marker = WAREHOUSE / f"{name}-{chunking}.spec.json"
+    spec = table_spec(name, chunking, code, code_sample)
+    marker = Path(spec["table"][: -len(".lance")] + ".spec.json")
     table = spec["table"]
     if marker.is_file() and json.loads(marker.read_text()) == spec and Path(table).is_dir():
         print(f"[quality] reusing {table}", flush=True)
@@ -62,18 +72,27 @@ def main() -> None:
     parser.add_argument("--chunking", default="windows", choices=("windows", "truncate"))
     parser.add_argument("--html", type=Path, help="Folder for one HTML report per set.")
     parser.add_argument("--json", type=Path, help="Write all reports to this JSON file.")
+    parser.add_argument("--code", help="Also store a fitted first-stage code, NAME@BYTES "
+                        "(e.g. pca-b1@24, opq-pq@24): the report adds it alone and "
+                        "rescored at depths 40, 100 and 200")
+    parser.add_argument("--code-sample", type=int, default=4096,
+                        help="Chunks the code is fitted on")
     args = parser.parse_args()
 
     from jobs import api
     from jobs._quality import format_report, report_html
+    from operators.embed import cpu_flags
 
+    flags = cpu_flags()
+    print("CPU: " + ("AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags
+                     else "other"), flush=True)
     WAREHOUSE.mkdir(parents=True, exist_ok=True)
     reports = {}
     for name in args.sets:
         if not (EVAL / name / "corpus.jsonl").is_file():
             print(f"[quality] skipping {name}: {EVAL / name} is absent")
             continue
-        table = ensure_table(name, args.chunking)
+        table = ensure_table(name, args.chunking, args.code, args.code_sample)
         reports[name] = api.quality(table, EVAL / name)
         if args.html:
             args.html.mkdir(parents=True, exist_ok=True)

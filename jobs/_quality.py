@@ -1,7 +1,8 @@
 """The quality report: every way a table can be searched, scored on real judgments.
 
 For each way (float exact, float ANN, int8 alone and rescored, binary alone and
-rescored, Matryoshka truncations of the float column) it measures first-stage bytes per
+rescored, the table's fitted code alone and rescored at depths `CODE_DEPTHS`, Matryoshka
+truncations of the float column) it measures first-stage bytes per
 vector, nDCG@10, recall@100, the share of float nDCG@10 kept, and per-query search
 latency (p50/p99, query embedding excluded). Float ANN uses the table's own index when it
 has one, else an index built with the job's defaults on a temporary copy of the vectors,
@@ -30,6 +31,9 @@ from schemas.spec import IndexSpec
 
 ChunkSearch = Callable[[np.ndarray, int], tuple[list[str], list[str], list[float]]]
 """(query vector, chunks wanted) -> (chunk ids, doc ids, scores) of the top chunks."""
+
+CODE_DEPTHS = (40, 100, 200)
+"""Rescoring depths the report measures a fitted code at: candidates re-scored."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,18 @@ def _measure(name: str, nbytes: float, search: ChunkSearch, vectors: np.ndarray,
 def _lance_way(searcher: VectorSearcher, **options) -> ChunkSearch:
     def run(v: np.ndarray, k: int) -> tuple[list[str], list[str], list[float]]:
         hits = searcher.search(v, k=k, columns=("id", "doc_id"), **options)
+        return (hits.column("id").to_pylist(), hits.column("doc_id").to_pylist(),
+                hits.column("score").to_pylist())
+
+    return run
+
+
+def _depth_way(searcher: VectorSearcher, depth: int) -> ChunkSearch:
+    """The fitted code's best `depth` chunks, re-scored with the float vectors: only
+    those chunks can be hits (the rescoring depth of the compression ladder)."""
+    def run(v: np.ndarray, k: int) -> tuple[list[str], list[str], list[float]]:
+        hits = searcher.search(v, k=min(k, depth), columns=("id", "doc_id"), using="code",
+                               depth=depth)
         return (hits.column("id").to_pylist(), hits.column("doc_id").to_pylist(),
                 hits.column("score").to_pylist())
 
@@ -154,6 +170,15 @@ def quality_report(searcher: VectorSearcher, vectors: np.ndarray, queries: BeirQ
                 add("binary + rescore", bbytes, _lance_way(searcher, using="binary"),
                     f"{'float' if searcher.has_float else 'int8'} rescoring of "
                     f"{DEFAULT_RESCORE}x candidates")
+        code = searcher.manifest.vectors.code
+        if code is not None:
+            name = f"code {code.name}"
+            add(f"{name} alone", code.nbytes, _lance_way(searcher, using="code", rescore=1))
+            if float_codec:
+                for depth in CODE_DEPTHS:
+                    add(f"{name} + rescore@{depth}", code.nbytes,
+                        _depth_way(searcher, depth),
+                        f"{float_codec} rescoring of the code's best {depth} chunks")
         if float_codec and not searcher.manifest.vectors.truncated:
             table = searcher.ds.to_table(columns=["id", "doc_id", VECTOR_COLUMN])
             matrix = column_matrix(table.column(VECTOR_COLUMN)).astype(np.float32)

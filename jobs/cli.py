@@ -35,6 +35,8 @@ VersionOpt = Annotated[str | None, typer.Option(
 RescoreOpt = Annotated[int | None, typer.Option(
     "--rescore", min=1, help="Candidates per hit re-scored with the best column (1 = off; "
     "default 4 for int8/binary).")]
+DepthOpt = Annotated[int | None, typer.Option(
+    "--depth", min=1, help="Candidates re-scored, as a count instead of --rescore per hit.")]
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Local model folder to use instead of the manifest's name."),
@@ -285,6 +287,7 @@ def query(
     model: ModelOpt = None,
     using: UsingOpt = "auto",
     rescore: RescoreOpt = None,
+    depth: DepthOpt = None,
     exact: Annotated[bool, typer.Option("--exact", help="Ignore ANN indices.")] = False,
     mode: ModeOpt = "dense",
     where: Annotated[list[str] | None, typer.Option(
@@ -302,8 +305,8 @@ def query(
     columns = tuple(filters)
     hits = api.open_table(table, model=model, version=_version(version),
                           storage_options=_storage(storage_option)).search(
-        text, k=k, mode=mode, using=using, rescore=rescore, exact=exact, where=filters,
-        columns=columns)
+        text, k=k, mode=mode, using=using, rescore=rescore, depth=depth, exact=exact,
+        where=filters, columns=columns)
     if as_json:
         _emit({"table": table, "query": text, "k": k, "mode": mode,
                "hits": [h.__dict__ for h in hits]})

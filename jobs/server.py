@@ -66,6 +66,7 @@ class SearchOptions(BaseModel):
     mode: Literal["dense", "fts", "hybrid"] = "dense"
     using: Literal["auto", "float", "int8", "binary", "code"] = "auto"
     rescore: int | None = Field(None, ge=1, le=100)
+    depth: int | None = Field(None, ge=1, le=10_000)
     exact: bool = False
     where: dict[str, Any] | None = Field(
         None, description='Structured filter, e.g. {"year": {"gte": 2020}, "lang": "en"}.')
@@ -299,7 +300,7 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
 
     def _options(req: SearchOptions) -> dict:
         opts = dict(k=req.k, mode=req.mode, using=req.using, rescore=req.rescore,
-                    exact=req.exact, where=req.where, columns=req.columns)
+                    depth=req.depth, exact=req.exact, where=req.where, columns=req.columns)
         return {**opts, "rrf_k": req.rrf_k} if req.mode == "hybrid" else opts
 
     @app.post("/tables/{name}/search", dependencies=guard)

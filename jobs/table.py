@@ -114,12 +114,12 @@ class Table:
 
     def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
                     mode: str = "dense", using: str = "auto", rescore: int | None = None,
-                    exact: bool = False, where: Where = None,
+                    depth: int | None = None, exact: bool = False, where: Where = None,
                     rrf_k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
         expr = self._filter(mode, k, where)
         if mode != "dense" and text is None:
             raise QueryError(f"mode {mode!r} needs the query text, not only a vector")
-        dense = dict(using=using, rescore=rescore, exact=exact, where=expr)
+        dense = dict(using=using, rescore=rescore, depth=depth, exact=exact, where=expr)
         if mode == "dense":
             return self.searcher.candidates(vector, k=k, **dense)
         if mode == "fts":
@@ -154,8 +154,9 @@ class Table:
                 for h in rows.to_pylist()]
 
     def search(self, text: str, *, k: int = 10, mode: str = "dense", using: str = "auto",
-               rescore: int | None = None, exact: bool = False, where: Where = None,
-               columns: Sequence[str] = DEFAULT_COLUMNS, rrf_k: int = RRF_K) -> list[Hit]:
+               rescore: int | None = None, depth: int | None = None, exact: bool = False,
+               where: Where = None, columns: Sequence[str] = DEFAULT_COLUMNS,
+               rrf_k: int = RRF_K) -> list[Hit]:
         """Top-k chunks for a query text.
 
         Args:
@@ -163,8 +164,10 @@ class Table:
             k: Hits wanted (at most `MAX_K`).
             mode: 'dense' (vectors), 'fts' (BM25 on `text`), or 'hybrid' (both, fused by
                 reciprocal rank; see `operators.fulltext`).
-            using: Dense first-stage column: 'float', 'int8', 'binary' or 'auto'.
+            using: Dense first-stage column: 'float', 'int8', 'binary', 'code' (the
+                table's fitted code) or 'auto'.
             rescore: Candidates per hit re-scored with the best column (1 = off).
+            depth: Candidates re-scored, as a count instead of `rescore` per hit.
             exact: Skip ANN indices.
             where: A filter, `{"year": {"gte": 2020}, "lang": {"in": ["en", "de"]}}`
                 (see `operators.filters`), applied before the search.
@@ -175,16 +178,17 @@ class Table:
         vector = None if mode == "fts" else self.embed_queries([text])[0]
         extra = {"rrf_k": rrf_k} if mode == "hybrid" else {}
         return self._search(text, vector, k=k, mode=mode, using=using, rescore=rescore,
-                            exact=exact, where=where, columns=_with_defaults(columns),
-                            **extra)
+                            depth=depth, exact=exact, where=where,
+                            columns=_with_defaults(columns), **extra)
 
     def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
-                      rescore: int | None = None, exact: bool = False, where: Where = None,
+                      rescore: int | None = None, depth: int | None = None,
+                      exact: bool = False, where: Where = None,
                       columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Hit]:
         """Top-k chunks for a query vector (model dims; cut to the table's own dims)."""
         return self._search(None, np.asarray(vector, np.float32), k=k, mode="dense",
-                            using=using, rescore=rescore, exact=exact, where=where,
-                            columns=_with_defaults(columns))
+                            using=using, rescore=rescore, depth=depth, exact=exact,
+                            where=where, columns=_with_defaults(columns))
 
     def search_batch(self, texts: Sequence[str], *, k: int = 10, mode: str = "dense",
                      **options) -> list[list[Hit]]:

@@ -171,8 +171,9 @@ class VectorSearcher:
         return self.rows(row_ids, scores, columns)
 
     def candidates(self, query: np.ndarray, *, k: int, using: str = "auto",
-                   rescore: int | None = None, exact: bool = False,
-                   nprobes: int | None = None, refine_factor: int | None = None,
+                   rescore: int | None = None, depth: int | None = None,
+                   exact: bool = False, nprobes: int | None = None,
+                   refine_factor: int | None = None,
                    where: pc.Expression | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Row ids and scores of the top-k rows, best first.
 
@@ -183,7 +184,9 @@ class VectorSearcher:
                 'code' (the table's fitted code, `vectors.code`), or 'auto' (see
                 `default_mode`).
             rescore: Candidates per hit for the second stage; 1 disables rescoring.
-                None means `DEFAULT_RESCORE` for int8/binary first stages.
+                None means `DEFAULT_RESCORE` for int8/binary/code first stages.
+            depth: Candidates the first stage hands to rescoring, as a count (at least
+                k), instead of `rescore` times k; float first stages ignore it.
             exact: Ignore ANN indices (a flat scan).
             nprobes, refine_factor: Passed to Lance's ANN search on the float column.
             where: A compiled filter (`operators.filters.compile_filter`), applied before
@@ -199,8 +202,10 @@ class VectorSearcher:
             row_ids, scores = self._lance_float(q, k, exact=exact, nprobes=nprobes,
                                                 refine_factor=refine_factor, where=where)
         else:
+            if depth is not None and depth < 1:
+                raise QueryError(f"Got depth={depth}. Must be at least 1.")
             factor = DEFAULT_RESCORE if rescore is None else rescore
-            want = k * factor if factor > 1 else k
+            want = max(depth, k) if depth is not None else k * factor if factor > 1 else k
             if mode == "binary":
                 row_ids, scores = self._bits_stage(q, want, exact=exact, where=where)
             elif mode == "code":
@@ -208,7 +213,8 @@ class VectorSearcher:
             else:
                 row_ids, scores = self._scan(INT8_COLUMN, q, want, where=where)
             best = self.rescore_column()
-            if factor > 1 and best is not None and not (mode == "int8" and best == INT8_COLUMN):
+            rescoring = want > k or (depth is not None and factor > 1)
+            if rescoring and best is not None and not (mode == "int8" and best == INT8_COLUMN):
                 row_ids, scores = self._rescore(q, row_ids)
         order = np.argsort(-scores, kind="stable")[:k]
         return row_ids[order], scores[order]

@@ -93,6 +93,8 @@ def test_a_code_first_stage_ranks_as_the_codebook_scores(built) -> None:
         best = ids[rows[int(np.argmax(vectors[rows] @ q))]]
         hits = t.searcher.search(q, k=1, using="code", rescore=20, columns=["id"])
         assert hits.column("id")[0].as_py() == best
+        # the same depth as a count of candidates
+        assert t.search_vector(q, k=1, using="code", depth=20)[0].id == best
         found += best == ids[i]
     # The row itself is among its code's 20 nearest far more often than chance (9-11
     # of 13 in runs here; chance is 20 of 116 rows). The tiny model's random vectors
@@ -145,3 +147,27 @@ def test_another_code_for_an_existing_table_is_refused(built, tiny_model) -> Non
     with pytest.raises(TableError, match="pca-b2 at 4 bytes.*opq-pq at 8"):
         run_embed(_spec(corpus, table, tiny_model, {"name": "opq-pq", "bytes": 8}))
     assert lance.dataset(str(table)).version == version  # nothing written
+
+
+def test_the_quality_report_measures_the_code_at_each_depth(built, tmp_path,
+                                                            stdlib_docs) -> None:
+    """With a depth past the table's rows, every row is re-scored by the float vectors,
+    so the code's way must score exactly as float exact search does."""
+    from jobs import api
+
+    _, _, table, summary = built
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = _docs(stdlib_docs, 40)[:12]
+    write_jsonl(beir / "queries.jsonl",
+                [{"_id": f"q{i}", "text": d["text"][:200]} for i, d in enumerate(docs)])
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\t{d['id']}\t1\n" for i, d in enumerate(docs)))
+    report = api.quality(table, beir, chunks_per_query=50)
+    ways = {w["way"]: w for w in report["ways"]}
+    assert {"code pca-b2 alone", "code pca-b2 + rescore@40", "code pca-b2 + rescore@100",
+            "code pca-b2 + rescore@200"} <= set(ways)
+    assert all(ways[f"code pca-b2 + rescore@{d}"]["bytes_per_vector"] == 4
+               for d in (40, 100, 200))
+    assert summary.chunks < 200
+    assert ways["code pca-b2 + rescore@200"]["ndcg_at_10"] == ways["float32 exact"]["ndcg_at_10"]
