@@ -99,7 +99,7 @@ def table_stats(uri: str, storage_options: Mapping[str, str] | None = None) -> d
     }
 
 
-def _follow(ds: lance.LanceDataset, before: int) -> bool:
+def follow_current(ds: lance.LanceDataset, before: int) -> bool:
     """Move `current` to the latest version if it was on `before` (the latest when the
     chore began) and no rollback holds it; True when it moved."""
     latest = ds.checkout_version(ds.latest_version)
@@ -146,7 +146,7 @@ def optimize(uri: str, *, storage_options: Mapping[str, str] | None = None,
         if ds.describe_indices():
             progress("adding new rows to the indices, their deltas merged into one")
             add_to_indices(ds, index_segments(ds), max_deltas=1)
-        moved = _follow(ds, start)
+        moved = follow_current(ds, start)
         removed = 0
         if retention_days is not None:
             ds = ds.checkout_version(ds.latest_version)
@@ -220,7 +220,7 @@ def delete_documents(uri: str, *, doc_ids: Sequence[str] = (),
                 uri, lance.LanceOperation.Delete(updated, removed, "quiver table delete"),
                 read_version=start,
                 storage_options=dict(storage_options) if storage_options else None)
-        moved = _follow(ds, start)
+        moved = follow_current(ds, start)
     latest = open_dataset(uri, storage_options)
     return {"table": str(uri), "documents": len(ids), "chunks_deleted": len(rows),
             "version_before": start, "version": latest.version, "current_moved": moved,

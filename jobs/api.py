@@ -29,6 +29,7 @@ from jobs._maintenance import (
     table_stats,
 )
 from jobs._quality import quality_report
+from jobs._refit import refit
 from jobs.table import (  # noqa: F401  (re-exported: the public API)
     MAX_BATCH,
     MAX_K,
@@ -46,7 +47,7 @@ from schemas.spec import JobSpec, load_spec
 
 __all__ = ["Hit", "JobSummary", "Table", "delete_documents", "evaluate", "export_table",
            "include", "info", "list_tags", "load_spec", "open_table", "optimize", "plan",
-           "promote", "quality",
+           "promote", "quality", "refit",
            "rejects_summary", "restore", "run", "set_tag", "table_stats"]
 
 

@@ -676,6 +676,34 @@ def table_optimize(
     print(f"current    {'moved to ' + str(a['current']) if data['current_moved'] else 'unchanged'}")
 
 
+@table_app.command("refit")
+def table_refit(
+    table: TableArg,
+    code: Annotated[str, typer.Option(
+        "--code", help="The fitted first-stage code to add, NAME@BYTES: pca-b1@24, "
+        "opq-pq@24, first-b1@48 (see docs/search.md).")],
+    sample: Annotated[int, typer.Option(
+        "--sample", min=256, help="Stored vectors the code is fitted on.")] = 4096,
+    storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Add a fitted first-stage code (vector_code) from the stored float vectors, in Ray
+    tasks and one commit; nothing is embedded again."""
+    from jobs import api
+    from jobs._plan import progress
+
+    name, _, nbytes = code.partition("@")
+    if not nbytes.isdigit():
+        raise SpecError(f"--code {code!r}: write NAME@BYTES, for example pca-b1@24")
+    data = api.refit(table, name=name, nbytes=int(nbytes), sample=sample,
+                     storage_options=_storage(storage_option), wait=wait, progress=progress)
+    if _emitted(data, as_json):
+        return
+    c = data["code"]
+    print(f"{table}: {c['name']} at {c['nbytes']} B/vector on {data['rows']} rows "
+          f"({data['fragments']} fragments) in {data['seconds']} s; version "
+          f"{data['version']}, codebook {c['sha256'][:12]}")
+
+
 @table_app.command("delete")
 def table_delete(
     table: TableArg,

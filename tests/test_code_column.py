@@ -171,3 +171,38 @@ def test_the_quality_report_measures_the_code_at_each_depth(built, tmp_path,
                for d in (40, 100, 200))
     assert summary.chunks < 200
     assert ways["code pca-b2 + rescore@200"]["ndcg_at_10"] == ways["float32 exact"]["ndcg_at_10"]
+
+
+def test_refit_adds_a_code_from_the_stored_vectors_in_one_commit(tmp_path, stdlib_docs,
+                                                                 tiny_model,
+                                                                 ray_local) -> None:
+    """`quiver table refit` on a table made without a code: fitted on the stored vectors,
+    encoded by Ray tasks, committed as one Lance Merge; nothing embedded again, the
+    embedding fingerprint unchanged, so the job that made the table still sees it as
+    its own, and readers' `current` moves to the new version."""
+    from jobs import api
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", _docs(stdlib_docs, 30))
+    table = tmp_path / "plain.lance"
+    run_embed(_spec(corpus, table, tiny_model, code=None))
+    before = lance.dataset(str(table))
+    old = TableManifest.from_schema(before.schema)
+    rows = before.to_table(columns=["id", VECTOR_COLUMN]).sort_by("id")
+    out = api.refit(str(table), name="pca-b2", nbytes=4, sample=256)
+    after = lance.dataset(str(table))
+    assert after.version == before.version + 1 and out["current_moved"]
+    assert isinstance(after.read_transaction(after.version).operation,
+                      lance.LanceOperation.Merge)
+    new = TableManifest.from_schema(after.schema)
+    assert new.embedding_fingerprint() == old.embedding_fingerprint()
+    assert new.vectors.code.sha256 == out["code"]["sha256"] and new.vectors.code.nbytes == 4
+    codes, vectors, ids = _codes_and_vectors(table)
+    assert np.array_equal(codes, load_codebook(str(table), new.vectors.code.sha256)
+                          .encode(vectors))
+    now = after.to_table(columns=["id", VECTOR_COLUMN]).sort_by("id")
+    assert now.equals(rows)  # the float vectors were not embedded again
+    again = run_embed(_spec(corpus, table, tiny_model, code=None))
+    assert again.tokens == 0 and again.commits == 0
+    assert open_table(table).search("open a file", k=3, using="code")
+    with pytest.raises(TableError, match="already has the first-stage code pca-b2"):
+        api.refit(str(table), name="pca-b1", nbytes=2)
