@@ -80,7 +80,8 @@ def calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
                                 renormalize=info.normalize and vectors.truncated)
     update: dict = {}
     if int8:
-        sampled = stored[:spec.vectors.calibration_sample]
+        # spread over the whole sample (itself spread over the corpus), not its head
+        sampled = stored[list(sample_positions(len(stored), spec.vectors.calibration_sample))]
         if len(sampled):
             update["int8_low"], update["int8_high"] = calibrate_int8(sampled)
         else:  # nothing to sample: the widest range a normalised vector can span

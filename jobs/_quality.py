@@ -199,12 +199,13 @@ def quality_report(searcher: VectorSearcher, vectors: np.ndarray, queries: BeirQ
 
 def format_report(report: dict) -> str:
     """The report as a fixed-width text table."""
-    head = (f"{'way':<22}{'bytes/vec':>10}{'nDCG@10':>9}{'R@100':>8}{'kept':>8}"
+    width = max([22, *(len(r["way"]) + 1 for r in report["ways"])])
+    head = (f"{'way':<{width}}{'bytes/vec':>10}{'nDCG@10':>9}{'R@100':>8}{'kept':>8}"
             f"{'p50 ms':>9}{'p99 ms':>9}  note")
     lines = [head, "-" * len(head)]
     for r in report["ways"]:
         kept = f"{100 * r['retained']:.1f}%" if r["retained"] is not None else "-"
-        lines.append(f"{r['way']:<22}{r['bytes_per_vector']:>10g}{r['ndcg_at_10']:>9.4f}"
+        lines.append(f"{r['way']:<{width}}{r['bytes_per_vector']:>10g}{r['ndcg_at_10']:>9.4f}"
                      f"{r['recall_at_100']:>8.4f}{kept:>8}{r['p50_ms']:>9.2f}"
                      f"{r['p99_ms']:>9.2f}  {r['note']}")
     return "\n".join(lines)
