@@ -3,7 +3,9 @@
 The first stage runs on the most compact column the mode names: float vectors through
 Lance (with or without their ANN index), or a numpy scan of the int8 codes or the sign
 bits, held in memory up to 256 MiB and streamed batch by batch with a running top-k past
-that (Lance has no int8 distance, and no distance between a float query and bits).
+that (Lance has no int8 distance, and no distance between a float query and bits), or of
+the table's fitted code, held per fragment in a process-wide cache that every open
+version shares (`operators.fragment_codes`, up to QUIVER_CODE_HOLD_BYTES).
 The second stage rescoring takes `rescore * k` candidates and scores them against the
 float query with the best column the table holds: float vectors, else decoded int8.
 
@@ -31,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.codecs import Codec, lookup_scores
+from operators.fragment_codes import SHARED, FragmentCodes
 from operators.quantize import (
     Codebook,
     column_matrix,
@@ -90,8 +93,10 @@ class VectorSearcher:
 
     def __init__(self, ds: lance.LanceDataset, manifest: TableManifest, *,
                  cache_bytes: int = CODE_CACHE_BYTES,
-                 code: Callable[[], Codec] | None = None) -> None:
+                 code: Callable[[], Codec] | None = None,
+                 shared: FragmentCodes = SHARED) -> None:
         self.ds = ds
+        self.shared = shared
         self._load_code = code
         self._code: Codec | None = None
         self.manifest = manifest
@@ -270,6 +275,10 @@ class VectorSearcher:
         if where is None and column in self._held:
             yield self._held[column]
             return
+        if where is None and column == CODE_COLUMN and \
+                self.ds.count_rows() * self.code().nbytes <= self.shared.max_bytes:
+            yield from self._shared_pieces()
+            return
         width = self.ds.schema.field(column).type.list_size
         if where is None and self.ds.count_rows() * width <= self.cache_bytes:
             table = self.ds.to_table(columns=[column], with_row_id=True)
@@ -285,6 +294,23 @@ class VectorSearcher:
                                         filter=where, batch_size=CODE_SCAN_ROWS):
             if batch.num_rows:
                 yield (batch.column("_rowid").to_numpy(), column_matrix(batch.column(column)))
+
+    def _shared_pieces(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The fitted code column, fragment by fragment, from the process's cache
+        (`operators.fragment_codes`): a fragment this version shares with another
+        already open (same code file, same deletions) is not loaded again."""
+        field_id = self.ds.lance_schema.field(CODE_COLUMN).id()
+        for fragment in self.ds.get_fragments():
+            path = next(f.path for f in fragment.data_files() if field_id in f.fields)
+            key = (self.ds.uri, fragment.fragment_id, path, fragment.deletion_file())
+
+            def load(fragment=fragment) -> tuple[np.ndarray, np.ndarray]:
+                rows = fragment.to_table(columns=[CODE_COLUMN], with_row_id=True)
+                return rows.column("_rowid").to_numpy(), column_matrix(rows.column(CODE_COLUMN))
+
+            row_ids, codes = self.shared.get(key, load)
+            if len(row_ids):
+                yield row_ids, codes
 
     def _scan(self, column: str, q: np.ndarray, k: int,
               where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:

@@ -206,3 +206,42 @@ def test_refit_adds_a_code_from_the_stored_vectors_in_one_commit(tmp_path, stdli
     assert open_table(table).search("open a file", k=3, using="code")
     with pytest.raises(TableError, match="already has the first-stage code pca-b2"):
         api.refit(str(table), name="pca-b1", nbytes=2)
+
+
+def test_the_codes_are_held_once_per_fragment_and_shared_by_versions(
+        built, tmp_path, stdlib_docs, tiny_model) -> None:
+    """Two versions of a table, before and after a reindex that adds documents, open in
+    one process: the second loads only the fragments the first does not hold, and its
+    code search equals a streamed one."""
+    from operators.fragment_codes import FragmentCodes
+    from operators.search import VectorSearcher
+
+    _, _, table, _ = built
+    here = tmp_path / "t.lance"
+    shutil.copytree(table, here)
+    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
+                    Path(codebook_uri(str(here), "x")).parent)
+    first = lance.dataset(str(here))
+    run_embed(_spec(write_jsonl(tmp_path / "c.jsonl", _docs(stdlib_docs, 52)), here,
+                    tiny_model, code=None, kind="reindex"))
+    second = lance.dataset(str(here))
+    shared = FragmentCodes()
+
+    def searcher(ds, cache=shared):
+        manifest = TableManifest.from_schema(ds.schema)
+        return VectorSearcher(ds, manifest, shared=cache, code=lambda: load_codebook(
+            str(here), manifest.vectors.code.sha256))
+
+    def fragments(ds) -> set[int]:
+        return {f.fragment_id for f in ds.get_fragments()}
+
+    q = _codes_and_vectors(here)[1][0]
+    searcher(first).candidates(q, k=5, using="code")
+    assert shared.loads == len(fragments(first))
+    held = shared.held_bytes
+    ids, scores = searcher(second).candidates(q, k=5, using="code")
+    assert fragments(first) & fragments(second)  # the reindex kept some fragments whole
+    assert shared.loads == len(fragments(first) | fragments(second))
+    assert shared.held_bytes > held
+    streamed = searcher(second, FragmentCodes(max_bytes=0)).candidates(q, k=5, using="code")
+    assert np.array_equal(ids, streamed[0]) and np.allclose(scores, streamed[1])
