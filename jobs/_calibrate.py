@@ -18,7 +18,7 @@ import pyarrow as pa
 from jobs._plan import progress
 from operators.codebooks import save_codebook
 from operators.codecs import Codec, fit
-from operators.embed import Embedder, resolve_precision
+from operators.embed import Embedder
 from operators.model import ModelInfo
 from operators.quantize import calibrate_int8, sample_positions, truncate
 from operators.sources.plan import ReadPlan
@@ -27,7 +27,7 @@ from operators.sources.skips import Skips
 from schemas.errors import SpecError
 from schemas.manifest import CodeManifest, TableManifest
 from schemas.source import Shard
-from schemas.spec import JobSpec, SourceSpec
+from schemas.spec import JobSpec, Precision, SourceSpec
 
 
 def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schema,
@@ -46,18 +46,40 @@ def sample_chunks(shards: list[Shard], *, source: SourceSpec, metadata: pa.Schem
     return [ids[i].as_py() for i in sample_positions(len(ids), wanted)]
 
 
-def sample_vectors(embedder: Embedder, input_ids: list[list[int]], *, dims: int,
-                   renormalize: bool) -> np.ndarray:
-    """The sample's vectors as the table stores them: after its truncation."""
+def sample_vectors(info: ModelInfo, input_ids: list[list[int]], *, device: str,
+                   precision: Precision, dims: int, renormalize: bool, batch_tokens: int,
+                   torch_threads: int, trust_remote_code: bool = False) -> np.ndarray:
+    """The sample's vectors as the table stores them (after its truncation), embedded on
+    `device` in the job's precision."""
     import torch
 
+    embedder = Embedder(info, precision=precision, device=device, batch_tokens=batch_tokens,
+                        torch_threads=torch_threads, trust_remote_code=trust_remote_code)
     full = embedder.embed_ids(input_ids)
     return np.asarray(truncate(torch.from_numpy(full), dims, renormalize=renormalize).numpy())
 
 
+def embed_sample(info: ModelInfo, input_ids: list[list[int]], *, on_gpu: bool,
+                 in_task: bool | None = None, **kwargs) -> np.ndarray:
+    """`sample_vectors` where the job's GPUs are: a cluster's driver has none, so a job
+    that embeds on GPUs sends the sample to one GPU task; on CPU the driver embeds it
+    with all its cores (a task would add a worker's start-up and model load). The
+    vectors (sample × dims floats: 6 MB for 4,096 of 384) are all that come back.
+    `in_task` forces the task (a test runs the GPU path's task on CPU)."""
+    if not (on_gpu if in_task is None else in_task):
+        return sample_vectors(info, input_ids, device="cpu",
+                              torch_threads=os.cpu_count() or 1, **kwargs)
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(sample_vectors)
+    return ray.get(task.remote(info, input_ids, device="cuda" if on_gpu else "cpu",
+                               torch_threads=1, **kwargs))
+
+
 def calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
                 chunk: Callable[[pa.Table], pa.Table], info: ModelInfo, *, int8: bool,
-                code: bool) -> tuple[TableManifest, Codec | None]:
+                code: bool, precision: Precision, on_gpu: bool = False
+                ) -> tuple[TableManifest, Codec | None]:
     """The manifest with what a sample of the corpus's vectors decides: the int8 ranges,
     and the fitted first-stage code (its codebook written beside the table first, so
     no version of the table ever names a file that is not there). One sample, embedded
@@ -71,13 +93,11 @@ def calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
     vectors = manifest.vectors
     stored = np.zeros((0, vectors.dims), np.float32)
     if sample:
-        embedder = Embedder(info, precision=resolve_precision(spec.model.precision,
-                                                              on_gpu=False),
-                            device="cpu", batch_tokens=spec.compute.batch_tokens,
-                            torch_threads=os.cpu_count() or 1,
-                            trust_remote_code=spec.model.trust_remote_code)
-        stored = sample_vectors(embedder, sample, dims=vectors.dims,
-                                renormalize=info.normalize and vectors.truncated)
+        stored = embed_sample(
+            info, sample, on_gpu=on_gpu, precision=precision, dims=vectors.dims,
+            renormalize=info.normalize and vectors.truncated,
+            batch_tokens=spec.compute.batch_tokens,
+            trust_remote_code=spec.model.trust_remote_code)
     update: dict = {}
     if int8:
         # spread over the whole sample (itself spread over the corpus), not its head

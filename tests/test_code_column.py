@@ -245,3 +245,19 @@ def test_the_codes_are_held_once_per_fragment_and_shared_by_versions(
     assert shared.held_bytes > held
     streamed = searcher(second, FragmentCodes(max_bytes=0)).candidates(q, k=5, using="code")
     assert np.array_equal(ids, streamed[0]) and np.allclose(scores, streamed[1])
+
+
+def test_the_sample_embeds_the_same_in_a_task_as_on_the_driver(tiny_model, ray_local) -> None:
+    """A job on GPUs embeds its calibration sample in a Ray task (a cluster's driver has
+    no GPU); that path, run here on CPU, gives the driver's vectors."""
+    from jobs._calibrate import embed_sample
+    from operators.model import describe_model
+    from schemas.spec import ModelSpec
+
+    info = describe_model(ModelSpec(name=tiny_model))
+    ids = [[101, 2023 + i, 2003, 1037, 3231, 102] for i in range(40)]
+    kwargs = dict(precision="fp32", dims=info.dim, renormalize=False, batch_tokens=512)
+    here = embed_sample(info, ids, on_gpu=False, **kwargs)
+    there = embed_sample(info, ids, on_gpu=False, in_task=True, **kwargs)
+    assert here.shape == (40, info.dim) and np.allclose(here, there, atol=1e-5)
+    assert len(np.unique(np.round(here, 4), axis=0)) == 40
