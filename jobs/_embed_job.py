@@ -472,9 +472,9 @@ def _check_code(spec: JobSpec, old: TableManifest, uri: str) -> None:
         else "no first-stage code"
     raise TableError(
         f"{uri} holds {held}; the spec asks for {wanted.name} at {wanted.bytes} bytes. A "
-        "table's code is fitted when the table is made: write a new table (or use "
-        "write.mode: overwrite) to change it. Refitting a table from its stored vectors "
-        "is not built yet.")
+        "table's code is fitted when the table is made; `quiver table refit --code` adds one "
+        "to a table that has none (from its stored vectors), and replacing one is not "
+        "built yet: write a new table, or use write.mode: overwrite.")
 
 
 def _quiver_cause(err: BaseException) -> QuiverError | None:

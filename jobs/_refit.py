@@ -29,7 +29,7 @@ from jobs._ray import cluster_resources, ensure_ray
 from operators.codebooks import save_codebook
 from operators.codecs import Codec, fit
 from operators.lease import Lease
-from operators.quantize import column_matrix
+from operators.quantize import column_matrix, fixed_size_list
 from schemas.errors import SpecError, TableError
 from schemas.manifest import CodeManifest, TableManifest
 from schemas.records import VECTOR_COLUMN, code_field
@@ -45,16 +45,14 @@ def _encoder(codec: Codec) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
 
     def encode(batch: pa.RecordBatch) -> pa.RecordBatch:
         vectors = column_matrix(batch.column(VECTOR_COLUMN)).astype(np.float32)
-        codes = codec.encode(vectors)
-        array = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.uint8()),
-                                                  codec.nbytes)
-        return pa.RecordBatch.from_arrays([array], schema=schema)
+        codes = fixed_size_list(codec.encode(vectors), field.type)
+        return pa.RecordBatch.from_arrays([codes], schema=schema)
 
     return encode
 
 
 def encode_fragments(uri: str, version: int, fragment_ids: list[int], codebook: bytes,
-                     storage_options: Mapping[str, str] | None) -> list[tuple[str, str]]:
+                     storage_options: Mapping[str, str] | None) -> list[tuple[str, list]]:
     """One task's fragments encoded into new `vector_code` data files (not committed):
     each fragment's metadata as JSON, with the schema Lance gives the merged fragment."""
     ds = lance.dataset(uri, version=version,
@@ -63,7 +61,7 @@ def encode_fragments(uri: str, version: int, fragment_ids: list[int], codebook: 
     out = []
     for fid in fragment_ids:
         meta, schema = ds.get_fragment(fid).merge_columns(encode, columns=[VECTOR_COLUMN])
-        out.append((json.dumps(meta.to_json()), repr(_field_ids(schema))))
+        out.append((json.dumps(meta.to_json()), _field_ids(schema)))
     return out
 
 
@@ -143,9 +141,9 @@ def _encode_on_cluster(uri: str, ds: lance.LanceDataset, codec: Codec,
     done = ray.get([remote.remote(uri, ds.version, g, book, storage_options)
                     for g in groups if g])
     metas = [m for part in done for m in part]
-    expected = repr(_field_ids(LanceSchema.from_pyarrow(
-        pa.schema([*ds.schema, code_field(codec.nbytes)]))))
-    if any(ids_repr != expected for _, ids_repr in metas):
+    expected = _field_ids(LanceSchema.from_pyarrow(
+        pa.schema([*ds.schema, code_field(codec.nbytes)])))
+    if any(ids != expected for _, ids in metas):
         raise TableError(f"{uri}: Lance numbers this table's fields otherwise than its "
                          "schema lists them (a dropped or nested column); refit cannot "
                          "commit the code safely")

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 
 CODE_HOLD_BYTES = int(os.environ.get("QUIVER_CODE_HOLD_BYTES", 4 << 30))
-"""Bytes of fitted codes a process holds (4 GiB: 178M rows of a 24 B code); set
-QUIVER_CODE_HOLD_BYTES to size it to the server."""
+"""Bytes of fitted codes (and their 8-byte row ids) a process holds: 4 GiB is 134M rows
+of a 24 B code. Set QUIVER_CODE_HOLD_BYTES to size it to the server."""
 
 Piece = tuple[np.ndarray, np.ndarray]
 """(row ids, codes): one fragment's live rows, codes column-major for the lookup scan."""
@@ -33,7 +33,7 @@ class FragmentCodes:
     def __init__(self, max_bytes: int = CODE_HOLD_BYTES) -> None:
         self.max_bytes = max_bytes
         self.loads = 0
-        """Pieces loaded from storage so far (a test and the metrics read it)."""
+        """Pieces loaded from storage so far (tests read it)."""
         self._pieces: OrderedDict[tuple, Piece] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()

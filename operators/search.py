@@ -99,6 +99,9 @@ class VectorSearcher:
         self.shared = shared
         self._load_code = code
         self._code: Codec | None = None
+        self._code_fragments: list[tuple[tuple, object]] | None = None
+        """(cache key, fragment) of each fragment's code file: listed once, the version
+        being fixed, not on every search."""
         self.manifest = manifest
         self.book = Codebook.from_manifest(manifest.vectors, normalize=manifest.model.normalize)
         self.codecs = frozenset(manifest.vectors.codecs)
@@ -218,7 +221,7 @@ class VectorSearcher:
             else:
                 row_ids, scores = self._scan(INT8_COLUMN, q, want, where=where)
             best = self.rescore_column()
-            rescoring = want > k or (depth is not None and factor > 1)
+            rescoring = want > k or factor > 1
             if rescoring and best is not None and not (mode == "int8" and best == INT8_COLUMN):
                 row_ids, scores = self._rescore(q, row_ids)
         order = np.argsort(-scores, kind="stable")[:k]
@@ -275,8 +278,7 @@ class VectorSearcher:
         if where is None and column in self._held:
             yield self._held[column]
             return
-        if where is None and column == CODE_COLUMN and \
-                self.ds.count_rows() * self.code().nbytes <= self.shared.max_bytes:
+        if where is None and column == CODE_COLUMN and self._code_keys() is not None:
             yield from self._shared_pieces()
             return
         width = self.ds.schema.field(column).type.list_size
@@ -299,11 +301,7 @@ class VectorSearcher:
         """The fitted code column, fragment by fragment, from the process's cache
         (`operators.fragment_codes`): a fragment this version shares with another
         already open (same code file, same deletions) is not loaded again."""
-        field_id = self.ds.lance_schema.field(CODE_COLUMN).id()
-        for fragment in self.ds.get_fragments():
-            path = next(f.path for f in fragment.data_files() if field_id in f.fields)
-            key = (self.ds.uri, fragment.fragment_id, path, fragment.deletion_file())
-
+        for key, fragment in self._code_keys() or ():
             def load(fragment=fragment) -> tuple[np.ndarray, np.ndarray]:
                 rows = fragment.to_table(columns=[CODE_COLUMN], with_row_id=True)
                 return rows.column("_rowid").to_numpy(), column_matrix(rows.column(CODE_COLUMN))
@@ -311,6 +309,21 @@ class VectorSearcher:
             row_ids, codes = self.shared.get(key, load)
             if len(row_ids):
                 yield row_ids, codes
+
+    def _code_keys(self) -> list[tuple[tuple, object]] | None:
+        """Each fragment's cache key (table, fragment, the code's data file, its deletion
+        file) when the column fits the shared cache, else None (streamed per search)."""
+        if self._code_fragments is None:
+            if self.ds.count_rows() * (self.code().nbytes + 8) > self.shared.max_bytes:
+                self._code_fragments = []
+                return None
+            field_id = self.ds.lance_schema.field(CODE_COLUMN).id()
+            self._code_fragments = [
+                ((self.ds.uri, f.fragment_id,
+                  next(d.path for d in f.data_files() if field_id in d.fields),
+                  f.deletion_file()), f)
+                for f in self.ds.get_fragments()]
+        return self._code_fragments or None
 
     def _scan(self, column: str, q: np.ndarray, k: int,
               where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
