@@ -17,6 +17,14 @@ to the real vectors of all three sets (`benchmarks/ann.py`'s model: 256 k-means 
 each its mean plus its top 8 principal directions plus noise). Small collections flatter
 every code: 100 candidates are 1% of scifact's chunks but 0.01% of 1M rows.
 
+`--lance IVF_PQ:24 IVF_RQ:1 pca192/IVF_RQ:1` adds Lance's own compact indices as first
+stages, side by side (`benchmarks/lance_stage.py` names them): the rows are written to a
+scratch Lance table with that index, and Lance's nearest search without refine gives the
+`depth` best rows by the index's own score. Those are rescored in float like every other
+first stage, which is what Lance's `refine_factor` = depth / 10 does for a search of 10.
+Only among distractors: Quiver builds no ANN index below 100k rows. A projection is
+fitted on the real vectors (`fit=real`).
+
 Codes are fitted on a sample of the rows searched (`fit=sample`: the real rows alone, or
 mostly distractors among them) and, among distractors, on the real vectors only
 (`fit=real`), since the mixture is low-rank within a cluster and may flatter PCA.
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +101,11 @@ def distractors(real: np.ndarray, rows: int) -> np.ndarray:
                                                                              np.float32)
 
 
+def _padded(rows: np.ndarray, depth: int) -> np.ndarray:
+    """`depth` row numbers: an index that found fewer repeats its last (no new hit)."""
+    return np.concatenate([rows, np.full(depth - len(rows), rows[-1] if len(rows) else 0)])
+
+
 def top_rows(scores_of, n_rows: int, queries: int, depth: int) -> np.ndarray:
     """(queries, depth) indices of the best rows, best first; `scores_of(start, stop)`
     gives the (stop - start, queries) score block of those rows."""
@@ -145,13 +159,19 @@ def main() -> None:
                         help="what codes are fitted on among distractors: a sample of the "
                         "rows searched, or the real vectors only (alone, both are the "
                         "real vectors)")
+    parser.add_argument("--lance", nargs="*", default=[],
+                        help="Lance index first stages, e.g. IVF_PQ:24 (24 sub-vectors of "
+                        "8 bits) IVF_PQ:48:4 IVF_RQ:1 (bits per dimension) pca192/IVF_RQ:1")
     parser.add_argument("--json", type=Path, help="Write the rows to this JSON file.")
     args = parser.parse_args()
+
+    from lance_stage import BuiltStage, LanceStage
 
     from operators.codecs import budget_dims, fit
     from operators.embed import cpu_flags
     from operators.quantize import hamming, pack_bits
 
+    stages = [LanceStage.parse(name) for name in args.lance]
     missing = [s for s in args.sets if not (EVAL / s / "corpus.jsonl").is_file()]
     if missing:
         raise SystemExit(f"{EVAL}: {', '.join(missing)} absent")
@@ -200,6 +220,17 @@ def main() -> None:
                     np.unpackbits(bt[a:b], axis=1).astype(np.float32) * 2 - 1) @ c.queries.T,
                     len(rows), len(coll.queries), depth)
                 record(coll, extra, cand, "sign", bits.shape[1], "none")
+            for stage in stages if n_extra else ():  # Quiver indexes 100k rows and up
+                with tempfile.TemporaryDirectory(prefix="quiver-codecs-") as tmp:
+                    built = BuiltStage(stage, rows, Path(tmp), fit_sample=real)
+                    cand = np.stack([_padded(built.top(q, depth), depth)
+                                     for q in coll.queries])
+                print(f"[codecs] lance {stage.name} on {len(rows):,} rows: built in "
+                      f"{built.build_s:.1f} s, index {built.index_bytes / 2**20:.1f} MiB",
+                      flush=True)
+                record(coll, extra, cand, f"lance {stage.name}",
+                       stage.bytes_per_row(rows.shape[1]), "real" if stage.projection
+                       else "index")
             del rows, bits
 
     for nbytes in args.bytes:

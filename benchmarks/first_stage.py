@@ -12,8 +12,16 @@ Ways, each one query at a time as a server runs them:
   the sign bits), scanned with the float query (`operators.codecs.lookup_scores`), the
   best N rows fetched by row id from Lance and rescored with their float vectors.
 
+- `lance <stage>` (`--lance`, names as in `benchmarks/lance_stage.py`): Lance's own
+  compact index on a copy of the rows. `IVF_RQ:1` and `IVF_PQ:24` are searched as Quiver
+  searches a table with that `index.ann_type`: one Lance call with `refine_factor` =
+  depth / 10, the float vectors of the same table rescoring. `pca192/IVF_RQ:1` indexes a
+  fitted 192-d projection (24 B per row) in its own table; its `depth` best rows are
+  fetched by row id from the float table and rescored, as the code ways are.
+
 For each: recall@10 against the exact top 10, p50 and p99 milliseconds, and the memory
-the first stage holds (codes only; the float index's is its partitions and SQ codes).
+the first stage holds (codes only; the float index's is its partitions and SQ codes; a
+Lance index's is its files: codes, row ids and per-row factors).
 
     python benchmarks/first_stage.py                 # 1M rows, 200 queries
     python benchmarks/first_stage.py --rows 100000   # a quick look
@@ -42,9 +50,11 @@ from ann import (  # noqa: E402
     read_vectors,
     recall,
 )
+from lance_stage import LanceStage  # noqa: E402
 
 CODES = (("sign bits (asymmetric)", None, 48), ("pca-b1", "pca-b1", 24),
          ("opq-pq", "opq-pq", 24))
+LANCE_STAGES = ("IVF_RQ:1", "IVF_PQ:24", "pca192/IVF_RQ:1")
 FIT_SAMPLE = 50_000
 
 
@@ -75,11 +85,54 @@ def table(rows: int, matrix: np.ndarray, mixture) -> object:
     return lance.dataset(str(out))
 
 
+def lance_ways(stage, ds, row_ids: np.ndarray, matrix: np.ndarray, queries: np.ndarray,
+               truth: np.ndarray, depths: list[int]) -> list[tuple]:
+    """`stage` built on a scratch copy of the rows; one result row per rescoring depth."""
+    import tempfile
+
+    from lance_stage import BuiltStage
+
+    from operators.quantize import column_matrix
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="quiver-first-stage-",
+                                     dir=WAREHOUSE) as tmp:
+        built = BuiltStage(stage, matrix, Path(tmp),
+                           fit_sample=matrix[np.random.default_rng(SEED + 4).choice(
+                               len(matrix), min(FIT_SAMPLE, len(matrix)), replace=False)])
+        for depth in depths:
+            found = np.zeros((len(queries), 10), np.int64) - 1
+            for _warm in (True, False):  # the first pass warms the index cache
+                ms = []
+                for i, q in enumerate(queries):
+                    t = time.perf_counter()
+                    if built.codec is None:  # as Quiver searches: Lance refines itself
+                        hits = built.ds.to_table(nearest={
+                            "column": "vector", "q": q, "k": 10, "metric": "dot",
+                            "nprobes": built.nprobes, "refine_factor": depth // 10},
+                            columns=["i", "_distance"])
+                        found[i, :hits.num_rows] = hits.column("i").to_numpy()
+                    else:
+                        top = built.top(q, depth)
+                        rows = ds._take_rows(row_ids[top].tolist(), columns=["vector"])
+                        exact = column_matrix(rows.column("vector")) @ q
+                        found[i] = top[np.argsort(-exact)[:10]]
+                    ms.append((time.perf_counter() - t) * 1000)
+            out.append((f"lance {stage.name} + rescore {depth}",
+                        f"{stage.bytes_per_row(DIMS)} B codes; built in {built.build_s:.0f} s",
+                        built.index_bytes, recall(found, truth), *np.percentile(ms, [50, 99])))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--rescore", type=int, nargs="+", default=[100])
+    parser.add_argument("--codes", nargs="*", default=[c[0] for c in CODES],
+                        help="which numpy-scanned codes to run (labels as printed)")
+    parser.add_argument("--lance", nargs="*", default=list(LANCE_STAGES),
+                        help="Lance index first stages (benchmarks/lance_stage.py names)")
     args = parser.parse_args()
 
     from operators.codecs import fit, lookup_scores
@@ -114,7 +167,7 @@ def main() -> None:
                             *np.percentile(ms, [50, 99])))
 
     rng = np.random.default_rng(SEED + 4)
-    for label, name, nbytes in CODES:
+    for label, name, nbytes in (c for c in CODES if c[0] in args.codes):
         t = time.perf_counter()
         if name is None:
             codes, tables = pack_bits(matrix), sign_table
@@ -141,12 +194,18 @@ def main() -> None:
                             held.nbytes, recall(found, truth), *np.percentile(ms, [50, 99])))
             print(f"[first-stage] {results[-1]}", flush=True)
 
+    for name in args.lance:
+        results.extend(lance_ways(LanceStage.parse(name), ds, row_ids, matrix, queries, truth,
+                                  args.rescore))
+        print(f"[first-stage] {results[-1]}", flush=True)
+
     print(f"\n{args.rows:,} rows x {DIMS} (mixture fitted to {len(real):,} real vectors); "
           f"{args.queries} held-out queries; float32 column {matrix.nbytes / 2**20:,.0f} MiB")
     print("| first stage | notes | code memory | recall@10 | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")
     for label, note, nbytes, r, p50, p99 in results:
-        mem = "index" if not nbytes else f"{nbytes / 2**20:.1f} MiB (1/{matrix.nbytes // nbytes})"
+        mem = "index" if not nbytes else \
+            f"{nbytes / 2**20:.1f} MiB (1/{matrix.nbytes / nbytes:.0f})"
         print(f"| {label} | {note} | {mem} | {r:.3f} | {p50:.1f} | {p99:.1f} |")
 
 

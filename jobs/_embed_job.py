@@ -62,6 +62,7 @@ from operators.index import (
     LOCAL,
     Builder,
     IndexReport,
+    ann_params,
     build_indices,
     cleanup_versions,
     maintain_indices,
@@ -171,6 +172,11 @@ def build_manifest(spec: JobSpec, info: ModelInfo, *, precision: Precision) -> T
     dims = spec.vectors.dims or info.dim
     if dims > info.dim:
         raise SpecError(f"vectors.dims ({dims}) exceeds the model's dimension ({info.dim})")
+    try:  # the index is built after the embedding: refuse its settings before that
+        ann_params(spec.index.ann_type, rows=1, dims=dims, num_partitions=None,
+                   num_sub_vectors=spec.index.num_sub_vectors, num_bits=spec.index.num_bits)
+    except ValueError as err:
+        raise SpecError(f"index: {err}") from None
     return TableManifest(
         quiver_version=version("quiver"),
         lance_version=lance.__version__,

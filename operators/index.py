@@ -3,8 +3,9 @@
 Below `IndexSpec.ann_min_rows` rows (100,000 by default) a flat scan is exact and takes
 milliseconds, so no ANN index is built. Above it:
 
-- `vector` (float32/float16) gets Lance's IVF_HNSW_SQ by default (IVF_PQ, IVF_SQ and
-  IVF_FLAT on request) with sqrt(rows) partitions and, for PQ, dims/8 sub-vectors;
+- `vector` (float32/float16) gets Lance's IVF_HNSW_SQ by default (IVF_RQ, IVF_PQ, IVF_SQ
+  and IVF_FLAT on request) with sqrt(rows) partitions, for PQ dims/8 sub-vectors of 8
+  bits, for RQ (RaBitQ) 1 bit per dimension;
 - `vector_bits` gets an IVF_FLAT index with the hamming metric and sqrt(rows) partitions;
 - `vector_i8` has no Lance index (Lance has no int8 distance): it is scanned in numpy.
 
@@ -57,12 +58,41 @@ def default_sub_vectors(dims: int) -> int:
     return next(n for n in range(target, 0, -1) if dims % n == 0)
 
 
-def ann_params(index_type: str, *, rows: int, dims: int, num_partitions: int | None) -> dict:
-    """Build parameters for Lance's `create_index` that scale with the table."""
+def ann_params(index_type: str, *, rows: int, dims: int, num_partitions: int | None,
+               num_sub_vectors: int | None = None, num_bits: int | None = None) -> dict:
+    """Build parameters for Lance's `create_index` that scale with the table.
+
+    Raises:
+        ValueError: PQ sub-vectors that do not divide the dims, or RaBitQ (IVF_RQ) on
+            dims that are not a multiple of 8; both name the setting.
+    """
     params: dict = {"num_partitions": min(num_partitions or default_partitions(rows), rows)}
     if index_type.endswith("PQ"):
-        params["num_sub_vectors"] = default_sub_vectors(dims)
+        params["num_sub_vectors"] = num_sub_vectors or default_sub_vectors(dims)
+        if dims % params["num_sub_vectors"]:
+            raise ValueError(f"index.num_sub_vectors={params['num_sub_vectors']} does not "
+                             f"divide the vector's {dims} dims")
+        params["num_bits"] = num_bits or 8
+    if index_type == "IVF_RQ":
+        if dims % 8:
+            raise ValueError(f"IVF_RQ needs dims divisible by 8, got {dims}")
+        params["num_bits"] = num_bits or 1
     return params
+
+
+def index_bytes_per_row(params: dict, dims: int) -> int | None:
+    """Bytes of code a compact index keeps per row (row ids aside), None for the others.
+
+    >>> index_bytes_per_row({"num_sub_vectors": 24, "num_bits": 8}, 384)
+    24
+    >>> index_bytes_per_row({"num_bits": 1}, 384)
+    48
+    """
+    if "num_sub_vectors" in params:
+        return params["num_sub_vectors"] * params["num_bits"] // 8
+    if "num_bits" in params:
+        return dims * params["num_bits"] // 8
+    return None
 
 
 class Builder:
@@ -122,9 +152,11 @@ def build_vector_index(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metri
                        dims: int, builder: Builder = LOCAL) -> str:
     """ANN index on `vector` with size-scaled parameters; returns its description."""
     rows = ds.count_rows()
-    params = ann_params(spec.ann_type, rows=rows, dims=dims, num_partitions=spec.num_partitions)
+    params = ann_params(spec.ann_type, rows=rows, dims=dims, num_partitions=spec.num_partitions,
+                        num_sub_vectors=spec.num_sub_vectors, num_bits=spec.num_bits)
     builder.vector(ds, VECTOR_COLUMN, index_type=spec.ann_type, metric=metric, params=params)
-    extra = f", {params['num_sub_vectors']} sub-vectors" if "num_sub_vectors" in params else ""
+    code = index_bytes_per_row(params, dims)
+    extra = f", {code} B per row" if code else ""
     return (f"{spec.ann_type} ({params['num_partitions']} partitions{extra}, {metric}"
             f"{builder.where})")
 

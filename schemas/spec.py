@@ -276,10 +276,21 @@ class IndexSpec(BaseModel):
         description="Below this many rows the table is searched exactly (a flat scan is "
         "fast and exact); at or above it an ANN index is built.",
     )
-    ann_type: AnnIndexType = Field("IVF_HNSW_SQ", description="Lance ANN index type.")
+    ann_type: AnnIndexType = Field(
+        "IVF_HNSW_SQ", description="Lance ANN index type. IVF_HNSW_SQ keeps 8 bits per "
+        "dimension in a graph (the most recall without rescoring); IVF_RQ (RaBitQ, "
+        "dims/8 bytes per row at 1 bit) and IVF_PQ (num_sub_vectors bytes per row) are "
+        "the compact first stages a server can hold at 100M rows: their candidates are "
+        "rescored from the float column (see `operators.search.INDEX_REFINE`).")
     num_partitions: int | None = Field(
         None, ge=1, description="IVF partitions; None means about sqrt(rows)."
     )
+    num_sub_vectors: int | None = Field(
+        None, ge=1, description="IVF_PQ: sub-vectors, each num_bits per row (24 of 8 bits "
+        "keep 24 B per vector); must divide the vector's dims. None means dims/8.")
+    num_bits: int | None = Field(
+        None, ge=1, le=8, description="IVF_PQ: bits per sub-vector code (4 or 8; None "
+        "means 8). IVF_RQ: bits per dimension (None means 1: dims/8 bytes per row).")
     retrain_share: float = Field(
         0.2, ge=0, le=1, description="After a reindex, rebuild indices from scratch when "
         "more than this share of rows changed; below it, update them incrementally.")
@@ -295,6 +306,19 @@ class IndexSpec(BaseModel):
         description="Columns to index for filtered search: a list (BITMAP when a column has "
         "at most 1,000 distinct values, else BTREE) or a mapping column -> BTREE/BITMAP.",
     )
+
+    @model_validator(mode="after")
+    def _quantizer_fits_the_index(self) -> IndexSpec:
+        if self.num_sub_vectors is not None and self.ann_type != "IVF_PQ":
+            raise ValueError(f"index.num_sub_vectors applies to IVF_PQ, not {self.ann_type}")
+        if self.num_bits is not None:
+            if self.ann_type not in ("IVF_PQ", "IVF_RQ"):
+                raise ValueError(f"index.num_bits applies to IVF_PQ and IVF_RQ, not "
+                                 f"{self.ann_type}")
+            if self.ann_type == "IVF_PQ" and self.num_bits not in (4, 8):
+                raise ValueError(f"index.num_bits for IVF_PQ must be 4 or 8, got "
+                                 f"{self.num_bits}")
+        return self
 
 
 class WriteSpec(BaseModel):

@@ -13,8 +13,8 @@ import pytest
 from conftest import manifest_for
 
 from operators.chunk import Chunker
-from operators.index import build_indices
-from operators.search import VectorSearcher
+from operators.index import ann_params, build_indices
+from operators.search import INDEX_REFINE, VectorSearcher
 from operators.write import commit, write_fragments
 from schemas.records import table_schema
 from schemas.spec import IndexSpec
@@ -131,3 +131,76 @@ def test_reindex_upkeep_adds_deltas_never_rewrites_the_base(tmp_path: Path, mode
                               changed=ds.count_rows())
     assert "rebuilt" in report.vector
     assert all(s.deltas == 0 for s in index_segments(lance.dataset(str(path))))
+
+
+@pytest.mark.parametrize(("spec", "described"), [
+    (IndexSpec(ann_min_rows=100, ann_type="IVF_RQ"), "48 B per row"),
+    (IndexSpec(ann_min_rows=100, ann_type="IVF_PQ", num_sub_vectors=24, num_bits=4),
+     "12 B per row"),
+])
+def test_a_compact_index_has_its_candidates_rescored_from_the_float_column(
+        tmp_path: Path, model_info, vectors_table: pa.Table, spec: IndexSpec,
+        described: str) -> None:
+    """IVF_RQ and IVF_PQ score rows by a code of a few bytes; a float search through them
+    refines by default, so the scores returned are the float vectors' own (and recall
+    stays high), where the index alone returns its estimates."""
+    path = tmp_path / "compact.lance"
+    report = build_indices(_write(path, vectors_table), spec, metric="dot")
+    assert report.vector.startswith(spec.ann_type) and described in report.vector
+    ds = lance.dataset(str(path))
+    assert {i["type"] for i in ds.list_indices() if i["fields"] == ["vector"]} \
+        == {spec.ann_type}
+    searcher = _searcher(ds, model_info)
+    assert searcher.refine_factor == INDEX_REFINE
+    matrix = np.array(vectors_table.column("vector").to_pylist(), dtype=np.float32)
+    ids = vectors_table.column("id").to_pylist()
+    row_of = {v: i for i, v in enumerate(ids)}
+    recalls, estimate_errors = [], []
+    for q in matrix[::7]:
+        hits = searcher.search(q, k=10, using="float", columns=("id",))
+        rows = [row_of[v] for v in hits.column("id").to_pylist()]
+        np.testing.assert_allclose(hits.column("score").to_numpy(), matrix[rows] @ q,
+                                   atol=1e-5)
+        exact = set(np.argsort(-(matrix @ q))[:10])
+        recalls.append(len(exact & set(rows)) / 10)
+    assert np.mean(recalls) >= 0.9
+    searcher.refine_factor = None  # the index's own estimates, unrefined
+    for q in matrix[::7]:
+        hits = searcher.search(q, k=10, using="float", columns=("id",))
+        rows = [row_of[v] for v in hits.column("id").to_pylist()]
+        estimate_errors.append(np.abs(hits.column("score").to_numpy() - matrix[rows] @ q).max())
+    assert max(estimate_errors) > 1e-3
+
+
+def test_compact_index_settings_are_checked_before_anything_is_built() -> None:
+    with pytest.raises(ValueError, match="num_sub_vectors applies to IVF_PQ"):
+        IndexSpec(ann_type="IVF_HNSW_SQ", num_sub_vectors=24)
+    with pytest.raises(ValueError, match="must be 4 or 8"):
+        IndexSpec(ann_type="IVF_PQ", num_bits=2)
+    with pytest.raises(ValueError, match="applies to IVF_PQ and IVF_RQ"):
+        IndexSpec(ann_type="IVF_FLAT", num_bits=1)
+    with pytest.raises(ValueError, match="num_sub_vectors=25 does not divide the vector's 384"):
+        ann_params("IVF_PQ", rows=1000, dims=384, num_partitions=None, num_sub_vectors=25)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        ann_params("IVF_RQ", rows=1000, dims=100, num_partitions=None)
+    assert ann_params("IVF_RQ", rows=1_000_000, dims=384, num_partitions=None) \
+        == {"num_partitions": 1000, "num_bits": 1}
+
+
+def test_a_job_refuses_sub_vectors_that_do_not_divide_its_dims_before_it_embeds(
+        model_info) -> None:
+    """The index is built after the whole corpus is embedded; its settings are checked
+    when the job starts, against the dims the model gives."""
+    from jobs._embed_job import build_manifest
+    from schemas.errors import SpecError
+    from schemas.spec import parse_spec
+
+    spec = parse_spec({"kind": "embed", "table": "t.lance",
+                       "source": {"uri": "c.jsonl", "id_field": "id"},
+                       "index": {"ann_type": "IVF_PQ", "num_sub_vectors": 25}})
+    with pytest.raises(SpecError, match="index: index.num_sub_vectors=25 does not divide"):
+        build_manifest(spec, model_info, precision="fp32")
+    spec = spec.model_copy(update={"vectors": spec.vectors.model_copy(update={"dims": 100})})
+    spec = parse_spec({**spec.model_dump(mode="json"), "index": {"ann_type": "IVF_RQ"}})
+    with pytest.raises(SpecError, match="IVF_RQ needs dims divisible by 8, got 100"):
+        build_manifest(spec, model_info, precision="fp32")
