@@ -29,6 +29,14 @@ Sets:
     python benchmarks/query.py --rows 50000 --rounds 1      # a quick run
     python benchmarks/query.py --skip-synthetic             # scifact only
     python benchmarks/query.py --out /tmp/q1m.lance         # keep (and reuse) the 1M table
+    python benchmarks/query.py --server-metrics             # HTTP p50 with and without /metrics
+
+`--server-metrics` measures what the query server's Prometheus metrics cost instead: two
+`jobs.server.create_app` servers over the SciFact table, one with metrics and one
+without, each in its own process on 127.0.0.1; the same 500 SciFact queries (text, so
+each request embeds its query) go to both, alternating which is asked first, one at a
+time over a kept-alive connection; `--rounds` passes (3). Per round each server's p50;
+the medians over rounds and their ratio (the issue asks within 2%).
 """
 
 from __future__ import annotations
@@ -348,6 +356,80 @@ def scifact(n_queries: int | None, rounds: int) -> list[Result]:
     return results
 
 
+def _start_server(warehouse: Path, metrics: bool) -> tuple[Any, int]:
+    """A `create_app(warehouse, metrics=...)` server in its own process; (process, port)."""
+    import os
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("import uvicorn; from jobs.server import create_app; "
+            f"uvicorn.run(create_app({str(warehouse)!r}, metrics={metrics}), "
+            f"host='127.0.0.1', port={port}, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("a benchmark server never answered /health")
+
+
+def server_metrics(n_queries: int, rounds: int) -> None:
+    """p50 of HTTP searches with and without the metrics (see the module docstring)."""
+    import http.client
+    import json
+
+    from operators.evaluate import load_beir
+
+    texts = load_beir(SCIFACT_BEIR).texts
+    texts = (texts * (n_queries // len(texts) + 1))[:n_queries]
+    tmp = Path(tempfile.mkdtemp(prefix="quiver-metrics-"))
+    (tmp / "scifact.lance").symlink_to(SCIFACT_TABLE.resolve())
+    servers = {m: _start_server(tmp, m) for m in (True, False)}
+    conns = {m: http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+             for m, (_, port) in servers.items()}
+
+    def ask(metrics: bool, text: str) -> float:
+        body = json.dumps({"query": text, "k": 10, "using": "float"})
+        t = time.perf_counter()
+        conns[metrics].request("POST", "/tables/scifact/search", body,
+                               {"Content-Type": "application/json"})
+        resp = conns[metrics].getresponse()
+        resp.read()
+        assert resp.status == 200, resp.status
+        return (time.perf_counter() - t) * 1000
+
+    try:
+        for text in texts[:20]:  # load the model and open the table in both
+            ask(True, text), ask(False, text)
+        p50s: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            ms: dict[bool, list[float]] = {True: [], False: []}
+            for i, text in enumerate(texts):
+                for metrics in ((True, False) if (i + r) % 2 == 0 else (False, True)):
+                    ms[metrics].append(ask(metrics, text))
+            for metrics in ms:
+                p50s[metrics].append(float(np.percentile(ms[metrics], 50)))
+            print(f"[query] round {r + 1}: p50 with metrics {p50s[True][-1]:.2f} ms, "
+                  f"without {p50s[False][-1]:.2f} ms", flush=True)
+        on, off = float(np.median(p50s[True])), float(np.median(p50s[False]))
+        print(f"server p50 over {rounds} rounds of {len(texts)} queries (median of the "
+              f"rounds' p50s): with metrics {on:.2f} ms, without {off:.2f} ms, ratio "
+              f"{on / off:.3f} ({'within' if abs(on / off - 1) <= 0.02 else 'outside'} 2%)")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="Synthetic rows.")
@@ -359,7 +441,13 @@ def main() -> None:
     parser.add_argument("--skip-scifact", action="store_true")
     parser.add_argument("--out", type=Path, help="Keep the synthetic table here; reused when "
                         "it already holds --rows rows and an index.")
+    parser.add_argument("--server-metrics", action="store_true",
+                        help="Only compare the HTTP server's p50 with and without /metrics "
+                        "(--queries, default 500).")
     args = parser.parse_args()
+    if args.server_metrics:
+        server_metrics(args.queries or 500, args.rounds)
+        return
 
     started = time.perf_counter()
     results: list[Result] = []

@@ -375,12 +375,16 @@ def serve(
         "--refresh-s", min=0, help="Seconds the server trusts its listing of the warehouse "
         "and each table's `current` version (default 2); a new table or a new current "
         "version shows within this time.")] = None,
+    metrics_public: Annotated[bool, typer.Option(
+        "--metrics-public", help="Serve GET /metrics without the token (a scraper on the "
+        "network then needs none); by default a token set guards /metrics too.")] = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Serve the warehouse's tables over HTTP (OpenAPI docs at /docs)."""
+    """Serve the warehouse's tables over HTTP (OpenAPI docs at /docs, Prometheus metrics
+    at /metrics)."""
     from jobs.server import serve as run_server
 
-    run_server(warehouse, host=host, port=port, token=token,
+    run_server(warehouse, host=host, port=port, token=token, metrics_public=metrics_public,
                storage_options=_storage(storage_option),
                **({} if refresh_s is None else {"refresh_s": refresh_s}))
 

@@ -1,7 +1,9 @@
 """The query server: `quiver serve --warehouse DIR`, FastAPI on uvicorn.
 
 Endpoints (OpenAPI docs at `/docs`): `GET /tables`, `GET /tables/{name}`,
-`POST /tables/{name}/search`, `POST /tables/{name}/search/batch`, `GET /health`.
+`POST /tables/{name}/search`, `POST /tables/{name}/search/batch`, `GET /health`, and
+`GET /metrics` (Prometheus text: requests, latency by search stage, open versions, model
+loads, rejections; `jobs._metrics`), behind the token too unless `metrics_public`.
 
 Safety, by default: binds 127.0.0.1; binding anything else requires a bearer token
 (compared in constant time); table names are plain names matched against the
@@ -23,17 +25,21 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.routing import Match
 
+from jobs._metrics import CONTENT_TYPE, ServerMetrics
 from jobs._net import is_loopback
 from operators.fulltext import RRF_K
+from operators.stage_clock import collecting
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
 
 MAX_BODY_BYTES = 1_000_000
@@ -220,10 +226,17 @@ class Warehouse:
 
 def create_app(warehouse: str | Path, *, token: str | None = None,
                storage_options: dict[str, str] | None = None,
-               refresh_s: float = REFRESH_S) -> FastAPI:
+               refresh_s: float = REFRESH_S, metrics: bool = True,
+               metrics_public: bool = False) -> FastAPI:
     """The ASGI app over `warehouse` (a folder or an object-store prefix, reached with
-    `storage_options`); `token` (if set) is required on every request."""
+    `storage_options`); `token` (if set) is required on every request, `/metrics`
+    included unless `metrics_public`. `metrics=False` leaves the metrics out altogether
+    (`benchmarks/query.py` measures what they cost)."""
+    from jobs.table import model_loads
+
     store = Warehouse(warehouse, storage_options=storage_options, refresh_s=refresh_s)
+    meter = ServerMetrics(open_versions=store.open_count, model_loads=model_loads) \
+        if metrics else None
     # FastAPI serves its schema and docs pages outside the routes' auth dependency: with
     # a token the docs pages are off and the schema is a route behind the token.
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if token else {}
@@ -248,6 +261,17 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
                 chunks.append(chunk)
             request._body = b"".join(chunks)  # what the endpoint's body read returns
         return await call_next(request)
+
+    if meter is not None:
+        @app.middleware("http")  # added last, so outermost: it sees 413s and 401s too
+        async def count_requests(request: Request, call_next):
+            endpoint = next((r.path for r in app.routes
+                             if r.matches(request.scope)[0] == Match.FULL), "other")
+            start = time.perf_counter()
+            response = await call_next(request)
+            meter.request(endpoint, getattr(request.state, "mode", "none"),
+                          response.status_code, time.perf_counter() - start)
+            return response
 
     def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None,
                                           Depends(BEARER)]) -> None:
@@ -303,30 +327,50 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
                     depth=req.depth, exact=req.exact, where=req.where, columns=req.columns)
         return {**opts, "rrf_k": req.rrf_k} if req.mode == "hybrid" else opts
 
+    @contextmanager
+    def timed(request: Request, name: str, mode: str) -> Iterator[None]:
+        """Label the request with its mode and record the search's stage seconds."""
+        request.state.mode = mode
+        with collecting() as seconds:
+            yield
+        if meter is not None:
+            meter.search(name, mode, seconds)
+
     @app.post("/tables/{name}/search", dependencies=guard)
-    def search(name: str, req: SearchRequest) -> dict:
+    def search(name: str, req: SearchRequest, request: Request) -> dict:
+        request.state.mode = req.mode
         table = store.table(name, req.version)
-        if req.vector is not None:
-            opts = _options(req)
-            if opts.pop("mode") != "dense":
-                raise QueryError("a vector query can only use mode 'dense'")
-            hits = table.search_vector(req.vector, **opts)
-        else:
-            hits = table.search(req.query, **_options(req))
+        with timed(request, name, req.mode):
+            if req.vector is not None:
+                opts = _options(req)
+                if opts.pop("mode") != "dense":
+                    raise QueryError("a vector query can only use mode 'dense'")
+                hits = table.search_vector(req.vector, **opts)
+            else:
+                hits = table.search(req.query, **_options(req))
         return {"table": name, "hits": [h.__dict__ for h in hits]}
 
     @app.post("/tables/{name}/search/batch", dependencies=guard)
-    def search_batch(name: str, req: BatchRequest) -> dict:
+    def search_batch(name: str, req: BatchRequest, request: Request) -> dict:
+        request.state.mode = req.mode
         table = store.table(name, req.version)
-        results = table.search_batch(req.queries, **_options(req))
+        with timed(request, name, req.mode):
+            results = table.search_batch(req.queries, **_options(req))
         return {"table": name, "results": [[h.__dict__ for h in hits] for hits in results]}
+
+    if meter is not None:
+        @app.get("/metrics", dependencies=[] if metrics_public else guard,
+                 include_in_schema=False)
+        def metrics_text() -> Response:
+            """Prometheus' text format (jobs._metrics)."""
+            return Response(meter.text(), media_type=CONTENT_TYPE)
 
     return app
 
 
 def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, storage_options: dict[str, str] | None = None,
-          refresh_s: float = REFRESH_S) -> None:
+          refresh_s: float = REFRESH_S, metrics_public: bool = False) -> None:
     """Run the server until interrupted.
 
     Raises:
@@ -338,5 +382,5 @@ def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         raise SpecError(f"--host {host} exposes the server beyond this machine; set a bearer "
                         "token with --token or QUIVER_TOKEN")
     uvicorn.run(create_app(warehouse, token=token, storage_options=storage_options,
-                           refresh_s=refresh_s),
+                           refresh_s=refresh_s, metrics_public=metrics_public),
                 host=host, port=port, log_level="info")

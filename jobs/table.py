@@ -25,6 +25,7 @@ from operators.filters import compile_filter
 from operators.fulltext import HYBRID_CANDIDATES, RRF_K, fts_candidates, rrf_fuse
 from operators.model import describe_model
 from operators.search import DEFAULT_COLUMNS, VectorSearcher, take_rows, top_documents
+from operators.stage_clock import stage
 from schemas.errors import ManifestMismatchError, QueryError, TableError
 from schemas.manifest import TableManifest
 from schemas.records import CODE_COLUMN, CODEC_COLUMNS, HASH_COLUMNS
@@ -99,7 +100,8 @@ class Table:
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         """Query vectors built exactly as the table's documents were (prefix, pooling)."""
-        return self._encoder.encode(texts, kind="query")
+        with stage("embed"):
+            return self._encoder.encode(texts, kind="query")
 
     def _filter(self, mode: str, k: int, where: Where) -> pc.Expression | None:
         """Check mode and k; compile a structured filter against this table's schema."""
@@ -123,10 +125,12 @@ class Table:
         if mode == "dense":
             return self.searcher.candidates(vector, k=k, **dense)
         if mode == "fts":
-            return fts_candidates(self.ds, text, k=k, where=expr)
+            with stage("first_stage"):
+                return fts_candidates(self.ds, text, k=k, where=expr)
         n = max(k, HYBRID_CANDIDATES)
         dense_ids, _ = self.searcher.candidates(vector, k=n, **dense)
-        text_ids, _ = fts_candidates(self.ds, text, k=n, where=expr)
+        with stage("first_stage"):
+            text_ids, _ = fts_candidates(self.ds, text, k=n, where=expr)
         return rrf_fuse([dense_ids, text_ids], k=k, rrf_k=rrf_k)
 
     def _check_columns(self, columns: Sequence[str]) -> None:
@@ -148,7 +152,8 @@ class Table:
         else:
             ids, scores = self._candidates(text, vector, k=k, mode=mode, where=where,
                                            **options)
-            rows = take_rows(self.ds, ids, scores, columns)
+            with stage("fetch"):
+                rows = take_rows(self.ds, ids, scores, columns)
         return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"],
                     {c: h[c] for c in columns if c not in DEFAULT_COLUMNS})
                 for h in rows.to_pylist()]
@@ -231,6 +236,7 @@ HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), CODE_COLUMN, *HASH_COL
 _ENCODERS: dict[tuple, TextEncoder] = {}
 _ENCODER_LOCKS: dict[tuple, threading.Lock] = {}
 _ENCODERS_LOCK = threading.Lock()
+_MODEL_LOADS = 0
 
 
 def shared_encoder(info) -> TextEncoder:
@@ -247,7 +253,14 @@ def shared_encoder(info) -> TextEncoder:
     with lock:
         if key not in _ENCODERS:
             _ENCODERS[key] = TextEncoder(Embedder(info, precision="fp32"))
+            global _MODEL_LOADS
+            _MODEL_LOADS += 1
         return _ENCODERS[key]
+
+
+def model_loads() -> int:
+    """Query models this process has loaded (the server's `quiver_model_loads_total`)."""
+    return _MODEL_LOADS
 
 
 def open_table(uri: str | Path, *, model: str | None = None,

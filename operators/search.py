@@ -45,6 +45,7 @@ from operators.quantize import (
     sign_table,
     truncate_query,
 )
+from operators.stage_clock import stage
 from schemas.errors import QueryError
 from schemas.manifest import TableManifest
 from schemas.records import BITS_COLUMN, CODE_COLUMN, INT8_COLUMN, VECTOR_COLUMN
@@ -181,13 +182,15 @@ class VectorSearcher:
         """
         mode = self.resolve(options.get("using", "auto"), k=k, rescore=options.get("rescore"))
         if mode == "float":
-            hits = self._float_hits(self.query_vector(query), k, columns=columns,
-                                    **{key: options.get(key) for key in
-                                       ("exact", "nprobes", "refine_factor", "where")})
+            with stage("first_stage"):  # finds and fetches in one Lance call
+                hits = self._float_hits(self.query_vector(query), k, columns=columns,
+                                        **{key: options.get(key) for key in
+                                           ("exact", "nprobes", "refine_factor", "where")})
             score = pc.subtract(pa.scalar(1.0, pa.float32()), hits.column("_distance"))
             return hits.drop_columns(["_distance"]).append_column("score", score)
         row_ids, scores = self.candidates(query, k=k, **options)
-        return self.rows(row_ids, scores, columns)
+        with stage("fetch"):
+            return self.rows(row_ids, scores, columns)
 
     def candidates(self, query: np.ndarray, *, k: int, using: str = "auto",
                    rescore: int | None = None, depth: int | None = None,
@@ -219,23 +222,26 @@ class VectorSearcher:
         mode = self.resolve(using, k=k, rescore=rescore)
         q = self.query_vector(query)
         if mode == "float":
-            row_ids, scores = self._lance_float(q, k, exact=exact, nprobes=nprobes,
-                                                refine_factor=refine_factor, where=where)
+            with stage("first_stage"):
+                row_ids, scores = self._lance_float(q, k, exact=exact, nprobes=nprobes,
+                                                    refine_factor=refine_factor, where=where)
         else:
             if depth is not None and depth < 1:
                 raise QueryError(f"Got depth={depth}. Must be at least 1.")
             factor = DEFAULT_RESCORE if rescore is None else rescore
             want = max(depth, k) if depth is not None else k * factor if factor > 1 else k
-            if mode == "binary":
-                row_ids, scores = self._bits_stage(q, want, exact=exact, where=where)
-            elif mode == "code":
-                row_ids, scores = self._scan(CODE_COLUMN, q, want, where=where)
-            else:
-                row_ids, scores = self._scan(INT8_COLUMN, q, want, where=where)
+            with stage("first_stage"):
+                if mode == "binary":
+                    row_ids, scores = self._bits_stage(q, want, exact=exact, where=where)
+                elif mode == "code":
+                    row_ids, scores = self._scan(CODE_COLUMN, q, want, where=where)
+                else:
+                    row_ids, scores = self._scan(INT8_COLUMN, q, want, where=where)
             best = self.rescore_column()
             rescoring = want > k or factor > 1
             if rescoring and best is not None and not (mode == "int8" and best == INT8_COLUMN):
-                row_ids, scores = self._rescore(q, row_ids)
+                with stage("rescore"):
+                    row_ids, scores = self._rescore(q, row_ids)
         order = np.argsort(-scores, kind="stable")[:k]
         return row_ids[order], scores[order]
 
