@@ -31,6 +31,7 @@ from jobs._calibrate import calibrated
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import cut_over, pin_current
 from jobs._index import ClusterBuilder, index_workers
+from jobs._job_metrics import DriverMeter, MeteredEmbedder
 from jobs._lance_io import (
     MIN_ROWS_PER_WRITE,
     ChunkBlocks,
@@ -54,7 +55,7 @@ from jobs._unchanged import (
 )
 from operators.chunk import Chunker
 from operators.codebooks import load_codebook
-from operators.embed import Embedder, resolve_precision
+from operators.embed import resolve_precision
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside
 from operators.index import (
@@ -303,10 +304,10 @@ def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
     from ray.data import ActorPoolStrategy
 
     return ds.map_batches(
-        Embedder,
+        MeteredEmbedder,
         fn_constructor_args=(info,),
         fn_constructor_kwargs=dict(
-            precision=precision, device=spec.model.device,
+            table_uri=spec.table, precision=precision, device=spec.model.device,
             batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
             trust_remote_code=spec.model.trust_remote_code, codebook=codebook,
         ),
@@ -337,6 +338,8 @@ class _Planned:
     documents: SourceDocuments | None = None
     """Every document's id and hash, bucketed in the object store, when a table exists."""
     lease: Lease | None = None
+    meter: DriverMeter | None = None
+    """The job's exact counts in Ray's metrics (`jobs._job_metrics`)."""
     """This run's hold on the table (set before anything is decided or written)."""
     listing_key: str = ""
     """The key of the job's inputs (`jobs._unchanged.listing_key`)."""
@@ -679,6 +682,10 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                                                   prefetch_batches=0):
                     checkpointer.consume(block)
                     meter.update(documents=work.done(checkpointer), chunks=checkpointer.rows)
+                    if planned.meter is not None:
+                        planned.meter.totals(documents_embedded=work.written_documents[0],
+                                             chunks=checkpointer.rows,
+                                             commits=len(checkpointer.commit_seconds))
             except Exception as err:
                 raise _quiver_cause(err) or err from None
             finally:
@@ -905,6 +912,9 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         return _unchanged_summary(spec, existing, counts, started)
     planned = _plan(spec, started, info, listing)
     planned.lease = lease
+    planned.meter = DriverMeter(spec.table)
+    planned.meter.totals(documents_read=planned.plan.documents + planned.plan.rejected,
+                         documents_rejected=planned.plan.rejected)
     decision = _decide(spec, planned)
     if decision.action != "reindex":
         planned.documents = None  # nothing to compare: the buckets leave the object store
@@ -922,6 +932,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     # older plannings' left-out records: no saved plan names them (the lease is held)
     drop_skips(spec.table, spec.write.storage_options, own=plan.skips)
     pending = len(plan.shards) - len(decision.done)
+    planned.meter.totals(documents_embedded=embedded, chunks=run.rows, tokens=run.tokens,
+                         commits=len(run.versions))
     index = "unchanged" if report is None else \
         report.vector + ("; " + ", ".join(report.scalar) if report.scalar else "")
     return JobSummary(

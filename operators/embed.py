@@ -399,6 +399,10 @@ class Embedder:
         self._autocast_dtype = None if half else dtypes.get(precision)
         self.seconds = {"forward": 0.0, "pool": 0.0}
         """Seconds spent in the forward pass and in pooling since the last `__call__`."""
+        self.forward_batches = 0
+        """Forward passes so far (the job's metrics read it)."""
+        self.oom_retries = 0
+        """Batches that ran out of GPU memory and were retried in halves."""
         self._marks: list[tuple[str, Any]] = []
         self._staging = PinnedStaging(self.device) if self.device == "cuda" else None
         self.load_id = f"{os.getpid()}:{time.time_ns()}"
@@ -466,6 +470,7 @@ class Embedder:
                        for i, m, x, c, o, (r, w) in zip(
                            *parts, [None] * len(rows) if counts is None else counts.split(rows),
                            out.split(rows), block.shapes, strict=True)]
+            self.forward_batches += len(batches)
             for batch in batches:
                 try:
                     self._batch(*batch)
@@ -506,6 +511,7 @@ class Embedder:
         if self.device == "cuda":
             torch.cuda.empty_cache()
         self.batch_tokens = max(1, min(self.batch_tokens, tokens // 2))
+        self.oom_retries += 1
         print(f"[quiver] embed: out of GPU memory on a batch of {rows} rows; retrying it in "
               f"halves, batch_tokens now {self.batch_tokens}", file=sys.stderr, flush=True)
 
