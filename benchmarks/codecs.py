@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--lance", nargs="*", default=[],
                         help="Lance index first stages, e.g. IVF_PQ:24 (24 sub-vectors of "
                         "8 bits) IVF_PQ:48:4 IVF_RQ:1 (bits per dimension) pca192/IVF_RQ:1")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[0],
+                        help="IVF partitions the --lance stages probe (0: Quiver's default, "
+                        "max(20, 4000/sqrt(rows)); several values run each)")
     parser.add_argument("--json", type=Path, help="Write the rows to this JSON file.")
     args = parser.parse_args()
 
@@ -170,6 +173,7 @@ def main() -> None:
     from operators.codecs import budget_dims, fit
     from operators.embed import cpu_flags
     from operators.quantize import hamming, pack_bits
+    from operators.search import default_nprobes
 
     stages = [LanceStage.parse(name) for name in args.lance]
     missing = [s for s in args.sets if not (EVAL / s / "corpus.jsonl").is_file()]
@@ -223,14 +227,17 @@ def main() -> None:
             for stage in stages if n_extra else ():  # Quiver indexes 100k rows and up
                 with tempfile.TemporaryDirectory(prefix="quiver-codecs-") as tmp:
                     built = BuiltStage(stage, rows, Path(tmp), fit_sample=real)
-                    cand = np.stack([_padded(built.top(q, depth), depth)
-                                     for q in coll.queries])
+                    for nprobes in args.nprobes:
+                        built.nprobes = nprobes or default_nprobes(len(rows))
+                        cand = np.stack([_padded(built.top(q, depth), depth)
+                                         for q in coll.queries])
+                        label = f"lance {stage.name}" + (f" nprobes {nprobes}" if nprobes
+                                                         else "")
+                        record(coll, extra, cand, label, stage.bytes_per_row(rows.shape[1]),
+                               "real" if stage.projection else "index")
                 print(f"[codecs] lance {stage.name} on {len(rows):,} rows: built in "
                       f"{built.build_s:.1f} s, index {built.index_bytes / 2**20:.1f} MiB",
                       flush=True)
-                record(coll, extra, cand, f"lance {stage.name}",
-                       stage.bytes_per_row(rows.shape[1]), "real" if stage.projection
-                       else "index")
             del rows, bits
 
     for nbytes in args.bytes:

@@ -12,8 +12,9 @@ A stage is named `[<projection><dims>/]<kind>:<n>[:<bits>]`:
   done with Lance's index. `first192/…` keeps the first 192 dims instead (Matryoshka).
 
 The index is built on a scratch Lance table with sqrt(rows) partitions (Quiver's rule),
-and searched without refine at Quiver's default nprobes; the caller rescores the `depth`
-rows it returns from the float vectors, which is what `refine_factor` = depth / k does.
+and searched without refine at Quiver's default nprobes (or the one given); the caller
+rescores the `depth` rows it returns from the float vectors, which is what
+`refine_factor` = depth / k does.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class BuiltStage:
     """The stage's index over `rows`, written under `folder`; `top(q, depth)` searches."""
 
     def __init__(self, stage: LanceStage, rows: np.ndarray, folder: Path, *,
-                 fit_sample: np.ndarray | None = None) -> None:
+                 fit_sample: np.ndarray | None = None, nprobes: int | None = None) -> None:
         import lance
         import pyarrow as pa
 
@@ -79,7 +80,7 @@ class BuiltStage:
             sample = rows if fit_sample is None else fit_sample
             self.codec = fit(sample, f"{stage.projection}-b1", stage.dims // 8)
         column = "p" if self.codec else "vector"
-        self.nprobes = _nprobes(len(rows))
+        self.nprobes = nprobes or _nprobes(len(rows))
         uri = str(folder / f"{stage.name.replace('/', '-').replace(':', '-')}.lance")
 
         def batches():

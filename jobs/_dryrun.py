@@ -18,11 +18,12 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs._embed_job import _open_existing, _plan
+from jobs._embed_job import _open_existing, _plan, node_clock
 from jobs._layout import actor_layout
 from jobs._plan import progress
 from jobs._ray import largest_node_cpus
 from operators.chunk import Chunker
+from operators.cost import job_cost
 from operators.embed import Embedder
 from operators.model import describe_model
 from operators.quantize import sample_positions
@@ -154,6 +155,8 @@ def dry_run(spec: JobSpec) -> dict:
                 "actor_start": round(actor_start, 1), "embed": round(embed_s, 1),
                 "index": round(index_s, 1), "finish": FINISH_SECONDS},
             "total_seconds": round(total, 1)}
+        estimate.update(_estimated_cost(spec, seconds=total, documents=plan.documents,
+                                        tokens=int(total_tokens)))
     return {
         "spec": spec.table, "action": _action(spec, manifest),
         "source": spec.source.uri, "format": plan.kind,
@@ -171,6 +174,19 @@ def dry_run(spec: JobSpec) -> dict:
                   "max_tokens": info.max_tokens},
         "estimate": estimate,
     }
+
+
+def _estimated_cost(spec: JobSpec, *, seconds: float, documents: int, tokens: int) -> dict:
+    """Node-hours and cost if the nodes up now stay up for the estimated `seconds` (an
+    autoscaler's nodes still to start are not counted)."""
+    clock = node_clock(spec, 0.0)
+    clock.sample()
+    hours: dict[str, float] = {}
+    for kind, *_ in clock.seen.values():
+        hours[kind] = round(hours.get(kind, 0.0) + seconds / 3600, 6)
+    return {"node_hours": hours,
+            "cost": job_cost(hours, spec.cost.prices, documents=documents, tokens=tokens,
+                             currency=spec.cost.currency)}
 
 
 def limited(spec: JobSpec, documents: int, table: str) -> JobSpec:

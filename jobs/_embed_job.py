@@ -55,6 +55,7 @@ from jobs._unchanged import (
 )
 from operators.chunk import Chunker
 from operators.codebooks import load_codebook
+from operators.cost import NodeClock, job_cost, launcher_node_types
 from operators.embed import resolve_precision
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside
@@ -156,6 +157,11 @@ class JobSummary:
     source_bytes_read: int = 0
     """Bytes of line-format source files (JSON Lines, CSV, text; decompressed) that
     planning read: 0 for an unchanged rerun, which reads only the listing."""
+    node_hours: dict[str, float] = field(default_factory=dict)
+    """Hours each node type was up while the job ran (`operators.cost.NodeClock`)."""
+    cost: dict | None = None
+    """The node-hours at `cost.prices`: total, by type, per million documents embedded
+    and per million tokens (`operators.cost.job_cost`); None without prices."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,6 +346,8 @@ class _Planned:
     lease: Lease | None = None
     meter: DriverMeter | None = None
     """The job's exact counts in Ray's metrics (`jobs._job_metrics`)."""
+    clock: NodeClock | None = None
+    """The cluster's nodes while the job runs, for its node-hours (`operators.cost`)."""
     """This run's hold on the table (set before anything is decided or written)."""
     listing_key: str = ""
     """The key of the job's inputs (`jobs._unchanged.listing_key`)."""
@@ -682,6 +690,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
                                                   prefetch_batches=0):
                     checkpointer.consume(block)
                     meter.update(documents=work.done(checkpointer), chunks=checkpointer.rows)
+                    if planned.clock is not None:
+                        planned.clock.sample(force=False)
                     if planned.meter is not None:
                         planned.meter.totals(documents_embedded=work.written_documents[0],
                                              chunks=checkpointer.rows,
@@ -902,7 +912,23 @@ def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
         lease.release()
 
 
+def node_clock(spec: JobSpec, started: float) -> NodeClock:
+    """The job's node clock, naming nodes by `cost.cluster_yaml`'s node types.
+
+    Raises:
+        SpecError: the cluster.yaml cannot be read or names no node types.
+    """
+    types = {}
+    if spec.cost.cluster_yaml:
+        try:
+            types = launcher_node_types(spec.cost.cluster_yaml)
+        except (OSError, ValueError) as err:
+            raise SpecError(f"cost.cluster_yaml: {err}") from None
+    return NodeClock(node_types=types, started=started)
+
+
 def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:
+    clock = node_clock(spec, started)
     info = describe_model(spec.model)
     existing = _open_existing(spec.table, spec.write.storage_options)
     counts, listing = unchanged_counts(spec, existing, _shaping(spec, info))
@@ -912,7 +938,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         return _unchanged_summary(spec, existing, counts, started)
     planned = _plan(spec, started, info, listing)
     planned.lease = lease
-    planned.meter = DriverMeter(spec.table)
+    planned.meter, planned.clock = DriverMeter(spec.table), clock
+    clock.sample()
     planned.meter.totals(documents_read=planned.plan.documents + planned.plan.rejected,
                          documents_rejected=planned.plan.rejected)
     decision = _decide(spec, planned)
@@ -934,6 +961,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
     pending = len(plan.shards) - len(decision.done)
     planned.meter.totals(documents_embedded=embedded, chunks=run.rows, tokens=run.tokens,
                          commits=len(run.versions))
+    clock.sample()
+    node_hours = clock.node_hours()
     index = "unchanged" if report is None else \
         report.vector + ("; " + ", ".join(report.scalar) if report.scalar else "")
     return JobSummary(
@@ -976,6 +1005,9 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         model_loads=run.model_loads,
         source_bytes_read=plan.bytes_read,
         commit_seconds=run.commit_seconds,
+        node_hours=node_hours,
+        cost=job_cost(node_hours, spec.cost.prices, documents=embedded, tokens=run.tokens,
+                      currency=spec.cost.currency),
         profile=stage_profile(
             run.seconds, ray_start=planned.ray_start, actors=layout.actors,
             embed_seconds=embed_seconds,

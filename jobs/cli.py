@@ -191,6 +191,22 @@ def _print_summary(summary: dict) -> None:
         print(f"cleanup    {summary['versions_cleaned']} old versions removed "
               "(checkpoints, write.retention_days)")
     print(f"time       {summary['seconds']} s")
+    if summary.get("node_hours"):
+        print(f"nodes      {_cost_line(summary['node_hours'], summary.get('cost'))}")
+
+
+def _cost_line(node_hours: dict, cost: dict | None) -> str:
+    """'cpu2 0.0123 h; cost 0.0025 USD (…per million documents, …per million tokens)'."""
+    line = ", ".join(f"{kind} {hours:.4f} h" for kind, hours in node_hours.items())
+    if cost:
+        per = [f"{cost[key]:.4g} per million {unit}" for key, unit in
+               (("per_million_documents", "documents"), ("per_million_tokens", "tokens"))
+               if cost.get(key) is not None]
+        line += f"; cost {cost['total']:.4g} {cost['currency']}" + (
+            f" ({', '.join(per)})" if per else "")
+        if cost["unpriced"]:
+            line += f"; no price for {', '.join(cost['unpriced'])}"
+    return line
 
 
 def _profile_line(p: dict) -> str:
@@ -249,6 +265,9 @@ def plan(
               f"{e['tokens']} tokens at {e['actor_tokens_per_s']} tokens/s per actor "
               f"(calibrated on {e['documents_sampled']} documents)")
         print("             " + ", ".join(f"{k} {v:g} s" for k, v in sec.items()))
+        if e.get("node_hours"):
+            print(f"nodes      {_cost_line(e['node_hours'], e.get('cost'))} (the nodes up "
+                  "now, for the estimated time)")
 
 
 @app.command()

@@ -370,6 +370,28 @@ class WriteSpec(BaseModel):
         "(tagged versions stay); None keeps every version.")
 
 
+class CostSpec(BaseModel):
+    """Hourly prices, for the cost line of a job's summary and of `quiver plan`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prices: dict[str, float] = Field(
+        default_factory=dict, description="Price per node-hour by node type: the names of "
+        "`cluster_yaml`'s available_node_types, or shapes such as cpu8 or cpu4-gpu1 "
+        "(operators/cost.py). Empty: node-hours only, no cost.")
+    cluster_yaml: str | None = Field(
+        None, description="A Ray cluster-launcher config; its available_node_types' "
+        "resources name the nodes the job ran on.")
+    currency: str = Field("USD", max_length=8, description="Printed beside the cost.")
+
+    @model_validator(mode="after")
+    def _prices_are_prices(self) -> CostSpec:
+        negative = [k for k, v in self.prices.items() if not v >= 0]
+        if negative:
+            raise ValueError(f"cost.prices: {negative[0]!r} has a negative or missing price")
+        return self
+
+
 class JobSpec(BaseModel):
     """A whole embedding job, as written in SPEC.yaml."""
 
@@ -386,6 +408,7 @@ class JobSpec(BaseModel):
     vectors: VectorsSpec = Field(default_factory=VectorsSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
     write: WriteSpec = Field(default_factory=WriteSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
 
     @model_validator(mode="after")
     def _chunk_fits_model(self) -> JobSpec:
