@@ -90,3 +90,74 @@ class ServerMetrics:
     def text(self) -> bytes:
         """Every metric in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+RUN_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0)
+"""Seconds: a scheduled reindex takes seconds, a rebuild hours."""
+
+
+def outcome_label(status: str) -> str:
+    """A history status as a label value.
+
+    >>> outcome_label("skipped (table busy)"), outcome_label("timed out")
+    ('skipped', 'timed_out')
+    """
+    return status.split(" (")[0].replace(" ", "_")
+
+
+class SchedulerMetrics:
+    """`quiver scheduler --metrics-port`'s metrics: runs by outcome, durations, the last
+    success per schedule (an alert's `time() - …` watches it), runs going now, and the
+    cost of the runs whose summary priced them. Labels: schedule names (the warehouse's
+    own) and a fixed set of outcomes."""
+
+    def __init__(self, history: list[dict] = ()) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter("quiver_schedule_runs", "Scheduled runs by outcome: succeeded, "
+                            "failed, timed_out, skipped (table busy), interrupted.",
+                            ["schedule", "outcome"], registry=self.registry)
+        self.duration = Histogram("quiver_schedule_run_duration_seconds",
+                                  "Seconds from a run's start to its outcome.", ["schedule"],
+                                  buckets=RUN_BUCKETS, registry=self.registry)
+        self.last_success = Gauge("quiver_schedule_last_success_timestamp_seconds",
+                                  "Unix time the schedule's last successful run ended.",
+                                  ["schedule"], registry=self.registry)
+        self.running = Gauge("quiver_schedule_running", "Runs going now.", ["schedule"],
+                             registry=self.registry)
+        self.cost = Counter("quiver_schedule_cost", "Cost of the runs (`cost.prices`).",
+                            ["schedule", "currency"], registry=self.registry)
+        self._last: dict[str, float] = {}
+        for entry in history:  # the last success survives a restart of the scheduler
+            if entry.get("status") == "succeeded" and entry.get("ended"):
+                self._succeeded(entry["schedule"], entry["ended"])
+
+    def _succeeded(self, schedule: str, ended: str) -> None:
+        from datetime import datetime
+
+        stamp = max(datetime.fromisoformat(ended).timestamp(), self._last.get(schedule, 0.0))
+        self._last[schedule] = stamp
+        self.last_success.labels(schedule).set(stamp)
+
+    def started(self, schedule: str) -> None:
+        self.running.labels(schedule).inc()
+
+    def finished(self, entry: dict, *, ran: bool = True) -> None:
+        """Count a history entry's outcome; `ran` when `started` was called for it."""
+        from datetime import datetime
+
+        name, status = entry["schedule"], entry["status"]
+        self.runs.labels(name, outcome_label(status)).inc()
+        if ran:
+            self.running.labels(name).dec()
+            if entry.get("ended") and entry.get("started"):
+                self.duration.labels(name).observe(max(0.0, (
+                    datetime.fromisoformat(entry["ended"])
+                    - datetime.fromisoformat(entry["started"])).total_seconds()))
+        if status == "succeeded" and entry.get("ended"):
+            self._succeeded(name, entry["ended"])
+        cost = entry.get("cost") or {}
+        if cost.get("total"):
+            self.cost.labels(name, cost.get("currency", "")).inc(cost["total"])
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

@@ -567,8 +567,13 @@ def schedule_history(name: str, warehouse: WarehouseOpt = Path("warehouse"),
         _emit(rows)
         return
     for r in rows:
+        cost = r.get("cost") or {}
         print(f"{r['slot']}  started {r['started']}  ended {r.get('ended', '-')}  "
-              f"{r['status']}" + (f"  {r['error']}" if r.get("error") else ""))
+              f"{r['status']}" + (f"  {r['error']}" if r.get("error") else "")
+              + (f"  cost {cost['total']:.4g} {cost['currency']}" if cost.get("total")
+                 is not None else "")
+              + ("  " + ", ".join(f"{k} {h:.4f} h" for k, h in r["node_hours"].items())
+                 if r.get("node_hours") else ""))
 
 
 @app.command()
@@ -579,11 +584,25 @@ def scheduler(
     = 20.0,
     once: Annotated[bool, typer.Option("--once", help="Fire what is due, wait, exit.")]
     = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics (runs by "
+        "outcome, durations, last success, cost) on 127.0.0.1:PORT/metrics.")] = None,
 ) -> None:
     """Fire due schedules, locally or to --address, until interrupted."""
     from jobs.schedule import Scheduler, default_runner
 
-    sched = Scheduler(_store(warehouse), default_runner(address))
+    store = _store(warehouse)
+    metrics = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from jobs._metrics import SchedulerMetrics
+
+        metrics = SchedulerMetrics(store.history())
+        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        print(f"scheduler metrics on http://127.0.0.1:{metrics_port}/metrics",
+              file=sys.stderr)
+    sched = Scheduler(store, default_runner(address), metrics=metrics)
     if once:
         print(" ".join(sched.tick()) or "nothing due")
         sched.wait()

@@ -229,10 +229,12 @@ class Scheduler:
     """
 
     def __init__(self, store: ScheduleStore, runner: Runner,
-                 clock: Callable[[], datetime] = _now) -> None:
+                 clock: Callable[[], datetime] = _now, metrics=None) -> None:
         self.store = store
         self.runner = runner
         self.clock = clock
+        self.metrics = metrics
+        """A `jobs._metrics.SchedulerMetrics` to count outcomes in, or None."""
         self.threads: list[threading.Thread] = []
         self._recovered = False
 
@@ -248,8 +250,11 @@ class Scheduler:
                 continue
             if not self.store.try_lock(schedule.lock_name()):
                 self.store.mark_fired(schedule.name, slot)  # this slot is over: skipped
-                self.store.record({"schedule": schedule.name, "slot": _iso(slot),
-                                   "started": _iso(now), "status": "skipped (table busy)"})
+                skipped = {"schedule": schedule.name, "slot": _iso(slot),
+                           "started": _iso(now), "status": "skipped (table busy)"}
+                self.store.record(skipped)
+                if self.metrics is not None:
+                    self.metrics.finished(skipped, ran=False)
                 continue
             thread = threading.Thread(target=self._run, args=(schedule, slot), daemon=True)
             self.threads.append(thread)
@@ -267,9 +272,12 @@ class Scheduler:
         self._recovered = True
         for h in self.store.history():  # `started` lines left have no outcome
             if h.get("status") == "started" and h.get("pid") != os.getpid():
-                self.store.record({**h, "status": "interrupted",
-                                   "error": "the scheduler stopped while this run was going; "
-                                            "its slot runs again"})
+                interrupted = {**h, "status": "interrupted",
+                               "error": "the scheduler stopped while this run was going; "
+                                        "its slot runs again"}
+                self.store.record(interrupted)
+                if self.metrics is not None:
+                    self.metrics.finished(interrupted, ran=False)
                 # due again: the job resumes exactly, so running the slot once more is safe
                 self.store.mark_fired(h["schedule"], datetime.fromisoformat(h["slot"])
                                       - timedelta(seconds=1))
@@ -277,11 +285,17 @@ class Scheduler:
     def _run(self, schedule: Schedule, slot: datetime) -> None:
         entry = {"schedule": schedule.name, "slot": _iso(slot), "started": _iso(self.clock()),
                  "pid": os.getpid()}
+        if self.metrics is not None:
+            self.metrics.started(schedule.name)
         try:
             self.store.record({**entry, "status": "started"})
             self.store.mark_fired(schedule.name, slot)  # only now that the run has begun
             entry["summary"] = self.runner(schedule)
             entry["status"] = "succeeded"
+            if isinstance(entry["summary"], dict):  # a local run's summary: what it cost
+                for key in ("node_hours", "cost"):
+                    if entry["summary"].get(key):
+                        entry[key] = entry["summary"][key]
         except TimeoutError as err:
             entry["status"] = "timed out"
             entry["error"] = str(err)
@@ -293,6 +307,8 @@ class Scheduler:
             entry["ended"] = _iso(self.clock())
             self.store.record(entry)
             self.store.unlock(schedule.lock_name())
+            if self.metrics is not None:
+                self.metrics.finished(entry)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the runs started so far (tests, and a clean shutdown)."""

@@ -231,3 +231,55 @@ def test_the_run_lock_is_held_by_one_store_and_freed_by_closing(tmp_path, spec) 
     first.unlock(name)
     assert second.try_lock(name)
     second.unlock(name)
+
+
+def test_the_scheduler_counts_its_runs_by_outcome_for_prometheus(tmp_path, spec) -> None:
+    """Runs by outcome, the last success (also from the history a restarted scheduler
+    reads), durations, runs going now, and the cost a run's summary priced."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jobs._metrics import SchedulerMetrics
+
+    store = ScheduleStore(tmp_path / "wh")
+    store.add("nightly", "0 * * * *", spec, now=T0)
+    outcomes = iter([{"documents": 3, "cost": {"total": 0.25, "currency": "EUR"},
+                      "node_hours": {"cpu2": 0.5}}, RuntimeError("source gone"), {}])
+
+    def runner(_):
+        out = next(outcomes)
+        if isinstance(out, Exception):
+            raise out
+        clock.t += timedelta(seconds=90)  # the run takes 90 s
+        return out
+
+    clock = Clock(T0 + timedelta(hours=1))
+    metrics = SchedulerMetrics(store.history())
+    sched = Scheduler(store, runner, clock, metrics=metrics)
+    for _ in range(3):
+        assert sched.tick() == ["nightly"]
+        sched.wait()
+        clock.t += timedelta(hours=1)
+    history = store.history("nightly")
+    assert [h["status"] for h in history] == ["succeeded", "failed", "succeeded"]
+    assert history[0]["cost"] == {"total": 0.25, "currency": "EUR"}
+    assert history[0]["node_hours"] == {"cpu2": 0.5} and "cost" not in history[2]
+
+    def samples(m: SchedulerMetrics) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(m.text().decode()) for s in f.samples}
+
+    got = samples(metrics)
+    runs = {dict(k[1])["outcome"]: v for k, v in got.items()
+            if k[0] == "quiver_schedule_runs_total"}
+    assert runs == {"succeeded": 2.0, "failed": 1.0}
+    last_end = datetime.fromisoformat(history[2]["ended"]).timestamp()
+    key = (("schedule", "nightly"),)
+    assert got[("quiver_schedule_last_success_timestamp_seconds", key)] == last_end
+    assert got[("quiver_schedule_run_duration_seconds_count", key)] == 3.0
+    assert got[("quiver_schedule_run_duration_seconds_sum", key)] == 180.0
+    assert got[("quiver_schedule_running", key)] == 0.0
+    assert got[("quiver_schedule_cost_total", (("currency", "EUR"), ("schedule", "nightly")))] \
+        == 0.25
+    # a restarted scheduler knows the last success from the history alone
+    again = samples(SchedulerMetrics(ScheduleStore(tmp_path / "wh").history()))
+    assert again[("quiver_schedule_last_success_timestamp_seconds", key)] == last_end
