@@ -56,7 +56,7 @@ from jobs._unchanged import (
 from operators.chunk import Chunker
 from operators.codebooks import load_codebook
 from operators.cost import NodeClock, job_cost, launcher_node_types
-from operators.embed import resolve_precision
+from operators.embed import load_times, resolve_precision
 from operators.exclusions import excluded_ids
 from operators.filesystems import beside
 from operators.index import (
@@ -241,14 +241,19 @@ def _model_bytes(info: ModelInfo) -> int:
 
 
 def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: float | None,
-                  actors: int, embed_seconds: float) -> dict:
+                  actors: int, embed_seconds: float,
+                  first_load: tuple[float, float] | None = None,
+                  started_at: float = 0.0) -> dict:
     """The job's time by stage, in seconds.
 
     `plan` is the wall time of planning the source (listing, validation, duplicates).
     `read`/`tokenize` and `write` are summed over Ray tasks, `forward`/`pool`/`quantize`
     over embed actors (so with two actors they can add up to twice the wall time);
     `commit` is the driver's. `ray_start` and `first_block` are wall time from the job's
-    start: Ray up, and the first embedded block out of an actor. `actor_idle` is the
+    start: Ray up, and the first embedded block out of an actor; `actor_ready` when the
+    first actor had its model loaded and `actor_load` the seconds its load took (the
+    imports of torch and transformers in a fresh worker, and the weights), from
+    `first_load` (`operators.embed.load_times`). `actor_idle` is the
     actors' share of the embed phase not spent on a batch: model loading, waiting for
     blocks, the tail, and whatever Ray's own processes took from them.
 
@@ -260,7 +265,10 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
     profile = {stage: round(seconds.get(stage, 0.0), 4)
                for stage in ("plan", "read", "tokenize", "forward", "pool", "quantize",
                              "write", "commit")}
+    ready, load = first_load if first_load is not None else (None, None)
     return {**profile, "ray_start": round(ray_start, 2),
+            "actor_ready": None if ready is None else round(ready - started_at, 2),
+            "actor_load": None if load is None else round(load, 2),
             "first_block": None if first_block is None else round(first_block, 2),
             "actors": actors, "actor_idle": round(max(0.0, actors * embed_seconds - busy), 2)}
 
@@ -1012,7 +1020,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
             run.seconds, ray_start=planned.ray_start, actors=layout.actors,
             embed_seconds=embed_seconds,
             first_block=run.first_embedded_at - started_at
-            if run.first_embedded_at is not None else None),
+            if run.first_embedded_at is not None else None,
+            first_load=load_times(sorted(run.loads)), started_at=started_at),
     )
 
 

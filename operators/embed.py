@@ -354,6 +354,7 @@ class Embedder:
                  device: Device = "auto", batch_tokens: int | None = None,
                  torch_threads: int | None = None, trust_remote_code: bool = False,
                  codebook: Codebook | None = None) -> None:
+        init_started = time.perf_counter()
         import torch
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
@@ -405,8 +406,10 @@ class Embedder:
         """Batches that ran out of GPU memory and were retried in halves."""
         self._marks: list[tuple[str, Any]] = []
         self._staging = PinnedStaging(self.device) if self.device == "cuda" else None
-        self.load_id = f"{os.getpid()}:{time.time_ns()}"
-        """Names this model load; the job counts distinct ones (model loads per job)."""
+        self.load_id = f"{os.getpid()}:{time.time_ns()}:{time.perf_counter() - init_started:.3f}"
+        """Names this model load (`pid:unix ns when ready:seconds the load took`, imports
+        of torch and transformers included); the job counts distinct ones (model loads
+        per job) and reads when the first was ready (`load_times`)."""
         self._load_dictionary = pa.array([self.load_id])
         self._zeros = pa.array(np.zeros(0, np.int32))
         """Dictionary indices of `LOADED_BY` (all 0), sliced for each block."""
@@ -610,6 +613,18 @@ class Embedder:
         arrays.append(pa.DictionaryArray.from_arrays(self._zeros.slice(0, rows),
                                                      self._load_dictionary, safe=False))
         return pa.Table.from_arrays(arrays, schema=self._schema_out)
+
+
+def load_times(load_ids: list[str]) -> tuple[float, float] | None:
+    """(unix time the first load was ready, the seconds it took) from `Embedder.load_id`s,
+    None when there are none.
+
+    >>> load_times(["7:3000000000:2.500", "8:2000000000:4.000"])
+    (2.0, 4.0)
+    """
+    parsed = [(int(parts[1]) / 1e9, float(parts[2])) for parts in
+              (i.split(":") for i in load_ids) if len(parts) == 3]
+    return min(parsed) if parsed else None
 
 
 QueryKind = Literal["query", "document"]

@@ -100,6 +100,10 @@ def test_summary_says_where_the_time_went(table) -> None:
         assert 0 < p[stage] < summary.seconds * p["actors"], stage
     assert p["forward"] > p["pool"] and p["forward"] > p["quantize"]  # inference dominates
     assert 0 <= p["ray_start"] < p["first_block"] < summary.seconds  # Ray may be up already
+    # the first actor was ready (its model loaded) before it sent its first block out,
+    # and its load (imports in a fresh worker, weights) took part of that time
+    assert p["ray_start"] < p["actor_ready"] < p["first_block"]
+    assert 0 < p["actor_load"] < p["actor_ready"]
     busy = p["forward"] + p["pool"] + p["quantize"]
     assert busy + p["actor_idle"] == pytest.approx(p["actors"] * summary.embed_seconds,
                                                    abs=0.1)
