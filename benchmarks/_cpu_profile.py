@@ -15,7 +15,7 @@ from collections import defaultdict
 import psutil
 
 ROLES = (
-    ("embed actor", ("MapBatches(Embedder)", "MapWorker(")),
+    ("embed actor", ("Embedder)", "MapWorker(")),  # MapBatches(MeteredEmbedder)
     ("read tasks", ("ReadQuiverShards", "QuiverShards")),
     ("chunk + tokenize tasks", ("ChunkBlocks",)),
     ("write tasks", ("Write", "QuiverLance", "write_shard_fragments")),

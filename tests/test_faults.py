@@ -57,7 +57,7 @@ def _embed_actor_pids() -> list[int]:
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "MapBatches(Embedder)" in " ".join(proc.cmdline()):
+            if "Embedder)" in " ".join(proc.cmdline()):  # MapBatches(MeteredEmbedder)
                 found.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
