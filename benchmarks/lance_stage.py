@@ -73,6 +73,7 @@ class BuiltStage:
 
         from operators.codecs import fit
         from operators.index import ann_params
+        from operators.search import default_nprobes
 
         self.stage = stage
         self.codec = None
@@ -80,7 +81,7 @@ class BuiltStage:
             sample = rows if fit_sample is None else fit_sample
             self.codec = fit(sample, f"{stage.projection}-b1", stage.dims // 8)
         column = "p" if self.codec else "vector"
-        self.nprobes = nprobes or _nprobes(len(rows))
+        self.nprobes = nprobes or default_nprobes(len(rows))
         uri = str(folder / f"{stage.name.replace('/', '-').replace(':', '-')}.lance")
 
         def batches():
@@ -118,9 +119,3 @@ class BuiltStage:
                                          "nprobes": self.nprobes},
                                 columns=["i", "_distance"])
         return hits.column("i").to_numpy()
-
-
-def _nprobes(rows: int) -> int:
-    from operators.search import default_nprobes
-
-    return default_nprobes(rows)

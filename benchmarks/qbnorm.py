@@ -66,14 +66,13 @@ def ndcg(scores: np.ndarray, doc_ids: np.ndarray, qrels: list[dict[str, int]]) -
     return total / len(scores)
 
 
-def rescored(queries: np.ndarray, rows: np.ndarray, bank: np.ndarray, beta: float,
-             dynamic: bool) -> np.ndarray:
-    """Each query's scores over every row after QB-Norm (IS, or DIS when `dynamic`)."""
-    raw = queries @ rows.T
-    normed = beta * raw - bank_normaliser(bank, rows, beta)[None, :]
-    if not dynamic:
+def rescored(raw: np.ndarray, log_norm: np.ndarray, beta: float,
+             active: np.ndarray | None) -> np.ndarray:
+    """Queries' raw scores over every row after QB-Norm: inverted softmax (IS), or with
+    `active` (the bank's activation set) its dynamic variant (DIS)."""
+    normed = beta * raw - log_norm[None, :]
+    if active is None:
         return normed
-    active = activation_set(bank, rows)
     use = active[np.argmax(raw, axis=1)]  # the query's best row is a bank hub
     return np.where(use[:, None], normed, raw)
 
@@ -115,13 +114,14 @@ def main() -> None:
         for beta in args.betas:
             raw_total = is_total = dis_total = 0.0
             for picked, bank, _ in folds:
-                q, qrels = coll.queries[picked], [coll.qrels[i] for i in picked]
-                n = len(picked)
-                raw_total += n * ndcg(q @ coll.vectors.T, coll.doc_ids, qrels)
-                is_total += n * ndcg(rescored(q, coll.vectors, bank, beta, False),
-                                     coll.doc_ids, qrels)
-                dis_total += n * ndcg(rescored(q, coll.vectors, bank, beta, True),
-                                      coll.doc_ids, qrels)
+                qrels, n = [coll.qrels[i] for i in picked], len(picked)
+                raw = coll.queries[picked] @ coll.vectors.T
+                log_norm = bank_normaliser(bank, coll.vectors, beta)
+                active = activation_set(bank, coll.vectors)
+                raw_total += n * ndcg(raw, coll.doc_ids, qrels)
+                is_total += n * ndcg(rescored(raw, log_norm, beta, None), coll.doc_ids, qrels)
+                dis_total += n * ndcg(rescored(raw, log_norm, beta, active), coll.doc_ids,
+                                      qrels)
             n, label = len(coll.queries), folds[0][2]
             print(f"| {name} | {label} | {n} | {beta:g} | {raw_total / n:.4f} | "
                   f"{is_total / n:.4f} | {dis_total / n:.4f} |", flush=True)

@@ -41,7 +41,13 @@ from jobs._lance_io import (
 from jobs._layout import ActorLayout, actor_layout, uses_gpus
 from jobs._plan import SourceDocuments, plan_on_cluster, progress, write_rejects
 from jobs._progress import JobProgress, route_ray_logs
-from jobs._ray import autoscaler_gpus, cluster_resources, ensure_ray, largest_node_cpus
+from jobs._ray import (
+    autoscaler_gpus,
+    cluster_nodes,
+    cluster_resources,
+    ensure_ray,
+    largest_node_cpus,
+)
 from jobs._reindex import delete_on_cluster, plan_reindex, reconcile_schema, with_doc_hash
 from jobs._tags import CURRENT_TAG
 from jobs._unchanged import (
@@ -352,11 +358,11 @@ class _Planned:
     documents: SourceDocuments | None = None
     """Every document's id and hash, bucketed in the object store, when a table exists."""
     lease: Lease | None = None
+    """This run's hold on the table (set before anything is decided or written)."""
     meter: DriverMeter | None = None
     """The job's exact counts in Ray's metrics (`jobs._job_metrics`)."""
     clock: NodeClock | None = None
     """The cluster's nodes while the job runs, for its node-hours (`operators.cost`)."""
-    """This run's hold on the table (set before anything is decided or written)."""
     listing_key: str = ""
     """The key of the job's inputs (`jobs._unchanged.listing_key`)."""
 
@@ -932,7 +938,7 @@ def node_clock(spec: JobSpec, started: float) -> NodeClock:
             types = launcher_node_types(spec.cost.cluster_yaml)
         except (OSError, ValueError) as err:
             raise SpecError(f"cost.cluster_yaml: {err}") from None
-    return NodeClock(node_types=types, started=started)
+    return NodeClock(cluster_nodes, node_types=types, started=started)
 
 
 def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:

@@ -25,6 +25,7 @@ collide on metric names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -132,8 +133,6 @@ class SchedulerMetrics:
                 self._succeeded(entry["schedule"], entry["ended"])
 
     def _succeeded(self, schedule: str, ended: str) -> None:
-        from datetime import datetime
-
         stamp = max(datetime.fromisoformat(ended).timestamp(), self._last.get(schedule, 0.0))
         self._last[schedule] = stamp
         self.last_success.labels(schedule).set(stamp)
@@ -143,8 +142,6 @@ class SchedulerMetrics:
 
     def finished(self, entry: dict, *, ran: bool = True) -> None:
         """Count a history entry's outcome; `ran` when `started` was called for it."""
-        from datetime import datetime
-
         name, status = entry["schedule"], entry["status"]
         self.runs.labels(name, outcome_label(status)).inc()
         if ran:

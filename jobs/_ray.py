@@ -124,6 +124,13 @@ def ensure_ray(address: str | None = None) -> None:
                       RuntimeWarning, stacklevel=2)
 
 
+def cluster_nodes() -> list[dict]:
+    """The cluster's nodes, as `ray.nodes()` lists them (for `operators.cost.NodeClock`)."""
+    import ray
+
+    return ray.nodes()
+
+
 def cluster_resources() -> tuple[float, float]:
     """(CPUs, GPUs) the joined cluster offers."""
     import ray

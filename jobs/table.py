@@ -236,7 +236,6 @@ HIDDEN_COLUMNS = (*dict.fromkeys(CODEC_COLUMNS.values()), CODE_COLUMN, *HASH_COL
 _ENCODERS: dict[tuple, TextEncoder] = {}
 _ENCODER_LOCKS: dict[tuple, threading.Lock] = {}
 _ENCODERS_LOCK = threading.Lock()
-_MODEL_LOADS = 0
 
 
 def shared_encoder(info) -> TextEncoder:
@@ -253,14 +252,13 @@ def shared_encoder(info) -> TextEncoder:
     with lock:
         if key not in _ENCODERS:
             _ENCODERS[key] = TextEncoder(Embedder(info, precision="fp32"))
-            global _MODEL_LOADS
-            _MODEL_LOADS += 1
         return _ENCODERS[key]
 
 
 def model_loads() -> int:
-    """Query models this process has loaded (the server's `quiver_model_loads_total`)."""
-    return _MODEL_LOADS
+    """Query models this process has loaded (the server's `quiver_model_loads_total`):
+    one per encoder held, since none is ever dropped."""
+    return len(_ENCODERS)
 
 
 def open_table(uri: str | Path, *, model: str | None = None,

@@ -72,13 +72,13 @@ class NodeClock:
     Args:
         node_types: Type name -> resources, to name nodes (`node_type`).
         nodes: Returns the cluster's nodes as `ray.nodes()` does (`NodeID`, `Alive`,
-            `Resources`); the default asks Ray.
+            `Resources`); a job passes `jobs._ray.cluster_nodes`.
         clock: Seconds (monotonic).
         started: When the job started, on `clock`.
     """
 
+    nodes: Callable[[], list[dict]]
     node_types: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    nodes: Callable[[], list[dict]] | None = None
     clock: Callable[[], float] = time.perf_counter
     started: float | None = None
     """When the job started (on `clock`): nodes up at the first sample count from here,
@@ -93,7 +93,7 @@ class NodeClock:
         if not force and now - self._last_sample < SAMPLE_EVERY_S:
             return
         self._last_sample = now
-        for node in (self.nodes or _ray_nodes)():
+        for node in self.nodes():
             if not node.get("Alive"):
                 continue
             entry = self.seen.get(node["NodeID"])
@@ -105,17 +105,11 @@ class NodeClock:
                 entry[2] = now
 
     def node_hours(self) -> dict[str, float]:
-        """Hours by node type, rounded to the second."""
+        """Hours by node type, to 6 places (3.6 ms)."""
         hours: dict[str, float] = {}
         for kind, first, last in self.seen.values():
             hours[kind] = hours.get(kind, 0.0) + (last - first) / 3600
         return {k: round(v, 6) for k, v in sorted(hours.items())}
-
-
-def _ray_nodes() -> list[dict]:
-    import ray
-
-    return ray.nodes()
 
 
 def job_cost(node_hours: Mapping[str, float], prices: Mapping[str, float], *,
