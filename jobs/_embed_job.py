@@ -658,7 +658,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
         code = load_codebook(uri, manifest.vectors.code.sha256, opts)
     schema = table_schema(
         plan.metadata, dim=manifest.vectors.dims, codecs=manifest.vectors.codecs,
-        code_bytes=code.nbytes if code is not None else None,
+        code=(code.name, code.nbytes) if code is not None else None,
     ).with_metadata(manifest.to_metadata())
     codebook = Codebook.from_manifest(manifest.vectors, normalize=info.normalize, code=code)
     if decision.action == "reindex":
@@ -857,15 +857,17 @@ def _finish(spec: JobSpec, planned: _Planned, decision: _Decision, run: Checkpoi
         if before is not None and decision.action in ("reindex", "cutover") else set()
     compaction = _compact(final, builder, settled) if spec.write.compact else None
     progress(f"indexing {final.count_rows()} rows")
+    # The stored manifest: a new table's code is fitted after the decision was made.
+    code = TableManifest.from_schema(final.schema, where=spec.table).vectors.code
     if diff is not None:
         report = maintain_indices(final, spec.index, metric=manifest.metric,
                                   codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
                                   changed=diff.embed + diff.carried_rows + diff.deleted,
-                                  builder=builder)
+                                  code=code, builder=builder)
     else:
         report = build_indices(final, spec.index, metric=manifest.metric,
                                codecs=manifest.vectors.codecs, dims=manifest.vectors.dims,
-                               builder=builder)
+                               code=code, builder=builder)
     # Before the tag, so it tags the last version; fenced by the lease's epoch.
     mark_finished(final, job=planned.job, storage_options=opts,
                   epoch=planned.lease.record.epoch if planned.lease is not None else 0)

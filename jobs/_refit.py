@@ -24,23 +24,25 @@ import pyarrow as pa
 from lance.fragment import FragmentMetadata
 from lance.schema import LanceSchema
 
+from jobs._index import ClusterBuilder, index_workers
 from jobs._maintenance import follow_current, open_dataset
 from jobs._ray import cluster_resources, ensure_ray
 from operators.codebooks import save_codebook
 from operators.codecs import Codec, fit
+from operators.index import LOCAL, build_code_index
 from operators.lease import Lease
 from operators.quantize import column_matrix, fixed_size_list
 from schemas.errors import SpecError, TableError
 from schemas.manifest import CodeManifest, TableManifest
-from schemas.records import VECTOR_COLUMN, code_field
-from schemas.spec import CodeSpec
+from schemas.records import VECTOR_COLUMN, code_field, lance_indexed_code
+from schemas.spec import CodeSpec, IndexSpec
 
 Progress = Callable[[str], None]
 
 
 def _encoder(codec: Codec) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
     """The per-batch UDF Lance's `merge_columns` runs: float vectors in, codes out."""
-    field = code_field(codec.nbytes)
+    field = code_field(codec.name, codec.nbytes)
     schema = pa.schema([field])
 
     def encode(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -74,9 +76,12 @@ def _field_ids(schema: LanceSchema) -> list:
 
 def refit(uri: str, *, name: str, nbytes: int, sample: int = 4096,
           storage_options: Mapping[str, str] | None = None, wait: bool = False,
+          index_spec: IndexSpec | None = None,
           progress: Progress = lambda _: None) -> dict:
     """Fit `name` at `nbytes` per vector on `sample` of the table's float vectors and
-    add it as `vector_code` in one commit (see the module docstring).
+    add it as `vector_code` in one commit (see the module docstring); a Lance-indexed
+    code (`pca-rq`) then gets its IVF_RQ index when the table has `index_spec`'s
+    `ann_min_rows` (default 100k), in a second commit.
 
     Raises:
         SpecError: an unknown code, or a budget it cannot meet on these vectors.
@@ -114,14 +119,33 @@ def refit(uri: str, *, name: str, nbytes: int, sample: int = 4096,
         refitted = manifest.model_copy(update={"vectors": manifest.vectors.model_copy(
             update={"code": code})})
         metadata = {**(ds.schema.metadata or {}), **refitted.to_metadata()}
-        schema = pa.schema([*ds.schema, code_field(codec.nbytes)], metadata=metadata)
+        schema = pa.schema([*ds.schema, code_field(codec.name, codec.nbytes)],
+                           metadata=metadata)
         lease.check()
         done = lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema),
                                          read_version=start, storage_options=opts)
+        index = _index_code(done, code, index_spec or IndexSpec(), lease, opts, progress)
         moved = follow_current(done, start)
     return {"table": uri, "code": code.model_dump(), "rows": rows,
-            "fragments": len(fragments), "version": done.version, "current_moved": moved,
-            "seconds": round(time.perf_counter() - started, 2)}
+            "fragments": len(fragments), "version": done.latest_version, "index": index,
+            "current_moved": moved, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _index_code(ds: lance.LanceDataset, code: CodeManifest, spec: IndexSpec, lease: Lease,
+                storage_options: dict[str, str] | None, progress: Progress) -> str | None:
+    """A Lance-indexed code's IVF_RQ index, built as a job would (on the cluster from
+    `spec.distributed_min_rows` rows) when the table has `spec.ann_min_rows` rows; the
+    other codes are scanned and need none."""
+    rows = ds.count_rows()
+    if not lance_indexed_code(code.name) or rows < max(spec.ann_min_rows, 1):
+        return None
+    builder = LOCAL
+    if rows >= spec.distributed_min_rows:
+        builder = ClusterBuilder(index_workers(cluster_resources()[0]), storage_options or {},
+                                 lease=lease)
+    lease.check()
+    progress(f"indexing {code.name} on {rows} rows")
+    return build_code_index(ds, spec, code, builder=builder)
 
 
 def _encode_on_cluster(uri: str, ds: lance.LanceDataset, codec: Codec,
@@ -142,7 +166,7 @@ def _encode_on_cluster(uri: str, ds: lance.LanceDataset, codec: Codec,
                     for g in groups if g])
     metas = [m for part in done for m in part]
     expected = _field_ids(LanceSchema.from_pyarrow(
-        pa.schema([*ds.schema, code_field(codec.nbytes)])))
+        pa.schema([*ds.schema, code_field(codec.name, codec.nbytes)])))
     if any(ids != expected for _, ids in metas):
         raise TableError(f"{uri}: Lance numbers this table's fields otherwise than its "
                          "schema lists them (a dropped or nested column); refit cannot "

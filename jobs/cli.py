@@ -726,7 +726,8 @@ def table_refit(
     table: TableArg,
     code: Annotated[str, typer.Option(
         "--code", help="The fitted first-stage code to add, NAME@BYTES: pca-b1@24, "
-        "opq-pq@24, first-b1@48 (see docs/search.md).")],
+        "opq-pq@24, first-b1@48, pca-rq@24 (Lance's IVF_RQ on a PCA projection; see "
+        "docs/search.md).")],
     sample: Annotated[int, typer.Option(
         "--sample", min=256, help="Stored vectors the code is fitted on.")] = 4096,
     storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
@@ -747,6 +748,8 @@ def table_refit(
     print(f"{table}: {c['name']} at {c['nbytes']} B/vector on {data['rows']} rows "
           f"({data['fragments']} fragments) in {data['seconds']} s; version "
           f"{data['version']}, codebook {c['sha256'][:12]}")
+    if data["index"]:
+        print(f"index      {data['index']}")
 
 
 @table_app.command("delete")

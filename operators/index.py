@@ -25,8 +25,8 @@ from datetime import timedelta
 import lance
 import pyarrow.compute as pc
 
-from schemas.manifest import Metric
-from schemas.records import BITS_COLUMN, VECTOR_COLUMN
+from schemas.manifest import CodeManifest, Metric
+from schemas.records import BITS_COLUMN, CODE_COLUMN, VECTOR_COLUMN, lance_indexed_code
 from schemas.spec import IndexSpec, WriteSpec
 
 
@@ -171,6 +171,19 @@ def build_bits_index(ds: lance.LanceDataset, spec: IndexSpec, *,
     return f"IVF_FLAT on {BITS_COLUMN} ({partitions} partitions, hamming{builder.where})"
 
 
+def build_code_index(ds: lance.LanceDataset, spec: IndexSpec, code: CodeManifest, *,
+                     builder: Builder = LOCAL) -> str:
+    """IVF_RQ on a Lance-indexed code's projection (`pca-rq`): 1 bit per projected
+    dimension, so the index keeps the code's bytes per row. Dot product: the projection
+    is centred, not normalised, and `project(q) . project(x)` ranks rows as `q . x`."""
+    rows = ds.count_rows()
+    params = ann_params("IVF_RQ", rows=rows, dims=code.nbytes * 8,
+                        num_partitions=spec.num_partitions)
+    builder.vector(ds, CODE_COLUMN, index_type="IVF_RQ", metric="dot", params=params)
+    return (f"IVF_RQ on {CODE_COLUMN} ({params['num_partitions']} partitions, "
+            f"{code.nbytes} B per row, {code.name}{builder.where})")
+
+
 BITMAP_MAX_DISTINCT = 1000
 
 
@@ -212,9 +225,11 @@ def build_scalar_indices(ds: lance.LanceDataset, spec: IndexSpec, *,
 
 def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
                   codecs: list[str] | None = None, dims: int = 384,
+                  code: CodeManifest | None = None,
                   builder: Builder = LOCAL) -> IndexReport:
-    """Build (or replace) the table's indices according to its size and codecs, where
-    `builder` runs them (the job passes a cluster builder for big tables)."""
+    """Build (or replace) the table's indices according to its size, codecs and code (a
+    Lance-indexed one gets its IVF_RQ), where `builder` runs them (the job passes a
+    cluster builder for big tables)."""
     codecs = codecs or ["float32"]
     rows = ds.count_rows()
     scalar = build_scalar_indices(ds, spec, builder=builder) if rows else []
@@ -226,6 +241,8 @@ def build_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
         built.append(build_vector_index(ds, spec, metric=metric, dims=dims, builder=builder))
     if "binary" in codecs:
         built.append(build_bits_index(ds, spec, builder=builder))
+    if code is not None and lance_indexed_code(code.name):
+        built.append(build_code_index(ds, spec, code, builder=builder))
     if not built:
         built.append("exact int8 scan (Lance has no int8 index)")
     return IndexReport("; ".join(built), tuple(scalar))
@@ -309,6 +326,7 @@ def add_to_indices(ds: lance.LanceDataset, segments: list[Segments], *,
 
 def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
                      codecs: list[str], dims: int, changed: int,
+                     code: CodeManifest | None = None,
                      builder: Builder = LOCAL) -> IndexReport:
     """Index upkeep after an incremental reindex: the policy in docs/maintenance.md.
 
@@ -321,14 +339,14 @@ def maintain_indices(ds: lance.LanceDataset, spec: IndexSpec, *, metric: Metric,
     The job compacts the fragments the reindex added (`Builder.compact`) before this.
     """
     rows = ds.count_rows()
-    has_ann = any(i.field_names in ([VECTOR_COLUMN], [BITS_COLUMN])
+    has_ann = any(i.field_names in ([VECTOR_COLUMN], [BITS_COLUMN], [CODE_COLUMN])
                   for i in ds.describe_indices())
     needs_ann = rows >= max(spec.ann_min_rows, 1)
     segments = index_segments(ds)
     if not rows or has_ann != needs_ann or needs_retrain(
             segments, rows=rows, changed=changed, retrain_share=spec.retrain_share):
         report = build_indices(ds, spec, metric=metric, codecs=codecs, dims=dims,
-                               builder=builder)
+                               code=code, builder=builder)
         return IndexReport(f"{report.vector} (rebuilt: {changed} of {rows} rows changed)",
                            report.scalar)
     if not any(i.field_names == ["doc_id"] for i in ds.describe_indices()):

@@ -55,7 +55,7 @@ class Codebook:
 
     def fields(self) -> list[pa.Field]:
         """The vector columns this codebook fills, in the table's order."""
-        code = [code_field(self.code.nbytes)] if self.code is not None else []
+        code = [code_field(self.code.name, self.code.nbytes)] if self.code is not None else []
         return [*codec_fields(list(self.codecs), self.dims), *code]
 
     @property

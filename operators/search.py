@@ -5,7 +5,9 @@ Lance (with or without their ANN index), or a numpy scan of the int8 codes or th
 bits, held in memory up to 256 MiB and streamed batch by batch with a running top-k past
 that (Lance has no int8 distance, and no distance between a float query and bits), or of
 the table's fitted code, held per fragment in a process-wide cache that every open
-version shares (`operators.fragment_codes`, up to QUIVER_CODE_HOLD_BYTES).
+version shares (`operators.fragment_codes`, up to QUIVER_CODE_HOLD_BYTES). A
+Lance-indexed code (`pca-rq`) is searched by Lance instead: its IVF_RQ index over the
+stored projection, which Lance's index cache holds once per process.
 The second stage rescoring takes `rescore * k` candidates and scores them against the
 float query with the best column the table holds: float vectors, else decoded int8.
 
@@ -234,6 +236,9 @@ class VectorSearcher:
             with stage("first_stage"):
                 if mode == "binary":
                     row_ids, scores = self._bits_stage(q, want, exact=exact, where=where)
+                elif mode == "code" and self.code().lance_indexed:
+                    row_ids, scores = self._lance_code(q, want, exact=exact, nprobes=nprobes,
+                                                       where=where)
                 elif mode == "code":
                     row_ids, scores = self._scan(CODE_COLUMN, q, want, where=where)
                 else:
@@ -270,6 +275,20 @@ class VectorSearcher:
                                 refine_factor=refine_factor, where=where)
         distance = hits.column("_distance").to_numpy().astype(np.float32)
         return hits.column("_rowid").to_numpy(), 1.0 - distance
+
+    def _lance_code(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
+                    where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` best rows of a Lance-indexed code (`pca-rq`): Lance's IVF_RQ over
+        the stored projection, scored by its RaBitQ estimate of `project(q) . project(x)`
+        (the projection's own dot product, exact, below `ann_min_rows` or with `exact`).
+        No refine: the float rescoring that follows is the refine."""
+        nearest = {"column": CODE_COLUMN, "q": self.code().query(q), "k": k,
+                   "metric": "dot", "use_index": not exact,
+                   "nprobes": nprobes or self.nprobes}
+        hits = self._nearest(nearest, where)
+        # Lance's dot distance is 1 - dot
+        return (hits.column("_rowid").to_numpy(),
+                1.0 - hits.column("_distance").to_numpy().astype(np.float32))
 
     def _bits_stage(self, q: np.ndarray, k: int, *, exact: bool,
                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:

@@ -18,10 +18,23 @@ VECTOR_COLUMN = "vector"
 INT8_COLUMN = "vector_i8"
 BITS_COLUMN = "vector_bits"
 CODE_COLUMN = "vector_code"
-"""A table's fitted first-stage code (`vectors.code`): `nbytes` uint8 per row."""
+"""A table's fitted first-stage code (`vectors.code`): `nbytes` uint8 per row, or for a
+Lance-indexed code (`-rq`) the projected vector that Lance's IVF_RQ index quantizes."""
 CODE_PROJECTIONS = ("first", "pca", "rot", "itq", "opq")
-CODE_QUANTIZERS = ("b1", "b2", "b4", "pq")
+CODE_QUANTIZERS = ("b1", "b2", "b4", "pq", "rq")
 """A fitted code is named `<projection>-<quantizer>` (`operators.codecs`)."""
+LANCE_CODE_QUANTIZER = "rq"
+"""The quantizer Lance's IVF_RQ index applies (1 bit per projected dimension, RaBitQ):
+Quiver stores and fits only the projection."""
+
+
+def lance_indexed_code(name: str) -> bool:
+    """True for a code whose quantizer is Lance's index (`pca-rq`), not Quiver's scan.
+
+    >>> lance_indexed_code("pca-rq"), lance_indexed_code("pca-b1")
+    (True, False)
+    """
+    return name.rpartition("-")[2] == LANCE_CODE_QUANTIZER
 DOC_HASH_COLUMN = "doc_hash"
 HASH_COLUMNS = ("content_hash", DOC_HASH_COLUMN)
 """Bookkeeping hashes: neither a filter nor a hit ever names them."""
@@ -105,21 +118,27 @@ def chunk_schema(metadata: pa.Schema) -> pa.Schema:
     )
 
 
-def code_field(nbytes: int) -> pa.Field:
-    """The fitted code's column.
+def code_field(name: str, nbytes: int) -> pa.Field:
+    """The fitted code's column: its bytes, or for a Lance-indexed code the projection
+    as float16, 8 dims per byte the index keeps (the index is the code; the column is
+    what it is built from, on disk only).
 
-    >>> code_field(24).type
+    >>> code_field("pca-b1", 24).type
     FixedSizeListType(fixed_size_list<item: uint8>[24])
+    >>> code_field("pca-rq", 24).type
+    FixedSizeListType(fixed_size_list<item: halffloat>[192])
     """
+    if lance_indexed_code(name):
+        return pa.field(CODE_COLUMN, pa.list_(pa.float16(), nbytes * 8), nullable=False)
     return pa.field(CODE_COLUMN, pa.list_(pa.uint8(), nbytes), nullable=False)
 
 
 def table_schema(metadata: pa.Schema, *, dim: int, codecs: list[str] | None = None,
-                 code_bytes: int | None = None) -> pa.Schema:
-    """The stored table: one row per chunk, the vector columns last (the fitted code's
-    after the codecs')."""
+                 code: tuple[str, int] | None = None) -> pa.Schema:
+    """The stored table: one row per chunk, the vector columns last (the fitted code's,
+    `code` = (name, bytes), after the codecs')."""
     fields = [f for f in chunk_schema(metadata) if f.name not in WORK_COLUMNS]
-    code = [code_field(code_bytes)] if code_bytes else []
+    code = [code_field(*code)] if code else []
     return pa.schema([*fields, *codec_fields(codecs or ["float32"], dim), *code])
 
 

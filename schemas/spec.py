@@ -194,7 +194,10 @@ class CodeSpec(BaseModel):
     name: str = Field(
         description="`<projection>-<quantizer>`: projection first (the first dims), pca, "
         "rot (PCA + random rotation), itq, or opq (for pq); quantizer b1, b2, b4 (bits "
-        "per projected dim, levels fitted per dim) or pq (one byte per sub-vector).")
+        "per projected dim, levels fitted per dim), pq (one byte per sub-vector), or rq "
+        "(first or pca only: the projection, 8 dims per byte, is stored as float16 and "
+        "Lance's IVF_RQ index keeps 1 bit per dim of it; tables below "
+        "index.ann_min_rows search the projection exactly).")
     bytes: int = Field(ge=2, le=4096, description="Bytes per vector the code spends.")
     sample: int = Field(
         4096, ge=256, le=1_000_000,
@@ -211,6 +214,9 @@ class CodeSpec(BaseModel):
                 projection == "opq" and quantizer != "pq"):
             raise ValueError(f"vectors.code.name {self.name!r}: opq goes with pq, and pq "
                              "takes first, pca or opq")
+        if quantizer == "rq" and projection not in ("first", "pca"):
+            raise ValueError(f"vectors.code.name {self.name!r}: rq takes first or pca "
+                             "(Lance's RaBitQ rotates the projection itself)")
         return self
 
 

@@ -30,12 +30,13 @@ CODE = {"name": "pca-b2", "bytes": 4}
 
 
 def _spec(corpus: Path, table: Path, model: str, code: dict | None = CODE,
-          kind: str = "embed"):
+          kind: str = "embed", index: dict | None = None):
     vectors = {"codecs": ["float32"], **({"code": code} if code else {})}
     return parse_spec({
         "kind": kind, "table": str(table), "model": {"name": model}, "vectors": vectors,
         "source": {"uri": str(corpus), "id_field": "id", "records_per_shard": 10},
         "write": {"shards_per_commit": 2}, "compute": {"rows_per_batch": 32},
+        **({"index": index} if index else {}),
     })
 
 
@@ -261,3 +262,72 @@ def test_the_sample_embeds_the_same_in_a_task_as_on_the_driver(tiny_model, ray_l
     there = embed_sample(info, ids, on_gpu=False, in_task=True, **kwargs)
     assert here.shape == (40, info.dim) and np.allclose(here, there, atol=1e-5)
     assert len(np.unique(np.round(here, 4), axis=0)) == 40
+
+
+def test_a_lance_indexed_code_is_stored_indexed_searched_and_kept_up(
+        tmp_path, stdlib_docs, tiny_model, ray_local) -> None:
+    """`pca-rq` through the job: the actors store the PCA projection (float16, 8 dims per
+    byte), the job builds Lance's IVF_RQ on it, a code search through the index with
+    every row as a candidate ranks exactly as float search, and a reindex encodes its
+    new rows with the stored projection and adds them to the index as a delta."""
+    from operators.index import index_segments
+
+    index = {"ann_min_rows": 50, "fts": False}
+    table = tmp_path / "rq.lance"
+    code = {"name": "pca-rq", "bytes": 2}  # 16 of the tiny model's 32 dims
+    summary = run_embed(_spec(write_jsonl(tmp_path / "c.jsonl", _docs(stdlib_docs, 40)),
+                              table, tiny_model, code, index=index))
+    assert "IVF_RQ on vector_code" in summary.index and "pca-rq" in summary.index
+    ds = lance.dataset(str(table))
+    assert str(ds.schema.field(CODE_COLUMN).type) == "fixed_size_list<item: halffloat>[16]"
+    assert {i["type"] for i in ds.list_indices() if i["fields"] == [CODE_COLUMN]} == {"IVF_RQ"}
+    sha = TableManifest.from_schema(ds.schema).vectors.code.sha256
+    codes, vectors, ids = _codes_and_vectors(table)
+    assert codes.dtype == np.float16
+    np.testing.assert_allclose(codes, load_codebook(str(table), sha).encode(vectors),
+                               rtol=2e-3, atol=2e-3)
+    t = open_table(table)
+    assert t.searcher.default_mode() == "code"
+    for q in vectors[::17]:
+        row_ids, scores = t.searcher.candidates(q, k=5, using="code", depth=len(ids),
+                                                nprobes=1000)
+        exact, exact_scores = t.searcher.candidates(q, k=5, using="float", exact=True)
+        assert np.array_equal(row_ids, exact) and np.allclose(scores, exact_scores, atol=1e-5)
+
+    docs = _docs(stdlib_docs, 46)
+    reindexed = run_embed(_spec(write_jsonl(tmp_path / "c2.jsonl", docs), table, tiny_model,
+                                code=None, kind="reindex", index=index))
+    assert "incremental" in reindexed.index
+    ds = lance.dataset(str(table))
+    assert TableManifest.from_schema(ds.schema).vectors.code.sha256 == sha
+    codes, vectors, ids = _codes_and_vectors(table)
+    assert {d["id"] for d in docs} == {i.rsplit("#", 1)[0] for i in ids}
+    np.testing.assert_allclose(codes, load_codebook(str(table), sha).encode(vectors),
+                               rtol=2e-3, atol=2e-3)
+    code_index = [s for s in index_segments(ds) if s.name == f"{CODE_COLUMN}_idx"]
+    assert code_index and code_index[0].unindexed_rows == 0 and code_index[0].deltas == 1
+
+
+def test_refit_to_a_lance_indexed_code_builds_its_index(tmp_path, stdlib_docs, tiny_model,
+                                                        ray_local) -> None:
+    """`quiver table refit --code pca-rq@2` on a table past `ann_min_rows`: the projection
+    is merged in one commit and indexed in a second, and readers' `current` follows to
+    the indexed version."""
+    from jobs import api
+    from jobs._tags import current_version
+    from schemas.spec import IndexSpec
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", _docs(stdlib_docs, 30))
+    table = tmp_path / "plain.lance"
+    run_embed(_spec(corpus, table, tiny_model, code=None, index={"ann_min_rows": 50}))
+    before = lance.dataset(str(table)).version
+    out = api.refit(str(table), name="pca-rq", nbytes=2, sample=256,
+                    index_spec=IndexSpec(ann_min_rows=50))
+    ds = lance.dataset(str(table))
+    assert out["version"] == ds.version == before + 2 and current_version(ds) == ds.version
+    assert "IVF_RQ on vector_code" in out["index"]
+    assert {i["type"] for i in ds.list_indices() if i["fields"] == [CODE_COLUMN]} == {"IVF_RQ"}
+    codes, vectors, _ = _codes_and_vectors(table)
+    np.testing.assert_allclose(codes, load_codebook(str(table), out["code"]["sha256"])
+                               .encode(vectors), rtol=2e-3, atol=2e-3)
+    assert open_table(table).search("open a file", k=3, using="code")

@@ -80,6 +80,18 @@ def test_budgets_a_code_cannot_meet_are_refused(vectors) -> None:
         fit(vectors, "opq-b1", 24)
     with pytest.raises(ValueError, match="too small"):
         fit(vectors[:100], "pca-pq", 24)
+    with pytest.raises(ValueError, match="rq takes first or pca"):
+        fit(vectors, "itq-rq", 24)
+    with pytest.raises(ValueError, match="cannot spend exactly 64 bytes"):
+        fit(vectors, "pca-rq", 64)  # 512 dims of 384
+
+
+def test_the_spec_refuses_a_lance_indexed_code_on_a_rotation() -> None:
+    from schemas.spec import CodeSpec
+
+    assert CodeSpec(name="pca-rq", bytes=24).name == "pca-rq"
+    with pytest.raises(ValueError, match="rq takes first or pca"):
+        CodeSpec(name="rot-rq", bytes=24)
 
 
 def test_a_codebook_round_trips_and_a_mismatched_one_is_refused(vectors) -> None:

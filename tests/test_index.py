@@ -204,3 +204,59 @@ def test_a_job_refuses_sub_vectors_that_do_not_divide_its_dims_before_it_embeds(
     spec = parse_spec({**spec.model_dump(mode="json"), "index": {"ann_type": "IVF_RQ"}})
     with pytest.raises(SpecError, match="IVF_RQ needs dims divisible by 8, got 100"):
         build_manifest(spec, model_info, precision="fp32")
+
+
+def test_a_pca_rq_code_is_searched_through_lances_ivf_rq_and_rescored(
+        tmp_path: Path, model_info, stdlib_vectors: np.ndarray) -> None:
+    """`pca-rq` at 24 B on real MiniLM vectors: the table stores the 192-d PCA projection
+    (float16), IVF_RQ is built on it, and a code search returns the index's candidates
+    rescored by the float vectors: their scores are the float dot products, most of the
+    float top 10 is found among 100 candidates, and with `exact` the first stage alone
+    scores as numpy does on the stored projection, where the index's RaBitQ estimates
+    differ from those."""
+    from operators.codecs import fit
+    from schemas.manifest import CodeManifest
+
+    matrix = np.ascontiguousarray(stdlib_vectors, np.float32)
+    codec = fit(matrix, "pca-rq", 24)
+    projected = codec.encode(matrix)
+    assert projected.shape == (len(matrix), 192) and projected.dtype == np.float16
+    schema = table_schema(pa.schema([]), dim=384, code=("pca-rq", 24))
+    rows = pa.table({
+        "id": [f"r{i}" for i in range(len(matrix))],
+        "doc_id": [f"d{i // 3}" for i in range(len(matrix))],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), 384),
+        "vector_code": pa.FixedSizeListArray.from_arrays(pa.array(projected.ravel()), 192)})
+    ds = lance.write_dataset(rows, str(tmp_path / "rq.lance"))
+    code = CodeManifest(name="pca-rq", nbytes=24, sha256="x", sample_rows=len(matrix))
+    assert schema.field("vector_code").type == rows.schema.field("vector_code").type
+    report = build_indices(ds, IndexSpec(ann_min_rows=100, fts=False), metric="dot",
+                           code=code)
+    assert "IVF_RQ on vector_code" in report.vector and "24 B per row" in report.vector
+    ds = lance.dataset(str(tmp_path / "rq.lance"))
+    assert {i["type"] for i in ds.list_indices() if i["fields"] == ["vector_code"]} \
+        == {"IVF_RQ"}
+    manifest = manifest_for(model_info)
+    manifest = manifest.model_copy(update={"vectors": manifest.vectors.model_copy(
+        update={"code": code})})
+    searcher = VectorSearcher(ds, manifest, code=lambda: codec)
+    assert searcher.default_mode() == "code"
+    ids = rows.column("id").to_pylist()
+    row_of = {v: i for i, v in enumerate(ids)}
+    recalls, estimate_errors = [], []
+    for q in matrix[::9]:
+        hits = searcher.search(q, k=10, using="code", depth=100, columns=("id",))
+        found = [row_of[v] for v in hits.column("id").to_pylist()]
+        np.testing.assert_allclose(hits.column("score").to_numpy(), matrix[found] @ q,
+                                   atol=1e-5)
+        recalls.append(len(set(np.argsort(-(matrix @ q))[:10]) & set(found)) / 10)
+        reference = codec.scores(q, projected)
+        _, exact_scores = searcher.candidates(q, k=20, using="code", rescore=1, exact=True)
+        np.testing.assert_allclose(np.sort(exact_scores)[::-1],
+                                   np.sort(reference)[::-1][:20], rtol=1e-3, atol=1e-3)
+        row_ids, estimates = searcher.candidates(q, k=20, using="code", rescore=1)
+        stored = ds._take_rows(row_ids.tolist(), columns=["vector_code"])
+        truth = codec.scores(q, np.array(stored.column("vector_code").to_pylist()))
+        estimate_errors.append(np.abs(estimates - truth).max())
+    assert np.mean(recalls) >= 0.9, np.mean(recalls)
+    assert max(estimate_errors) > 1e-3
