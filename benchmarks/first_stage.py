@@ -19,6 +19,12 @@ Ways, each one query at a time as a server runs them:
   fitted 192-d projection (24 B per row) in its own table; its `depth` best rows are
   fetched by row id from the float table and rescored, as the code ways are.
 
+- `table <code>` (`--table-code pca-rq@24`): a Quiver table with that fitted code
+  (`vectors.code`), its `vector_code` column and Lance index built as a job builds them
+  (`operators.index.build_code_index`), searched through `VectorSearcher` with
+  `using="code"` and `depth` candidates rescored from the float column: the whole
+  server-side path, at each `--nprobes`.
+
 For each: recall@10 against the exact top 10, p50 and p99 milliseconds, and the memory
 the first stage holds (codes only; the float index's is its partitions and SQ codes; a
 Lance index's is its files: codes, row ids and per-row factors).
@@ -124,6 +130,77 @@ def lance_ways(stage, ds, row_ids: np.ndarray, matrix: np.ndarray, queries: np.n
     return out
 
 
+def table_code_ways(code: str, rows: int, matrix: np.ndarray, queries: np.ndarray,
+                    truth: np.ndarray, depths: list[int], probes: list[int]) -> list[tuple]:
+    """A Quiver table with the fitted code `NAME@BYTES` (built once, reused) searched
+    through `VectorSearcher`, one result row per depth and nprobes."""
+    import lance
+    import pyarrow as pa
+
+    from jobs._embed_job import build_manifest
+    from operators.codecs import fit
+    from operators.index import build_code_index
+    from operators.model import describe_model
+    from operators.quantize import fixed_size_list
+    from operators.search import VectorSearcher, default_nprobes
+    from schemas.manifest import CodeManifest
+    from schemas.records import code_field
+    from schemas.spec import IndexSpec, ModelSpec, parse_spec
+
+    name, _, nbytes = code.partition("@")
+    out_uri = WAREHOUSE / f"first-stage-{rows}-{name}-{nbytes}.lance"
+    codec = fit(matrix[np.random.default_rng(SEED + 4).choice(
+        len(matrix), min(FIT_SAMPLE, len(matrix)), replace=False)], name, int(nbytes),
+        seed=SEED)
+    field = code_field(name, int(nbytes))
+    manifest = build_manifest(parse_spec({"kind": "embed", "table": str(out_uri),
+                                          "source": {"uri": "x.jsonl", "id_field": "id"}}),
+                              describe_model(ModelSpec()), precision="fp32")
+    meta = CodeManifest(name=name, nbytes=int(nbytes), sha256="benchmark",
+                        sample_rows=FIT_SAMPLE)
+    manifest = manifest.model_copy(update={"vectors": manifest.vectors.model_copy(
+        update={"code": meta})})
+    t = time.perf_counter()
+    if not (out_uri.is_dir() and lance.dataset(str(out_uri)).list_indices()):
+        schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), DIMS)),
+                            field])
+
+        def parts():
+            for s in range(0, rows, 100_000):
+                part = matrix[s:s + 100_000]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array([str(i) for i in range(s, s + len(part))]),
+                     fixed_size_list(part, schema.field("vector").type),
+                     fixed_size_list(codec.encode(part), field.type)], schema=schema)
+
+        ds = lance.write_dataset(pa.RecordBatchReader.from_batches(schema, parts()),
+                                 str(out_uri), schema=schema, mode="overwrite",
+                                 max_rows_per_file=200_000)
+        print(f"[first-stage] {build_code_index(ds, IndexSpec(), meta)}", flush=True)
+    built_s = time.perf_counter() - t
+    ds = lance.dataset(str(out_uri))
+    index_bytes = sum(f.stat().st_size for f in Path(out_uri, "_indices").rglob("*")
+                      if f.is_file())
+    searcher = VectorSearcher(ds, manifest, code=lambda: codec)
+    results = []
+    for nprobes in probes or [default_nprobes(rows)]:
+        for depth in depths:
+            found = np.zeros((len(queries), 10), np.int64) - 1
+            for _warm in (True, False):
+                ms = []
+                for i, q in enumerate(queries):
+                    t = time.perf_counter()
+                    hits = searcher.search(q, k=10, using="code", depth=depth,
+                                           nprobes=nprobes, columns=("id",))
+                    ms.append((time.perf_counter() - t) * 1000)
+                    found[i, :hits.num_rows] = [int(v) for v in hits.column("id").to_pylist()]
+            results.append((f"table {name}@{nbytes} + rescore {depth}, nprobes {nprobes}",
+                            f"written and indexed in {built_s:.0f} s", index_bytes,
+                            recall(found, truth), *np.percentile(ms, [50, 99])))
+            print(f"[first-stage] {results[-1]}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -133,6 +210,11 @@ def main() -> None:
                         help="which numpy-scanned codes to run (labels as printed)")
     parser.add_argument("--lance", nargs="*", default=list(LANCE_STAGES),
                         help="Lance index first stages (benchmarks/lance_stage.py names)")
+    parser.add_argument("--table-code", nargs="*", default=[],
+                        help="fitted table codes NAME@BYTES searched as a Quiver table is "
+                        "(pca-rq@24)")
+    parser.add_argument("--nprobes", type=int, nargs="*", default=[],
+                        help="IVF probes for --table-code (default: Quiver's default)")
     args = parser.parse_args()
 
     from operators.codecs import fit, lookup_scores
@@ -198,6 +280,10 @@ def main() -> None:
         results.extend(lance_ways(LanceStage.parse(name), ds, row_ids, matrix, queries, truth,
                                   args.rescore))
         print(f"[first-stage] {results[-1]}", flush=True)
+
+    for code in args.table_code:
+        results.extend(table_code_ways(code, args.rows, matrix, queries, truth, args.rescore,
+                                       args.nprobes))
 
     print(f"\n{args.rows:,} rows x {DIMS} (mixture fitted to {len(real):,} real vectors); "
           f"{args.queries} held-out queries; float32 column {matrix.nbytes / 2**20:,.0f} MiB")

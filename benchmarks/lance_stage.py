@@ -8,8 +8,10 @@ A stage is named `[<projection><dims>/]<kind>:<n>[:<bits>]`:
   with 1 bit per dimension (48 B per row at 384 dims);
 - `pca192/IVF_RQ:1` first projects the rows onto their top 192 principal directions
   (fitted on a sample, `operators.codecs.fit`), stores the projection as its own column
-  and builds IVF_RQ on it: 24 B per row, LeanVec's "fitted projection, then quantize"
-  done with Lance's index. `first192/…` keeps the first 192 dims instead (Matryoshka).
+  (float16) and builds IVF_RQ on it: 24 B per row, LeanVec's "fitted projection, then
+  quantize" done with Lance's index. It is the table code `vectors.code: {name: pca-rq,
+  bytes: 24}` (the same fit and column; `benchmarks/first_stage.py --table-code` searches
+  the table itself). `first192/…` keeps the first 192 dims instead (`first-rq`).
 
 The index is built on a scratch Lance table with sqrt(rows) partitions (Quiver's rule),
 and searched without refine at Quiver's default nprobes (or the one given); the caller
@@ -77,9 +79,9 @@ class BuiltStage:
 
         self.stage = stage
         self.codec = None
-        if stage.projection:
+        if stage.projection:  # the table code `<projection>-rq` at dims / 8 bytes
             sample = rows if fit_sample is None else fit_sample
-            self.codec = fit(sample, f"{stage.projection}-b1", stage.dims // 8)
+            self.codec = fit(sample, f"{stage.projection}-rq", stage.dims // 8)
         column = "p" if self.codec else "vector"
         self.nprobes = nprobes or default_nprobes(len(rows))
         uri = str(folder / f"{stage.name.replace('/', '-').replace(':', '-')}.lance")
@@ -87,14 +89,15 @@ class BuiltStage:
         def batches():
             for s in range(0, len(rows), 100_000):
                 part = rows[s:s + 100_000]
-                vec = self.codec.project(part) if self.codec else part
+                vec = self.codec.encode(part) if self.codec else part  # float16 if coded
                 yield pa.RecordBatch.from_arrays(
                     [pa.array(np.arange(s, s + len(part))),
-                     pa.FixedSizeListArray.from_arrays(pa.array(vec.astype(np.float32).ravel()),
-                                                       vec.shape[1])], names=["i", column])
+                     pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), vec.shape[1])],
+                    names=["i", column])
 
         width = stage.dims or rows.shape[1]
-        schema = pa.schema([("i", pa.int64()), (column, pa.list_(pa.float32(), width))])
+        item = pa.float16() if self.codec else pa.float32()
+        schema = pa.schema([("i", pa.int64()), (column, pa.list_(item, width))])
         ds = lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), uri,
                                  schema=schema, max_rows_per_file=200_000, mode="overwrite")
         params = ann_params(stage.kind, rows=len(rows), dims=width, num_partitions=None,
