@@ -730,17 +730,21 @@ def table_refit(
         "docs/search.md).")],
     sample: Annotated[int, typer.Option(
         "--sample", min=256, help="Stored vectors the code is fitted on.")] = 4096,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Put the new code in place of the table's own, in one commit, "
+        "and report how the two compare on a sample of its rows.")] = False,
     storage_option: StorageOpt = None, wait: WaitOpt = False, as_json: JsonOpt = False,
 ) -> None:
-    """Add a fitted first-stage code (vector_code) from the stored float vectors, in Ray
-    tasks and one commit; nothing is embedded again."""
+    """Add (or with --replace, replace) a fitted first-stage code (vector_code) from the
+    stored float vectors, in Ray tasks and one commit; nothing is embedded again."""
     from jobs import api
     from jobs._plan import progress
+    from jobs._refit import overlap_line
 
     name, _, nbytes = code.partition("@")
     if not nbytes.isdigit():
         raise SpecError(f"--code {code!r}: write NAME@BYTES, for example pca-b1@24")
-    data = api.refit(table, name=name, nbytes=int(nbytes), sample=sample,
+    data = api.refit(table, name=name, nbytes=int(nbytes), sample=sample, replace=replace,
                      storage_options=_storage(storage_option), wait=wait, progress=progress)
     if _emitted(data, as_json):
         return
@@ -748,6 +752,12 @@ def table_refit(
     print(f"{table}: {c['name']} at {c['nbytes']} B/vector on {data['rows']} rows "
           f"({data['fragments']} fragments) in {data['seconds']} s; version "
           f"{data['version']}, codebook {c['sha256'][:12]}")
+    if data["replaced"]:
+        old = data["replaced"]
+        print(f"replaced   {old['name']} at {old['nbytes']} B/vector "
+              f"(codebook {old['sha256'][:12]})")
+        print(f"overlap    {overlap_line(data['overlap'])}, on {data['overlap']['rows']} "
+              "sampled rows")
     if data["index"]:
         print(f"index      {data['index']}")
 

@@ -360,3 +360,43 @@ def fit(sample: np.ndarray, name: str, nbytes: int, *, seed: int = 0) -> Codec:
         return Codec(name, nbytes, mean, proj.astype(np.float32), centroids=centroids)
     levels = fit_levels(y, int(quantizer[1:]))
     return Codec(name, nbytes, mean, proj.astype(np.float32), levels=levels)
+
+
+def overlap_report(vectors: np.ndarray, old: Codec, new: Codec, *, queries: int = 200,
+                   depth: int = 100, k: int = 10, seed: int = 0) -> dict:
+    """How a replacement code's first stage compares with the one it replaces, on a
+    sample of the table's own float vectors: `queries` of its rows ask, the rest answer.
+
+    For each code, `recall` is the mean share of a query's exact float top `k` among the
+    code's top `depth` (what rescoring `depth` candidates can recover); `shared` is the
+    mean share of the two codes' top `depth` they have in common. A Lance-indexed code
+    is scored by its stored projection, so its index's RaBitQ error is not in its figure.
+
+    >>> x = np.random.default_rng(0).standard_normal((600, 32)).astype(np.float32)
+    >>> r = overlap_report(x, fit(x, "pca-b1", 2), fit(x, "pca-b4", 8), queries=20, depth=50)
+    >>> r["queries"], r["old"]["recall"] <= r["new"]["recall"], 0 < r["shared"] <= 1
+    (20, True, True)
+    """
+    x = np.ascontiguousarray(vectors, np.float32)
+    asking = np.random.default_rng(seed).choice(len(x), min(queries, len(x)), replace=False)
+    depth = min(depth, len(x) - 1)
+    codes = {"old": old.encode(x), "new": new.encode(x)}
+    found = {"old": [], "new": []}
+    shared = []
+    for i in asking:
+        q = x[i]
+        exact = x @ q
+        exact[i] = -np.inf  # the row is not its own answer
+        truth = set(np.argpartition(-exact, k)[:k].tolist())
+        tops = {}
+        for side, codec in (("old", old), ("new", new)):
+            scores = codec.scores(q, codes[side])
+            scores[i] = -np.inf
+            tops[side] = set(np.argpartition(-scores, depth - 1)[:depth].tolist())
+            found[side].append(len(truth & tops[side]) / k)
+        shared.append(len(tops["old"] & tops["new"]) / depth)
+    return {"rows": len(x), "queries": len(asking), "depth": depth, "k": k,
+            **{side: {"code": f"{c.name}@{c.nbytes}",
+                      "recall": round(float(np.mean(found[side])), 4)}
+               for side, c in (("old", old), ("new", new))},
+            "shared": round(float(np.mean(shared)), 4)}

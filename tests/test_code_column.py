@@ -331,3 +331,72 @@ def test_refit_to_a_lance_indexed_code_builds_its_index(tmp_path, stdlib_docs, t
     np.testing.assert_allclose(codes, load_codebook(str(table), out["code"]["sha256"])
                                .encode(vectors), rtol=2e-3, atol=2e-3)
     assert open_table(table).search("open a file", k=3, using="code")
+    # replaced by a scanned code, its index goes with its field
+    api.refit(str(table), name="pca-b1", nbytes=2, sample=256, replace=True,
+              index_spec=IndexSpec(ann_min_rows=50))
+    ds = lance.dataset(str(table))
+    assert not [i for i in ds.list_indices() if i["fields"] == [CODE_COLUMN]]
+    assert {i["fields"][0] for i in ds.list_indices()} >= {VECTOR_COLUMN, "id"}
+    assert open_table(table).search("open a file", k=3, using="code")
+
+
+def test_refit_replaces_a_code_in_one_commit_and_reports_the_overlap(
+        built, tmp_path, stdlib_docs, tiny_model) -> None:
+    """`quiver table refit --replace`: one Merge names the new code `vector_code` and
+    leaves the old one out, nothing is embedded again, and the result compares the two
+    codes on the table's rows. The table then takes a second replacement (its field ids
+    now have a gap) and a reindex that encodes new rows with the newest codebook."""
+    from jobs import api
+
+    _, corpus, table, _ = built
+    here = tmp_path / "t.lance"
+    shutil.copytree(table, here)
+    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
+                    Path(codebook_uri(str(here), "x")).parent)
+    before = lance.dataset(str(here))
+    old = TableManifest.from_schema(before.schema)
+    floats = before.to_table(columns=["id", VECTOR_COLUMN]).sort_by("id")
+    with pytest.raises(TableError, match="--replace"):
+        api.refit(str(here), name="pca-b1", nbytes=2)
+    assert lance.dataset(str(here)).version == before.version
+    out = api.refit(str(here), name="pca-b1", nbytes=2, sample=256, replace=True)
+
+    after = lance.dataset(str(here))
+    assert after.version == before.version + 1 == out["version"] and out["current_moved"]
+    assert isinstance(after.read_transaction(after.version).operation,
+                      lance.LanceOperation.Merge)
+    assert after.schema.names == before.schema.names  # the code in its place, no other
+    assert after.lance_schema.field(CODE_COLUMN).id() > before.lance_schema.field(
+        CODE_COLUMN).id()
+    assert str(after.schema.field(CODE_COLUMN).type) == "fixed_size_list<item: uint8>[2]"
+    new = TableManifest.from_schema(after.schema)
+    assert new.vectors.code.sha256 == out["code"]["sha256"] != old.vectors.code.sha256
+    assert new.embedding_fingerprint() == old.embedding_fingerprint()
+    assert out["replaced"]["sha256"] == old.vectors.code.sha256
+    codes, vectors, _ = _codes_and_vectors(here)
+    assert np.array_equal(codes, load_codebook(str(here), new.vectors.code.sha256)
+                          .encode(vectors))
+    assert after.to_table(columns=["id", VECTOR_COLUMN]).sort_by("id").equals(floats)
+    overlap = out["overlap"]
+    assert (overlap["old"]["code"], overlap["new"]["code"]) == ("pca-b2@4", "pca-b1@2")
+    assert overlap["queries"] == min(200, after.count_rows())
+    assert all(0 <= v <= 1 for v in (overlap["old"]["recall"], overlap["new"]["recall"],
+                                     overlap["shared"]))
+    # the version before still reads its own code: old versions keep their files
+    assert np.array_equal(column_matrix(lance.dataset(str(here), version=before.version)
+                                        .to_table(columns=[CODE_COLUMN]).column(CODE_COLUMN)),
+                          column_matrix(before.to_table(columns=[CODE_COLUMN])
+                                        .column(CODE_COLUMN)))
+    assert open_table(here).search("open a file", k=3, using="code")
+    assert run_embed(_spec(corpus, here, tiny_model, code=None)).tokens == 0
+
+    again = api.refit(str(here), name="pca-b2", nbytes=4, sample=256, replace=True)
+    assert again["replaced"]["name"] == "pca-b1"
+    docs = _docs(stdlib_docs, 46)
+    summary = run_embed(_spec(write_jsonl(tmp_path / "more.jsonl", docs), here, tiny_model,
+                              code=None, kind="reindex"))
+    assert summary.tokens > 0
+    codes, vectors, ids = _codes_and_vectors(here)
+    assert {d["id"] for d in docs} == {i.rsplit("#", 1)[0] for i in ids}
+    assert np.array_equal(codes, load_codebook(str(here), again["code"]["sha256"])
+                          .encode(vectors))
