@@ -154,8 +154,12 @@ def _sample_vectors(ds: lance.LanceDataset, rows: int) -> np.ndarray:
 
 def overlap_line(overlap: dict) -> str:
     """One line of `overlap_report`: each code's recall and what they share."""
-    return (f"{overlap['old']['code']} finds {overlap['old']['recall']:.3f} and "
-            f"{overlap['new']['code']} {overlap['new']['recall']:.3f} of the float top "
+    def code(side: dict) -> str:
+        return side["code"] + (" (its projection, before Lance's RaBitQ)"
+                               if side["by_projection"] else "")
+
+    return (f"{code(overlap['old'])} finds {overlap['old']['recall']:.3f} and "
+            f"{code(overlap['new'])} {overlap['new']['recall']:.3f} of the float top "
             f"{overlap['k']} among their top {overlap['depth']}; they share "
             f"{overlap['shared']:.3f} of those candidates ({overlap['queries']} queries)")
 

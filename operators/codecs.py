@@ -397,6 +397,7 @@ def overlap_report(vectors: np.ndarray, old: Codec, new: Codec, *, queries: int 
         shared.append(len(tops["old"] & tops["new"]) / depth)
     return {"rows": len(x), "queries": len(asking), "depth": depth, "k": k,
             **{side: {"code": f"{c.name}@{c.nbytes}",
-                      "recall": round(float(np.mean(found[side])), 4)}
+                      "recall": round(float(np.mean(found[side])), 4),
+                      "by_projection": c.lance_indexed}
                for side, c in (("old", old), ("new", new))},
             "shared": round(float(np.mean(shared)), 4)}
