@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from typing import Literal
 
 import lance
@@ -30,6 +31,8 @@ import pyarrow as pa
 from jobs._calibrate import calibrated
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import cut_over, pin_current
+from jobs._embed_service import KEPT_TASK_CPUS, codebook_key, embed_on_kept, kept_embedder
+from jobs._embed_service import wanted as kept_wanted
 from jobs._index import ClusterBuilder, index_workers
 from jobs._job_metrics import DriverMeter, MeteredEmbedder
 from jobs._lance_io import (
@@ -109,7 +112,7 @@ from schemas.manifest import (
 )
 from schemas.records import table_schema
 from schemas.source import Shard
-from schemas.spec import JobSpec, Precision
+from schemas.spec import JobSpec, Precision, with_absolute_paths
 
 log = logging.getLogger("quiver")
 
@@ -259,7 +262,8 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
     start: Ray up, and the first embedded block out of an actor; `actor_ready` when the
     first actor had its model loaded and `actor_load` the seconds its load took (the
     imports of torch and transformers in a fresh worker, and the weights), from
-    `first_load` (`operators.embed.load_times`). `actor_idle` is the
+    `first_load` (`operators.embed.load_times`); `actor_kept` when that load was an
+    earlier run's (`jobs._embed_service`: ready at 0). `actor_idle` is the
     actors' share of the embed phase not spent on a batch: model loading, waiting for
     blocks, the tail, and whatever Ray's own processes took from them.
 
@@ -272,8 +276,10 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
                for stage in ("plan", "read", "tokenize", "forward", "pool", "quantize",
                              "write", "commit")}
     ready, load = first_load if first_load is not None else (None, None)
+    kept = ready is not None and ready < started_at  # loaded by an earlier run
     return {**profile, "ray_start": round(ray_start, 2),
-            "actor_ready": None if ready is None else round(ready - started_at, 2),
+            "actor_ready": None if ready is None else round(max(0.0, ready - started_at), 2),
+            "actor_kept": kept,
             "actor_load": None if load is None else round(load, 2),
             "first_block": None if first_block is None else round(first_block, 2),
             "actors": actors, "actor_idle": round(max(0.0, actors * embed_seconds - busy), 2)}
@@ -319,18 +325,27 @@ def _warn_untrained_truncation(info: ModelInfo, vectors: VectorsManifest) -> Non
 
 
 def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
-                 precision: Precision, codebook: Codebook):
-    """The embed actor pool over chunk rows (token ids in, codec columns out)."""
+                 precision: Precision, codebook: Codebook, size: int):
+    """The embed actor pool over chunk rows (token ids in, codec columns out); for a
+    small run of the warm scheduler, the kept actor instead (`jobs._embed_service`)."""
+    import ray
     from ray.data import ActorPoolStrategy
 
+    settings = dict(precision=precision, device=spec.model.device,
+                    batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
+                    trust_remote_code=spec.model.trust_remote_code)
+    if kept_wanted(chunks=size, gpus=layout.gpus):
+        progress("embedding on the scheduler's kept model actor")
+        return ds.map_batches(
+            embed_on_kept, fn_kwargs=dict(actor=kept_embedder(info, settings),
+                                          key=codebook_key(codebook),
+                                          codebook=ray.put(codebook)),
+            num_cpus=KEPT_TASK_CPUS, batch_size=layout.rows_per_block,
+            batch_format="pyarrow")
     return ds.map_batches(
         MeteredEmbedder,
         fn_constructor_args=(info,),
-        fn_constructor_kwargs=dict(
-            table_uri=spec.table, precision=precision, device=spec.model.device,
-            batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
-            trust_remote_code=spec.model.trust_remote_code, codebook=codebook,
-        ),
+        fn_constructor_kwargs=dict(table_uri=spec.table, codebook=codebook, **settings),
         compute=ActorPoolStrategy(size=layout.actors),
         num_cpus=layout.cpus,
         num_gpus=layout.gpus,
@@ -690,7 +705,7 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             meter = JobProgress(work.size, unit=work.unit, label=work.label)
             checkpointer.on_shard_written = work.shard_written
             ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
-                              precision=planned.precision, codebook=codebook)
+                              precision=planned.precision, codebook=codebook, size=work.size)
             written = ds.map_batches(
                 write_shard_fragments, fn_kwargs=dict(
                     uri=uri, schema=work.schema, max_rows_per_file=spec.write.max_rows_per_file,
@@ -920,6 +935,7 @@ def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
             committed nothing after that.
     """
     started, started_at = time.perf_counter(), time.time()
+    spec = with_absolute_paths(spec, base=Path.cwd())  # what the Ray workers read and write
     lease = Lease.acquire(spec.table, spec.write.storage_options, wait=wait,
                           purpose=f"a quiver run of {spec.source.uri}")
     try:

@@ -590,9 +590,12 @@ def scheduler(
     metrics_port: Annotated[int | None, typer.Option(
         "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics (runs by "
         "outcome, durations, last success, cost) on 127.0.0.1:PORT/metrics.")] = None,
+    cold: Annotated[bool, typer.Option(
+        "--cold", help="Start a Ray per local run instead of keeping the scheduler's own "
+        "between runs (warm: each run joins it, skipping Ray's start).")] = False,
 ) -> None:
     """Fire due schedules, locally or to --address, until interrupted."""
-    from jobs.schedule import Scheduler, default_runner
+    from jobs.schedule import Scheduler, WarmRay, default_runner
 
     store = _store(warehouse)
     metrics = None
@@ -605,7 +608,9 @@ def scheduler(
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
         print(f"scheduler metrics on http://127.0.0.1:{metrics_port}/metrics",
               file=sys.stderr)
-    sched = Scheduler(store, default_runner(address), metrics=metrics)
+    warm = None if cold else WarmRay()
+    sched = Scheduler(store, default_runner(address, warm=warm), metrics=metrics, warm=warm,
+                      default_address=address)
     if once:
         print(" ".join(sched.tick()) or "nothing due")
         sched.wait()

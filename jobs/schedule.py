@@ -23,6 +23,12 @@ Policy:
   freed, so the next slot runs.
 - Missed runs: when the scheduler starts (or wakes) and one or more slots passed since the
   last one fired, the schedule runs once, not once per missed slot.
+- Warm runs: a local run is its own `quiver run` process (so a timeout can kill it and a
+  crash cannot take the scheduler down), but it joins the scheduler's own Ray
+  (`WarmRay`: a private Ray on 127.0.0.1 that the scheduler starts once, before its first
+  local run, and keeps) instead of starting one, and a small run embeds on a model
+  actor that Ray keeps loaded between runs (`jobs._embed_service`): most of a cold
+  run's fixed start-up. `--cold` gives each run its own Ray, as `quiver run` alone does.
 """
 
 from __future__ import annotations
@@ -229,12 +235,17 @@ class Scheduler:
     """
 
     def __init__(self, store: ScheduleStore, runner: Runner,
-                 clock: Callable[[], datetime] = _now, metrics=None) -> None:
+                 clock: Callable[[], datetime] = _now, metrics=None,
+                 warm: WarmRay | None = None, default_address: str | None = None) -> None:
         self.store = store
         self.runner = runner
         self.clock = clock
         self.metrics = metrics
         """A `jobs._metrics.SchedulerMetrics` to count outcomes in, or None."""
+        self.warm = warm
+        """The Ray local runs join (started here, in the ticking thread, before the first
+        local run), or None: each run starts its own."""
+        self.default_address = default_address
         self.threads: list[threading.Thread] = []
         self._recovered = False
 
@@ -248,6 +259,8 @@ class Scheduler:
             slot = due_slot(schedule, now)
             if slot is None:
                 continue
+            if self.warm is not None and not (schedule.address or self.default_address):
+                self.warm.start()  # here: `ray.init` wants the main thread
             if not self.store.try_lock(schedule.lock_name()):
                 self.store.mark_fired(schedule.name, slot)  # this slot is over: skipped
                 skipped = {"schedule": schedule.name, "slot": _iso(slot),
@@ -324,10 +337,33 @@ class Scheduler:
             stop.wait(poll_s)
 
 
+class WarmRay:
+    """The scheduler's own Ray for its local runs: started once, in the scheduler's
+    process and main thread (`ray.init` off it lost its connection here), on 127.0.0.1
+    only, as `quiver run` starts its private one; each run joins it by address."""
+
+    def __init__(self) -> None:
+        self.address: str | None = None
+
+    def start(self) -> str:
+        """The running Ray's address, starting it on the first call."""
+        if self.address is None:
+            import ray
+
+            from jobs._ray import ensure_ray
+
+            ensure_ray()
+            self.address = ray.get_runtime_context().gcs_address
+        return self.address
+
+
 def default_runner(default_address: str | None = None, *,
-                   command: Callable[[Schedule], list[str]] | None = None) -> Runner:
+                   command: Callable[[Schedule], list[str]] | None = None,
+                   warm: WarmRay | None = None) -> Runner:
     """Run locally in a subprocess (`quiver run`), or submit to the schedule's address.
-    `command` replaces the local command line (tests: a run that hangs)."""
+    `command` replaces the local command line (tests: a run that hangs); with `warm`
+    (started by the scheduler before it runs anything: `Scheduler.tick`), local runs
+    join that Ray instead of starting their own."""
     import subprocess
     import sys
 
@@ -356,9 +392,14 @@ def default_runner(default_address: str | None = None, *,
 
         argv = command(schedule) if command else [sys.executable, "-m", "jobs.cli", "run",
                                                    schedule.spec, "--json"]
+        env = None
+        if warm is not None and warm.address is not None:
+            from jobs._embed_service import KEEP_ENV
+
+            env = {**os.environ, "RAY_ADDRESS": warm.address, KEEP_ENV: "1"}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=schedule.workdir or None,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         try:
             stdout, stderr = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:

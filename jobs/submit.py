@@ -28,25 +28,16 @@ import yaml
 
 from jobs._net import is_loopback
 from schemas.errors import QuiverError, SpecError
-from schemas.spec import STORAGE_OPTIONS_ENV, JobSpec, load_spec
+from schemas.spec import STORAGE_OPTIONS_ENV, JobSpec, load_spec, with_absolute_paths
 
 ENTRYPOINT = "{python} -m jobs.cli run spec.yaml --json"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60.0
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri
-
-
 def resolved_spec(spec: JobSpec, *, base: Path) -> dict:
     """The spec as a mapping, with local source and table paths made absolute."""
-    data = spec.model_dump(mode="json", exclude_unset=False)
-    if _is_local(spec.source.uri):
-        data["source"]["uri"] = str((base / spec.source.uri).resolve())
-    if _is_local(spec.table):
-        data["table"] = str((base / spec.table).resolve())
-    return data
+    return with_absolute_paths(spec, base=base).model_dump(mode="json", exclude_unset=False)
 
 
 def dashboard_address(address: str | None) -> str | None:

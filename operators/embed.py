@@ -9,6 +9,7 @@ padding stays small.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -413,6 +414,20 @@ class Embedder:
         self._load_dictionary = pa.array([self.load_id])
         self._zeros = pa.array(np.zeros(0, np.int32))
         """Dictionary indices of `LOADED_BY` (all 0), sliced for each block."""
+        self._use_codebook(self.codebook)
+
+    def with_codebook(self, codebook: Codebook) -> Embedder:
+        """This loaded model storing another table's codecs: a shallow copy sharing the
+        weights (what a long-lived embed actor hands each job, `jobs._embed_service`)."""
+        other = copy.copy(self)
+        other.seconds = {"forward": 0.0, "pool": 0.0}
+        other._marks = []
+        other._use_codebook(codebook)
+        return other
+
+    def _use_codebook(self, codebook: Codebook) -> None:
+        """The output columns `codebook` stores, and the schemas cached per block."""
+        self.codebook = codebook
         vector_fields = self.codebook.fields()
         self._stored = [(f.name, f.type) for f in vector_fields]
         """(name, fixed-size list type) of each stored vector column, in the table's order."""

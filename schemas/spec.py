@@ -466,6 +466,18 @@ def parse_spec(data: object, *, origin: str = "<spec>") -> JobSpec:
         raise SpecError(_format_errors(origin, err)) from None
 
 
+def with_absolute_paths(spec: JobSpec, *, base: Path) -> JobSpec:
+    """`spec` with a local source and table made absolute against `base`: Ray workers
+    resolve a relative path against their own folder, which on a cluster the job joins
+    (`quiver submit`, the warm scheduler's Ray) is not the folder the job ran in."""
+    def absolute(uri: str) -> str:
+        return uri if "://" in uri else str((base / uri).resolve())
+
+    return spec.model_copy(update={
+        "table": absolute(spec.table),
+        "source": spec.source.model_copy(update={"uri": absolute(spec.source.uri)})})
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML job spec.
 

@@ -119,7 +119,16 @@ def test_due_slot_uses_cron_semantics(tmp_path, spec) -> None:
     assert due_slot(s, monday) == datetime(2026, 11, 30, 6, 30, tzinfo=UTC)
 
 
-def test_a_schedule_runs_a_real_job(tmp_path, stdlib_docs, tiny_model) -> None:
+def test_a_schedule_runs_a_real_job_in_the_schedulers_own_ray(tmp_path, stdlib_docs,
+                                                              tiny_model) -> None:
+    """A warm scheduler (the default) starts its Ray before the first local run and
+    keeps it: each run is its own process that joins that Ray (the same node as the
+    scheduler's own driver, at the address it hands over) instead of starting one, and
+    a real job run that way succeeds."""
+    import ray
+
+    from jobs.schedule import WarmRay
+
     write_jsonl(tmp_path / "docs.jsonl",
                 [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[330:336]])
     (tmp_path / "spec.yaml").write_text(
@@ -135,15 +144,30 @@ def test_a_schedule_runs_a_real_job(tmp_path, stdlib_docs, tiny_model) -> None:
     assert cli("schedule", "add", "docs", "spec.yaml", "--cron", "* * * * *",
                "--warehouse", "wh").returncode == 0
     store = ScheduleStore(tmp_path / "wh")
+    warm = WarmRay()
+    from conftest import REPO
+
+    probe = (f"import json, os, sys; sys.path.insert(0, {str(REPO)!r}); import ray; "
+             "from jobs._ray import ensure_ray; ensure_ray(); print(json.dumps({'address': "
+             "os.environ['RAY_ADDRESS'], 'node': ray.get_runtime_context().get_node_id()}))")
     store.mark_fired("docs", datetime.now(UTC) - timedelta(minutes=2))  # one slot is due
-    sched = Scheduler(store, default_runner())  # runs in the directory `add` ran in
+    probing = Scheduler(store, default_runner(
+        command=lambda _: [sys.executable, "-c", probe], warm=warm), warm=warm)
+    assert probing.tick() == ["docs"]
+    probing.wait()
+    joined = store.history("docs")[-1]["summary"]
+    assert joined == {"address": warm.address,
+                      "node": ray.get_runtime_context().get_node_id()}
+
+    store.mark_fired("docs", datetime.now(UTC) - timedelta(minutes=2))
+    sched = Scheduler(store, default_runner(warm=warm), warm=warm)  # in `add`'s directory
     assert sched.tick() == ["docs"]
     sched.wait()
-    (entry,) = store.history("docs")
-    assert entry["status"] == "succeeded", entry
+    entry = store.history("docs")[-1]
+    assert entry["status"] == "succeeded", (entry.get("error"), entry.get("traceback"))
     assert entry["summary"]["chunks"] == lance.dataset(str(tmp_path / "out/t.lance")).count_rows()
     listed = json.loads(cli("schedule", "history", "docs", "--warehouse", "wh", "--json").stdout)
-    assert listed[0]["status"] == "succeeded"
+    assert [h["status"] for h in listed] == ["succeeded", "succeeded"]
 
 
 def test_a_scheduler_killed_as_a_run_starts_runs_that_slot_after_restart(tmp_path,
