@@ -14,10 +14,10 @@ same shape, so one scan serves them all:
   sub-vector (256 k-means centroids per subspace, product quantization), and `rq` leaves
   the quantizing to Lance: the table stores the projection (float16) and Lance's IVF_RQ
   index keeps 1 bit per projected dimension of each row's residual from its partition
-  centre (RaBitQ), searched by Lance, not scanned here. Among 1M distractors at 24 B,
-  `pca-rq` kept 94.2 / 99.7 / 108.1% of float nDCG@10 on scifact / cranfield /
-  limit-small against 93.0 / 86.0 / 72.4% for the best scanned code, `opq-pq`
-  (`benchmarks/codecs.py --lance pca192/IVF_RQ:1`).
+  centre (RaBitQ), searched by Lance, not scanned here. Among 1M distractors at 24 B
+  and depth 100, `pca-rq` kept 97.0 / 100.6 / 96.3% of float nDCG@10 on scifact /
+  cranfield / limit-small at 50 probes, against 93.0 / 86.0 / 72.4% for the best
+  scanned code, `opq-pq` (`benchmarks/codecs.py --lance pca192/IVF_RQ:1 --nprobes 50`).
 
 Scoring is asymmetric: the float query is projected, never quantized, and scores a row
 as `project(q) . decode(code)`. That equals `q . x` up to the code's error and a term
