@@ -1,8 +1,9 @@
 """The quality report: every way a table can be searched, scored on real judgments.
 
 For each way (float exact, float ANN, int8 alone and rescored, binary alone and
-rescored, the table's fitted code alone and rescored at depths `CODE_DEPTHS`, Matryoshka
-truncations of the float column) it measures first-stage bytes per
+rescored, the table's fitted code alone and rescored at depths `CODE_DEPTHS`, float
+exact re-ranked by QB-Norm when the table has a query bank, Matryoshka truncations of the
+float column) it measures first-stage bytes per
 vector, nDCG@10, recall@100, the share of float nDCG@10 kept, and per-query search
 latency (p50/p99, query embedding excluded). Float ANN uses the table's own index when it
 has one, else an index built with the job's defaults on a temporary copy of the vectors,
@@ -25,7 +26,7 @@ import numpy as np
 from operators.evaluate import BeirQueries, score_runs
 from operators.index import build_vector_index
 from operators.quantize import bytes_per_vector, column_matrix, truncate_query
-from operators.search import DEFAULT_RESCORE, VectorSearcher, top_documents
+from operators.search import DEFAULT_RESCORE, VectorSearcher, take_rows, top_documents
 from schemas.records import VECTOR_COLUMN
 from schemas.spec import IndexSpec
 
@@ -69,6 +70,18 @@ def _measure(name: str, nbytes: float, search: ChunkSearch, vectors: np.ndarray,
 def _lance_way(searcher: VectorSearcher, **options) -> ChunkSearch:
     def run(v: np.ndarray, k: int) -> tuple[list[str], list[str], list[float]]:
         hits = searcher.search(v, k=k, columns=("id", "doc_id"), **options)
+        return (hits.column("id").to_pylist(), hits.column("doc_id").to_pylist(),
+                hits.column("score").to_pylist())
+
+    return run
+
+
+def _qbnorm_way(rerank: Callable[..., tuple[np.ndarray, np.ndarray]],
+                searcher: VectorSearcher) -> ChunkSearch:
+    """Float exact search re-ranked by QB-Norm (`jobs.table.Table.qbnorm_candidates`)."""
+    def run(v: np.ndarray, k: int) -> tuple[list[str], list[str], list[float]]:
+        row_ids, scores = rerank(v, k, using="float", exact=True)
+        hits = take_rows(searcher.ds, row_ids, scores, ("id", "doc_id"))
         return (hits.column("id").to_pylist(), hits.column("doc_id").to_pylist(),
                 hits.column("score").to_pylist())
 
@@ -126,7 +139,8 @@ def ann_recall(exact: ChunkSearch, ann: ChunkSearch, vectors: np.ndarray, k: int
 
 def quality_report(searcher: VectorSearcher, vectors: np.ndarray, queries: BeirQueries, *,
                    chunks_per_query: int = 300,
-                   matryoshka: tuple[int, ...] | None = None) -> dict:
+                   matryoshka: tuple[int, ...] | None = None,
+                   qbnorm: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Score every way `searcher`'s table can be searched; see the module docstring.
 
     Args:
@@ -136,6 +150,9 @@ def quality_report(searcher: VectorSearcher, vectors: np.ndarray, queries: BeirQ
         chunks_per_query: Chunks fetched per query before folding to documents.
         matryoshka: Truncation sizes to try on the float column; None means dims/2 and
             dims/4 when the table stores untruncated float vectors.
+        qbnorm: The table's QB-Norm re-ranking (`Table.qbnorm_candidates`) when it has
+            a query bank: measured as float exact + QB-Norm, so the report says whether
+            it helps.
     """
     book = searcher.book
     rows: list[WayResult] = []
@@ -156,6 +173,9 @@ def quality_report(searcher: VectorSearcher, vectors: np.ndarray, queries: BeirQ
             extra["ann_recall@10"] = round(ann_recall(exact, ann, vectors), 4)
             add(f"{float_codec} ANN", fbytes, ann,
                 f"{note}; recall@10 vs exact {extra['ann_recall@10']}")
+            if qbnorm is not None:
+                add(f"{float_codec} exact + QB-Norm", fbytes, _qbnorm_way(qbnorm, searcher),
+                    "the table's query bank (quiver table qbnorm), dynamic inverted softmax")
         if "int8" in codecs:
             ibytes = bytes_per_vector("int8", book.dims)
             add("int8 alone", ibytes, _lance_way(searcher, using="int8", rescore=1))

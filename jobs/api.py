@@ -28,6 +28,7 @@ from jobs._maintenance import (
     set_tag,
     table_stats,
 )
+from jobs._qbnorm import build_bank as qbnorm_bank
 from jobs._quality import quality_report
 from jobs._refit import refit
 from jobs.table import (  # noqa: F401  (re-exported: the public API)
@@ -41,13 +42,13 @@ from jobs.table import (  # noqa: F401  (re-exported: the public API)
     shared_encoder,
 )
 from operators.evaluate import load_beir, score_runs
-from schemas.errors import TableError
+from schemas.errors import QueryError, TableError
 from schemas.manifest import TableManifest
 from schemas.spec import JobSpec, load_spec
 
 __all__ = ["Hit", "JobSummary", "Table", "delete_documents", "evaluate", "export_table",
            "include", "info", "list_tags", "load_spec", "open_table", "optimize", "plan",
-           "promote", "quality", "refit",
+           "promote", "qbnorm_bank", "quality", "refit",
            "rejects_summary", "restore", "run", "set_tag", "table_stats"]
 
 
@@ -105,7 +106,13 @@ def quality(uri: str | Path, beir: str | Path, *, model: str | None = None,
     table = open_table(uri, model=model, storage_options=storage_options)
     queries = load_beir(beir)
     vectors = table.embed_queries(queries.texts)
-    report = quality_report(table.searcher, vectors, queries, chunks_per_query=chunks_per_query)
+    try:
+        table.query_bank()
+        rerank = table.qbnorm_candidates
+    except QueryError:  # no bank: nothing to measure
+        rerank = None
+    report = quality_report(table.searcher, vectors, queries, chunks_per_query=chunks_per_query,
+                            qbnorm=rerank)
     return {"table": str(uri), "beir": str(beir), **report}
 
 

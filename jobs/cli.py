@@ -316,6 +316,9 @@ def query(
         "--where", help="Filter clause, repeatable (AND): year>=2020, lang=en, "
         "'lang in en,de', x!=y; columns and values are checked against the table.")] = None,
     version: VersionOpt = None,
+    qbnorm: Annotated[bool, typer.Option(
+        "--qbnorm", help="Re-rank against the table's QB-Norm query bank (quiver table "
+        "qbnorm).")] = False,
     storage_option: StorageOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -328,7 +331,7 @@ def query(
     hits = api.open_table(table, model=model, version=_version(version),
                           storage_options=_storage(storage_option)).search(
         text, k=k, mode=mode, using=using, rescore=rescore, depth=depth, exact=exact,
-        where=filters, columns=columns)
+        where=filters, columns=columns, qbnorm=qbnorm)
     if as_json:
         _emit({"table": table, "query": text, "k": k, "mode": mode,
                "hits": [h.__dict__ for h in hits]})
@@ -765,6 +768,31 @@ def table_refit(
               "sampled rows")
     if data["index"]:
         print(f"index      {data['index']}")
+
+
+@table_app.command("qbnorm")
+def table_qbnorm(
+    table: TableArg,
+    queries: Annotated[Path, typer.Option(
+        "--queries", help="Queries for the bank: JSON lines with a 'text' field (BEIR's "
+        "queries.jsonl, a train split) or one query per line.")],
+    beta: Annotated[float, typer.Option("--beta", min=0.1, help="Softmax temperature.")]
+    = 20.0,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Queries kept at most.")]
+    = 2000,
+    storage_option: StorageOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Build the table's QB-Norm query bank, for searches with --qbnorm (docs/search.md:
+    it helped one of three sets measured; check with `quiver eval --report`)."""
+    from jobs import api
+    from jobs._plan import progress
+
+    data = api.qbnorm_bank(table, queries, beta=beta, limit=limit,
+                           storage_options=_storage(storage_option), progress=progress)
+    if _emitted(data, as_json):
+        return
+    print(f"{table}: QB-Norm bank of {data['queries']} queries (beta {data['beta']:g}, "
+          f"{data['activated']} chunks activated) in {data['seconds']} s -> {data['bank']}")
 
 
 @table_app.command("delete")

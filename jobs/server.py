@@ -81,6 +81,8 @@ class SearchOptions(BaseModel):
     version: int | Annotated[str, Field(max_length=MAX_TAG_CHARS)] | None = Field(
         None, description="Table version number or tag.")
     rrf_k: int = Field(RRF_K, ge=1, le=1000, description="Hybrid search rank-fusion constant.")
+    qbnorm: bool = Field(False, description="Re-rank a dense search against the table's "
+                         "QB-Norm query bank (`quiver table qbnorm`).")
 
 
 class SearchRequest(SearchOptions):
@@ -324,7 +326,8 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
 
     def _options(req: SearchOptions) -> dict:
         opts = dict(k=req.k, mode=req.mode, using=req.using, rescore=req.rescore,
-                    depth=req.depth, exact=req.exact, where=req.where, columns=req.columns)
+                    depth=req.depth, exact=req.exact, where=req.where, columns=req.columns,
+                    qbnorm=req.qbnorm)
         return {**opts, "rrf_k": req.rrf_k} if req.mode == "hybrid" else opts
 
     @contextmanager

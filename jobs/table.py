@@ -24,6 +24,7 @@ from operators.embed import Embedder, TextEncoder
 from operators.filters import compile_filter
 from operators.fulltext import HYBRID_CANDIDATES, RRF_K, fts_candidates, rrf_fuse
 from operators.model import describe_model
+from operators.qbnorm import QBNORM_POOL, QueryBank, load_bank
 from operators.search import DEFAULT_COLUMNS, VectorSearcher, take_rows, top_documents
 from operators.stage_clock import stage
 from schemas.errors import ManifestMismatchError, QueryError, TableError
@@ -92,6 +93,8 @@ class Table:
                 f"{self.uri} holds {m.dim}-d vectors but the model gives {model_info.dim}-d"
             )
         self._encoder = shared_encoder(model_info)
+        self._storage_options = storage_options
+        self._bank: QueryBank | None = None
         code = self.manifest.vectors.code
         self.searcher = VectorSearcher(
             self.ds, self.manifest,
@@ -114,14 +117,42 @@ class Table:
             return where
         return compile_filter(where, self.ds.schema)
 
+    def query_bank(self) -> QueryBank:
+        """The table's QB-Norm bank (`operators.qbnorm`), loaded on first use.
+
+        Raises:
+            QueryError: the table has none.
+            ManifestMismatchError: it was built for another embedding.
+        """
+        if self._bank is None:
+            self._bank = load_bank(self.uri, self.manifest.embedding_fingerprint(),
+                                   self._storage_options)
+        return self._bank
+
+    def qbnorm_candidates(self, vector: np.ndarray, k: int,
+                          **dense) -> tuple[np.ndarray, np.ndarray]:
+        """The dense candidates re-ranked by QB-Norm: `QBNORM_POOL` (at least k) of them
+        by the usual search, their vectors scored against the bank."""
+        bank = self.query_bank()
+        row_ids, scores = self.searcher.candidates(vector, k=max(k, QBNORM_POOL), **dense)
+        with stage("rescore"):
+            ids = take_rows(self.ds, row_ids, scores, ("id",)).column("id").to_pylist()
+            scores = bank.rescore(ids, scores, self.searcher.unit_vectors(row_ids))
+            order = np.argsort(-scores, kind="stable")[:k]
+        return row_ids[order], scores[order].astype(np.float32)
+
     def _candidates(self, text: str | None, vector: np.ndarray | None, *, k: int,
                     mode: str = "dense", using: str = "auto", rescore: int | None = None,
                     depth: int | None = None, exact: bool = False, where: Where = None,
-                    rrf_k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
+                    rrf_k: int = RRF_K, qbnorm: bool = False) -> tuple[np.ndarray, np.ndarray]:
         expr = self._filter(mode, k, where)
         if mode != "dense" and text is None:
             raise QueryError(f"mode {mode!r} needs the query text, not only a vector")
+        if qbnorm and mode != "dense":
+            raise QueryError(f"qbnorm re-ranks dense searches; mode {mode!r} has none")
         dense = dict(using=using, rescore=rescore, depth=depth, exact=exact, where=expr)
+        if mode == "dense" and qbnorm:
+            return self.qbnorm_candidates(vector, k, **dense)
         if mode == "dense":
             return self.searcher.candidates(vector, k=k, **dense)
         if mode == "fts":
@@ -146,12 +177,13 @@ class Table:
                 columns: Sequence[str] = DEFAULT_COLUMNS, mode: str = "dense",
                 where: Where = None, **options) -> list[Hit]:
         self._check_columns(columns)
-        if mode == "dense":  # one Lance call for float search, no row-id round trip
+        qbnorm = options.pop("qbnorm", False)
+        if mode == "dense" and not qbnorm:  # one Lance call for float search, no row ids
             expr = self._filter(mode, k, where)
             rows = self.searcher.search(vector, k=k, columns=columns, where=expr, **options)
         else:
             ids, scores = self._candidates(text, vector, k=k, mode=mode, where=where,
-                                           **options)
+                                           qbnorm=qbnorm, **options)
             with stage("fetch"):
                 rows = take_rows(self.ds, ids, scores, columns)
         return [Hit(h["id"], h["doc_id"], h["chunk"], float(h["score"]), h["text"],
@@ -161,7 +193,7 @@ class Table:
     def search(self, text: str, *, k: int = 10, mode: str = "dense", using: str = "auto",
                rescore: int | None = None, depth: int | None = None, exact: bool = False,
                where: Where = None, columns: Sequence[str] = DEFAULT_COLUMNS,
-               rrf_k: int = RRF_K) -> list[Hit]:
+               rrf_k: int = RRF_K, qbnorm: bool = False) -> list[Hit]:
         """Top-k chunks for a query text.
 
         Args:
@@ -179,21 +211,24 @@ class Table:
             columns: Extra columns to return land in `Hit.fields`.
             rrf_k: Reciprocal-rank-fusion constant for hybrid search
                 (see `operators.fulltext`).
+            qbnorm: Re-rank a dense search's best `QBNORM_POOL` candidates against the
+                table's query bank (`operators.qbnorm`; scores become QB-Norm's).
         """
         vector = None if mode == "fts" else self.embed_queries([text])[0]
         extra = {"rrf_k": rrf_k} if mode == "hybrid" else {}
         return self._search(text, vector, k=k, mode=mode, using=using, rescore=rescore,
-                            depth=depth, exact=exact, where=where,
+                            depth=depth, exact=exact, where=where, qbnorm=qbnorm,
                             columns=_with_defaults(columns), **extra)
 
     def search_vector(self, vector: np.ndarray, *, k: int = 10, using: str = "auto",
                       rescore: int | None = None, depth: int | None = None,
                       exact: bool = False, where: Where = None,
-                      columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Hit]:
+                      columns: Sequence[str] = DEFAULT_COLUMNS,
+                      qbnorm: bool = False) -> list[Hit]:
         """Top-k chunks for a query vector (model dims; cut to the table's own dims)."""
         return self._search(None, np.asarray(vector, np.float32), k=k, mode="dense",
                             using=using, rescore=rescore, depth=depth, exact=exact,
-                            where=where, columns=_with_defaults(columns))
+                            where=where, qbnorm=qbnorm, columns=_with_defaults(columns))
 
     def search_batch(self, texts: Sequence[str], *, k: int = 10, mode: str = "dense",
                      **options) -> list[list[Hit]]:

@@ -197,6 +197,26 @@ def test_server_lists_describes_and_searches(server) -> None:
     assert status == 200 and "/tables/{name}/search" in body["paths"]
 
 
+def test_server_searches_with_qbnorm_once_the_table_has_a_bank(server, warehouse,
+                                                              tmp_path) -> None:
+    from jobs import api
+
+    root, _ = warehouse
+    ask = {"query": "regular expressions", "k": 3, "qbnorm": True}
+    status, body = _call(f"{server}/tables/docs/search", ask, token="s3cret")
+    assert status == 400 and "quiver table qbnorm" in body["detail"]
+    queries = tmp_path / "bank.txt"
+    queries.write_text("\n".join(["read a csv file", "parse arguments", "send an email",
+                                   "compress data", "random numbers", "dates and times"]))
+    built = api.qbnorm_bank(str(root / "docs.lance"), queries)
+    assert built["queries"] == 6 and built["activated"] >= 1
+    status, body = _call(f"{server}/tables/docs/search", ask, token="s3cret")
+    assert status == 200 and len(body["hits"]) == 3
+    local = api.open_table(root / "docs.lance").search("regular expressions", k=3,
+                                                        qbnorm=True)
+    assert [h["id"] for h in body["hits"]] == [h.id for h in local]
+
+
 def test_server_refuses_bad_auth_names_and_requests(server, warehouse) -> None:
     assert _call(f"{server}/tables")[0] == 401
     assert _call(f"{server}/tables", token="wrong")[0] == 401
