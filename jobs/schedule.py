@@ -49,6 +49,8 @@ from schemas.errors import SpecError
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Runner = Callable[["Schedule"], dict]
 """Runs a schedule's job and returns its summary (raises on failure)."""
+RUN_FIGURES = ("documents", "chunks", "tokens", "seconds", "node_hours", "cost")
+"""What a remote run's history keeps of the summary its job printed."""
 
 
 @dataclass
@@ -387,7 +389,9 @@ def default_runner(default_address: str | None = None, *,
             if status["status"] != "SUCCEEDED":
                 raise RuntimeError(f"job {job_id} ended {status['status']}: "
                                    f"{status['message']}")
-            return status
+            # the job's own summary, from its logs: its counts, node-hours and cost
+            summary = sub.summary_from_logs(sub.logs(address, job_id)) or {}
+            return {**status, **{k: summary[k] for k in RUN_FIGURES if k in summary}}
         import signal
 
         argv = command(schedule) if command else [sys.executable, "-m", "jobs.cli", "run",

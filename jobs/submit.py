@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -135,6 +136,21 @@ def status(address: str, job_id: str) -> dict:
 def logs(address: str, job_id: str) -> str:
     """Everything the job has printed so far."""
     return _client(address).get_job_logs(job_id)
+
+
+def summary_from_logs(text: str) -> dict | None:
+    """The job summary `quiver run --json` printed (the last JSON object in the logs that
+    has the summary's `chunks`), or None when there is none (a job that failed first)."""
+    decoder = json.JSONDecoder()
+    found = None
+    for start in re.finditer(r"(?m)^\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, start.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and "chunks" in value:
+            found = value
+    return found
 
 
 def follow(address: str, job_id: str, *, poll_s: float = 1.0) -> Iterator[str]:

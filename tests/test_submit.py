@@ -71,6 +71,11 @@ def test_submit_follow_and_manage(cluster, stdlib_docs, tmp_path: Path) -> None:
     assert status["table"] == str((tmp_path / "out" / "docs.lance").resolve())
     logs = _quiver("jobs", "logs", final["id"], "--address", cluster, cwd=tmp_path).stdout
     assert '"chunks"' in logs  # the job printed its JSON summary
+    # which is how a remote scheduled run's history gets its counts and node-hours
+    from jobs.submit import summary_from_logs
+
+    summary = summary_from_logs(logs)
+    assert summary["chunks"] == table.count_rows() and summary["node_hours"]
 
     # A second submission, stopped while it runs.
     (tmp_path / "slow.yaml").write_text(
