@@ -168,6 +168,11 @@ def test_a_schedule_runs_a_real_job_in_the_schedulers_own_ray(tmp_path, stdlib_d
     assert entry["summary"]["chunks"] == lance.dataset(str(tmp_path / "out/t.lance")).count_rows()
     listed = json.loads(cli("schedule", "history", "docs", "--warehouse", "wh", "--json").stdout)
     assert [h["status"] for h in listed] == ["succeeded", "succeeded"]
+    from jobs._embed_service import NAMESPACE
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):  # the run's kept model
+        if actor["namespace"] == NAMESPACE:  # stays with this Ray: not left to later tests
+            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
 
 
 def test_a_scheduler_killed_as_a_run_starts_runs_that_slot_after_restart(tmp_path,

@@ -108,8 +108,9 @@ def test_gpu_actors_go_to_the_gpu_node_and_read_tasks_stay_off_it(parts, tiny_mo
             for p in psutil.Process().children(recursive=True):
                 try:
                     title = " ".join(p.cmdline())
-                    for role in seen:
-                        if role in title and title.startswith("ray::"):
+                    for role in seen:  # this cluster's workers (not the tests' own Ray's)
+                        if role in title and title.startswith("ray::") and \
+                                p.ppid() in raylet.values():
                             seen[role].add(p.ppid())
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
