@@ -137,8 +137,8 @@ class VectorSearcher:
         self.has_float = bool(self.codecs & {"float32", "float16"})
         self._held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.cache_bytes = cache_bytes
-        self.rows = ds.count_rows()
-        self.nprobes = default_nprobes(self.rows)
+        self.row_count = ds.count_rows()
+        self.nprobes = default_nprobes(self.row_count)
         # read once: the version is fixed, and listing indices reads the manifest's
         # index section, which a binary search per query should not repeat
         indices = ds.list_indices()
@@ -305,7 +305,7 @@ class VectorSearcher:
         follows is the refine."""
         nearest = {"column": CODE_COLUMN, "q": self.code().query(q), "k": k,
                    "metric": "dot", "use_index": not exact,
-                   "nprobes": nprobes or code_nprobes(self.rows)}
+                   "nprobes": nprobes or code_nprobes(self.row_count)}
         hits = self._nearest(nearest, where)
         # Lance's dot distance is 1 - dot
         return (hits.column("_rowid").to_numpy(),
