@@ -53,6 +53,14 @@ def built(tmp_path_factory, stdlib_docs, tiny_model, ray_local):
     return root, corpus, table, summary
 
 
+def _copy(table: Path, to: Path) -> Path:
+    """A copy of the table with its codebooks folder."""
+    shutil.copytree(table, to)
+    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
+                    Path(codebook_uri(str(to), "x")).parent)
+    return to
+
+
 def _codes_and_vectors(table: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     rows = lance.dataset(str(table)).to_table(columns=["id", VECTOR_COLUMN, CODE_COLUMN])
     return (column_matrix(rows.column(CODE_COLUMN)), column_matrix(rows.column(VECTOR_COLUMN)),
@@ -125,10 +133,7 @@ def test_a_reindex_encodes_its_new_rows_with_the_stored_codebook(built, tmp_path
                                                                  stdlib_docs,
                                                                  tiny_model) -> None:
     _, _, table, _ = built
-    here = tmp_path / "t.lance"
-    shutil.copytree(table, here)
-    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
-                    Path(codebook_uri(str(here), "x")).parent)
+    here = _copy(table, tmp_path / "t.lance")
     before = TableManifest.from_schema(lance.dataset(str(here)).schema).vectors.code
     docs = _docs(stdlib_docs, 46)
     docs[3] = {**docs[3], "text": docs[3]["text"] + " and one more sentence"}
@@ -218,10 +223,7 @@ def test_the_codes_are_held_once_per_fragment_and_shared_by_versions(
     from operators.search import VectorSearcher
 
     _, _, table, _ = built
-    here = tmp_path / "t.lance"
-    shutil.copytree(table, here)
-    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
-                    Path(codebook_uri(str(here), "x")).parent)
+    here = _copy(table, tmp_path / "t.lance")
     first = lance.dataset(str(here))
     run_embed(_spec(write_jsonl(tmp_path / "c.jsonl", _docs(stdlib_docs, 52)), here,
                     tiny_model, code=None, kind="reindex"))
@@ -349,10 +351,7 @@ def test_refit_replaces_a_code_in_one_commit_and_reports_the_overlap(
     from jobs import api
 
     _, corpus, table, _ = built
-    here = tmp_path / "t.lance"
-    shutil.copytree(table, here)
-    shutil.copytree(Path(codebook_uri(str(table), "x")).parent,
-                    Path(codebook_uri(str(here), "x")).parent)
+    here = _copy(table, tmp_path / "t.lance")
     before = lance.dataset(str(here))
     old = TableManifest.from_schema(before.schema)
     floats = before.to_table(columns=["id", VECTOR_COLUMN]).sort_by("id")
