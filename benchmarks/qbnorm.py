@@ -36,13 +36,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def bank_normaliser(bank: np.ndarray, rows: np.ndarray, beta: float) -> np.ndarray:
-    """log sum_b exp(beta * s(b, x)) per row x, computed stably in blocks."""
-    out = np.empty(len(rows), np.float64)
-    for s in range(0, len(rows), 20_000):
-        z = beta * (rows[s:s + 20_000] @ bank.T).astype(np.float64)
-        top = z.max(axis=1)
-        out[s:s + 20_000] = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    return out
+    """log sum_b exp(beta * s(b, x)) per row x: the query option's own normaliser
+    (`operators.qbnorm.QueryBank.log_norm`), over the whole table in blocks."""
+    from operators.qbnorm import QueryBank
+
+    normaliser = QueryBank(np.asarray(bank, np.float32), beta, frozenset(), "")
+    return np.concatenate([normaliser.log_norm(rows[s:s + 20_000])
+                           for s in range(0, len(rows), 20_000)])
 
 
 def activation_set(bank: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -136,8 +136,8 @@ class Table:
         bank = self.query_bank()
         row_ids, scores = self.searcher.candidates(vector, k=max(k, QBNORM_POOL), **dense)
         with stage("rescore"):
-            ids = take_rows(self.ds, row_ids, scores, ("id",)).column("id").to_pylist()
-            scores = bank.rescore(ids, scores, self.searcher.unit_vectors(row_ids))
+            ids, rows = self.searcher.unit_vectors(row_ids)
+            scores = bank.rescore(ids, scores, rows)
             order = np.argsort(-scores, kind="stable")[:k]
         return row_ids[order], scores[order].astype(np.float32)
 

@@ -427,9 +427,10 @@ class VectorSearcher:
         matrix = column_matrix(taken.column(column))
         return row_ids, self._similarity(q, matrix, int8=column == INT8_COLUMN)
 
-    def unit_vectors(self, row_ids: np.ndarray) -> np.ndarray:
-        """The rows' vectors as the table's metric compares them (float, else decoded
-        int8; unit length for a cosine table), for re-ranking (`operators.qbnorm`).
+    def unit_vectors(self, row_ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """The rows' chunk ids and vectors as the table's metric compares them (float,
+        else decoded int8; unit length for a cosine table), in one read, for re-ranking
+        (`operators.qbnorm`).
 
         Raises:
             QueryError: the table stores neither float nor int8 vectors.
@@ -438,13 +439,13 @@ class VectorSearcher:
         if column is None:
             raise QueryError("re-ranking needs float or int8 vectors; this table stores "
                              f"{sorted(self.codecs)}")
-        taken = self.ds._take_rows(np.asarray(row_ids).tolist(), columns=[column])
+        taken = self.ds._take_rows(np.asarray(row_ids).tolist(), columns=["id", column])
         matrix = column_matrix(taken.column(column))
         rows = decode_int8(matrix, self.book) if column == INT8_COLUMN \
             else matrix.astype(np.float32)
         if self.manifest.metric == "cosine":
             rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        return rows
+        return taken.column("id").to_pylist(), rows
 
     def _similarity(self, q: np.ndarray, matrix: np.ndarray, *, int8: bool) -> np.ndarray:
         if self.manifest.metric == "dot":

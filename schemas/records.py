@@ -26,6 +26,9 @@ CODE_QUANTIZERS = ("b1", "b2", "b4", "pq", "rq")
 LANCE_CODE_QUANTIZER = "rq"
 """The quantizer Lance's IVF_RQ index applies (1 bit per projected dimension, RaBitQ):
 Quiver stores and fits only the projection."""
+DOC_HASH_COLUMN = "doc_hash"
+HASH_COLUMNS = ("content_hash", DOC_HASH_COLUMN)
+"""Bookkeeping hashes: neither a filter nor a hit ever names them."""
 
 
 def lance_indexed_code(name: str) -> bool:
@@ -35,9 +38,6 @@ def lance_indexed_code(name: str) -> bool:
     (True, False)
     """
     return name.rpartition("-")[2] == LANCE_CODE_QUANTIZER
-DOC_HASH_COLUMN = "doc_hash"
-HASH_COLUMNS = ("content_hash", DOC_HASH_COLUMN)
-"""Bookkeeping hashes: neither a filter nor a hit ever names them."""
 
 
 def hash_document(doc_id: str, text: str, metadata: Mapping[str, Any]) -> bytes:
