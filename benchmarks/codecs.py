@@ -164,7 +164,8 @@ def main() -> None:
                         "8 bits) IVF_PQ:48:4 IVF_RQ:1 (bits per dimension) pca192/IVF_RQ:1")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[0],
                         help="IVF partitions the --lance stages probe (0: Quiver's default, "
-                        "max(20, 4000/sqrt(rows)); several values run each)")
+                        "max(20, 4000/sqrt(rows)), or a projected stage's share of its "
+                        "partitions; several values run each)")
     parser.add_argument("--json", type=Path, help="Write the rows to this JSON file.")
     args = parser.parse_args()
 
@@ -173,7 +174,6 @@ def main() -> None:
     from operators.codecs import budget_dims, fit
     from operators.embed import cpu_flags
     from operators.quantize import hamming, pack_bits
-    from operators.search import default_nprobes
 
     stages = [LanceStage.parse(name) for name in args.lance]
     missing = [s for s in args.sets if not (EVAL / s / "corpus.jsonl").is_file()]
@@ -228,7 +228,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory(prefix="quiver-codecs-") as tmp:
                     built = BuiltStage(stage, rows, Path(tmp), fit_sample=real)
                     for nprobes in args.nprobes:
-                        built.nprobes = nprobes or default_nprobes(len(rows))
+                        built.nprobes = nprobes or built.default_nprobes
                         cand = np.stack([_padded(built.top(q, depth), depth)
                                          for q in coll.queries])
                         label = f"lance {stage.name}" + (f" nprobes {nprobes}" if nprobes

@@ -142,7 +142,7 @@ def table_code_ways(code: str, rows: int, matrix: np.ndarray, queries: np.ndarra
     from operators.index import build_code_index
     from operators.model import describe_model
     from operators.quantize import fixed_size_list
-    from operators.search import VectorSearcher, code_nprobes
+    from operators.search import VectorSearcher
     from schemas.manifest import CodeManifest
     from schemas.records import code_field
     from schemas.spec import IndexSpec, ModelSpec, parse_spec
@@ -183,7 +183,7 @@ def table_code_ways(code: str, rows: int, matrix: np.ndarray, queries: np.ndarra
                       if f.is_file())
     searcher = VectorSearcher(ds, manifest, code=lambda: codec)
     results = []
-    for nprobes in probes or [code_nprobes(rows)]:
+    for nprobes in probes or [searcher.code_probes()]:
         for depth in depths:
             found = np.zeros((len(queries), 10), np.int64) - 1
             for _warm in (True, False):
@@ -215,7 +215,7 @@ def main() -> None:
                         "(pca-rq@24)")
     parser.add_argument("--nprobes", type=int, nargs="*", default=[],
                         help="IVF probes for --table-code (default: the table's, "
-                        "operators.search.code_nprobes)")
+                        "operators.search.code_nprobes of its partitions)")
     args = parser.parse_args()
 
     from operators.codecs import fit, lookup_scores

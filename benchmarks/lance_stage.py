@@ -16,7 +16,10 @@ A stage is named `[<projection><dims>/]<kind>:<n>[:<bits>]`:
 The index is built on a scratch Lance table with sqrt(rows) partitions (Quiver's rule),
 and searched without refine at Quiver's default nprobes (or the one given); the caller
 rescores the `depth` rows it returns from the float vectors, which is what
-`refine_factor` = depth / k does.
+`refine_factor` = depth / k does. A projected stage is built and searched as the table
+code is: a quarter of those partitions (`operators.index.code_partitions`), probing
+`operators.search.code_nprobes` of them, and Lance's refine on the stored projection
+(`CODE_REFINE` times `depth` rows ranked exactly, `depth` kept).
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ class BuiltStage:
         import pyarrow as pa
 
         from operators.codecs import fit
-        from operators.index import ann_params
-        from operators.search import default_nprobes
+        from operators.index import ann_params, code_partitions
+        from operators.search import CODE_REFINE, code_nprobes, default_nprobes
 
         self.stage = stage
         self.codec = None
@@ -83,7 +86,11 @@ class BuiltStage:
             sample = rows if fit_sample is None else fit_sample
             self.codec = fit(sample, f"{stage.projection}-rq", stage.dims // 8)
         column = "p" if self.codec else "vector"
-        self.nprobes = nprobes or default_nprobes(len(rows))
+        partitions = code_partitions(len(rows)) if self.codec else None
+        self.default_nprobes = code_nprobes(partitions) if self.codec \
+            else default_nprobes(len(rows))
+        self.nprobes = nprobes or self.default_nprobes
+        self.refine = CODE_REFINE if self.codec else None
         uri = str(folder / f"{stage.name.replace('/', '-').replace(':', '-')}.lance")
 
         def batches():
@@ -100,7 +107,7 @@ class BuiltStage:
         schema = pa.schema([("i", pa.int64()), (column, pa.list_(item, width))])
         ds = lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), uri,
                                  schema=schema, max_rows_per_file=200_000, mode="overwrite")
-        params = ann_params(stage.kind, rows=len(rows), dims=width, num_partitions=None,
+        params = ann_params(stage.kind, rows=len(rows), dims=width, num_partitions=partitions,
                             num_sub_vectors=stage.params.get("num_sub_vectors"),
                             num_bits=stage.params.get("num_bits"))
         t = time.perf_counter()
@@ -119,6 +126,7 @@ class BuiltStage:
         """Row numbers of the `depth` best rows by the index's score, best first."""
         hits = self.ds.to_table(nearest={"column": self.column, "q": self.query(q),
                                          "k": depth, "metric": "dot",
-                                         "nprobes": self.nprobes},
+                                         "nprobes": self.nprobes,
+                                         "refine_factor": self.refine},
                                 columns=["i", "_distance"])
         return hits.column("i").to_numpy()

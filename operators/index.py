@@ -48,6 +48,21 @@ def default_partitions(rows: int) -> int:
     return max(1, int(math.sqrt(rows)))
 
 
+CODE_PARTITION_DIVISOR = 4
+"""A code index (`pca-rq`) has a quarter of the float index's partitions: its search
+probes a share of them (`operators.search.CODE_PROBE_SHARE`), so fewer, larger
+partitions cost the same scan and fewer centroids to rank."""
+
+
+def code_partitions(rows: int) -> int:
+    """Partitions of a code index: `default_partitions` / `CODE_PARTITION_DIVISOR`.
+
+    >>> code_partitions(1_000_000), code_partitions(9_631), code_partitions(10)
+    (250, 24, 1)
+    """
+    return max(1, default_partitions(rows) // CODE_PARTITION_DIVISOR)
+
+
 def default_sub_vectors(dims: int) -> int:
     """PQ sub-vectors: 8 dimensions each (dims/8), the largest divisor of dims below that.
 
@@ -178,7 +193,7 @@ def build_code_index(ds: lance.LanceDataset, spec: IndexSpec, code: CodeManifest
     is centred, not normalised, and `project(q) . project(x)` ranks rows as `q . x`."""
     rows = ds.count_rows()
     params = ann_params("IVF_RQ", rows=rows, dims=code.nbytes * 8,
-                        num_partitions=spec.num_partitions)
+                        num_partitions=spec.num_partitions or code_partitions(rows))
     builder.vector(ds, CODE_COLUMN, index_type="IVF_RQ", metric="dot", params=params)
     return (f"IVF_RQ on {CODE_COLUMN} ({params['num_partitions']} partitions, "
             f"{code.nbytes} B per row, {code.name}{builder.where})")

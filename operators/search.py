@@ -89,23 +89,30 @@ def default_nprobes(rows: int) -> int:
     return min(max(20, math.ceil(4000 / math.sqrt(rows))), max(20, int(math.sqrt(rows))))
 
 
-CODE_PROBES = 2.5
-"""A Lance-indexed code (`pca-rq`) probes this many times `default_nprobes`' partitions.
-Among 1M distractors at depth 100, `pca-rq` at 24 B kept 92.1 / 99.0 / 96.2% of float
-nDCG@10 on scifact / cranfield / limit-small at 20 probes and 97.0 / 100.6 / 96.3% at 50
-(100: 97.4 / 100.6 / 96.8%); through a 1M-row table its p50 went from 3.1 to 3.6 ms,
-against 7.1 ms for the float IVF_HNSW_SQ (docs/benchmarks.md)."""
+CODE_PROBE_SHARE = 0.4
+"""A Lance-indexed code (`pca-rq`) probes this share of its index's partitions. Real
+queries are not drawn from the rows' distribution: among 1M distractors the chunks they
+should find sit in partitions their centre ranks low. With `CODE_REFINE`, `pca-rq` at
+24 B kept 98.3 / 99.8% of float nDCG@10 on scifact probing 20 / 40% of 250 partitions,
+96.2 / 97.1 / 99.8% probing 10 / 20 / 40% of 500, and 98.4% probing 10 or 30% of 1,000
+(docs/benchmarks.md). Each probe scans its rows' codes, so a search costs this share of
+the table's codes: the latency grows with the rows."""
+CODE_REFINE = 4
+"""Lance's refine_factor for a code search: the index's RaBitQ estimate picks
+`CODE_REFINE * k` rows, the stored projection (`vector_code`, read by row id) ranks them
+exactly and keeps `k`, and the float column rescores those. Among 1M distractors it took
+scifact from 97.1 to 98.4% of float nDCG@10 at 100 of 1,000 partitions, and from 97.1 to
+99.8% at 100 of 250."""
 
 
-def code_nprobes(rows: int) -> int:
-    """IVF partitions a Lance-indexed code's search probes: `CODE_PROBES` times the float
-    default, capped at the partition count.
+def code_nprobes(partitions: int) -> int:
+    """IVF partitions a Lance-indexed code's search probes: `CODE_PROBE_SHARE` of them,
+    and at least 20 as the float default (all of a small table's).
 
-    >>> code_nprobes(1_000_000), code_nprobes(9_631)
-    (50, 98)
+    >>> code_nprobes(250), code_nprobes(2_500), code_nprobes(24), code_nprobes(1)
+    (100, 1000, 20, 1)
     """
-    rows = max(rows, 1)
-    return min(max(20, int(math.sqrt(rows))), math.ceil(CODE_PROBES * default_nprobes(rows)))
+    return min(partitions, max(20, math.ceil(CODE_PROBE_SHARE * partitions)))
 
 
 class VectorSearcher:
@@ -147,6 +154,9 @@ class VectorSearcher:
                                    and i["type"] in COMPACT_INDICES), None)
         """Lance's refine for float searches through the index: INDEX_REFINE when the
         index keeps a compact code (IVF_PQ, IVF_RQ), else none."""
+        self._code_index = next((i["name"] for i in indices if i["fields"] == [CODE_COLUMN]),
+                                None)
+        self._code_probes: int | None = None
 
     def default_mode(self) -> str:
         """The fitted code's first stage when the table has one, else binary when it has
@@ -298,18 +308,29 @@ class VectorSearcher:
 
     def _lance_code(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
-        """The `k` best rows of a Lance-indexed code (`pca-rq`): Lance's IVF_RQ over
-        the stored projection at `code_nprobes` unless told, scored by its RaBitQ
-        estimate of `project(q) . project(x)` (the projection's own dot product, exact,
-        below `ann_min_rows` or with `exact`). No refine: the float rescoring that
-        follows is the refine."""
+        """The `k` best rows of a Lance-indexed code (`pca-rq`) by the stored projection's
+        own dot product, `project(q) . project(x)`: Lance's IVF_RQ over the projection
+        probes `code_nprobes` of its partitions unless told, its RaBitQ estimate picks
+        `CODE_REFINE * k` rows and Lance ranks those by their stored projection (an exact
+        scan of the projection below `ann_min_rows` or with `exact`)."""
         nearest = {"column": CODE_COLUMN, "q": self.code().query(q), "k": k,
-                   "metric": "dot", "use_index": not exact,
-                   "nprobes": nprobes or code_nprobes(self.row_count)}
+                   "metric": "dot", "use_index": not exact}
+        if not exact and self._code_index is not None:
+            nearest |= {"nprobes": nprobes or self.code_probes(),
+                        "refine_factor": CODE_REFINE}
         hits = self._nearest(nearest, where)
         # Lance's dot distance is 1 - dot
         return (hits.column("_rowid").to_numpy(),
                 1.0 - hits.column("_distance").to_numpy().astype(np.float32))
+
+    def code_probes(self) -> int:
+        """`code_nprobes` of the code index's partitions, read from the index once per
+        searcher (the version is fixed)."""
+        if self._code_probes is None:
+            stats = self.ds.stats.index_stats(self._code_index)
+            self._code_probes = code_nprobes(max(i["num_partitions"]
+                                                 for i in stats["indices"]))
+        return self._code_probes
 
     def _bits_stage(self, q: np.ndarray, k: int, *, exact: bool,
                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:

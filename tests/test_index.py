@@ -13,8 +13,8 @@ import pytest
 from conftest import manifest_for
 
 from operators.chunk import Chunker
-from operators.index import ann_params, build_indices
-from operators.search import INDEX_REFINE, VectorSearcher
+from operators.index import ann_params, build_indices, code_partitions
+from operators.search import CODE_REFINE, INDEX_REFINE, VectorSearcher, code_nprobes
 from operators.write import commit, write_fragments
 from schemas.records import table_schema
 from schemas.spec import IndexSpec
@@ -212,8 +212,9 @@ def test_a_pca_rq_code_is_searched_through_lances_ivf_rq_and_rescored(
     (float16), IVF_RQ is built on it, and a code search returns the index's candidates
     rescored by the float vectors: their scores are the float dot products, most of the
     float top 10 is found among 100 candidates, and with `exact` the first stage alone
-    scores as numpy does on the stored projection, where the index's RaBitQ estimates
-    differ from those."""
+    scores as numpy does on the stored projection; through the index Lance probes
+    `code_nprobes` of its partitions and refines `CODE_REFINE` times the rows it keeps by
+    the stored projection, so their scores are the projection's exact ones too."""
     from operators.codecs import fit
     from schemas.manifest import CodeManifest
 
@@ -243,7 +244,10 @@ def test_a_pca_rq_code_is_searched_through_lances_ivf_rq_and_rescored(
     assert searcher.default_mode() == "code"
     ids = rows.column("id").to_pylist()
     row_of = {v: i for i, v in enumerate(ids)}
-    recalls, estimate_errors = [], []
+    asked: list[dict] = []
+    nearest = searcher._nearest
+    searcher._nearest = lambda query, *args: asked.append(query) or nearest(query, *args)
+    recalls = []
     for q in matrix[::9]:
         hits = searcher.search(q, k=10, using="code", depth=100, columns=("id",))
         found = [row_of[v] for v in hits.column("id").to_pylist()]
@@ -254,9 +258,15 @@ def test_a_pca_rq_code_is_searched_through_lances_ivf_rq_and_rescored(
         _, exact_scores = searcher.candidates(q, k=20, using="code", rescore=1, exact=True)
         np.testing.assert_allclose(np.sort(exact_scores)[::-1],
                                    np.sort(reference)[::-1][:20], rtol=1e-3, atol=1e-3)
-        row_ids, estimates = searcher.candidates(q, k=20, using="code", rescore=1)
+        row_ids, refined = searcher.candidates(q, k=20, using="code", rescore=1)
         stored = ds._take_rows(row_ids.tolist(), columns=["vector_code"])
         truth = codec.scores(q, np.array(stored.column("vector_code").to_pylist()))
-        estimate_errors.append(np.abs(estimates - truth).max())
+        np.testing.assert_allclose(refined, truth, rtol=1e-3, atol=1e-3)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
-    assert max(estimate_errors) > 1e-3
+    partitions = ds.stats.index_stats("vector_code_idx")["indices"][0]["num_partitions"]
+    assert partitions == code_partitions(len(matrix))
+    through_index = [a for a in asked if a["use_index"]]
+    assert through_index and all(
+        a["nprobes"] == code_nprobes(partitions) and a["refine_factor"] == CODE_REFINE
+        for a in through_index)
+    assert all("refine_factor" not in a for a in asked if not a["use_index"])
