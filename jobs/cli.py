@@ -403,6 +403,12 @@ def serve(
     metrics_public: Annotated[bool, typer.Option(
         "--metrics-public", help="Serve GET /metrics without the token (a scraper on the "
         "network then needs none); by default a token set guards /metrics too.")] = False,
+    keep_queries: Annotated[Path | None, typer.Option(
+        "--keep-queries", help="Keep a uniform sample of each table's query texts in this "
+        "folder (TABLE.queries.jsonl), for `quiver table qbnorm --queries`. Off by "
+        "default: it writes what users typed to disk.")] = None,
+    keep_queries_limit: Annotated[int, typer.Option(
+        "--keep-queries-limit", min=1, help="Texts kept per table.")] = 2_000,
     storage_option: StorageOpt = None,
 ) -> None:
     """Serve the warehouse's tables over HTTP (OpenAPI docs at /docs, Prometheus metrics
@@ -410,6 +416,7 @@ def serve(
     from jobs.server import serve as run_server
 
     run_server(warehouse, host=host, port=port, token=token, metrics_public=metrics_public,
+               keep_queries=keep_queries, keep_queries_limit=keep_queries_limit,
                storage_options=_storage(storage_option),
                **({} if refresh_s is None else {"refresh_s": refresh_s}))
 

@@ -25,8 +25,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +38,7 @@ from starlette.routing import Match
 
 from jobs._metrics import CONTENT_TYPE, ServerMetrics
 from jobs._net import is_loopback
+from jobs._query_sample import QuerySample
 from operators.fulltext import RRF_K
 from operators.stage_clock import collecting
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
@@ -229,11 +230,13 @@ class Warehouse:
 def create_app(warehouse: str | Path, *, token: str | None = None,
                storage_options: dict[str, str] | None = None,
                refresh_s: float = REFRESH_S, metrics: bool = True,
-               metrics_public: bool = False) -> FastAPI:
+               metrics_public: bool = False, keep_queries: QuerySample | None = None
+               ) -> FastAPI:
     """The ASGI app over `warehouse` (a folder or an object-store prefix, reached with
     `storage_options`); `token` (if set) is required on every request, `/metrics`
     included unless `metrics_public`. `metrics=False` leaves the metrics out altogether
-    (`benchmarks/query.py` measures what they cost)."""
+    (`benchmarks/query.py` measures what they cost). `keep_queries` samples the query
+    texts each table answers (`jobs._query_sample`), written when the server stops too."""
     from jobs.table import model_loads
 
     store = Warehouse(warehouse, storage_options=storage_options, refresh_s=refresh_s)
@@ -242,7 +245,14 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
     # FastAPI serves its schema and docs pages outside the routes' auth dependency: with
     # a token the docs pages are off and the schema is a route behind the token.
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if token else {}
-    app = FastAPI(title="Quiver", version="1",
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if keep_queries is not None:
+            keep_queries.flush()
+
+    app = FastAPI(title="Quiver", version="1", lifespan=lifespan,
                   description="Search Quiver tables: dense, full-text and hybrid.", **hidden)
 
     too_big = {"detail": f"request body over {MAX_BODY_BYTES} bytes"}
@@ -350,6 +360,8 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
                 hits = table.search_vector(req.vector, **opts)
             else:
                 hits = table.search(req.query, **_options(req))
+        if keep_queries is not None and req.query is not None:
+            keep_queries.add(name, [req.query])
         return {"table": name, "hits": [h.__dict__ for h in hits]}
 
     @app.post("/tables/{name}/search/batch", dependencies=guard)
@@ -358,6 +370,8 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
         table = store.table(name, req.version)
         with timed(name, req.mode):
             results = table.search_batch(req.queries, **_options(req))
+        if keep_queries is not None:
+            keep_queries.add(name, req.queries)
         return {"table": name, "results": [[h.__dict__ for h in hits] for hits in results]}
 
     if meter is not None:
@@ -372,8 +386,10 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
 
 def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, storage_options: dict[str, str] | None = None,
-          refresh_s: float = REFRESH_S, metrics_public: bool = False) -> None:
-    """Run the server until interrupted.
+          refresh_s: float = REFRESH_S, metrics_public: bool = False,
+          keep_queries: Path | None = None, keep_queries_limit: int | None = None) -> None:
+    """Run the server until interrupted; with `keep_queries`, a sample of each table's
+    query texts is kept in that folder (`jobs._query_sample`).
 
     Raises:
         SpecError: when asked to bind beyond loopback without a token.
@@ -383,6 +399,9 @@ def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     if not is_loopback(host) and not token:
         raise SpecError(f"--host {host} exposes the server beyond this machine; set a bearer "
                         "token with --token or QUIVER_TOKEN")
+    sample = None if keep_queries is None else QuerySample(
+        keep_queries, **({} if keep_queries_limit is None else {"limit": keep_queries_limit}))
     uvicorn.run(create_app(warehouse, token=token, storage_options=storage_options,
-                           refresh_s=refresh_s, metrics_public=metrics_public),
+                           refresh_s=refresh_s, metrics_public=metrics_public,
+                           keep_queries=sample),
                 host=host, port=port, log_level="info")

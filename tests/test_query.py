@@ -217,6 +217,36 @@ def test_server_searches_with_qbnorm_once_the_table_has_a_bank(server, warehouse
     assert [h["id"] for h in body["hits"]] == [h.id for h in local]
 
 
+def test_server_keeps_a_sample_of_query_texts_a_bank_is_built_from(warehouse,
+                                                                   tmp_path) -> None:
+    """`quiver serve --keep-queries DIR`: the texts of answered text and batch queries
+    land in DIR/TABLE.queries.jsonl when the server stops; vector queries and refused
+    requests do not; `quiver table qbnorm --queries` builds a bank from the file."""
+    from jobs import api
+
+    root, _ = warehouse
+    kept = tmp_path / "kept"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUIVER_TOKEN": "s3cret"}
+    proc, base = start_server(root, env, extra=["--keep-queries", str(kept)])
+    try:
+        url = f"{base}/tables/docs/search"
+        assert _call(url, {"query": "regular expressions", "k": 2}, token="s3cret")[0] == 200
+        assert _call(f"{url}/batch", {"queries": ["parse arguments", "send an email"],
+                                       "k": 2}, token="s3cret")[0] == 200
+        dims = api.open_table(root / "docs.lance").searcher.book.dims
+        assert _call(url, {"vector": [1.0] * dims, "k": 2}, token="s3cret")[0] == 200
+        assert _call(url, {"query": "refused", "version": "gone"}, token="s3cret")[0] == 404
+        assert _call(url, {"query": "no token"})[0] == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    path = kept / "docs.queries.jsonl"
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert texts == ["regular expressions", "parse arguments", "send an email"]
+    built = api.qbnorm_bank(str(root / "docs.lance"), path)
+    assert built["queries"] == 3
+
+
 def test_server_refuses_bad_auth_names_and_requests(server, warehouse) -> None:
     assert _call(f"{server}/tables")[0] == 401
     assert _call(f"{server}/tables", token="wrong")[0] == 401
