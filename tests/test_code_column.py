@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lance
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from conftest import write_jsonl
 
@@ -295,6 +296,16 @@ def test_a_lance_indexed_code_is_stored_indexed_searched_and_kept_up(
                                                 nprobes=1000)
         exact, exact_scores = t.searcher.candidates(q, k=5, using="float", exact=True)
         assert np.array_equal(row_ids, exact) and np.allclose(scores, exact_scores, atol=1e-5)
+    # a filter applies before the index's candidates are refined and rescored
+    keep = sorted({i.rsplit("#", 1)[0] for i in ids})[::3]
+    where = pc.field("doc_id").isin(keep)
+    for q in vectors[::17]:
+        row_ids, _ = t.searcher.candidates(q, k=5, using="code", depth=len(ids),
+                                           nprobes=1000, where=where)
+        exact, _ = t.searcher.candidates(q, k=5, using="float", exact=True, where=where)
+        assert np.array_equal(row_ids, exact)
+        hits = t.searcher.search(q, k=5, using="code", where=where, columns=("doc_id",))
+        assert hits.num_rows == 5 and set(hits.column("doc_id").to_pylist()) <= set(keep)
 
     docs = _docs(stdlib_docs, 46)
     reindexed = run_embed(_spec(write_jsonl(tmp_path / "c2.jsonl", docs), table, tiny_model,
