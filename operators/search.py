@@ -93,16 +93,17 @@ CODE_PROBE_SHARE = 0.4
 """A Lance-indexed code (`pca-rq`) probes this share of its index's partitions. Real
 queries are not drawn from the rows' distribution: among 1M distractors the chunks they
 should find sit in partitions their centre ranks low. With `CODE_REFINE`, `pca-rq` at
-24 B kept 98.3 / 99.8% of float nDCG@10 on scifact probing 20 / 40% of 250 partitions,
-96.2 / 97.1 / 99.8% probing 10 / 20 / 40% of 500, and 98.4% probing 10 or 30% of 1,000
+24 B kept 95.1% of float nDCG@10 on scifact probing 10% of 250 partitions and 96.9-100.2%
+(median 99.1% over 11 index builds) probing 40%, where 60% and all of them kept the same
 (docs/benchmarks.md). Each probe scans its rows' codes, so a search costs this share of
 the table's codes: the latency grows with the rows."""
 CODE_REFINE = 4
 """Lance's refine_factor for a code search: the index's RaBitQ estimate picks
 `CODE_REFINE * k` rows, the stored projection (`vector_code`, read by row id) ranks them
-exactly and keeps `k`, and the float column rescores those. Among 1M distractors it took
-scifact from 97.1 to 98.4% of float nDCG@10 at 100 of 1,000 partitions, and from 97.1 to
-99.8% at 100 of 250."""
+exactly and keeps `k`, and the float column rescores those. Among 1M distractors, at 40%
+of 250 partitions, it took scifact from 94.1-97.1% of float nDCG@10 to 96.9-100.2%
+(median 99.1%); 8 kept 99.0-99.7% for 3-5 ms more per search at depth 100, 16 kept
+99.6-100% at twice the latency."""
 
 
 def code_nprobes(partitions: int) -> int:
