@@ -45,6 +45,9 @@ class QuerySample:
         self._clock = clock
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
+        """Held across a flush, so two flushes (a request's and the shutdown's) write
+        one after the other and the later snapshot lands last."""
         self._kept: dict[str, list[str]] = {}
         self._seen: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -62,9 +65,10 @@ class QuerySample:
 
     def _reservoir(self, table: str) -> list[str]:
         if table not in self._kept:
+            from jobs._qbnorm import read_queries  # the bank's reader: one file format
+
             path = self.path(table)
-            kept = [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()
-                    if line.strip()][:self.limit] if path.is_file() else []
+            kept = read_queries(path, self.limit) if path.is_file() else []
             self._kept[table], self._seen[table] = kept, len(kept)
         return self._kept[table]
 
@@ -90,19 +94,20 @@ class QuerySample:
     def flush(self) -> list[Path]:
         """Write every table's sample that changed since its last write; the written
         paths."""
-        with self._lock:
-            pending = {t: list(self._kept[t]) for t in self._dirty}
-            self._dirty.clear()
-            self._flushed = self._clock()
-        written = []
-        for table, texts in pending.items():
-            path = self.path(table)
-            part = path.with_name(f".{path.name}.{os.getpid()}.part")
-            part.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
-                                    for t in texts), encoding="utf-8")
-            os.replace(part, path)
-            written.append(path)
-        return written
+        with self._writing:
+            with self._lock:
+                pending = {t: list(self._kept[t]) for t in self._dirty}
+                self._dirty.clear()
+                self._flushed = self._clock()
+            written = []
+            for table, texts in pending.items():
+                path = self.path(table)
+                part = path.with_name(f".{path.name}.{os.getpid()}.part")
+                part.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                        for t in texts), encoding="utf-8")
+                os.replace(part, path)
+                written.append(path)
+            return written
 
     def seen(self, table: str) -> int:
         """Texts offered for `table` (the file's own count after a restart)."""

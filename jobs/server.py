@@ -38,7 +38,7 @@ from starlette.routing import Match
 
 from jobs._metrics import CONTENT_TYPE, ServerMetrics
 from jobs._net import is_loopback
-from jobs._query_sample import QuerySample
+from jobs._query_sample import SAMPLE_LIMIT, QuerySample
 from operators.fulltext import RRF_K
 from operators.stage_clock import collecting
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
@@ -387,7 +387,7 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
 def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, storage_options: dict[str, str] | None = None,
           refresh_s: float = REFRESH_S, metrics_public: bool = False,
-          keep_queries: Path | None = None, keep_queries_limit: int | None = None) -> None:
+          keep_queries: Path | None = None, keep_queries_limit: int = SAMPLE_LIMIT) -> None:
     """Run the server until interrupted; with `keep_queries`, a sample of each table's
     query texts is kept in that folder (`jobs._query_sample`).
 
@@ -399,8 +399,8 @@ def serve(warehouse: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     if not is_loopback(host) and not token:
         raise SpecError(f"--host {host} exposes the server beyond this machine; set a bearer "
                         "token with --token or QUIVER_TOKEN")
-    sample = None if keep_queries is None else QuerySample(
-        keep_queries, **({} if keep_queries_limit is None else {"limit": keep_queries_limit}))
+    sample = None if keep_queries is None else QuerySample(keep_queries,
+                                                           limit=keep_queries_limit)
     uvicorn.run(create_app(warehouse, token=token, storage_options=storage_options,
                            refresh_s=refresh_s, metrics_public=metrics_public,
                            keep_queries=sample),

@@ -102,7 +102,7 @@ CODE_REFINE = 4
 `CODE_REFINE * k` rows, the stored projection (`vector_code`, read by row id) ranks them
 exactly and keeps `k`, and the float column rescores those. Among 1M distractors, at 40%
 of 250 partitions, it took scifact from 94.1-97.1% of float nDCG@10 to 96.9-100.2%
-(median 99.1%); 8 kept 99.0-99.7% for 3-5 ms more per search at depth 100, 16 kept
+(median 99.1%); 8 kept 99.0-99.7% for 2-5 ms more per search at depth 100, 16 kept
 99.6-100% at twice the latency."""
 
 
