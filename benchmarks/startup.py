@@ -10,10 +10,16 @@ of the documents edited, 0.5% deleted and 0.5% added (`benchmarks/reindex.py`'s 
 so every run is a reindex of the same size. The cold runs go first, with no other Ray on
 the machine (a second Ray's processes slowed a cold run's own start from about 3 s to
 7-8 s here); then the kept Ray starts, one warm run loads the kept model actor (shown,
-not counted), and the warm runs follow. Each line gives the process's wall seconds and
-the summary's own split: Ray start, planning, the first embed actor ready (its worker's
-imports and the model load; `kept` when an earlier run loaded it), the embed phase and
-the index upkeep. Medians over `--rounds`.
+not counted), and two kinds of warm run alternate:
+- `warm`: as `quiver scheduler` runs them, on a kept run process
+  (`jobs._warm_runner`), imported ahead and reused, so its Ray workers are reused too;
+- `warm, own process`: a fresh `quiver run` process joined to the kept Ray, as the
+  scheduler ran them before the kept run processes (imports and worker start per run).
+Each line gives the run's wall seconds (the whole process for cold and own-process
+runs; the request to the kept process's answer for warm ones) and the summary's own
+split: Ray start, planning, the first embed actor ready (its worker's imports and the
+model load; `kept` when an earlier run loaded it), the embed phase and the index upkeep.
+Medians over `--rounds`.
 
     python benchmarks/startup.py               # 3 rounds, about 2 minutes on 2 cores
 """
@@ -62,6 +68,17 @@ def run(spec: Path, ray_address: str | None) -> dict:
     return {"wall": wall, **json.loads(proc.stdout)}
 
 
+def run_kept(spec: Path, pool) -> dict:
+    """One run on a kept run process of `pool`, as the warm scheduler makes it."""
+    runner = pool.take()
+    started = time.perf_counter()
+    try:
+        summary = runner.run(str(spec), str(spec.parent), None)
+    finally:
+        pool.give(runner)
+    return {"wall": time.perf_counter() - started, **summary}
+
+
 def row(mode: str, r: dict) -> tuple:
     profile = r.get("profile") or {}
     diff = r.get("reindex") or {}
@@ -104,30 +121,32 @@ def main() -> None:
         rows = []
         flip = False
 
-        def once(mode: str, address: str | None) -> None:
+        def once(mode: str, address: str | None, pool=None) -> None:
             nonlocal flip
             flip = not flip
             write_docs(corpus, changed if flip else docs)
-            rows.append(row(mode, run(spec, address)))
+            rows.append(row(mode, run_kept(spec, pool) if pool else run(spec, address)))
             print(f"[startup] {rows[-1]}", flush=True)
 
         for _ in range(args.rounds):
             once("cold", None)
-        warm = WarmRay()
+        warm = WarmRay(work / "logs")
         t = time.perf_counter()
         address = warm.start()
         print(f"[startup] the kept Ray started in {time.perf_counter() - t:.1f} s "
               f"({address})", flush=True)
-        once("first warm", address)
+        once("first warm", address, warm.pool)
+        once("first warm, own process", address)
         for _ in range(args.rounds):
-            once("warm", address)
+            once("warm", address, warm.pool)
+            once("warm, own process", address)
     head = ("| run | process s | Ray start | plan | first actor ready | embed | index | "
             "job (own clock) | chunks embedded |")
     print("\n" + head + "\n" + "|---" * 9 + "|")
     for r in rows:
         print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r)
               + " |")
-    for mode in ("cold", "warm"):
+    for mode in ("cold", "warm", "warm, own process"):
         mine = [r for r in rows if r[0] == mode]
         print(f"median {mode}: process {median([r[1] for r in mine]):.1f} s, Ray start "
               f"{median([r[2] for r in mine]):.1f} s, embed "

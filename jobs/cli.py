@@ -618,18 +618,22 @@ def scheduler(
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
         print(f"scheduler metrics on http://127.0.0.1:{metrics_port}/metrics",
               file=sys.stderr)
-    warm = None if cold else WarmRay()
+    warm = None if cold else WarmRay(store.root / "logs")
     sched = Scheduler(store, default_runner(address, warm=warm), metrics=metrics, warm=warm,
                       default_address=address)
-    if once:
-        print(" ".join(sched.tick()) or "nothing due")
-        sched.wait()
-        return
-    print(f"scheduler watching {warehouse} (every {poll:g} s)", file=sys.stderr)
     try:
-        sched.serve(poll_s=poll)
-    except KeyboardInterrupt:
-        sched.wait()
+        if once:
+            print(" ".join(sched.tick()) or "nothing due")
+            sched.wait()
+            return
+        print(f"scheduler watching {warehouse} (every {poll:g} s)", file=sys.stderr)
+        try:
+            sched.serve(poll_s=poll)
+        except KeyboardInterrupt:
+            sched.wait()
+    finally:
+        if warm is not None:
+            warm.close()
 
 
 def _quality(table: str, beir: Path, *, model: str | None, html_out: Path | None,

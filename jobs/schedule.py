@@ -23,12 +23,15 @@ Policy:
   freed, so the next slot runs.
 - Missed runs: when the scheduler starts (or wakes) and one or more slots passed since the
   last one fired, the schedule runs once, not once per missed slot.
-- Warm runs: a local run is its own `quiver run` process (so a timeout can kill it and a
-  crash cannot take the scheduler down), but it joins the scheduler's own Ray
-  (`WarmRay`: a private Ray on 127.0.0.1 that the scheduler starts once, before its first
-  local run, and keeps) instead of starting one, and a small run embeds on a model
-  actor that Ray keeps loaded between runs (`jobs._embed_service`): most of a cold
-  run's fixed start-up. `--cold` gives each run its own Ray, as `quiver run` alone does.
+- Warm runs: a local run runs in a process of its own, not the scheduler's (so a timeout
+  can kill it and a crash cannot take the scheduler down), but that process is kept
+  between runs (`jobs._warm_runner`: imported ahead of the run and joined to the
+  scheduler's own Ray, `WarmRay`, a private Ray on 127.0.0.1 that the scheduler starts
+  once, before its first local run, and keeps), so its runs reuse Ray's worker
+  processes, and a small run embeds on a model actor that Ray keeps loaded between runs
+  (`jobs._embed_service`): most of a cold run's fixed start-up. A run past its timeout
+  has its process killed and replaced. `--cold` gives each run its own `quiver run`
+  process and Ray, as `quiver run` alone does.
 """
 
 from __future__ import annotations
@@ -342,21 +345,34 @@ class Scheduler:
 class WarmRay:
     """The scheduler's own Ray for its local runs: started once, in the scheduler's
     process and main thread (`ray.init` off it lost its connection here), on 127.0.0.1
-    only, as `quiver run` starts its private one; each run joins it by address."""
+    only, as `quiver run` starts its private one. Local runs go to kept run processes
+    joined to it (`jobs._warm_runner.RunnerPool`, started with the Ray), whose log files
+    are kept in `log_dir`."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_dir: Path | None = None) -> None:
         self.address: str | None = None
+        self.log_dir = log_dir or Path.home() / ".cache" / "quiver" / "logs"
+        self.pool = None
+        """The `RunnerPool` of local runs, once started."""
 
     def start(self) -> str:
-        """The running Ray's address, starting it on the first call."""
+        """The running Ray's address, starting it (and a first runner) on the first call."""
         if self.address is None:
             import ray
 
             from jobs._ray import ensure_ray
+            from jobs._warm_runner import RunnerPool
 
             ensure_ray()
             self.address = ray.get_runtime_context().gcs_address
+            self.pool = RunnerPool(self.address, self.log_dir)
+            self.pool.prestart()  # imports while the scheduler waits for the first slot
         return self.address
+
+    def close(self) -> None:
+        """Let the idle run processes exit (they also exit with the scheduler)."""
+        if self.pool is not None:
+            self.pool.close()
 
 
 def default_runner(default_address: str | None = None, *,
@@ -392,6 +408,8 @@ def default_runner(default_address: str | None = None, *,
             # the job's own summary, from its logs: its counts, node-hours and cost
             summary = sub.summary_from_logs(sub.logs(address, job_id)) or {}
             return {**status, **{k: summary[k] for k in RUN_FIGURES if k in summary}}
+        if warm is not None and warm.pool is not None and command is None:
+            return _run_warm(warm.pool, schedule)
         import signal
 
         argv = command(schedule) if command else [sys.executable, "-m", "jobs.cli", "run",
@@ -420,3 +438,15 @@ def default_runner(default_address: str | None = None, *,
         return json.loads(stdout)
 
     return run
+
+
+def _run_warm(pool, schedule: Schedule) -> dict:
+    """A local run on one of the warm scheduler's kept run processes; the summary says
+    which process ran it and how many runs it has served."""
+    runner = pool.take()
+    try:
+        summary = runner.run(schedule.spec, schedule.workdir or os.getcwd(),
+                             schedule.timeout_s)
+    finally:
+        pool.give(runner)
+    return {**summary, "runner": {"pid": runner.pid, "run": runner.runs}}

@@ -122,9 +122,9 @@ def test_due_slot_uses_cron_semantics(tmp_path, spec) -> None:
 def test_a_schedule_runs_a_real_job_in_the_schedulers_own_ray(tmp_path, stdlib_docs,
                                                               tiny_model) -> None:
     """A warm scheduler (the default) starts its Ray before the first local run and
-    keeps it: each run is its own process that joins that Ray (the same node as the
-    scheduler's own driver, at the address it hands over) instead of starting one, and
-    a real job run that way succeeds."""
+    keeps it: a run's process joins that Ray (the same node as the scheduler's own
+    driver, at the address it hands over) instead of starting one, a real job run that
+    way succeeds, and later runs reuse its kept run process, even after a failed job."""
     import ray
 
     from jobs.schedule import WarmRay
@@ -144,7 +144,7 @@ def test_a_schedule_runs_a_real_job_in_the_schedulers_own_ray(tmp_path, stdlib_d
     assert cli("schedule", "add", "docs", "spec.yaml", "--cron", "* * * * *",
                "--warehouse", "wh").returncode == 0
     store = ScheduleStore(tmp_path / "wh")
-    warm = WarmRay()
+    warm = WarmRay(tmp_path / "logs")
     from conftest import REPO
 
     probe = (f"import json, os, sys; sys.path.insert(0, {str(REPO)!r}); import ray; "
@@ -166,8 +166,26 @@ def test_a_schedule_runs_a_real_job_in_the_schedulers_own_ray(tmp_path, stdlib_d
     entry = store.history("docs")[-1]
     assert entry["status"] == "succeeded", (entry.get("error"), entry.get("traceback"))
     assert entry["summary"]["chunks"] == lance.dataset(str(tmp_path / "out/t.lance")).count_rows()
+    assert entry["summary"]["runner"]["run"] == 1  # on a kept run process
+
+    # the next runs find that process: a job that fails leaves it serving the one after
+    (tmp_path / "docs.jsonl").rename(tmp_path / "away.jsonl")
+    store.mark_fired("docs", datetime.now(UTC) - timedelta(minutes=2))
+    assert sched.tick() == ["docs"]
+    sched.wait()
+    failed = store.history("docs")[-1]
+    assert failed["status"] == "failed" and "docs.jsonl" in failed["error"]
+    (tmp_path / "away.jsonl").rename(tmp_path / "docs.jsonl")
+    store.mark_fired("docs", datetime.now(UTC) - timedelta(minutes=2))
+    assert sched.tick() == ["docs"]
+    sched.wait()
+    again = store.history("docs")[-1]
+    assert again["status"] == "succeeded", again.get("error")
+    assert again["summary"]["runner"] == {"pid": entry["summary"]["runner"]["pid"], "run": 3}
+    assert again["summary"]["chunks"] == entry["summary"]["chunks"]
+    warm.close()
     listed = json.loads(cli("schedule", "history", "docs", "--warehouse", "wh", "--json").stdout)
-    assert [h["status"] for h in listed] == ["succeeded", "succeeded"]
+    assert [h["status"] for h in listed] == ["succeeded", "succeeded", "failed", "succeeded"]
     from jobs._embed_service import NAMESPACE
 
     for actor in ray.util.list_named_actors(all_namespaces=True):  # the run's kept model
