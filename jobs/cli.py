@@ -601,8 +601,10 @@ def scheduler(
         "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics (runs by "
         "outcome, durations, last success, cost) on 127.0.0.1:PORT/metrics.")] = None,
     cold: Annotated[bool, typer.Option(
-        "--cold", help="Start a Ray per local run instead of keeping the scheduler's own "
-        "between runs (warm: each run joins it, skipping Ray's start).")] = False,
+        "--cold", help="Start a process and a Ray per local run instead of keeping the "
+        "scheduler's own between runs (warm: runs go to kept processes joined to it, "
+        "skipping imports and Ray's start; their logs are in WAREHOUSE/.quiver/logs).")]
+    = False,
 ) -> None:
     """Fire due schedules, locally or to --address, until interrupted."""
     from jobs.schedule import Scheduler, WarmRay, default_runner
