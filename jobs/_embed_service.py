@@ -16,7 +16,9 @@ Design choices:
   `Embedder.with_codebook` view per codebook, sharing the weights.
 - Runs larger than `KEPT_MAX_CHUNKS`, GPU runs, and runs outside a warm scheduler use
   the actor pool as before: one process and model per actor per run.
-- The actor lives as long as the scheduler's Ray (the scheduler's process).
+- The actor lives as long as the scheduler's Ray (the scheduler's process). Ray restarts
+  it when its process dies and retries the block it held (`KEPT_RESTARTS`), as Ray Data
+  restarts a pool's actor.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ cores); a larger run starts its own actor pool, whose start-up it then amortises
 NAMESPACE = "quiver"
 KEPT_TASK_CPUS = 0.25
 """CPUs Ray counts for the task that hands a block to the kept actor and waits."""
+KEPT_RESTARTS = 3
+"""Times Ray restarts a kept actor whose process died (the OOM killer, a crash), and
+retries the block it was embedding: a run on it survives what a run on the actor pool
+survives."""
 KEPT_CODEBOOKS = 8
 """Codebook views an actor keeps (one per table it served lately)."""
 
@@ -77,7 +83,8 @@ def kept_embedder(info: ModelInfo, settings: dict):
     """The kept actor for this model and settings, created on first use."""
     import ray
 
-    cls = ray.remote(num_cpus=0, max_concurrency=1)(KeptEmbedder)
+    cls = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=KEPT_RESTARTS,
+                     max_task_retries=KEPT_RESTARTS)(KeptEmbedder)
     return cls.options(name=actor_name(info, settings), namespace=NAMESPACE,
                        lifetime="detached", get_if_exists=True).remote(info, **settings)
 

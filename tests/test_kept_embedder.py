@@ -4,6 +4,8 @@ runs, and store what the usual actor pool stores."""
 
 from __future__ import annotations
 
+import os
+
 import lance
 import numpy as np
 import pyarrow as pa
@@ -66,6 +68,24 @@ def test_small_runs_share_one_loaded_model_and_store_what_the_pool_stores(
     assert int8.field("vector_i8").type == pa.list_(pa.int8(), 32)
     made = kept_actors() - before
     assert len(made) == 1  # three runs, one actor, one model load
+
+    # its process dies (as the OOM killer would end it): Ray restarts it, the next run
+    # embeds on the restarted actor, loading the model again
+    actor = ray.get_actor(next(iter(made)), namespace=NAMESPACE)
+
+    def pid() -> int:
+        return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
+
+    before_kill = pid()
+    ray.kill(actor, no_restart=False)
+    write_jsonl(corpus, [*docs, *({"id": f"new{i}", "text": d["text"]}
+                                  for i, d in enumerate(stdlib_docs[30:35]))])
+    after = run_embed(_spec(corpus, tmp_path / "kept.lance", tiny_model, ["float32"],
+                            kind="reindex"))
+    assert after.reindex["documents"]["added"] == 2 and after.tokens > 0
+    assert pid() != before_kill and kept_actors() - before == made
+    assert lance.dataset(str(tmp_path / "kept.lance")).count_rows() == \
+        after.chunks > again.chunks
     ray.kill(ray.get_actor(made.pop(), namespace=NAMESPACE))  # not left to later tests
 
 
