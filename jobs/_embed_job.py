@@ -31,7 +31,13 @@ import pyarrow as pa
 from jobs._calibrate import calibrated
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import cut_over, pin_current
-from jobs._embed_service import KEPT_TASK_CPUS, codebook_key, embed_on_kept, kept_embedder
+from jobs._embed_service import (
+    KEPT_TASK_CPUS,
+    codebook_key,
+    embed_on_kept,
+    kept_embedder,
+    kept_threads,
+)
 from jobs._embed_service import wanted as kept_wanted
 from jobs._index import ClusterBuilder, index_workers
 from jobs._job_metrics import DriverMeter, MeteredEmbedder
@@ -337,7 +343,8 @@ def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
     if kept_wanted(chunks=size, gpus=layout.gpus):
         progress("embedding on the scheduler's kept model actor")
         return ds.map_batches(
-            embed_on_kept, fn_kwargs=dict(actor=kept_embedder(info, settings),
+            embed_on_kept, fn_kwargs=dict(actor=kept_embedder(info, {
+                **settings, "torch_threads": kept_threads(layout, spec.compute.torch_threads)}),
                                           key=codebook_key(codebook),
                                           codebook=ray.put(codebook)),
             num_cpus=KEPT_TASK_CPUS, batch_size=layout.rows_per_block,

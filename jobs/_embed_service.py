@@ -72,6 +72,20 @@ def wanted(*, chunks: int, gpus: float) -> bool:
     return os.environ.get(KEEP_ENV) == "1" and chunks <= KEPT_MAX_CHUNKS and not gpus
 
 
+def kept_threads(layout, pinned: int | None) -> int:
+    """The torch threads of the kept actor: one actor does the work of the pool's
+    `layout.actors`, so it gets all their threads (unless the spec pins a count).
+    Without this a run large enough for two one-thread actors on two cores ran on one
+    thread, and was another kept actor (the thread count is in its name).
+
+    >>> from jobs._layout import ActorLayout
+    >>> kept_threads(ActorLayout(2, 0.5, 0.0, 1), None), kept_threads(ActorLayout(1, 0.5,
+    ...     0.0, 2), None), kept_threads(ActorLayout(2, 0.5, 0.0, 1), 1)
+    (2, 2, 1)
+    """
+    return pinned or layout.threads * layout.actors
+
+
 def actor_name(info: ModelInfo, settings: dict) -> str:
     """The kept actor's name: the model's folder and every setting that shapes its
     output or speed, hashed."""

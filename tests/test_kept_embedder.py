@@ -66,8 +66,19 @@ def test_small_runs_share_one_loaded_model_and_store_what_the_pool_stores(
     int8 = lance.dataset(str(tmp_path / "int8.lance")).schema
     assert {"vector_i8", "vector_bits"} <= set(int8.names)
     assert int8.field("vector_i8").type == pa.list_(pa.int8(), 32)
+    # a run large enough for two one-thread pool actors runs on the same kept actor,
+    # with both threads
+    more = [{"id": f"more{i}", "text": d["text"]} for i, d in enumerate(stdlib_docs[40:])]
+    write_jsonl(corpus, [*docs, *more])
+    larger = run_embed(_spec(corpus, tmp_path / "kept.lance", tiny_model, ["float32"],
+                             kind="reindex"))
+    assert larger.profile["actors"] == 2 and larger.profile["actor_kept"]
     made = kept_actors() - before
-    assert len(made) == 1  # three runs, one actor, one model load
+    assert len(made) == 1  # four runs, one actor, one model load
+    write_jsonl(corpus, [*docs, *({"id": f"new{i}", "text": d["text"]}
+                                  for i, d in enumerate(stdlib_docs[30:33]))])
+    again = run_embed(_spec(corpus, tmp_path / "kept.lance", tiny_model, ["float32"],
+                            kind="reindex"))  # those documents out again
 
     # its process dies (as the OOM killer would end it): Ray restarts it, the next run
     # embeds on the restarted actor, loading the model again
