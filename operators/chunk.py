@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from operators.model import load_tokenizer
+from operators.tokens import TokenEngine, load_token_engine
 from schemas.kinds import ChunkMode
 from schemas.records import CONTENT_HASH_BYTES, DOC_HASH_COLUMN, chunk_schema, hash_document
 
@@ -78,11 +78,15 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """The ids a tokenizer puts before and after a single sequence ([CLS] … [SEP], … </s>).
 
     Found by encoding a probe with and without specials, which works for any fast
-    tokenizer without relying on per-class helpers.
+    tokenizer without relying on per-class helpers. `tokenizer` is a `TokenEngine` or a
+    transformers tokenizer.
     """
     probe = "quiver"
-    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    if isinstance(tokenizer, TokenEngine):
+        bare, full = tokenizer.ids(probe, specials=False), tokenizer.ids(probe, specials=True)
+    else:
+        bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for i in range(len(full) - len(bare) + 1):
         if full[i : i + len(bare)] == bare:
             return list(full[:i]), list(full[i + len(bare) :])
@@ -105,11 +109,8 @@ class Chunker:
     def __init__(self, model_path: str, *, max_tokens: int, overlap: int,
                  document_prefix: str, metadata: pa.Schema, config_fingerprint: str,
                  mode: ChunkMode = "windows", trust_remote_code: bool = False) -> None:
-        self._tok = load_tokenizer(model_path, trust_remote_code)
-        prefix_ids = (
-            self._tok(document_prefix, add_special_tokens=False)["input_ids"]
-            if document_prefix else []
-        )
+        self._tok = load_token_engine(model_path, trust_remote_code)
+        prefix_ids = self._tok.ids(document_prefix, specials=False) if document_prefix else []
         self._prefix_ids: list[int] = list(prefix_ids)
         self._head, self._tail = special_tokens(self._tok)
         n_special = len(self._head) + len(self._tail)
@@ -133,17 +134,14 @@ class Chunker:
         if docs.num_rows == 0:
             return self._schema.empty_table()
         texts = docs.column("text").to_pylist()
-        encoded = self._tok(
-            texts, add_special_tokens=False, return_offsets_mapping=True,
-            return_attention_mask=False, return_token_type_ids=False, verbose=False,
-        )
+        encoded_ids, encoded_offsets = self._tok.encode_batch(texts)
         out: dict[str, list] = {n: [] for n in ("id", "doc_id", "chunk", "text",
                                                  "content_hash", "input_ids",
                                                  "_truncated_tokens")}
         take: list[int] = []
         doc_ids = docs.column("doc_id").to_pylist()
         for row, (doc_id, text, ids, offsets) in enumerate(
-            zip(doc_ids, texts, encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            zip(doc_ids, texts, encoded_ids, encoded_offsets, strict=True)
         ):
             if not ids:  # only characters the tokenizer drops: keep the text, embed specials
                 spans = [(0, 0)]

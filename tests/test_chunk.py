@@ -140,3 +140,96 @@ def test_an_extremely_long_single_token_run(model_info) -> None:
     assert out.column("doc_id").to_pylist()[0] == "d0"
     assert all(len(x) <= model_info.max_tokens for x in out.column("input_ids").to_pylist())
     assert set(out.column("doc_id").to_pylist()) == {"d0", "d1"}
+
+
+MIXED = ["Café naïve façade — ÉCOLE", "x² + y² = z²; αβγ", "tab\tand\nnewline  spaces",
+         "", "   ", "🙂 emoji and 中文 and العربية", "don't stop-words: a.b.c"]
+
+
+def test_the_saved_token_engine_tokenizes_as_transformers_does(model_info, tiny_model,
+                                                               stdlib_docs, tmp_path,
+                                                               monkeypatch) -> None:
+    """The engine Quiver saves and reloads gives the ids and offsets of the
+    transformers tokenizer it was taken from, on real and awkward text."""
+    from operators.tokens import CACHE_ENV, TokenEngine, cache_dir, load_token_engine
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    texts = [d["text"] for d in stdlib_docs[:60]] + MIXED
+    for path in (model_info.path, tiny_model):
+        load_token_engine.cache_clear()
+        built = load_token_engine(path)  # transformers builds it, then it is saved
+        load_token_engine.cache_clear()
+        saved = load_token_engine(path)  # read back from the saved file
+        reference = TokenEngine(tokenizer=load_tokenizer(path))
+        assert saved.encode_batch(texts) == built.encode_batch(texts) \
+            == reference.encode_batch(texts)
+        assert [saved.ids(t, specials=True) for t in MIXED] == \
+            [load_tokenizer(path)(t)["input_ids"] for t in MIXED]
+    # the tiny model was saved with MiniLM's tokenizer files: the same engine, saved once
+    assert len(list(cache_dir().glob("*.json"))) == 1
+    load_token_engine.cache_clear()
+
+
+def test_a_tokenizer_setting_is_another_engine(model_info, tmp_path, monkeypatch) -> None:
+    """transformers rebuilds a BERT normalizer from `do_lower_case`: the saved engine
+    follows the setting, and the setting changes the engine's key."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from operators.tokens import CACHE_ENV, engine_key, load_token_engine
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    cased = tmp_path / "cased"
+    cased.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(Path(model_info.path) / name, cased / name)
+    config = json.loads((cased / "tokenizer_config.json").read_text())
+    (cased / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                             "do_lower_case": False}))
+    assert engine_key(str(cased)) != engine_key(model_info.path)
+    load_token_engine.cache_clear()
+    text = ["Hello World from Paris"]
+    lower, upper = load_token_engine(model_info.path), load_token_engine(str(cased))
+    assert upper.encode_batch(text)[0] != lower.encode_batch(text)[0]
+    assert upper.encode_batch(text)[0] == \
+        load_tokenizer(str(cased))(text, add_special_tokens=False)["input_ids"]
+    load_token_engine.cache_clear()
+
+
+def test_a_chunk_worker_with_a_saved_engine_never_imports_transformers(
+        model_info, tmp_path) -> None:
+    """The first process builds and saves the engine; the next one chunks the same
+    documents to the same rows without importing transformers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from operators.tokens import CACHE_ENV
+
+    script = (
+        "import hashlib, json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import pyarrow as pa\n"
+        "from operators.chunk import Chunker\n"
+        f"chunker = Chunker({model_info.path!r}, max_tokens=64, overlap=8, "
+        "document_prefix='', metadata=pa.schema([]), config_fingerprint='cfg')\n"
+        "texts = ['Café naïve façade ' * 40, 'a short one', 'x² + y² = z²']\n"
+        "out = chunker(pa.table({'doc_id': ['a', 'b', 'c'], 'text': texts}))\n"
+        "print(json.dumps({'transformers': 'transformers' in sys.modules, "
+        "'rows': out.num_rows, 'ids': hashlib.sha256(repr(out.column('input_ids')"
+        ".to_pylist()).encode()).hexdigest()}))\n")
+    env = {**os.environ, CACHE_ENV: str(tmp_path), "HF_HUB_OFFLINE": "1"}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["transformers"] and not second["transformers"]
+    assert first["rows"] == second["rows"] > 3 and first["ids"] == second["ids"]
