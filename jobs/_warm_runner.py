@@ -94,7 +94,8 @@ class Runner:
         return self.proc.poll() is None
 
     def _answer(self, deadline: float | None) -> dict:
-        """The next answer line; None on timeout (raises TimeoutError)."""
+        """The next answer line (TimeoutError past `deadline`; RunnerError when the
+        process has died)."""
         while b"\n" not in self._buffer:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self._answers], [], [], wait)
