@@ -21,7 +21,7 @@ split: Ray start, planning, the first embed actor ready (its worker's imports an
 model load; `kept` when an earlier run loaded it), the embed phase and the index upkeep.
 Medians over `--rounds`.
 
-    python benchmarks/startup.py               # 3 rounds, about 2 minutes on 2 cores
+    python benchmarks/startup.py               # 3 rounds, about 4 minutes on 2 cores
 """
 
 from __future__ import annotations
