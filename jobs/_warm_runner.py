@@ -48,12 +48,13 @@ KILL_GRACE_S = 30.0
 LOG_ENV = "QUIVER_RUNNER_LOG"
 """The runner's log file, where Ray's loggers are sent too."""
 TARGET = "jobs._warm_runner:run_spec"
-"""What a runner calls for each request: `module:function(spec, workdir) -> dict`."""
+"""What a runner calls for each request, in the request's working folder:
+`module:function(spec) -> dict`."""
 
 
-def run_spec(spec: str, workdir: str) -> dict:
-    """One run, as `quiver run SPEC --json` would do it from `workdir` (the runner has
-    made it the working folder)."""
+def run_spec(spec: str) -> dict:
+    """One run, as `quiver run SPEC --json` would do it (from the schedule's working
+    folder: the runner has made it the current one)."""
     from jobs import api
 
     return json.loads(json.dumps(api.run(api.load_spec(spec)).to_dict(), default=str))
@@ -231,7 +232,7 @@ def _serve(answers_fd: int, target: str) -> None:
         try:
             if request["workdir"]:  # relative paths in the spec resolve as at `schedule add`
                 os.chdir(request["workdir"])
-            answer = {"summary": call(request["spec"], request["workdir"])}
+            answer = {"summary": call(request["spec"])}
         except QuiverError as err:
             answer = {"error": str(err)}
         except Exception as err:  # noqa: BLE001 - a failed run is an answer, not a crash

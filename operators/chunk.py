@@ -74,19 +74,14 @@ def document_hashes(docs: pa.Table, *, metadata_names: Sequence[str]) -> pa.Arra
                          strict=True))], pa.binary(CONTENT_HASH_BYTES))
 
 
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+def special_tokens(tokenizer: TokenEngine) -> tuple[list[int], list[int]]:
     """The ids a tokenizer puts before and after a single sequence ([CLS] … [SEP], … </s>).
 
     Found by encoding a probe with and without specials, which works for any fast
-    tokenizer without relying on per-class helpers. `tokenizer` is a `TokenEngine` or a
-    transformers tokenizer.
+    tokenizer without relying on per-class helpers.
     """
     probe = "quiver"
-    if isinstance(tokenizer, TokenEngine):
-        bare, full = tokenizer.ids(probe, specials=False), tokenizer.ids(probe, specials=True)
-    else:
-        bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    bare, full = tokenizer.ids(probe, specials=False), tokenizer.ids(probe, specials=True)
     for i in range(len(full) - len(bare) + 1):
         if full[i : i + len(bare)] == bare:
             return list(full[:i]), list(full[i + len(bare) :])

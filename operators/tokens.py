@@ -21,11 +21,12 @@ the transformers tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import os
-import tempfile
+import threading
 from pathlib import Path
 
 CACHE_ENV = "QUIVER_CACHE_DIR"
@@ -98,12 +99,12 @@ def load_token_engine(path: str, trust_remote_code: bool = False) -> TokenEngine
     if saved.is_file():
         return TokenEngine(Tokenizer.from_file(str(saved)))
     text = load_tokenizer(path).backend_tokenizer.to_str()
+    part = saved.with_name(f".{saved.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:  # a cache: a folder we cannot write only costs the next process the load
         saved.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=saved.parent, suffix=".tmp",
-                                         delete=False, encoding="utf-8") as f:
-            f.write(text)
-        os.replace(f.name, saved)
+        part.write_text(text, encoding="utf-8")
+        os.replace(part, saved)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
     return TokenEngine(Tokenizer.from_str(text))

@@ -72,8 +72,10 @@ def test_short_text_ids_equal_tokenizer_truncation(model_info, stdlib_docs) -> N
 
 
 def test_document_prefix_goes_after_the_leading_special(model_info) -> None:
+    from operators.tokens import TokenEngine
+
     tok = load_tokenizer(model_info.path)
-    head, tail = special_tokens(tok)
+    head, tail = special_tokens(TokenEngine(tokenizer=tok))
     out = _chunker(model_info, document_prefix="passage: ")(_docs(["hello world"]))
     ids = out.column("input_ids").to_pylist()[0]
     assert ids == tok("passage: hello world")["input_ids"]
