@@ -32,15 +32,18 @@ from jobs._calibrate import calibrated
 from jobs._checkpoint import Checkpointer
 from jobs._cutover import cut_over, pin_current
 from jobs._embed_service import (
+    KEPT_MAX_CHUNKS,
     KEPT_TASK_CPUS,
+    EarlyEmbedder,
     codebook_key,
+    early_wanted,
     embed_on_kept,
     kept_embedder,
     kept_threads,
 )
 from jobs._embed_service import wanted as kept_wanted
 from jobs._index import ClusterBuilder, index_workers
-from jobs._job_metrics import DriverMeter, MeteredEmbedder
+from jobs._job_metrics import DriverMeter, MeteredEmbedder, table_tag
 from jobs._lance_io import (
     MIN_ROWS_PER_WRITE,
     ChunkBlocks,
@@ -258,7 +261,7 @@ def _model_bytes(info: ModelInfo) -> int:
 def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: float | None,
                   actors: int, embed_seconds: float,
                   first_load: tuple[float, float] | None = None,
-                  started_at: float = 0.0) -> dict:
+                  started_at: float = 0.0, early: bool = False) -> dict:
     """The job's time by stage, in seconds.
 
     `plan` is the wall time of planning the source (listing, validation, duplicates).
@@ -269,7 +272,8 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
     first actor had its model loaded and `actor_load` the seconds its load took (the
     imports of torch and transformers in a fresh worker, and the weights), from
     `first_load` (`operators.embed.load_times`); `actor_kept` when that load was an
-    earlier run's (`jobs._embed_service`: ready at 0). `actor_idle` is the
+    earlier run's (`jobs._embed_service`: ready at 0); `actor_early` when the run
+    embedded on the one actor it started while planning. `actor_idle` is the
     actors' share of the embed phase not spent on a batch: model loading, waiting for
     blocks, the tail, and whatever Ray's own processes took from them.
 
@@ -285,7 +289,7 @@ def stage_profile(seconds: dict[str, float], *, ray_start: float, first_block: f
     kept = ready is not None and ready < started_at  # loaded by an earlier run
     return {**profile, "ray_start": round(ray_start, 2),
             "actor_ready": None if ready is None else round(max(0.0, ready - started_at), 2),
-            "actor_kept": kept,
+            "actor_kept": kept, "actor_early": early,
             "actor_load": None if load is None else round(load, 2),
             "first_block": None if first_block is None else round(first_block, 2),
             "actors": actors, "actor_idle": round(max(0.0, actors * embed_seconds - busy), 2)}
@@ -331,22 +335,34 @@ def _warn_untrained_truncation(info: ModelInfo, vectors: VectorsManifest) -> Non
 
 
 def _embed_stage(ds, *, info: ModelInfo, spec: JobSpec, layout: ActorLayout,
-                 precision: Precision, codebook: Codebook, size: int):
+                 precision: Precision, codebook: Codebook, size: int,
+                 early: EarlyEmbedder | None = None):
     """The embed actor pool over chunk rows (token ids in, codec columns out); for a
-    small run of the warm scheduler, the kept actor instead (`jobs._embed_service`)."""
+    small run, the model actor it started while planning (`early`), or on the warm
+    scheduler its kept actor (`jobs._embed_service`). An early actor the run turns out
+    too large for is killed here, before the pool starts."""
     import ray
     from ray.data import ActorPoolStrategy
 
     settings = dict(precision=precision, device=spec.model.device,
                     batch_tokens=spec.compute.batch_tokens, torch_threads=layout.threads,
                     trust_remote_code=spec.model.trust_remote_code)
-    if kept_wanted(chunks=size, gpus=layout.gpus):
+    actor = None
+    if early is not None and early.actor is not None:
+        if size <= KEPT_MAX_CHUNKS and not layout.gpus:
+            progress("embedding on the model actor started while planning")
+            actor, early.used = early.actor, True
+        else:
+            early.kill()
+    if actor is None and kept_wanted(chunks=size, gpus=layout.gpus):
         progress("embedding on the scheduler's kept model actor")
+        actor = kept_embedder(info, {
+            **settings, "torch_threads": kept_threads(layout, spec.compute.torch_threads)})
+    if actor is not None:
         return ds.map_batches(
-            embed_on_kept, fn_kwargs=dict(actor=kept_embedder(info, {
-                **settings, "torch_threads": kept_threads(layout, spec.compute.torch_threads)}),
-                                          key=codebook_key(codebook),
-                                          codebook=ray.put(codebook)),
+            embed_on_kept, fn_kwargs=dict(actor=actor, key=codebook_key(codebook),
+                                          codebook=ray.put(codebook),
+                                          table=table_tag(spec.table)),
             num_cpus=KEPT_TASK_CPUS, batch_size=layout.rows_per_block,
             batch_format="pyarrow")
     return ds.map_batches(
@@ -387,6 +403,8 @@ class _Planned:
     """The cluster's nodes while the job runs, for its node-hours (`operators.cost`)."""
     listing_key: str = ""
     """The key of the job's inputs (`jobs._unchanged.listing_key`)."""
+    early: EarlyEmbedder | None = None
+    """The run's model actor, started while it planned (`jobs._embed_service`)."""
 
 
 @dataclass
@@ -398,6 +416,29 @@ class _Decision:
     existing: lance.LanceDataset | None
     manifest: TableManifest
     done: set[str] = field(default_factory=set)
+
+
+def _start_early(spec: JobSpec, info: ModelInfo, existing: lance.LanceDataset | None,
+                 listing: Listing | None, early: EarlyEmbedder) -> Listing:
+    """Start Ray, and the run's model actor on it when the run is likely small
+    (`jobs._embed_service.early_wanted`), so that its imports and model load overlap
+    planning; returns the source's listing (made here when the caller had none)."""
+    ensure_ray()
+    if listing is None:
+        listing = list_source(spec.source, FORMATS)
+    _, gpus = cluster_resources()
+    if gpus < 1 and spec.model.device == "auto":
+        gpus = autoscaler_gpus()
+    nodes = sum(1 for n in cluster_nodes() if n["Alive"])
+    if early_wanted(nodes=nodes, gpus=gpus, device=spec.model.device,
+                    reindex=existing is not None and spec.write.mode != "overwrite",
+                    source_bytes=sum(f.size for f in listing.files)):
+        early.start(info, dict(
+            precision=resolve_precision(spec.model.precision, on_gpu=False),
+            device=spec.model.device, batch_tokens=spec.compute.batch_tokens,
+            torch_threads=spec.compute.torch_threads or int(largest_node_cpus()) or 1,
+            trust_remote_code=spec.model.trust_remote_code))
+    return listing
 
 
 def _plan(spec: JobSpec, started: float, info: ModelInfo,
@@ -712,7 +753,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
             meter = JobProgress(work.size, unit=work.unit, label=work.label)
             checkpointer.on_shard_written = work.shard_written
             ds = _embed_stage(ds, info=info, spec=spec, layout=layout,
-                              precision=planned.precision, codebook=codebook, size=work.size)
+                              precision=planned.precision, codebook=codebook, size=work.size,
+                              early=planned.early)
             written = ds.map_batches(
                 write_shard_fragments, fn_kwargs=dict(
                     uri=uri, schema=work.schema, max_rows_per_file=spec.write.max_rows_per_file,
@@ -945,9 +987,11 @@ def run_embed(spec: JobSpec, *, wait: bool = False) -> JobSummary:
     spec = with_absolute_paths(spec, base=Path.cwd())  # what the Ray workers read and write
     lease = Lease.acquire(spec.table, spec.write.storage_options, wait=wait,
                           purpose=f"a quiver run of {spec.source.uri}")
+    early = EarlyEmbedder()
     try:
-        return _run_embed(spec, lease, started, started_at)
+        return _run_embed(spec, lease, started, started_at, early)
     finally:
+        early.kill()
         lease.release()
 
 
@@ -966,7 +1010,8 @@ def node_clock(spec: JobSpec, started: float) -> NodeClock:
     return NodeClock(cluster_nodes, node_types=types, started=started)
 
 
-def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -> JobSummary:
+def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float,
+               early: EarlyEmbedder) -> JobSummary:
     clock = node_clock(spec, started)
     info = describe_model(spec.model)
     existing = _open_existing(spec.table, spec.write.storage_options)
@@ -975,8 +1020,9 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
         _check_code(spec, TableManifest.from_schema(existing.schema, where=spec.table),
                     spec.table)
         return _unchanged_summary(spec, existing, counts, started)
+    listing = _start_early(spec, info, existing, listing, early)
     planned = _plan(spec, started, info, listing)
-    planned.lease = lease
+    planned.lease, planned.early = lease, early
     planned.meter, planned.clock = DriverMeter(spec.table), clock
     clock.sample()
     planned.meter.totals(documents_read=planned.plan.documents + planned.plan.rejected,
@@ -1052,7 +1098,8 @@ def _run_embed(spec: JobSpec, lease: Lease, started: float, started_at: float) -
             embed_seconds=embed_seconds,
             first_block=run.first_embedded_at - started_at
             if run.first_embedded_at is not None else None,
-            first_load=load_times(sorted(run.loads)), started_at=started_at),
+            first_load=load_times(sorted(run.loads)), started_at=started_at,
+            early=early.used),
     )
 
 

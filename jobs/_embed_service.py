@@ -19,6 +19,14 @@ Design choices:
 - The actor lives as long as the scheduler's Ray (the scheduler's process). Ray restarts
   it when its process dies and retries the block it held (`KEPT_RESTARTS`), as Ray Data
   restarts a pool's actor.
+
+The same actor class also serves a small one-off run (`early_wanted`): Ray Data starts
+a pool's actors only when the stream reaches the embed stage, after planning and the
+reindex diff, so a small `quiver run` on its own Ray waited for a process to import
+torch and transformers and load the model (about 4 s here) after everything else. A
+run that is likely small starts one such actor, for this run only, as soon as Ray is
+up; its imports and load overlap planning. If the plan turns out larger than
+`KEPT_MAX_CHUNKS`, the actor is killed and the pool runs as before.
 """
 
 from __future__ import annotations
@@ -29,12 +37,19 @@ import pickle
 
 import pyarrow as pa
 
+from jobs._job_metrics import ActorMeter
 from operators.embed import Embedder
 from operators.model import ModelInfo
 from operators.quantize import Codebook
 
 KEEP_ENV = "QUIVER_KEEP_EMBEDDER"
 """Set to 1 by the warm scheduler in its runs' environment."""
+EARLY_ENV = "QUIVER_EARLY_EMBEDDER"
+"""Set to 0 to never start a run's model actor early (the test suite does, so that its
+small jobs run the actor pool that large jobs use)."""
+EARLY_MAX_SOURCE_BYTES = 4 << 20
+"""The largest source (listed bytes) a build starts its model actor early for: about
+5,000 chunks of text (scifact's first 1,500 documents are 2.3 MB and 2,800 chunks)."""
 KEPT_MAX_CHUNKS = 5_000
 """The most chunks a run sends to the kept actor (about 20 s of MiniLM forward on 2
 cores); a larger run starts its own actor pool, whose start-up it then amortises."""
@@ -50,20 +65,24 @@ KEPT_CODEBOOKS = 8
 
 
 class KeptEmbedder:
-    """The detached actor: one loaded model, a codebook view per table."""
+    """One loaded model for many runs' blocks (the scheduler's detached actor, or a
+    small run's early one): a codebook view per table, each block metered as the
+    pool's actors are (`jobs._job_metrics.ActorMeter`)."""
 
     def __init__(self, info: ModelInfo, **settings) -> None:
         self.embedder = Embedder(info, **settings)
         self.views: dict[str, Embedder] = {}
+        self.meter = ActorMeter()
 
-    def embed(self, key: str, codebook: Codebook, batch: pa.Table) -> pa.Table:
-        """`Embedder.__call__` on a block with the run's codecs."""
+    def embed(self, key: str, codebook: Codebook, batch: pa.Table, table: str) -> pa.Table:
+        """`Embedder.__call__` on a block with the run's codecs; `table` is its metrics
+        tag."""
         view = self.views.get(key)
         if view is None:
             if len(self.views) >= KEPT_CODEBOOKS:
                 self.views.pop(next(iter(self.views)))
             view = self.views[key] = self.embedder.with_codebook(codebook)
-        return view(batch)
+        return self.meter.block(view, batch, table=table)
 
 
 def wanted(*, chunks: int, gpus: float) -> bool:
@@ -93,14 +112,61 @@ def actor_name(info: ModelInfo, settings: dict) -> str:
     return "quiver-embed-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def kept_embedder(info: ModelInfo, settings: dict):
-    """The kept actor for this model and settings, created on first use."""
+def _actor_class():
+    """`KeptEmbedder` as a Ray actor: no CPU asked, one block at a time, restarted with
+    its block retried when its process dies."""
     import ray
 
-    cls = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=KEPT_RESTARTS,
-                     max_task_retries=KEPT_RESTARTS)(KeptEmbedder)
-    return cls.options(name=actor_name(info, settings), namespace=NAMESPACE,
-                       lifetime="detached", get_if_exists=True).remote(info, **settings)
+    return ray.remote(num_cpus=0, max_concurrency=1, max_restarts=KEPT_RESTARTS,
+                      max_task_retries=KEPT_RESTARTS)(KeptEmbedder)
+
+
+def kept_embedder(info: ModelInfo, settings: dict):
+    """The kept actor for this model and settings, created on first use."""
+    return _actor_class().options(name=actor_name(info, settings), namespace=NAMESPACE,
+                                  lifetime="detached", get_if_exists=True).remote(info, **settings)
+
+
+def early_wanted(*, nodes: int, gpus: float, device: str, reindex: bool,
+                 source_bytes: int) -> bool:
+    """True when a run should start its model actor while it plans: it runs on one
+    node with no GPU to ask for, outside the warm scheduler (whose kept actor is
+    loaded already), and is likely small: a reindex (most change little) or a build
+    from at most `EARLY_MAX_SOURCE_BYTES` of source.
+
+    >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=2 << 20)
+    True
+    >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=9 << 20)
+    False
+    >>> early_wanted(nodes=3, gpus=0, device="auto", reindex=True, source_bytes=0)
+    False
+    """
+    if os.environ.get(KEEP_ENV) == "1" or os.environ.get(EARLY_ENV) == "0":
+        return False
+    return nodes == 1 and not gpus and device != "cuda" \
+        and (reindex or 0 < source_bytes <= EARLY_MAX_SOURCE_BYTES)
+
+
+class EarlyEmbedder:
+    """A run's own model actor, started while it plans (`early_wanted`); the run kills it
+    when it is done with it, or once its plan is too large for one actor."""
+
+    def __init__(self) -> None:
+        self.actor = None
+        self.used = False
+        """Whether the run embedded on it (the summary's `actor_early`)."""
+
+    def start(self, info: ModelInfo, settings: dict) -> None:
+        """Create the actor: Ray starts its process and loads the model meanwhile."""
+        self.actor = _actor_class().remote(info, **settings)
+
+    def kill(self) -> None:
+        """End the actor, if there is one (again is a no-op)."""
+        if self.actor is not None:
+            import ray
+
+            ray.kill(self.actor)
+            self.actor = None
 
 
 def codebook_key(codebook: Codebook) -> str:
@@ -108,9 +174,10 @@ def codebook_key(codebook: Codebook) -> str:
     return hashlib.sha256(pickle.dumps(codebook)).hexdigest()[:16]
 
 
-def embed_on_kept(batch: pa.Table, *, actor, key: str, codebook) -> pa.Table:
-    """The Ray Data map function of a run on the kept actor: the block there and back
-    (`codebook` is the run's `Codebook`, put in the object store once)."""
+def embed_on_kept(batch: pa.Table, *, actor, key: str, codebook, table: str) -> pa.Table:
+    """The Ray Data map function of a run on a kept or early actor: the block there and
+    back (`codebook` is the run's `Codebook`, put in the object store once; `table` the
+    metrics tag)."""
     import ray
 
-    return ray.get(actor.embed.remote(key, codebook, batch))
+    return ray.get(actor.embed.remote(key, codebook, batch, table))

@@ -21,6 +21,7 @@ Two sources, and how far each is exact:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -93,27 +94,41 @@ class DriverMeter:
             self._sent[name] = max(total, self._sent.get(name, 0))
 
 
+class ActorMeter:
+    """An embed actor's counters, recorded around each block it embeds: rows, tokens,
+    forward batches, out-of-memory retries, and its busy and idle seconds (idle from
+    the model's load or the last block). One per actor process; the pool's actors
+    (`MeteredEmbedder`) and the one-model actors of `jobs._embed_service` share it."""
+
+    def __init__(self) -> None:
+        self._idle_since = time.perf_counter()  # the model is loaded: waiting from here
+
+    def block(self, embedder: Embedder, batch: pa.Table, *, table: str,
+              embed: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
+        """`embed(batch)` (by default `embedder(batch)`), recorded under the `table` tag."""
+        tags = {"table": table}
+        before = (embedder.forward_batches, embedder.oom_retries)
+        started = time.perf_counter()
+        _inc("quiver_embed_idle_seconds", started - self._idle_since, tags)
+        out = (embed or embedder)(batch)
+        self._idle_since = time.perf_counter()
+        _inc("quiver_embed_busy_seconds", self._idle_since - started, tags)
+        _inc("quiver_embed_rows", out.num_rows, tags)
+        if "_tokens" in out.column_names:
+            _inc("quiver_embed_tokens", pc.sum(out.column("_tokens")).as_py() or 0, tags)
+        _inc("quiver_embed_batches", embedder.forward_batches - before[0], tags)
+        _inc("quiver_embed_oom_retries", embedder.oom_retries - before[1], tags)
+        return out
+
+
 class MeteredEmbedder(Embedder):
-    """`operators.embed.Embedder` as the job's actor: the same work, and after each
-    block its rows, tokens, forward batches, retries, and busy and idle seconds."""
+    """`operators.embed.Embedder` as the job's pool actor: the same work, each block
+    recorded by an `ActorMeter`."""
 
     def __init__(self, *args, table_uri: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._tags = {"table": table_tag(table_uri)}
-        self._counted = (0, 0)  # forward batches and OOM retries already recorded
-        self._idle_since = time.perf_counter()  # the model is loaded: waiting from here
+        self._table = table_tag(table_uri)
+        self._meter = ActorMeter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        started = time.perf_counter()
-        _inc("quiver_embed_idle_seconds", started - self._idle_since, self._tags)
-        out = super().__call__(batch)
-        self._idle_since = time.perf_counter()
-        _inc("quiver_embed_busy_seconds", self._idle_since - started, self._tags)
-        _inc("quiver_embed_rows", out.num_rows, self._tags)
-        if "_tokens" in out.column_names:
-            _inc("quiver_embed_tokens", pc.sum(out.column("_tokens")).as_py() or 0, self._tags)
-        batches, retries = self.forward_batches, self.oom_retries
-        _inc("quiver_embed_batches", batches - self._counted[0], self._tags)
-        _inc("quiver_embed_oom_retries", retries - self._counted[1], self._tags)
-        self._counted = (batches, retries)
-        return out
+        return self._meter.block(self, batch, table=self._table, embed=super().__call__)

@@ -213,8 +213,10 @@ def _profile_line(p: dict) -> str:
     """One line of where the time went: task-, actor- and driver-seconds per stage."""
     first = "" if p["first_block"] is None else f", first batch out at {p['first_block']:.1f} s"
     if p.get("actor_ready") is not None:
+        early = "started while planning, " if p.get("actor_early") else ""
         first = (f", planned in {p['plan']:.1f} s, first actor ready at "
-                 f"{p['actor_ready']:.1f} s (loading took {p['actor_load']:.1f} s){first}")
+                 f"{p['actor_ready']:.1f} s ({early}loading took {p['actor_load']:.1f} s)"
+                 f"{first}")
     return (f"Ray up in {p['ray_start']:.1f} s{first}; read {p['read']:.2f} s + tokenize "
             f"{p['tokenize']:.2f} s (tasks); forward {p['forward']:.2f} s, pool "
             f"{p['pool']:.2f} s, quantize {p['quantize']:.2f} s, idle {p['actor_idle']:.2f} s "

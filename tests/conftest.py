@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # busy machine slows the suite, as it should, instead of stopping it. Every Ray the tests
 # start (`ray.init`, `ray start`, `quiver` subprocesses) reads this from the environment.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# The suite's small jobs stand in for large ones, so they run the embed actor pool that a
+# large job runs; a small one-off run starts one model actor while it plans instead
+# (`jobs._embed_service.early_wanted`), and the tests of that path turn it back on.
+os.environ.setdefault("QUIVER_EARLY_EMBEDDER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO.parent / "shared" / "eval"

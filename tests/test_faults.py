@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, chunk_ids, loopback_cluster, write_jsonl
 
 from jobs._embed_job import run_embed
+from jobs._embed_service import EARLY_ENV
 from operators.write import orphan_data_files
 from schemas.spec import parse_spec
 
@@ -51,20 +52,27 @@ def _ids(table: Path) -> list[str]:
 
 
 def _embed_actor_pids() -> list[int]:
-    """Embed actors of this process's own Ray (its workers are our descendants)."""
+    """Embed actors of this process's own Ray (its workers are our descendants): the
+    pool's (`MapBatches(MeteredEmbedder)`) or a small run's early one (`KeptEmbedder`)."""
     import psutil
 
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "Embedder)" in " ".join(proc.cmdline()):  # MapBatches(MeteredEmbedder)
+            cmdline = " ".join(proc.cmdline())
+            if "Embedder)" in cmdline or "KeptEmbedder" in cmdline:
                 found.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
 
 
-def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local) -> None:
+@pytest.mark.parametrize("early", ["0", "1"], ids=["pool", "early-actor"])
+def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local, monkeypatch,
+                                    early: str) -> None:
+    """A SIGKILLed embed actor, twice: the pool's (Ray Data restarts it) or the one a
+    small run started while planning (Ray restarts it and retries its block)."""
+    monkeypatch.setenv(EARLY_ENV, early)
     corpus = write_jsonl(tmp_path / "c.jsonl", docs)
     table = tmp_path / "t.lance"
     result: dict = {}
@@ -110,6 +118,8 @@ def test_embed_actor_killed_mid_job(docs, model_info, tmp_path, ray_local) -> No
     # Every read saw whole documents, each chunk once: a committed prefix of the shards.
     assert reads[0] >= 1 and not torn, torn[:3]
     assert "summary" in result, "the job did not survive the killed actor"
+    assert result["summary"].profile["actor_early"] == (early == "1")
+    assert result["summary"].model_loads >= 2  # the killed one and its successor
     ids = _ids(table)
     assert ids == chunk_ids(model_info, docs) and len(set(ids)) == len(ids)
 

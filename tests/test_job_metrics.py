@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO, free_port, loopback_cluster, write_jsonl
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobs._embed_service import EARLY_ENV
+
 DRIVER = """
 import json, sys
 from jobs._embed_job import run_embed
@@ -40,8 +42,11 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
     return out
 
 
+@pytest.mark.parametrize("early", ["0", "1"], ids=["pool", "early-actor"])
 def test_a_jobs_counters_reach_rays_prometheus_export(tmp_path: Path, stdlib_docs,
-                                                      tiny_model) -> None:
+                                                      tiny_model, early: str) -> None:
+    """The driver's exact counts and the embed actor's own, whether the job embedded on
+    the actor pool or on the one actor a small run starts while it plans."""
     port = free_port()
     cluster, _ = loopback_cluster(head={"num_cpus": 2, "include_dashboard": False,
                                         "metrics_export_port": port}, workers=[])
@@ -51,7 +56,8 @@ def test_a_jobs_counters_reach_rays_prometheus_export(tmp_path: Path, stdlib_doc
     spec = {"kind": "embed", "table": str(tmp_path / "metered.lance"),
             "model": {"name": tiny_model}, "source": {"uri": str(corpus), "id_field": "id"},
             "cost": {"prices": {"cpu2": 0.5}, "currency": "EUR"}}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": cluster.address,
+           EARLY_ENV: early}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(spec)], cwd=REPO,
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
@@ -64,6 +70,7 @@ def test_a_jobs_counters_reach_rays_prometheus_export(tmp_path: Path, stdlib_doc
                     "ray_quiver_job_tokens_total": float(summary["tokens"]),
                     "ray_quiver_job_commits_total": float(summary["commits"])}
         assert summary["documents"] == 40 and summary["rejects"] == 1
+        assert summary["profile"]["actor_early"] == (early == "1")
         # one node of 2 CPUs (named by its shape), up for the whole job: its hours are the
         # job's own seconds, up to the summary's last steps after the final sample (and
         # the rounding of both: hours to 6 places, seconds to 2)
