@@ -9,7 +9,10 @@ source copied beside it. Each run flips the source between the corpus and a copy
 of the documents edited, 0.5% deleted and 0.5% added (`benchmarks/reindex.py`'s change),
 so every run is a reindex of the same size. The cold runs go first, with no other Ray on
 the machine (a second Ray's processes slowed a cold run's own start from about 3 s to
-7-8 s here); then the kept Ray starts, one warm run loads the kept model actor (shown,
+7-8 s here), alternating two kinds: `cold` as `quiver run` runs now (its model actor
+started as soon as Ray is up, `jobs._embed_service.EarlyEmbedder`) and `cold, actor after
+planning` (`QUIVER_EARLY_EMBEDDER=0`: the actor pool, which starts when the stream
+reaches the embed stage); then the kept Ray starts, one warm run loads the kept model actor (shown,
 not counted), and two kinds of warm run alternate:
 - `warm`: as `quiver scheduler` runs them, on a kept run process
   (`jobs._warm_runner`), imported ahead and reused, so its Ray workers are reused too;
@@ -21,7 +24,7 @@ split: Ray start, planning, the first embed actor ready (its worker's imports an
 model load; `kept` when an earlier run loaded it), the embed phase and the index upkeep.
 Medians over `--rounds`.
 
-    python benchmarks/startup.py               # 3 rounds, about 4 minutes on 2 cores
+    python benchmarks/startup.py               # 3 rounds, about 5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from reindex import change_corpus, load_docs, write_docs  # noqa: E402
 
-from jobs._embed_service import KEEP_ENV  # noqa: E402
+from jobs._embed_service import EARLY_ENV, KEEP_ENV  # noqa: E402
 
 SCIFACT = REPO.parent / "shared" / "eval" / "scifact" / "corpus.jsonl"
 WAREHOUSE = REPO / "benchmarks" / ".warehouse"
@@ -52,10 +55,12 @@ SPEC = {"kind": "reindex", "source": {"id_field": "_id", "text_fields": ["title"
 """`benchmarks/quality.py`'s scifact spec (its table is the one copied), as a reindex."""
 
 
-def run(spec: Path, ray_address: str | None) -> dict:
-    """One `quiver run --json` process: its wall seconds and summary."""
+def run(spec: Path, ray_address: str | None, *, early: bool = True) -> dict:
+    """One `quiver run --json` process: its wall seconds and summary (`early=False`: the
+    run does not start its model actor while it plans)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HF_HUB_OFFLINE"] = "1"
+    env[EARLY_ENV] = "1" if early else "0"
     if ray_address:  # as the warm scheduler runs it
         env["RAY_ADDRESS"] = ray_address
         env[KEEP_ENV] = "1"
@@ -121,15 +126,17 @@ def main() -> None:
         rows = []
         flip = False
 
-        def once(mode: str, address: str | None, pool=None) -> None:
+        def once(mode: str, address: str | None, pool=None, early: bool = True) -> None:
             nonlocal flip
             flip = not flip
             write_docs(corpus, changed if flip else docs)
-            rows.append(row(mode, run_kept(spec, pool) if pool else run(spec, address)))
+            rows.append(row(mode, run_kept(spec, pool) if pool
+                            else run(spec, address, early=early)))
             print(f"[startup] {rows[-1]}", flush=True)
 
         for _ in range(args.rounds):
             once("cold", None)
+            once("cold, actor after planning", None, early=False)
         warm = WarmRay(work / "logs")
         t = time.perf_counter()
         address = warm.start()
@@ -146,7 +153,7 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r)
               + " |")
-    for mode in ("cold", "warm", "warm, own process"):
+    for mode in ("cold", "cold, actor after planning", "warm", "warm, own process"):
         mine = [r for r in rows if r[0] == mode]
         print(f"median {mode}: process {median([r[1] for r in mine]):.1f} s, Ray start "
               f"{median([r[2] for r in mine]):.1f} s, embed "

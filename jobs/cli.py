@@ -283,18 +283,26 @@ def demo(
     verbose: VerboseOpt = False,
 ) -> None:
     """Embed the Python standard library's docstrings into a local table and query it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from jobs import api
     from jobs._demo import DEMO_QUERIES, build_stdlib_corpus, demo_spec
+    from jobs._ray import ensure_ray
     from schemas.spec import parse_spec
 
     logs = _quiet(str(warehouse / "stdlib.lance"), verbose)
 
     corpus = warehouse / "demo" / "stdlib-docs.jsonl"
-    n = build_stdlib_corpus(corpus)
-    print(f"[quiver] demo corpus: {n} module docstrings of Python {sys.version.split()[0]} "
-          f"-> {corpus}", file=sys.stderr)
-    spec = parse_spec(demo_spec(corpus, warehouse / "stdlib.lance"), origin="demo")
-    summary = api.run(spec)
+    # Parsing the standard library (2-3 s of Python) runs while Ray starts (mostly a
+    # wait on its processes).
+    with ThreadPoolExecutor(1) as side:
+        parsed = side.submit(build_stdlib_corpus, corpus)
+        ensure_ray()
+        n = parsed.result()
+        print(f"[quiver] demo corpus: {n} module docstrings of Python "
+              f"{sys.version.split()[0]} -> {corpus}", file=sys.stderr)
+        spec = parse_spec(demo_spec(corpus, warehouse / "stdlib.lance"), origin="demo")
+        summary = api.run(spec)
     _said_logs(logs)
     _print_summary(summary.to_dict())
     table = api.open_table(summary.table)
