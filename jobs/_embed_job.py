@@ -432,7 +432,8 @@ def _start_early(spec: JobSpec, info: ModelInfo, existing: lance.LanceDataset | 
     nodes = sum(1 for n in cluster_nodes() if n["Alive"])
     if early_wanted(nodes=nodes, gpus=gpus, device=spec.model.device,
                     reindex=existing is not None and spec.write.mode != "overwrite",
-                    source_bytes=sum(f.size for f in listing.files)):
+                    source_bytes=sum(f.size for f in listing.files),
+                    limit=spec.source.limit):
         early.start(info, dict(
             precision=resolve_precision(spec.model.precision, on_gpu=False),
             device=spec.model.device, batch_tokens=spec.compute.batch_tokens,

@@ -128,23 +128,28 @@ def kept_embedder(info: ModelInfo, settings: dict):
 
 
 def early_wanted(*, nodes: int, gpus: float, device: str, reindex: bool,
-                 source_bytes: int) -> bool:
+                 source_bytes: int, limit: int | None = None) -> bool:
     """True when a run should start its model actor while it plans: it runs on one
     node with no GPU to ask for, outside the warm scheduler (whose kept actor is
-    loaded already), and is likely small: a reindex (most change little) or a build
-    from at most `EARLY_MAX_SOURCE_BYTES` of source.
+    loaded already), and is likely small: a reindex (most change little), a build from
+    at most `EARLY_MAX_SOURCE_BYTES` of source, or one of at most `KEPT_MAX_CHUNKS`
+    documents by its `source.limit`.
 
     >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=2 << 20)
     True
     >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=9 << 20)
     False
+    >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=9 << 20,
+    ...              limit=1000)
+    True
     >>> early_wanted(nodes=3, gpus=0, device="auto", reindex=True, source_bytes=0)
     False
     """
     if os.environ.get(KEEP_ENV) == "1" or os.environ.get(EARLY_ENV) == "0":
         return False
-    return nodes == 1 and not gpus and device != "cuda" \
-        and (reindex or 0 < source_bytes <= EARLY_MAX_SOURCE_BYTES)
+    small = reindex or 0 < source_bytes <= EARLY_MAX_SOURCE_BYTES \
+        or (limit is not None and limit <= KEPT_MAX_CHUNKS)
+    return nodes == 1 and not gpus and device != "cuda" and small
 
 
 class EarlyEmbedder:

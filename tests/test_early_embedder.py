@@ -14,7 +14,13 @@ from conftest import write_jsonl
 
 import jobs._embed_job as embed_job
 from jobs._embed_job import run_embed
-from jobs._embed_service import EARLY_ENV, EARLY_MAX_SOURCE_BYTES, KEEP_ENV, early_wanted
+from jobs._embed_service import (
+    EARLY_ENV,
+    EARLY_MAX_SOURCE_BYTES,
+    KEEP_ENV,
+    KEPT_MAX_CHUNKS,
+    early_wanted,
+)
 from schemas.errors import QuiverError
 from schemas.spec import parse_spec
 
@@ -115,6 +121,9 @@ def test_only_likely_small_single_node_cpu_runs_start_one_early(monkeypatch) -> 
     assert not early_wanted(**{**small, "source_bytes": EARLY_MAX_SOURCE_BYTES + 1})
     assert early_wanted(**{**small, "source_bytes": 1 << 40, "reindex": True})
     assert not early_wanted(**{**small, "source_bytes": 0})  # a size not known
+    big = {**small, "source_bytes": 1 << 40}  # a slice of a big source: by its limit
+    assert early_wanted(**big, limit=KEPT_MAX_CHUNKS)
+    assert not early_wanted(**big, limit=KEPT_MAX_CHUNKS + 1)
     assert not early_wanted(**{**small, "nodes": 2})
     assert not early_wanted(**{**small, "gpus": 1})
     assert not early_wanted(**{**small, "device": "cuda"})
