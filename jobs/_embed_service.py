@@ -133,17 +133,8 @@ def early_wanted(*, nodes: int, gpus: float, device: str, reindex: bool,
     node with no GPU to ask for, outside the warm scheduler (whose kept actor is
     loaded already), and is likely small: a reindex (most change little), a build from
     at most `EARLY_MAX_SOURCE_BYTES` of source, or one of at most `KEPT_MAX_CHUNKS`
-    documents by its `source.limit`.
-
-    >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=2 << 20)
-    True
-    >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=9 << 20)
-    False
-    >>> early_wanted(nodes=1, gpus=0, device="auto", reindex=False, source_bytes=9 << 20,
-    ...              limit=1000)
-    True
-    >>> early_wanted(nodes=3, gpus=0, device="auto", reindex=True, source_bytes=0)
-    False
+    documents by its `source.limit`. `QUIVER_EARLY_EMBEDDER=0` says no to all (the
+    rules are tested in tests/test_early_embedder.py, which sets the variable).
     """
     if os.environ.get(KEEP_ENV) == "1" or os.environ.get(EARLY_ENV) == "0":
         return False
