@@ -51,26 +51,35 @@ def sample_vectors(info: ModelInfo, input_ids: list[list[int]], *, device: str,
                    torch_threads: int, trust_remote_code: bool = False) -> np.ndarray:
     """The sample's vectors as the table stores them (after its truncation), embedded on
     `device` in the job's precision."""
-    import torch
-
     embedder = Embedder(info, precision=precision, device=device, batch_tokens=batch_tokens,
                         torch_threads=torch_threads, trust_remote_code=trust_remote_code)
-    full = embedder.embed_ids(input_ids)
+    return as_stored(embedder.embed_ids(input_ids), dims, renormalize=renormalize)
+
+
+def as_stored(full: np.ndarray, dims: int, *, renormalize: bool) -> np.ndarray:
+    """Full-size vectors cut to the table's `dims` (Matryoshka), renormalised if asked."""
+    import torch
+
     return np.asarray(truncate(torch.from_numpy(full), dims, renormalize=renormalize).numpy())
 
 
 def embed_sample(info: ModelInfo, input_ids: list[list[int]], *, on_gpu: bool,
-                 in_task: bool | None = None, **kwargs) -> np.ndarray:
+                 in_task: bool | None = None, actor=None, **kwargs) -> np.ndarray:
     """`sample_vectors` where the job's GPUs are: a cluster's driver has none, so a job
-    that embeds on GPUs sends the sample to one GPU task; on CPU the driver embeds it
-    with all its cores (a task would add a worker's start-up and model load). The
-    vectors (sample × dims floats: 6 MB for 4,096 of 384) are all that come back.
-    `in_task` forces the task (a test runs the GPU path's task on CPU)."""
+    that embeds on GPUs sends the sample to one GPU task; on CPU the model actor the run
+    started while planning (`actor`, `jobs._embed_service.EarlyEmbedder`) embeds it when
+    there is one, and otherwise the driver with all its cores (a task would add a
+    worker's start-up and model load). The vectors (sample × dims floats: 6 MB for
+    4,096 of 384) are all that come back. `in_task` forces the task (a test runs the GPU
+    path's task on CPU)."""
+    import ray
+
+    if actor is not None and not on_gpu and not in_task:
+        full = ray.get(actor.embed_ids.remote(input_ids))
+        return as_stored(full, kwargs["dims"], renormalize=kwargs["renormalize"])
     if not (on_gpu if in_task is None else in_task):
         return sample_vectors(info, input_ids, device="cpu",
                               torch_threads=os.cpu_count() or 1, **kwargs)
-    import ray
-
     task = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(sample_vectors)
     return ray.get(task.remote(info, input_ids, device="cuda" if on_gpu else "cpu",
                                torch_threads=1, **kwargs))
@@ -78,12 +87,12 @@ def embed_sample(info: ModelInfo, input_ids: list[list[int]], *, on_gpu: bool,
 
 def calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
                 chunk: Callable[[pa.Table], pa.Table], info: ModelInfo, *, int8: bool,
-                code: bool, precision: Precision, on_gpu: bool = False
+                code: bool, precision: Precision, on_gpu: bool = False, actor=None
                 ) -> tuple[TableManifest, Codec | None]:
     """The manifest with what a sample of the corpus's vectors decides: the int8 ranges,
     and the fitted first-stage code (its codebook written beside the table first, so
     no version of the table ever names a file that is not there). One sample, embedded
-    once, serves both."""
+    once (on the run's early model actor, `actor`, when it has one), serves both."""
     started = time.perf_counter()
     wanted = max(spec.vectors.calibration_sample if int8 else 0,
                  spec.vectors.code.sample if code else 0)
@@ -94,7 +103,7 @@ def calibrated(manifest: TableManifest, spec: JobSpec, plan: ReadPlan,
     stored = np.zeros((0, vectors.dims), np.float32)
     if sample:
         stored = embed_sample(
-            info, sample, on_gpu=on_gpu, precision=precision, dims=vectors.dims,
+            info, sample, on_gpu=on_gpu, actor=actor, precision=precision, dims=vectors.dims,
             renormalize=info.normalize and vectors.truncated,
             batch_tokens=spec.compute.batch_tokens,
             trust_remote_code=spec.model.trust_remote_code)

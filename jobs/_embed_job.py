@@ -717,7 +717,8 @@ def _execute(spec: JobSpec, planned: _Planned, decision: _Decision) -> tuple[
     if needs_int8 or needs_code:
         manifest, code = calibrated(manifest, spec, plan, chunk, info, int8=needs_int8,
                                     code=needs_code, precision=planned.precision,
-                                    on_gpu=uses_gpus(spec, planned.gpus))
+                                    on_gpu=uses_gpus(spec, planned.gpus),
+                                    actor=planned.early.actor if planned.early else None)
     if code is None and manifest.vectors.code is not None:  # the table's own codebook
         code = load_codebook(uri, manifest.vectors.code.sha256, opts)
     schema = table_schema(

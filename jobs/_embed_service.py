@@ -35,6 +35,7 @@ import hashlib
 import os
 import pickle
 
+import numpy as np
 import pyarrow as pa
 
 from jobs._job_metrics import ActorMeter
@@ -83,6 +84,10 @@ class KeptEmbedder:
                 self.views.pop(next(iter(self.views)))
             view = self.views[key] = self.embedder.with_codebook(codebook)
         return self.meter.block(view, batch, table=table)
+
+    def embed_ids(self, input_ids: list[list[int]]) -> np.ndarray:
+        """Full-size vectors of token id lists (a new table's calibration sample)."""
+        return self.embedder.embed_ids(input_ids)
 
 
 def wanted(*, chunks: int, gpus: float) -> bool:

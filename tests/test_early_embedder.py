@@ -132,3 +132,39 @@ def test_only_likely_small_single_node_cpu_runs_start_one_early(monkeypatch) -> 
     monkeypatch.delenv(KEEP_ENV)
     monkeypatch.setenv(EARLY_ENV, "0")
     assert not early_wanted(**small)
+
+
+def test_a_new_int8_tables_calibration_sample_is_embedded_on_the_early_actor(
+        tmp_path, stdlib_docs, tiny_model, ray_local, monkeypatch) -> None:
+    """The sample that sets a new table's int8 ranges goes to the actor the run is
+    loading anyway, not to a model the driver would load for it, and sets the ranges
+    the driver would have set."""
+    import jobs._calibrate as calibrate
+    from schemas.manifest import TableManifest
+
+    docs = [{"id": d["id"], "text": d["text"]} for d in stdlib_docs[:24]]
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+
+    def int8_spec(table):
+        return parse_spec({"kind": "embed", "table": str(table), "model": {"name": tiny_model},
+                           "vectors": {"codecs": ["float32", "int8"],
+                                       "calibration_sample": 64},
+                           "source": {"uri": str(corpus), "id_field": "id"}})
+
+    run_embed(int8_spec(tmp_path / "driver.lance"))  # the pool's path: the driver embeds
+    monkeypatch.setenv(EARLY_ENV, "1")
+
+    def no_driver_model(*args, **kwargs):
+        raise AssertionError("the driver loaded a model for the calibration sample")
+
+    monkeypatch.setattr(calibrate, "sample_vectors", no_driver_model)
+    summary = run_embed(int8_spec(tmp_path / "early.lance"))
+    assert summary.profile["actor_early"] and summary.model_loads == 1
+
+    def ranges(table) -> tuple[list[float], list[float]]:
+        vectors = TableManifest.from_schema(lance.dataset(str(table)).schema).vectors
+        return vectors.int8_low, vectors.int8_high
+
+    for mine, drivers in zip(ranges(tmp_path / "early.lance"), ranges(tmp_path / "driver.lance"),
+                             strict=True):
+        np.testing.assert_allclose(mine, drivers, atol=1e-5)
