@@ -299,10 +299,10 @@ def demo(
         parsed = side.submit(build_stdlib_corpus, corpus)
         ensure_ray()
         n = parsed.result()
-        print(f"[quiver] demo corpus: {n} module docstrings of Python "
-              f"{sys.version.split()[0]} -> {corpus}", file=sys.stderr)
-        spec = parse_spec(demo_spec(corpus, warehouse / "stdlib.lance"), origin="demo")
-        summary = api.run(spec)
+    print(f"[quiver] demo corpus: {n} module docstrings of Python {sys.version.split()[0]} "
+          f"-> {corpus}", file=sys.stderr)
+    spec = parse_spec(demo_spec(corpus, warehouse / "stdlib.lance"), origin="demo")
+    summary = api.run(spec)
     _said_logs(logs)
     _print_summary(summary.to_dict())
     table = api.open_table(summary.table)
