@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -162,12 +163,20 @@ class EarlyEmbedder:
         self.actor = _actor_class().remote(info, **settings)
 
     def kill(self) -> None:
-        """End the actor, if there is one (again is a no-op)."""
+        """End the actor, if there is one (again is a no-op). It runs in the job's
+        `finally`, so it never raises over the job's own error: when Ray itself is
+        gone, so is the actor, which is not detached and dies with its driver."""
         if self.actor is not None:
             import ray
 
-            ray.kill(self.actor)
-            self.actor = None
+            actor, self.actor = self.actor, None
+            if not ray.is_initialized():  # ray.kill would start a Ray of its own
+                return
+            try:
+                ray.kill(actor)
+            except Exception as err:  # noqa: BLE001 - the job's error, if any, matters more
+                print(f"[quiver] embed: could not kill the early model actor ({err}); it "
+                      "ends with this process", file=sys.stderr, flush=True)
 
 
 def codebook_key(codebook: Codebook) -> str:

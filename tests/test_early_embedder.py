@@ -168,3 +168,17 @@ def test_a_new_int8_tables_calibration_sample_is_embedded_on_the_early_actor(
     for mine, drivers in zip(ranges(tmp_path / "early.lance"), ranges(tmp_path / "driver.lance"),
                              strict=True):
         np.testing.assert_allclose(mine, drivers, atol=1e-5)
+
+
+def test_ending_the_early_actor_never_raises_over_the_jobs_own_error(ray_local,
+                                                                     capsys) -> None:
+    """`EarlyEmbedder.kill` runs in the job's `finally`: a kill Ray refuses is said, not
+    raised, and a second call is a no-op."""
+    from jobs._embed_service import EarlyEmbedder
+
+    early = EarlyEmbedder()
+    early.actor = object()  # not an actor handle: ray.kill refuses it
+    early.kill()
+    early.kill()
+    assert early.actor is None
+    assert capsys.readouterr().err.count("could not kill the early model actor") == 1
