@@ -418,6 +418,15 @@ class _Decision:
     done: set[str] = field(default_factory=set)
 
 
+def _job_resources(spec: JobSpec) -> tuple[float, float, bool]:
+    """(CPUs, GPUs) a job plans with, and whether those GPUs are the autoscaler's: with
+    none up under `model.device: auto`, the GPUs its node types can start."""
+    cpus, gpus = cluster_resources()
+    if gpus < 1 and spec.model.device == "auto" and (startable := autoscaler_gpus()) >= 1:
+        return cpus, startable, True
+    return cpus, gpus, False
+
+
 def _start_early(spec: JobSpec, info: ModelInfo, existing: lance.LanceDataset | None,
                  listing: Listing | None, early: EarlyEmbedder) -> Listing:
     """Start Ray, and the run's model actor on it when the run is likely small
@@ -426,9 +435,7 @@ def _start_early(spec: JobSpec, info: ModelInfo, existing: lance.LanceDataset | 
     ensure_ray()
     if listing is None:
         listing = list_source(spec.source, FORMATS)
-    _, gpus = cluster_resources()
-    if gpus < 1 and spec.model.device == "auto":
-        gpus = autoscaler_gpus()
+    _, gpus, _ = _job_resources(spec)
     nodes = sum(1 for n in cluster_nodes() if n["Alive"])
     if early_wanted(nodes=nodes, gpus=gpus, device=spec.model.device,
                     reindex=existing is not None and spec.write.mode != "overwrite",
@@ -449,11 +456,10 @@ def _plan(spec: JobSpec, started: float, info: ModelInfo,
     table for a resume (a dry run does not)."""
     ensure_ray()
     ray_start = time.perf_counter() - started
-    cpus, gpus = cluster_resources()
-    if gpus < 1 and spec.model.device == "auto" and (startable := autoscaler_gpus()) >= 1:
-        progress(f"no GPU is up yet; the autoscaler's node types offer {startable:g}, "
+    cpus, gpus, startable = _job_resources(spec)
+    if startable:
+        progress(f"no GPU is up yet; the autoscaler's node types offer {gpus:g}, "
                  "so the embed actors will ask for them (model.device: cpu opts out)")
-        gpus = startable
     plan_started = time.perf_counter()
     existing = _open_existing(spec.table, spec.write.storage_options) \
         if spec.write.mode != "overwrite" else None

@@ -51,7 +51,7 @@ EARLY_ENV = "QUIVER_EARLY_EMBEDDER"
 small jobs run the actor pool that large jobs use)."""
 EARLY_MAX_SOURCE_BYTES = 4 << 20
 """The largest source (listed bytes) a build starts its model actor early for: about
-5,000 chunks of text (scifact's first 1,500 documents are 2.3 MB and 2,800 chunks)."""
+5,000 chunks of text (scifact's first 1,500 documents are 2.3 MB and 2,764 windows chunks)."""
 KEPT_MAX_CHUNKS = 5_000
 """The most chunks a run sends to the kept actor (about 20 s of MiniLM forward on 2
 cores); a larger run starts its own actor pool, whose start-up it then amortises."""
