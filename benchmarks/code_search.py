@@ -148,9 +148,9 @@ def main() -> None:
     if not (args.sweep or args.projections):
         parser.error("ask for --sweep, --projections or both")
 
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
 
-    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in cpu_flags() else 'AVX2'}; "
+    print(f"CPU: {cpu_kind()}; "
           "model: default (all-MiniLM-L6-v2)", flush=True)
     colls = [ladder.load(s) for s in ladder.SETS]
     real = np.vstack([c.vectors for c in colls])

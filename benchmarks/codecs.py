@@ -172,15 +172,14 @@ def main() -> None:
     from lance_stage import BuiltStage, LanceStage
 
     from operators.codecs import budget_dims, fit
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
     from operators.quantize import hamming, pack_bits
 
     stages = [LanceStage.parse(name) for name in args.lance]
     missing = [s for s in args.sets if not (EVAL / s / "corpus.jsonl").is_file()]
     if missing:
         raise SystemExit(f"{EVAL}: {', '.join(missing)} absent")
-    flags = cpu_flags()
-    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2'}; "
+    print(f"CPU: {cpu_kind()}; "
           f"model: default (all-MiniLM-L6-v2)", flush=True)
     colls = [load(s) for s in args.sets]
     real = np.vstack([c.vectors for c in colls])

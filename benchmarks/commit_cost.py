@@ -88,11 +88,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1_000, 10_000, 50_000])
     parser.add_argument("--repeats", type=int, default=7, help="commits timed per size")
     args = parser.parse_args()
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
 
-    flags = cpu_flags()
-    kind = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "other"
-    print(f"CPU: {kind}; lance {lance.__version__}; local disk; median of {args.repeats} "
+    print(f"CPU: {cpu_kind()}; lance {lance.__version__}; local disk; median of {args.repeats} "
           "commits per size")
     results = measure(args.sizes, args.repeats)
     first, last = results[0], results[-1]

@@ -219,12 +219,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from operators.codecs import fit, lookup_scores
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
     from operators.quantize import column_matrix, pack_bits, sign_table
     from operators.search import default_nprobes
 
-    flags = cpu_flags()
-    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2'}", flush=True)
+    print(f"CPU: {cpu_kind()}", flush=True)
     WAREHOUSE.mkdir(parents=True, exist_ok=True)
     real = read_vectors(list(TABLES))
     mixture = fit_mixture(real, 256, 8, np.random.default_rng(SEED))

@@ -72,10 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     if not EVAL.is_dir():
         raise SystemExit(f"{EVAL} not present")
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
 
-    flags = cpu_flags()
-    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2'}, "
+    print(f"CPU: {cpu_kind()}, "
           f"{os.cpu_count()} cores; default model")
     work = Path(tempfile.mkdtemp(prefix="plan-estimate-"))
     rows = []

@@ -86,7 +86,7 @@ def main() -> None:
     import importlib.util
 
     from jobs.api import open_table
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
     from operators.evaluate import load_beir
 
     # benchmarks/codecs.py (the ladder) loads each set; by path, since `codecs` is also
@@ -95,8 +95,7 @@ def main() -> None:
     ladder = sys.modules["ladder"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ladder)
 
-    flags = cpu_flags()
-    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2'}", flush=True)
+    print(f"CPU: {cpu_kind()}", flush=True)
     print("| set | bank | queries | beta | raw nDCG@10 | IS | DIS |")
     print("|---|---|---|---|---|---|---|")
     for name in args.sets:

@@ -81,11 +81,9 @@ def main() -> None:
 
     from jobs import api
     from jobs._quality import format_report, report_html
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
 
-    flags = cpu_flags()
-    print("CPU: " + ("AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags
-                     else "other"), flush=True)
+    print(f"CPU: {cpu_kind()}", flush=True)
     WAREHOUSE.mkdir(parents=True, exist_ok=True)
     reports = {}
     for name in args.sets:

@@ -449,6 +449,11 @@ def main() -> None:
                         help="Only compare the HTTP server's p50 with and without /metrics "
                         "(--queries, default 500).")
     args = parser.parse_args()
+    import os
+
+    from operators.embed import cpu_kind
+
+    print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores", flush=True)
     if args.server_metrics:
         server_metrics(args.queries or 500, args.rounds)
         return

@@ -343,6 +343,11 @@ def main() -> None:
     parser.add_argument("--reader-pause", type=float, default=0.05,
                         help="Seconds between the reader thread's searches.")
     args = parser.parse_args()
+    import os
+
+    from operators.embed import cpu_kind
+
+    print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores", flush=True)
 
     started = time.perf_counter()
     if args.keep:

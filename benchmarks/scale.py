@@ -58,10 +58,10 @@ from jobs._layout import CPU_ROWS_PER_BLOCK  # noqa: E402
 
 
 def cpu_kind() -> str:
-    from operators.embed import cpu_flags
+    """The CPU kind this benchmark ran on (`operators.embed.cpu_kind`)."""
+    from operators.embed import cpu_kind as kind
 
-    flags = cpu_flags()
-    return "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "other"
+    return kind()
 
 
 def _texts() -> list[str]:

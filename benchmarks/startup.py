@@ -106,9 +106,9 @@ def main() -> None:
         raise SystemExit(f"{SCIFACT} is missing (../shared/eval)")
 
     from jobs.schedule import WarmRay
-    from operators.embed import cpu_flags
+    from operators.embed import cpu_kind
 
-    print(f"CPU: {'AVX-512 BF16' if 'avx512_bf16' in cpu_flags() else 'AVX2'}, "
+    print(f"CPU: {cpu_kind()}, "
           f"{os.cpu_count()} cores", flush=True)
     docs = load_docs(SCIFACT, None)
     changed = change_corpus(docs, seed=0).docs

@@ -386,6 +386,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         sys.path.insert(0, str(REPO))
+        from operators.embed import cpu_kind
+
+        print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores", file=sys.stderr, flush=True)
         batch_size = _pick_batch_size(workdir)
         print(f"reference batch size: {batch_size} (best of {BATCH_SIZES} on 300 docs)",
               file=sys.stderr)

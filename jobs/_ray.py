@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -122,6 +123,20 @@ def ensure_ray(address: str | None = None) -> None:
     if node_ip != LOOPBACK:  # a Ray release that ignores the switch: say so, don't hide it
         warnings.warn(f"local Ray listens on {node_ip}, not only on {LOOPBACK}",
                       RuntimeWarning, stacklevel=2)
+
+
+def release_ray() -> None:
+    """Leave Ray now, as a command that finished cleanly does.
+
+    Ray's own exit hook does the same work but sleeps 0.5 s first, so that late error
+    messages from workers reach the terminal; a command that succeeded has none to wait
+    for. A local Ray's processes still get their graceful stop (SIGTERM, then up to a
+    second each): killing them outright orphans Ray's dashboard and runtime-env agents.
+    Joined to a cluster this only disconnects. A failed command keeps the exit hook.
+    """
+    ray = sys.modules.get("ray")  # a command that never started Ray has nothing to leave
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def cluster_nodes() -> list[dict]:

@@ -973,6 +973,9 @@ def main() -> None:
         code = app(standalone_mode=False)  # click returns typer.Exit codes here
         if isinstance(code, int) and code:
             sys.exit(code)
+        from jobs._ray import release_ray
+
+        release_ray()
     except QuiverError as err:
         print(f"Error: {err}", file=sys.stderr)
         if os.environ.get("QUIVER_DEBUG") != "1":
