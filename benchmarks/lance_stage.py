@@ -11,7 +11,9 @@ A stage is named `[<projection><dims>/]<kind>:<n>[:<bits>]`:
   (float16) and builds IVF_RQ on it: 24 B per row, LeanVec's "fitted projection, then
   quantize" done with Lance's index. It is the table code `vectors.code: {name: pca-rq,
   bytes: 24}` (the same fit and column; `benchmarks/first_stage.py --table-code` searches
-  the table itself). `first192/…` keeps the first 192 dims instead (`first-rq`).
+  the table itself). `first192/…` keeps the first 192 dims instead (`first-rq`), and
+  `rot192/…` rotates the PCA projection at random (for IVF_PQ, whose sub-vectors need
+  the variance spread evenly).
 
 The index is built on a scratch Lance table with sqrt(rows) partitions (Quiver's rule),
 and searched without refine at Quiver's default nprobes (or the one given); the caller
@@ -56,8 +58,9 @@ class LanceStage:
         projection = dims = None
         if head:
             projection = head.rstrip("0123456789")
-            if projection not in ("pca", "first") or projection == head:
-                raise SystemExit(f"{name}: the projection is pca<dims> or first<dims>")
+            if projection not in ("pca", "first", "rot") or projection == head:
+                raise SystemExit(f"{name}: the projection is pca<dims>, rot<dims> or "
+                                 "first<dims>")
             dims = int(head[len(projection):])
         return cls(name, kind, params, projection, dims)
 
@@ -84,7 +87,10 @@ class BuiltStage:
         self.codec = None
         if stage.projection:  # the table code `<projection>-rq` at dims / 8 bytes
             sample = rows if fit_sample is None else fit_sample
-            self.codec = fit(sample, f"{stage.projection}-rq", stage.dims // 8)
+            base = "pca" if stage.projection == "rot" else stage.projection
+            self.codec = fit(sample, f"{base}-rq", stage.dims // 8)
+            if stage.projection == "rot":  # spread PCA's variance over PQ's sub-vectors
+                self.codec = _rotated(self.codec)
         column = "p" if self.codec else "vector"
         partitions = code_partitions(len(rows)) if self.codec else None
         self.default_nprobes = code_nprobes(partitions) if self.codec \
@@ -130,3 +136,17 @@ class BuiltStage:
                                          "refine_factor": self.refine},
                                 columns=["i", "_distance"])
         return hits.column("i").to_numpy()
+
+
+def _rotated(codec):
+    """`codec` with a seeded random rotation after its projection: the same dot products
+    (so the same refine), but PCA's variance spread evenly over the dims, which product
+    quantization's equal sub-vectors need (OPQ's argument; RaBitQ rotates by itself)."""
+    import dataclasses
+
+    import numpy as np
+
+    dims = codec.projection.shape[0]
+    q, r = np.linalg.qr(np.random.default_rng(0).standard_normal((dims, dims)))
+    rotation = (q * np.sign(np.diag(r))).astype(np.float32)
+    return dataclasses.replace(codec, projection=rotation.T @ codec.projection)
