@@ -40,6 +40,7 @@ from jobs._metrics import CONTENT_TYPE, ServerMetrics
 from jobs._net import is_loopback
 from jobs._query_sample import SAMPLE_LIMIT, QuerySample
 from operators.fulltext import RRF_K
+from operators.search import MAX_REFINE
 from operators.stage_clock import collecting
 from schemas.errors import ManifestMismatchError, QueryError, SpecError, TableError
 
@@ -74,6 +75,9 @@ class SearchOptions(BaseModel):
     using: Literal["auto", "float", "int8", "binary", "code"] = "auto"
     rescore: int | None = Field(None, ge=1, le=100)
     depth: int | None = Field(None, ge=1, le=10_000)
+    refine: int | None = Field(None, ge=1, le=MAX_REFINE, description=(
+        "Rows per candidate that a compact index refines: a Lance-indexed code ranks "
+        "them by its stored projection (default 4; 8 for steadier quality)."))
     exact: bool = False
     where: dict[str, Any] | None = Field(
         None, description='Structured filter, e.g. {"year": {"gte": 2020}, "lang": "en"}.')
@@ -337,7 +341,7 @@ def create_app(warehouse: str | Path, *, token: str | None = None,
     def _options(req: SearchOptions) -> dict:
         opts = dict(k=req.k, mode=req.mode, using=req.using, rescore=req.rescore,
                     depth=req.depth, exact=req.exact, where=req.where, columns=req.columns,
-                    qbnorm=req.qbnorm)
+                    qbnorm=req.qbnorm, refine=req.refine)
         return {**opts, "rrf_k": req.rrf_k} if req.mode == "hybrid" else opts
 
     @contextmanager

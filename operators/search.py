@@ -106,6 +106,16 @@ of 250 partitions, it took scifact from 94.1-97.1% of float nDCG@10 to 96.9-100.
 99.6-100% at twice the latency."""
 
 
+MAX_REFINE = 64
+"""The largest refine factor a query may ask for: Lance reads `refine * depth` rows by row
+id for it, so 64 at the largest depth is already a long scan."""
+
+
+def _check_refine(refine: int | None) -> None:
+    if refine is not None and not 1 <= refine <= MAX_REFINE:
+        raise QueryError(f"Got refine={refine}. Must be between 1 and {MAX_REFINE}.")
+
+
 def code_nprobes(partitions: int) -> int:
     """IVF partitions a Lance-indexed code's search probes: `CODE_PROBE_SHARE` of them,
     and at least 20 as the float default (all of a small table's).
@@ -215,6 +225,7 @@ class VectorSearcher:
         two-stage search fetches the winners' columns by row id after rescoring.
         """
         mode = self.resolve(options.get("using", "auto"), k=k, rescore=options.get("rescore"))
+        _check_refine(options.get("refine_factor"))
         if mode == "float":
             with stage("first_stage"):  # finds and fetches in one Lance call
                 hits = self._float_hits(self.query_vector(query), k, columns=columns,
@@ -244,8 +255,11 @@ class VectorSearcher:
             depth: Candidates the first stage hands to rescoring, as a count (at least
                 k), instead of `rescore` times k; float first stages ignore it.
             exact: Ignore ANN indices (a flat scan).
-            nprobes, refine_factor: Passed to Lance's ANN search on the float column;
-                refine_factor None means INDEX_REFINE through a compact index.
+            nprobes, refine_factor: Passed to Lance's ANN search: on the float column
+                (refine_factor None means INDEX_REFINE through a compact index), or on
+                a Lance-indexed code (None means CODE_REFINE: that many rows per
+                candidate ranked by their stored projection; 8 kept 99% of float
+                nDCG@10 in every build measured, 4 in most, docs/search.md).
             where: A compiled filter (`operators.filters.compile_filter`), applied before
                 the nearest-neighbour search (prefiltering), so k matching rows come back
                 whenever k rows match.
@@ -254,6 +268,7 @@ class VectorSearcher:
             QueryError: for k < 1, an unknown mode, or a mode the table cannot serve.
         """
         mode = self.resolve(using, k=k, rescore=rescore)
+        _check_refine(refine_factor)
         q = self.query_vector(query)
         if mode == "float":
             with stage("first_stage"):
@@ -269,6 +284,7 @@ class VectorSearcher:
                     row_ids, scores = self._bits_stage(q, want, exact=exact, where=where)
                 elif mode == "code" and self.code().lance_indexed:
                     row_ids, scores = self._lance_code(q, want, exact=exact, nprobes=nprobes,
+                                                       refine_factor=refine_factor,
                                                        where=where)
                 elif mode == "code":
                     row_ids, scores = self._scan(CODE_COLUMN, q, want, where=where)
@@ -308,17 +324,19 @@ class VectorSearcher:
         return hits.column("_rowid").to_numpy(), 1.0 - distance
 
     def _lance_code(self, q: np.ndarray, k: int, *, exact: bool, nprobes: int | None,
+                    refine_factor: int | None,
                     where: pc.Expression | None) -> tuple[np.ndarray, np.ndarray]:
         """The `k` best rows of a Lance-indexed code (`pca-rq`) by the stored projection's
         own dot product, `project(q) . project(x)`: Lance's IVF_RQ over the projection
         probes `code_nprobes` of its partitions unless told, its RaBitQ estimate picks
-        `CODE_REFINE * k` rows and Lance ranks those by their stored projection (an exact
-        scan of the projection below `ann_min_rows` or with `exact`)."""
+        `refine_factor * k` rows (`CODE_REFINE` unless told) and Lance ranks those by
+        their stored projection (an exact scan of the projection below `ann_min_rows` or
+        with `exact`)."""
         nearest = {"column": CODE_COLUMN, "q": self.code().query(q), "k": k,
                    "metric": "dot", "use_index": not exact}
         if not exact and self._code_index is not None:
             nearest |= {"nprobes": nprobes or self.code_probes(),
-                        "refine_factor": CODE_REFINE}
+                        "refine_factor": refine_factor or CODE_REFINE}
         hits = self._nearest(nearest, where)
         # Lance's dot distance is 1 - dot
         return (hits.column("_rowid").to_numpy(),

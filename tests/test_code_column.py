@@ -21,7 +21,8 @@ from jobs.api import open_table
 from operators.codebooks import codebook_uri, load_codebook
 from operators.codecs import fit
 from operators.quantize import column_matrix
-from schemas.errors import ManifestMismatchError, TableError
+from operators.search import CODE_REFINE
+from schemas.errors import ManifestMismatchError, QueryError, TableError
 from schemas.manifest import TableManifest
 from schemas.records import CODE_COLUMN, VECTOR_COLUMN
 from schemas.spec import parse_spec
@@ -306,6 +307,17 @@ def test_a_lance_indexed_code_is_stored_indexed_searched_and_kept_up(
         assert np.array_equal(row_ids, exact)
         hits = t.searcher.search(q, k=5, using="code", where=where, columns=("doc_id",))
         assert hits.num_rows == 5 and set(hits.column("doc_id").to_pylist()) <= set(keep)
+    # a query's `refine` reaches Lance's code search through the Python API
+    asked: list[dict] = []
+    nearest = t.searcher._nearest
+    t.searcher._nearest = lambda query, *args: asked.append(query) or nearest(query, *args)
+    assert len(t.search("open a file", k=3, using="code", refine=16)) == 3
+    assert len(t.search_vector(vectors[0], k=3, using="code", refine=16)) == 3
+    assert len(t.search("open a file", k=3, using="code")) == 3
+    assert [a["refine_factor"] for a in asked if a["use_index"]] == [16, 16, CODE_REFINE]
+    with pytest.raises(QueryError, match="refine=0"):
+        t.search("open a file", using="code", refine=0)
+    t.searcher._nearest = nearest
 
     docs = _docs(stdlib_docs, 46)
     reindexed = run_embed(_spec(write_jsonl(tmp_path / "c2.jsonl", docs), table, tiny_model,

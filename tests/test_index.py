@@ -14,8 +14,15 @@ from conftest import manifest_for
 
 from operators.chunk import Chunker
 from operators.index import ann_params, build_indices, code_partitions
-from operators.search import CODE_REFINE, INDEX_REFINE, VectorSearcher, code_nprobes
+from operators.search import (
+    CODE_REFINE,
+    INDEX_REFINE,
+    MAX_REFINE,
+    VectorSearcher,
+    code_nprobes,
+)
 from operators.write import commit, write_fragments
+from schemas.errors import QueryError
 from schemas.records import table_schema
 from schemas.spec import IndexSpec
 
@@ -270,3 +277,19 @@ def test_a_pca_rq_code_is_searched_through_lances_ivf_rq_and_rescored(
         a["nprobes"] == code_nprobes(partitions) and a["refine_factor"] == CODE_REFINE
         for a in through_index)
     assert all("refine_factor" not in a for a in asked if not a["use_index"])
+    # a query's refine replaces CODE_REFINE; refine * depth >= rows with every partition
+    # probed makes every row a candidate, so the index's pick is the exact projection's
+    asked.clear()
+    every = -(-len(matrix) // 20)
+    assert every <= MAX_REFINE, len(matrix)
+    for q in matrix[::37]:
+        ids_all, scores_all = searcher.candidates(q, k=20, using="code", rescore=1,
+                                                  nprobes=partitions, refine_factor=every)
+        ids_exact, scores_exact = searcher.candidates(q, k=20, using="code", rescore=1,
+                                                      exact=True)
+        np.testing.assert_allclose(scores_all, scores_exact, rtol=1e-3, atol=1e-3)
+        assert len(set(ids_all) & set(ids_exact)) >= 19  # float16 ties may swap the last
+    assert asked and all(a["refine_factor"] == every for a in asked if a["use_index"])
+    for bad in (0, MAX_REFINE + 1):
+        with pytest.raises(QueryError, match=f"refine={bad}"):
+            searcher.candidates(matrix[0], k=10, using="code", refine_factor=bad)

@@ -108,7 +108,7 @@ def test_cli_where_and_mode(warehouse) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "query", str(root / "docs.lance"), "parse text",
          "-k", "4", "--where", "lang in en,fr", "--where", "year<2020", "--mode", "hybrid",
-         "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+         "--refine", "8", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["hits"]
     assert len(hits) == 4
@@ -118,6 +118,14 @@ def test_cli_where_and_mode(warehouse) -> None:
          "--where", "year>=soon"], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=300)
     assert bad.returncode == 2 and "'soon' is not a valid int64" in bad.stderr
+    too_far = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "query", str(root / "docs.lance"), "x",
+         "--refine", "65"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert too_far.returncode == 2 and "Invalid value for '--refine'" in too_far.stderr
+    assert "Traceback" not in too_far.stderr  # a usage error is one line, not a trace
+    missing = subprocess.run([sys.executable, "-m", "jobs.cli", "query"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "Missing argument 'table'" in missing.stderr
 
 
 def test_other_lance_readers_see_the_same_rows(warehouse) -> None:
@@ -258,6 +266,11 @@ def test_server_refuses_bad_auth_names_and_requests(server, warehouse) -> None:
     assert _call(f"{server}/tables/docs/search", {"query": "x", "k": 100000},
                  token="s3cret")[0] == 422
     assert _call(f"{server}/tables/docs/search", {"k": 3}, token="s3cret")[0] == 422
+    for refine in (0, 65):
+        assert _call(f"{server}/tables/docs/search", {"query": "x", "refine": refine},
+                     token="s3cret")[0] == 422, refine
+    assert _call(f"{server}/tables/docs/search", {"query": "x", "refine": 8},
+                 token="s3cret")[0] == 200
     assert _call(f"{server}/tables/docs/search", {"query": "x", "version": "v" * 129},
                  token="s3cret")[0] == 422  # no tag is that long: refused before any I/O
     status, body = _call(f"{server}/tables/docs/search",
