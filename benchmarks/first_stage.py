@@ -131,9 +131,10 @@ def lance_ways(stage, ds, row_ids: np.ndarray, matrix: np.ndarray, queries: np.n
 
 
 def table_code_ways(code: str, rows: int, matrix: np.ndarray, queries: np.ndarray,
-                    truth: np.ndarray, depths: list[int], probes: list[int]) -> list[tuple]:
+                    truth: np.ndarray, depths: list[int], probes: list[int],
+                    refines: list[int]) -> list[tuple]:
     """A Quiver table with the fitted code `NAME@BYTES` (built once, reused) searched
-    through `VectorSearcher`, one result row per depth and nprobes."""
+    through `VectorSearcher`, one result row per nprobes, refine and depth."""
     import lance
     import pyarrow as pa
 
@@ -142,7 +143,7 @@ def table_code_ways(code: str, rows: int, matrix: np.ndarray, queries: np.ndarra
     from operators.index import build_code_index
     from operators.model import describe_model
     from operators.quantize import fixed_size_list
-    from operators.search import VectorSearcher
+    from operators.search import CODE_REFINE, VectorSearcher
     from schemas.manifest import CodeManifest
     from schemas.records import code_field
     from schemas.spec import IndexSpec, ModelSpec, parse_spec
@@ -183,21 +184,22 @@ def table_code_ways(code: str, rows: int, matrix: np.ndarray, queries: np.ndarra
                       if f.is_file())
     searcher = VectorSearcher(ds, manifest, code=lambda: codec)
     results = []
-    for nprobes in probes or [searcher.code_probes()]:
-        for depth in depths:
-            found = np.zeros((len(queries), 10), np.int64) - 1
-            for _warm in (True, False):
-                ms = []
-                for i, q in enumerate(queries):
-                    t = time.perf_counter()
-                    hits = searcher.search(q, k=10, using="code", depth=depth,
-                                           nprobes=nprobes, columns=("id",))
-                    ms.append((time.perf_counter() - t) * 1000)
-                    found[i, :hits.num_rows] = [int(v) for v in hits.column("id").to_pylist()]
-            results.append((f"table {name}@{nbytes} + rescore {depth}, nprobes {nprobes}",
-                            f"written and indexed in {built_s:.0f} s", index_bytes,
-                            recall(found, truth), *np.percentile(ms, [50, 99])))
-            print(f"[first-stage] {results[-1]}", flush=True)
+    configs = [(p, r, d) for p in probes or [searcher.code_probes()]
+               for r in refines or [CODE_REFINE] for d in depths]
+    for nprobes, refine, depth in configs:
+        found = np.zeros((len(queries), 10), np.int64) - 1
+        for _warm in (True, False):
+            ms = []
+            for i, q in enumerate(queries):
+                t = time.perf_counter()
+                hits = searcher.search(q, k=10, using="code", depth=depth, nprobes=nprobes,
+                                       refine_factor=refine, columns=("id",))
+                ms.append((time.perf_counter() - t) * 1000)
+                found[i, :hits.num_rows] = [int(v) for v in hits.column("id").to_pylist()]
+        results.append((f"table {name}@{nbytes} + rescore {depth}, nprobes {nprobes}, "
+                        f"refine {refine}", f"written and indexed in {built_s:.0f} s",
+                        index_bytes, recall(found, truth), *np.percentile(ms, [50, 99])))
+        print(f"[first-stage] {results[-1]}", flush=True)
     return results
 
 
@@ -213,6 +215,8 @@ def main() -> None:
     parser.add_argument("--table-code", nargs="*", default=[],
                         help="fitted table codes NAME@BYTES searched as a Quiver table is "
                         "(pca-rq@24)")
+    parser.add_argument("--refine", type=int, nargs="*", default=[],
+                        help="Lance refine factors for --table-code (default: CODE_REFINE)")
     parser.add_argument("--nprobes", type=int, nargs="*", default=[],
                         help="IVF probes for --table-code (default: the table's, "
                         "operators.search.code_nprobes of its partitions)")
@@ -283,7 +287,7 @@ def main() -> None:
 
     for code in args.table_code:
         results.extend(table_code_ways(code, args.rows, matrix, queries, truth, args.rescore,
-                                       args.nprobes))
+                                       args.nprobes, args.refine))
 
     print(f"\n{args.rows:,} rows x {DIMS} (mixture fitted to {len(real):,} real vectors); "
           f"{args.queries} held-out queries; float32 column {matrix.nbytes / 2**20:,.0f} MiB")
