@@ -220,8 +220,9 @@ class Table:
                 table's query bank (`operators.qbnorm`; scores become QB-Norm's).
             refine: Lance's refine factor through a compact index: rows per candidate
                 that a Lance-indexed code ranks by its stored projection (default
-                `operators.search.CODE_REFINE`, 4; 8 for steadier quality at about 1.3x
-                the search time), or that a float search through IVF_PQ / IVF_RQ rescores.
+                `operators.search.CODE_REFINE`, 4; 8 for steadier quality, about 10-15%
+                more search time at 1M rows), or that a float search through IVF_PQ /
+                IVF_RQ rescores.
         """
         vector = None if mode == "fts" else self.embed_queries([text])[0]
         extra = {"rrf_k": rrf_k} if mode == "hybrid" else {}
