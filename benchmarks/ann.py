@@ -30,6 +30,7 @@ dot product over all rows.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -225,8 +226,6 @@ def main() -> None:
     parser.add_argument("--nprobes", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--out", type=Path, help="Keep the synthetic Lance table here.")
     args = parser.parse_args()
-    import os
-
     from operators.embed import cpu_kind
 
     print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores", flush=True)

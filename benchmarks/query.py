@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
@@ -449,8 +450,6 @@ def main() -> None:
                         help="Only compare the HTTP server's p50 with and without /metrics "
                         "(--queries, default 500).")
     args = parser.parse_args()
-    import os
-
     from operators.embed import cpu_kind
 
     print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores", flush=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -343,8 +344,6 @@ def main() -> None:
     parser.add_argument("--reader-pause", type=float, default=0.05,
                         help="Seconds between the reader thread's searches.")
     args = parser.parse_args()
-    import os
-
     from operators.embed import cpu_kind
 
     print(f"CPU: {cpu_kind()}, {os.cpu_count()} cores", flush=True)

@@ -55,13 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _cpu_profile import CpuProfile  # noqa: E402
 
 from jobs._layout import CPU_ROWS_PER_BLOCK  # noqa: E402
-
-
-def cpu_kind() -> str:
-    """The CPU kind this benchmark ran on (`operators.embed.cpu_kind`)."""
-    from operators.embed import cpu_kind as kind
-
-    return kind()
+from operators.embed import cpu_kind  # noqa: E402,F401 (the other benchmarks import it here)
 
 
 def _texts() -> list[str]:

@@ -225,8 +225,8 @@ class VectorSearcher:
         two-stage search fetches the winners' columns by row id after rescoring.
         """
         mode = self.resolve(options.get("using", "auto"), k=k, rescore=options.get("rescore"))
-        _check_refine(options.get("refine_factor"))
-        if mode == "float":
+        if mode == "float":  # `candidates` checks the other modes' refine
+            _check_refine(options.get("refine_factor"))
             with stage("first_stage"):  # finds and fetches in one Lance call
                 hits = self._float_hits(self.query_vector(query), k, columns=columns,
                                         **{key: options.get(key) for key in

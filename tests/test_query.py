@@ -19,6 +19,7 @@ from conftest import REPO, checkpoint_versions, free_port, start_server, write_j
 
 from jobs._embed_job import run_embed
 from jobs.api import info, open_table
+from operators.search import MAX_REFINE
 from schemas.errors import FilterError, QueryError, SpecError, TableError
 from schemas.spec import parse_spec
 
@@ -120,7 +121,8 @@ def test_cli_where_and_mode(warehouse) -> None:
     assert bad.returncode == 2 and "'soon' is not a valid int64" in bad.stderr
     too_far = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "query", str(root / "docs.lance"), "x",
-         "--refine", "65"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+         "--refine", str(MAX_REFINE + 1)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300)
     assert too_far.returncode == 2 and "Invalid value for '--refine'" in too_far.stderr
     assert "Traceback" not in too_far.stderr  # a usage error is one line, not a trace
     missing = subprocess.run([sys.executable, "-m", "jobs.cli", "query"], cwd=REPO, env=env,
@@ -266,7 +268,7 @@ def test_server_refuses_bad_auth_names_and_requests(server, warehouse) -> None:
     assert _call(f"{server}/tables/docs/search", {"query": "x", "k": 100000},
                  token="s3cret")[0] == 422
     assert _call(f"{server}/tables/docs/search", {"k": 3}, token="s3cret")[0] == 422
-    for refine in (0, 65):
+    for refine in (0, MAX_REFINE + 1):
         assert _call(f"{server}/tables/docs/search", {"query": "x", "refine": refine},
                      token="s3cret")[0] == 422, refine
     assert _call(f"{server}/tables/docs/search", {"query": "x", "refine": 8},
